@@ -1,0 +1,139 @@
+"""SAM architecture configuration: presets, JSON round-trip, and inference from tensor shapes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class SamConfig:
+  """Everything needed to build a SAM model; names follow Meta's builder arguments."""
+
+  # Image encoder (ViT).
+  image_size: int = 1024
+  patch_size: int = 16
+  encoder_embed_dim: int = 768
+  encoder_depth: int = 12
+  encoder_num_heads: int = 12
+  encoder_mlp_dim: int = 3072
+  encoder_global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+  window_size: int = 14
+  use_abs_pos: bool = True
+  use_rel_pos: bool = True
+  qkv_bias: bool = True
+  # Shared width of the neck output, prompt embeddings and decoder.
+  prompt_embed_dim: int = 256
+  # Prompt encoder.
+  mask_in_chans: int = 16
+  # Mask decoder.
+  decoder_depth: int = 2
+  decoder_num_heads: int = 8
+  decoder_mlp_dim: int = 2048
+  attention_downsample_rate: int = 2
+  num_multimask_outputs: int = 3
+  iou_head_depth: int = 3
+  iou_head_hidden_dim: int = 256
+  # Pre-processing (0..255 RGB scale, as Meta's Sam).
+  pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+  pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+  def __post_init__(self):
+    object.__setattr__(self, "encoder_global_attn_indexes", tuple(int(i) for i in self.encoder_global_attn_indexes))
+    object.__setattr__(self, "pixel_mean", tuple(float(v) for v in self.pixel_mean))
+    object.__setattr__(self, "pixel_std", tuple(float(v) for v in self.pixel_std))
+    if self.image_size % self.patch_size:
+      raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+    if self.encoder_embed_dim % self.encoder_num_heads:
+      raise ValueError(f"encoder_embed_dim {self.encoder_embed_dim} is not divisible by "
+                       f"encoder_num_heads {self.encoder_num_heads}")
+    bad = [i for i in self.encoder_global_attn_indexes if not 0 <= i < self.encoder_depth]
+    if bad:
+      raise ValueError(f"global attention block indexes {bad} outside 0..{self.encoder_depth - 1}")
+
+  @property
+  def image_embedding_size(self) -> int:
+    """Side of the encoder's output grid (64 for a 1024 input)."""
+    return self.image_size // self.patch_size
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2)
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "SamConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"{source}: unknown SAM config key(s) {unknown}")
+    return cls(**values)
+
+
+def _preset(embed_dim: int, depth: int, num_heads: int, global_attn: tuple[int, ...]) -> SamConfig:
+  return SamConfig(encoder_embed_dim=embed_dim, encoder_depth=depth, encoder_num_heads=num_heads,
+                   encoder_mlp_dim=4 * embed_dim, encoder_global_attn_indexes=global_attn)
+
+
+PRESETS: dict[str, SamConfig] = {
+    "vit_b": _preset(768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": _preset(1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": _preset(1280, 32, 16, (7, 15, 23, 31)),
+}
+
+
+def infer_config(shapes: Mapping[tuple[str, ...], tuple[int, ...]], **overrides: Any) -> SamConfig:
+  """Reads the architecture off a converted parameter tree's shapes.
+
+  `shapes` maps Flax parameter paths (as produced by the conversion tables) to array shapes. What shapes cannot
+  tell (attention heads without relative position tables, decoder heads) comes from `overrides` or Meta's defaults.
+  """
+  def shape(*path: str) -> tuple[int, ...]:
+    try:
+      return tuple(shapes[path])
+    except KeyError:
+      raise ValueError(f"checkpoint has no tensor for {'.'.join(path)}; it is not a SAM checkpoint") from None
+
+  patch, _, _, embed_dim = shape("image_encoder", "patch_embed", "kernel")
+  depth = 1 + max(int(p[2]) for p in shapes if p[:2] == ("image_encoder", "blocks"))
+  use_abs_pos = ("image_encoder", "pos_embed") in shapes
+  use_rel_pos = ("image_encoder", "blocks", "0", "attn", "rel_pos_h") in shapes
+  mlp_dim = shape("image_encoder", "blocks", "0", "mlp", "lin1", "kernel")[1]
+  prompt_embed_dim = shape("image_encoder", "neck", "conv1", "kernel")[-1]
+
+  values: dict[str, Any] = dict(patch_size=patch, encoder_embed_dim=embed_dim, encoder_depth=depth,
+                                encoder_mlp_dim=mlp_dim, use_abs_pos=use_abs_pos, use_rel_pos=use_rel_pos,
+                                prompt_embed_dim=prompt_embed_dim)
+  values["qkv_bias"] = ("image_encoder", "blocks", "0", "attn", "qkv", "bias") in shapes
+  if use_abs_pos:
+    values["image_size"] = shape("image_encoder", "pos_embed")[1] * patch
+  elif "image_size" not in overrides:
+    raise ValueError("checkpoint has no absolute position embedding; pass the image size explicitly")
+
+  if use_rel_pos:
+    grid = (values.get("image_size") or overrides["image_size"]) // patch
+    head_dim = shape("image_encoder", "blocks", "0", "attn", "rel_pos_h")[1]
+    values["encoder_num_heads"] = embed_dim // head_dim
+    table_sizes = [shape("image_encoder", "blocks", str(i), "attn", "rel_pos_h")[0] for i in range(depth)]
+    global_blocks = tuple(i for i, n in enumerate(table_sizes) if n == 2 * grid - 1)
+    window_tables = {n for n in table_sizes if n != 2 * grid - 1}
+    if len(window_tables) > 1:
+      raise ValueError(f"windowed blocks disagree on their relative position table sizes: {sorted(window_tables)}")
+    if window_tables:
+      values["window_size"] = (window_tables.pop() + 1) // 2
+      values["encoder_global_attn_indexes"] = global_blocks
+    else:
+      # A window as large as the grid is global attention; nothing in the shapes tells the two apart.
+      values["window_size"] = overrides.get("window_size", 0)
+      values["encoder_global_attn_indexes"] = tuple(range(depth)) if not values["window_size"] else ()
+
+  values["mask_in_chans"] = shape("prompt_encoder", "mask_downscaling", "conv2", "kernel")[-1]
+  values["decoder_depth"] = 1 + max(int(p[3]) for p in shapes if p[:3] == ("mask_decoder", "transformer", "layers"))
+  values["decoder_mlp_dim"] = shape("mask_decoder", "transformer", "layers", "0", "mlp", "lin1", "kernel")[1]
+  internal = shape("mask_decoder", "transformer", "final_attn_token_to_image", "q_proj", "kernel")[1]
+  values["attention_downsample_rate"] = prompt_embed_dim // internal
+  values["num_multimask_outputs"] = shape("mask_decoder", "mask_tokens", "embedding")[0] - 1
+  iou_layers = [p for p in shapes if p[:3] == ("mask_decoder", "iou_prediction_head", "layers") and p[-1] == "kernel"]
+  values["iou_head_depth"] = len(iou_layers)
+  values["iou_head_hidden_dim"] = shape("mask_decoder", "iou_prediction_head", "layers", "0", "kernel")[1]
+  values.update(overrides)
+  return SamConfig(**values)

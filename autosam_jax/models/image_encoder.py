@@ -1,0 +1,169 @@
+"""SAM's ViT image encoder in Flax NNX, channels-last, numerically equal to Meta's `ImageEncoderViT`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from autosam_jax.models.config import SamConfig
+from autosam_jax.models.layers import Linear, gelu, layer_norm
+
+Array = jax.Array
+
+
+def relative_position_index(size: int) -> np.ndarray:
+  """index[i, j] = i - j + size - 1 into a (2 * size - 1)-row table (Meta's `get_rel_pos` for equal q/k sizes)."""
+  coords = np.arange(size)
+  return coords[:, None] - coords[None, :] + size - 1
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention over a (B, H, W, C) grid with decomposed relative position bias (MViTv2)."""
+
+  def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool, use_rel_pos: bool, grid_size: int,
+               dtype=None, rngs: nnx.Rngs):
+    self.num_heads = num_heads
+    self.head_dim = dim // num_heads
+    self.qkv = Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+    self.proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
+    self.use_rel_pos = use_rel_pos
+    if use_rel_pos:
+      self.rel_pos_h = nnx.Param(jnp.zeros((2 * grid_size - 1, self.head_dim)))
+      self.rel_pos_w = nnx.Param(jnp.zeros((2 * grid_size - 1, self.head_dim)))
+
+  def __call__(self, x: Array) -> Array:
+    b, h, w, dim = x.shape
+    qkv = self.qkv(x).reshape(b, h, w, 3, self.num_heads, self.head_dim)
+    q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # (B, H, W, heads, head_dim)
+    scale = self.head_dim ** -0.5
+    logits = jnp.einsum("byxhd,bklhd->bhyxkl", q * scale, k, preferred_element_type=jnp.float32)
+    if self.use_rel_pos:
+      # Meta adds the bias from the unscaled query.
+      table_h = self.rel_pos_h[...][relative_position_index(h)].astype(q.dtype)  # (H, H, head_dim)
+      table_w = self.rel_pos_w[...][relative_position_index(w)].astype(q.dtype)  # (W, W, head_dim)
+      rel_h = jnp.einsum("byxhd,ykd->bhyxk", q, table_h, preferred_element_type=jnp.float32)
+      rel_w = jnp.einsum("byxhd,xld->bhyxl", q, table_w, preferred_element_type=jnp.float32)
+      logits = logits + rel_h[..., :, None] + rel_w[..., None, :]
+    probs = jax.nn.softmax(logits.reshape(b, self.num_heads, h, w, h * w), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhyxn,bnhd->byxhd", probs, v.reshape(b, h * w, self.num_heads, self.head_dim))
+    return self.proj(out.reshape(b, h, w, dim))
+
+
+def window_partition(x: Array, window: int) -> Array:
+  """(B, H, W, C) -> (B * nH * nW, window, window, C), zero-padding H and W up to multiples of `window`."""
+  b, h, w, c = x.shape
+  pad_h, pad_w = -h % window, -w % window
+  x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+  hp, wp = h + pad_h, w + pad_w
+  x = x.reshape(b, hp // window, window, wp // window, window, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(-1, window, window, c)
+
+
+def window_unpartition(windows: Array, window: int, height: int, width: int) -> Array:
+  """Inverse of `window_partition`, dropping the padding."""
+  hp, wp = height + (-height % window), width + (-width % window)
+  c = windows.shape[-1]
+  b = windows.shape[0] // ((hp // window) * (wp // window))
+  x = windows.reshape(b, hp // window, wp // window, window, window, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, hp, wp, c)[:, :height, :width]
+
+
+class MLPBlock(nnx.Module):
+
+  def __init__(self, dim: int, mlp_dim: int, activation, *, dtype=None, rngs: nnx.Rngs):
+    self.lin1 = Linear(dim, mlp_dim, dtype=dtype, rngs=rngs)
+    self.lin2 = Linear(mlp_dim, dim, dtype=dtype, rngs=rngs)
+    self.activation = activation
+
+  def __call__(self, x: Array) -> Array:
+    return self.lin2(self.activation(self.lin1(x)))
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block; windowed attention when `window_size` > 0, global attention otherwise."""
+
+  def __init__(self, config: SamConfig, window_size: int, *, dtype=None, rngs: nnx.Rngs):
+    dim = config.encoder_embed_dim
+    self.window_size = window_size
+    self.norm1 = layer_norm(dim, 1e-6, dtype=dtype, rngs=rngs)
+    self.attn = Attention(dim, config.encoder_num_heads, qkv_bias=config.qkv_bias, use_rel_pos=config.use_rel_pos,
+                          grid_size=window_size or config.image_embedding_size, dtype=dtype, rngs=rngs)
+    self.norm2 = layer_norm(dim, 1e-6, dtype=dtype, rngs=rngs)
+    self.mlp = MLPBlock(dim, config.encoder_mlp_dim, gelu, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    shortcut = x
+    x = self.norm1(x)
+    if self.window_size > 0:
+      h, w = x.shape[1:3]
+      x = window_unpartition(self.attn(window_partition(x, self.window_size)), self.window_size, h, w)
+    else:
+      x = self.attn(x)
+    x = shortcut + x
+    return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nnx.Module):
+  """Conv(k=p, s=p) written as patchify + matmul (same sums, no convolution kernel needed)."""
+
+  def __init__(self, patch_size: int, in_chans: int, embed_dim: int, *, dtype=None, rngs: nnx.Rngs):
+    self.patch_size = patch_size
+    self.kernel = nnx.Param(nnx.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3)(
+        rngs.params(), (patch_size, patch_size, in_chans, embed_dim)))
+    self.bias = nnx.Param(jnp.zeros((embed_dim,)))
+    self.dtype = dtype
+
+  def __call__(self, x: Array) -> Array:
+    b, h, w, c = x.shape
+    p = self.patch_size
+    dtype = self.dtype or x.dtype
+    patches = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // p, w // p, p * p * c)
+    kernel = self.kernel[...].reshape(p * p * c, -1)
+    return jnp.dot(patches.astype(dtype), kernel.astype(dtype)) + self.bias[...].astype(dtype)
+
+
+class Neck(nnx.Module):
+  """Conv1x1 (no bias) -> LayerNorm2d -> Conv3x3 (no bias) -> LayerNorm2d, to `out_chans` channels."""
+
+  def __init__(self, embed_dim: int, out_chans: int, *, dtype=None, rngs: nnx.Rngs):
+    self.conv1 = nnx.Conv(embed_dim, out_chans, (1, 1), use_bias=False, dtype=dtype, rngs=rngs)
+    self.norm1 = layer_norm(out_chans, 1e-6, dtype=dtype, rngs=rngs)
+    self.conv2 = nnx.Conv(out_chans, out_chans, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dtype,
+                          rngs=rngs)
+    self.norm2 = layer_norm(out_chans, 1e-6, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    return self.norm2(self.conv2(self.norm1(self.conv1(x))))
+
+
+class ImageEncoderViT(nnx.Module):
+  """(B, S, S, 3) normalised, padded images -> (B, S/16, S/16, 256) image embeddings.
+
+  `dtype` is the compute dtype (e.g. jnp.bfloat16); parameters are always stored in float32. The output is float32.
+  """
+
+  def __init__(self, config: SamConfig, *, dtype=None, rngs: nnx.Rngs):
+    self.config = config
+    self.dtype = dtype
+    dim = config.encoder_embed_dim
+    grid = config.image_embedding_size
+    self.patch_embed = PatchEmbed(config.patch_size, 3, dim, dtype=dtype, rngs=rngs)
+    self.pos_embed = nnx.Param(jnp.zeros((1, grid, grid, dim))) if config.use_abs_pos else None
+    self.blocks = nnx.List([
+        Block(config, 0 if i in config.encoder_global_attn_indexes else config.window_size, dtype=dtype, rngs=rngs)
+        for i in range(config.encoder_depth)
+    ])
+    self.neck = Neck(dim, config.prompt_embed_dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    size = self.config.image_size
+    if x.ndim != 4 or x.shape[1:] != (size, size, 3):
+      raise ValueError(f"image encoder expects (batch, {size}, {size}, 3) images, got {x.shape}")
+    x = self.patch_embed(x)
+    if self.pos_embed is not None:
+      x = x + self.pos_embed[...].astype(x.dtype)
+    for block in self.blocks:
+      x = block(x)
+    return self.neck(x).astype(jnp.float32)

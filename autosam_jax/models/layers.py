@@ -1,0 +1,75 @@
+"""Small building blocks shared by the SAM modules. Channels-last throughout."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+class Buffer(nnx.Variable):
+  """A fixed tensor that belongs to the model but is never trained (PyTorch's `register_buffer`)."""
+
+
+def gelu(x: Array) -> Array:
+  # PyTorch's nn.GELU is the exact erf form; Flax's default is the tanh approximation.
+  return jax.nn.gelu(x, approximate=False)
+
+
+def layer_norm(num_features: int, epsilon: float, *, dtype=None, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  # Two-pass variance as PyTorch computes it; the one-pass form loses digits when |mean| >> std.
+  return nnx.LayerNorm(num_features, epsilon=epsilon, use_fast_variance=False, dtype=dtype, rngs=rngs)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel + bias, computed in `dtype` while the parameters stay float32."""
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True, dtype=None,
+               rngs: nnx.Rngs):
+    self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (in_features, out_features)))
+    self.bias = nnx.Param(jnp.zeros((out_features,))) if use_bias else None
+    self.dtype = dtype
+
+  def __call__(self, x: Array) -> Array:
+    dtype = self.dtype or x.dtype
+    y = jnp.dot(x.astype(dtype), self.kernel[...].astype(dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(dtype)
+    return y
+
+
+class MLP(nnx.Module):
+  """SAM's `MLP`: `num_layers` Linear layers, ReLU between them (not after the last)."""
+
+  def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int, *, rngs: nnx.Rngs):
+    dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+    self.layers = nnx.List([Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
+
+  def __call__(self, x: Array) -> Array:
+    for i, layer in enumerate(self.layers):
+      x = layer(x)
+      if i < len(self.layers) - 1:
+        x = jax.nn.relu(x)
+    return x
+
+
+class ConvTranspose2x2(nnx.Module):
+  """Transposed convolution with kernel 2 and stride 2, written as a per-pixel Dense plus depth-to-space.
+
+  The windows do not overlap, so y[2i+a, 2j+b, o] = bias[o] + sum_c x[i, j, c] * kernel[c, a, b, o]; this is
+  exactly PyTorch's ConvTranspose2d(k=2, s=2) with its weight (C, O, 2, 2) permuted to (C, 2, 2, O).
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2, 3))(
+        rngs.params(), (in_features, 2, 2, out_features)))
+    self.bias = nnx.Param(jnp.zeros((out_features,)))
+
+  def __call__(self, x: Array) -> Array:
+    b, h, w, c = x.shape
+    _, _, _, o = self.kernel.shape
+    y = jnp.dot(x.reshape(b * h * w, c), self.kernel[...].reshape(c, 4 * o).astype(x.dtype))
+    y = y.reshape(b, h, w, 2, 2, o).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, o)
+    return y + self.bias[...].astype(x.dtype)

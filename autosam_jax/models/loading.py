@@ -1,0 +1,61 @@
+"""Loading converted SAM checkpoints (written by `weights_conversion`) as NNX modules."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from autosam_jax.models.config import SamConfig
+from autosam_jax.models.sam import Sam
+
+
+class CheckpointError(Exception):
+  """A converted checkpoint directory that cannot be used; the message names the path."""
+
+
+def read_config(path: str | os.PathLike) -> SamConfig:
+  path = Path(path)
+  config_file = path / "config.json"
+  if not config_file.is_file():
+    raise CheckpointError(f"{config_file}: missing; convert the SAM weights first (autosam-jax convert CHECKPOINT "
+                          f"{path})")
+  try:
+    return SamConfig.from_dict(json.loads(config_file.read_text()), source=str(config_file))
+  except (json.JSONDecodeError, TypeError, ValueError) as err:
+    raise CheckpointError(f"{config_file}: not a valid SAM config: {err}") from None
+
+
+def _str_keys(tree):
+  return {str(k): _str_keys(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def load_sam(path: str | os.PathLike, *, encoder_dtype=None, sharding: jax.sharding.Sharding | None = None) -> Sam:
+  """Builds the NNX `Sam` described by `path/config.json` and fills it from the orbax checkpoint `path/params`.
+
+  encoder_dtype: compute dtype of the image encoder (e.g. jnp.bfloat16); parameters stay float32.
+  sharding: where the parameters go (default: the first device, i.e. replicated use on one device).
+  """
+  import orbax.checkpoint as ocp
+
+  path = Path(path).absolute()
+  config = read_config(path)
+  abstract = nnx.eval_shape(lambda: Sam(config, encoder_dtype=encoder_dtype, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding),
+                        _str_keys(nnx.to_pure_dict(state)))
+  params_dir = path / "params"
+  if not params_dir.is_dir():
+    raise CheckpointError(f"{params_dir}: missing; the directory was not written by the weight converter")
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(params_dir, target)
+  except Exception as err:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    raise CheckpointError(f"{params_dir}: cannot be restored for the architecture in config.json: {reason}") from None
+  nnx.replace_by_pure_dict(state, restored)
+  return nnx.merge(graphdef, state)

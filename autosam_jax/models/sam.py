@@ -1,0 +1,110 @@
+"""SAM in Flax NNX: image encoder, prompt encoder and mask decoder with Meta's pre- and post-processing.
+
+Images are channels-last (H, W, 3) RGB on the 0..255 scale; masks come back as (N, H, W, M).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from autosam_jax.models.config import SamConfig
+from autosam_jax.models.image_encoder import ImageEncoderViT
+from autosam_jax.models.mask_decoder import MaskDecoder
+from autosam_jax.models.prompt_encoder import PromptEncoder
+
+Array = jax.Array
+
+
+def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
+  """Size after resizing so the longer side is `long_side` (Meta's `ResizeLongestSide.get_preprocess_shape`)."""
+  scale = long_side / max(height, width)
+  return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def resize_longest_side(image: Array, long_side: int) -> Array:
+  """(H, W, C) -> longer side `long_side`, bilinear with antialiasing (as a PIL resize does)."""
+  h, w = preprocess_shape(image.shape[0], image.shape[1], long_side)
+  return jax.image.resize(jnp.asarray(image, jnp.float32), (h, w, image.shape[2]), "bilinear", antialias=True)
+
+
+def scale_coords(coords: Array, original_size: tuple[int, int], long_side: int) -> Array:
+  """Point coordinates (..., 2) as (x, y) from the original image frame to the resized one."""
+  h, w = original_size
+  new_h, new_w = preprocess_shape(h, w, long_side)
+  return jnp.asarray(coords, jnp.float32) * jnp.array([new_w / w, new_h / h], jnp.float32)
+
+
+def scale_boxes(boxes: Array, original_size: tuple[int, int], long_side: int) -> Array:
+  """Boxes (..., 4) as (x0, y0, x1, y1) from the original image frame to the resized one."""
+  boxes = jnp.asarray(boxes, jnp.float32)
+  return scale_coords(boxes.reshape(*boxes.shape[:-1], 2, 2), original_size, long_side).reshape(boxes.shape)
+
+
+def resize_bilinear(x: Array, height: int, width: int) -> Array:
+  """Resize the spatial axes of (B, H, W, C) like PyTorch's bilinear `interpolate(align_corners=False)`."""
+  return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), "bilinear", antialias=False)
+
+
+class Sam(nnx.Module):
+  mask_threshold: float = 0.0
+
+  def __init__(self, config: SamConfig, *, encoder_dtype=None, rngs: nnx.Rngs):
+    self.config = config
+    self.image_encoder = ImageEncoderViT(config, dtype=encoder_dtype, rngs=rngs)
+    self.prompt_encoder = PromptEncoder(config, rngs=rngs)
+    self.mask_decoder = MaskDecoder(config, rngs=rngs)
+
+  def preprocess(self, images: Array) -> Array:
+    """(B, h, w, 3) images on the 0..255 scale, longer side already `image_size` -> normalised and zero-padded."""
+    size = self.config.image_size
+    if images.shape[1] > size or images.shape[2] > size:
+      raise ValueError(f"images of {images.shape[1]}x{images.shape[2]} are larger than the model's {size}; "
+                       "resize the longest side first (resize_longest_side)")
+    mean = jnp.asarray(self.config.pixel_mean, jnp.float32)
+    std = jnp.asarray(self.config.pixel_std, jnp.float32)
+    x = (jnp.asarray(images, jnp.float32) - mean) / std
+    return jnp.pad(x, ((0, 0), (0, size - x.shape[1]), (0, size - x.shape[2]), (0, 0)))
+
+  def postprocess_masks(self, masks: Array, input_size: tuple[int, int], original_size: tuple[int, int]) -> Array:
+    """Low-resolution logits (B, h, w, M) -> logits at the original image size (B, H, W, M)."""
+    size = self.config.image_size
+    masks = resize_bilinear(masks, size, size)[:, :input_size[0], :input_size[1]]
+    return resize_bilinear(masks, *original_size)
+
+  def predict(self, image_embedding: Array, input_size: tuple[int, int], original_size: tuple[int, int], *,
+              point_coords: Array | None = None, point_labels: Array | None = None, boxes: Array | None = None,
+              mask_inputs: Array | None = None, multimask_output: bool = True) -> dict[str, Array]:
+    """Decodes prompt sets against one (1, h, w, C) image embedding.
+
+    Prompts are in the resized input frame (see `scale_coords`, `scale_boxes`). Returns upscaled mask logits
+    (N, H, W, M) at `original_size`, boolean masks, IoU predictions (N, M) and low-resolution logits.
+    """
+    points = None if point_coords is None else (jnp.asarray(point_coords), jnp.asarray(point_labels))
+    sparse, dense = self.prompt_encoder(points, None if boxes is None else jnp.asarray(boxes),
+                                        None if mask_inputs is None else jnp.asarray(mask_inputs))
+    low_res, iou = self.mask_decoder(image_embedding, self.prompt_encoder.get_dense_pe(), sparse, dense,
+                                     multimask_output)
+    logits = self.postprocess_masks(low_res, input_size, original_size)
+    return {"mask_logits": logits, "masks": logits > self.mask_threshold, "iou_predictions": iou,
+            "low_res_logits": low_res}
+
+  def __call__(self, batched_input: Sequence[dict[str, Any]], multimask_output: bool) -> list[dict[str, Array]]:
+    """Meta's `Sam.forward` on channels-last inputs.
+
+    Each record holds "image" (h, w, 3) resized so its longer side is `image_size`, "original_size" (H, W), and
+    optionally "point_coords" (N, K, 2), "point_labels" (N, K), "boxes" (N, 4), "mask_inputs" (N, h/4, w/4, 1).
+    """
+    images = jnp.stack([self.preprocess(jnp.asarray(r["image"])[None])[0] for r in batched_input])
+    embeddings = self.image_encoder(images)
+    outputs = []
+    for record, embedding in zip(batched_input, embeddings):
+      outputs.append(self.predict(
+          embedding[None], tuple(np.shape(record["image"])[:2]), tuple(record["original_size"]),
+          point_coords=record.get("point_coords"), point_labels=record.get("point_labels"),
+          boxes=record.get("boxes"), mask_inputs=record.get("mask_inputs"), multimask_output=multimask_output))
+    return outputs

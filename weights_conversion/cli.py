@@ -1,0 +1,44 @@
+"""`python -m weights_conversion` and `autosam-jax convert`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from autosam_jax.models.config import PRESETS
+
+DESCRIPTION = """Convert SAM weights to a Flax checkpoint.
+
+Reads Meta's segment-anything checkpoints (sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth, sam_vit_h_4b8939.pth, or any
+checkpoint of the same architecture) and Hugging Face SamModel weights (model.safetensors, or its directory). The
+architecture is read off the tensor shapes. Writes OUT_DIR/config.json, OUT_DIR/conversion.json and an orbax
+checkpoint OUT_DIR/params; load it with `autosam_jax.load_sam(OUT_DIR)`."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("checkpoint", help="SAM checkpoint: Meta .pth, Hugging Face .safetensors, or an HF model dir")
+  parser.add_argument("out_dir", help="output directory (must not exist unless --overwrite)")
+  parser.add_argument("--model-type", choices=sorted(PRESETS), default=None,
+                      help="check that the checkpoint is this preset (default: accept any SAM architecture)")
+  parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+  from weights_conversion.convert import ConversionError, convert
+
+  try:
+    out_dir, config = convert(args.checkpoint, args.out_dir, args.model_type, args.overwrite)
+  except ConversionError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  print(f"converted {args.checkpoint} -> {out_dir}: image {config.image_size}, embed dim {config.encoder_embed_dim}, "
+        f"depth {config.encoder_depth}, heads {config.encoder_num_heads}, "
+        f"global blocks {list(config.encoder_global_attn_indexes)}, window {config.window_size}")
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m weights_conversion", description=DESCRIPTION,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_arguments(parser)
+  return run(parser.parse_args(argv))

@@ -1,0 +1,279 @@
+"""Meta (.pth) or Hugging Face (safetensors) SAM weights -> orbax checkpoint + config.json.
+
+Output directory layout:
+  config.json       SamConfig fields
+  conversion.json   source file, its format and SHA-256, converter version
+  params/           orbax checkpoint of the parameter tree (float32)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autosam_jax.models.config import PRESETS, SamConfig, infer_config
+from weights_conversion.tables import LAYOUTS, TABLES, hf_mlp_layer_names
+
+FORMAT_VERSION = 1
+
+
+class ConversionError(Exception):
+  """A problem with the user's checkpoint or output directory; the message is one line naming the file."""
+
+
+def _short_list(items: list[str], limit: int = 8) -> str:
+  shown = ", ".join(items[:limit])
+  return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _read_torch(path: Path) -> dict[str, Any]:
+  try:
+    import torch
+  except ImportError:
+    raise ConversionError(f"{path}: reading a PyTorch checkpoint needs torch; install the 'convert' extra "
+                          "(pip install 'autosam-jax[convert]')") from None
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for broken files
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    raise ConversionError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {reason}") from None
+  for wrapper in ("model", "state_dict"):  # training frameworks often nest the weights one level down
+    if isinstance(state, dict) and isinstance(state.get(wrapper), dict) and len(state) <= 4:
+      state = state[wrapper]
+  if not isinstance(state, dict):
+    raise ConversionError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+  arrays = {}
+  for key, value in state.items():
+    if not isinstance(value, torch.Tensor):
+      raise ConversionError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+    arrays[key] = value.detach().to(torch.float32).numpy()
+  return arrays
+
+
+def _read_safetensors(files: list[Path]) -> dict[str, Any]:
+  try:
+    from safetensors import safe_open
+  except ImportError:
+    raise ConversionError(f"{files[0]}: reading safetensors needs the safetensors package; install the 'convert' "
+                          "extra (pip install 'autosam-jax[convert]')") from None
+  arrays = {}
+  for file in files:
+    try:
+      with safe_open(str(file), framework="np") as f:
+        for key in f.keys():
+          arrays[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+    except Exception as err:
+      raise ConversionError(f"{file}: not a readable safetensors file (truncated or corrupt?): {err}") from None
+  return arrays
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """Returns the tensors as float32 numpy arrays, and what the file's neighbours say (a Hugging Face config.json)."""
+  path = Path(path)
+  if not path.exists():
+    raise ConversionError(f"{path}: no such file; give the path of a SAM checkpoint (.pth or .safetensors)")
+  hf_config: dict[str, Any] = {}
+  if path.is_dir():
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+      shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+      files = [path / shard for shard in shards]
+    elif (path / "model.safetensors").exists():
+      files = [path / "model.safetensors"]
+    else:
+      raise ConversionError(f"{path}: a directory without model.safetensors; give a checkpoint file")
+    if (path / "config.json").exists():
+      hf_config = json.loads((path / "config.json").read_text())
+    return _read_safetensors(files), hf_config
+  if path.stat().st_size == 0:
+    raise ConversionError(f"{path}: empty file")
+  with open(path, "rb") as f:
+    head = f.read(9)
+  # .pth files are zip archives (PK) or bare pickles (0x80); safetensors starts with an 8-byte header length and '{'.
+  is_torch = head[:2] == b"PK" or head[:1] == b"\x80"
+  is_safetensors = path.suffix == ".safetensors" or head[8:9] == b"{"
+  if not is_torch and not is_safetensors:
+    if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+      is_torch = True
+    else:
+      raise ConversionError(f"{path}: neither a PyTorch (.pth) nor a safetensors checkpoint")
+  if is_safetensors and not is_torch:
+    if (path.parent / "config.json").exists():
+      try:
+        hf_config = json.loads((path.parent / "config.json").read_text())
+      except json.JSONDecodeError:
+        hf_config = {}
+    return _read_safetensors([path]), hf_config
+  return _read_torch(path), hf_config
+
+
+def detect_format(keys: list[str], path: Path) -> str:
+  if any(k.startswith("image_encoder.") for k in keys):
+    return "meta"
+  if any(k.startswith("vision_encoder.") for k in keys):
+    return "huggingface"
+  raise ConversionError(f"{path}: no SAM image encoder tensors (image_encoder.* or vision_encoder.*); first keys: "
+                        f"{_short_list(sorted(keys), 4)}")
+
+
+def map_keys(state: dict[str, np.ndarray], fmt: str, path: Path) -> dict[tuple[str, ...], np.ndarray]:
+  """Applies the format's table; every source key must match a row."""
+  original_name = {k: k for k in state}
+  if fmt == "huggingface":
+    renamed = hf_mlp_layer_names({k: k for k in state})
+    original_name = {new: old for new, old in renamed.items()}
+  rows = [(re.compile(pattern + "$"), dst, layout) for pattern, dst, layout in TABLES[fmt]]
+  params: dict[tuple[str, ...], np.ndarray] = {}
+  source_of: dict[tuple[str, ...], str] = {}
+  unused = []
+  for key, original in original_name.items():
+    value = state[original]
+    for pattern, dst, layout in rows:
+      match = pattern.match(key)
+      if match:
+        flax_path = tuple(dst.format(None, *match.groups()).split("."))
+        array = np.ascontiguousarray(LAYOUTS[layout](value))
+        if flax_path in params:
+          if params[flax_path].shape != array.shape or not np.array_equal(params[flax_path], array):
+            raise ConversionError(f"{path}: {source_of[flax_path]} and {original} should be the same tied tensor "
+                                  "but differ")
+        params[flax_path] = array
+        source_of[flax_path] = original
+        break
+    else:
+      unused.append(original)
+  if unused:
+    raise ConversionError(f"{path}: {len(unused)} tensor(s) match nothing in the SAM architecture: "
+                          f"{_short_list(sorted(unused))}")
+  return params
+
+
+def _abstract_params(config: SamConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+  from flax import nnx
+
+  from autosam_jax.models.sam import Sam
+
+  abstract = nnx.eval_shape(lambda: Sam(config, rngs=nnx.Rngs(0)))
+  _, state = nnx.split(abstract)
+  return {tuple(str(p) for p in path): tuple(v.shape) for path, v in state.flat_state()}
+
+
+def _hf_overrides(hf_config: dict[str, Any]) -> dict[str, Any]:
+  overrides = {}
+  decoder = hf_config.get("mask_decoder_config") or {}
+  if "num_attention_heads" in decoder:
+    overrides["decoder_num_heads"] = int(decoder["num_attention_heads"])
+  return overrides
+
+
+def convert_state(state: dict[str, np.ndarray], path: Path, model_type: str | None = None,
+                  hf_config: dict[str, Any] | None = None) -> tuple[SamConfig, dict[tuple[str, ...], np.ndarray],
+                                                                      str]:
+  """Source tensors -> (config, flat Flax params, source format). Raises ConversionError on any mismatch."""
+  fmt = detect_format(list(state), path)
+  params = map_keys(state, fmt, path)
+  overrides = _hf_overrides(hf_config or {}) if fmt == "huggingface" else {}
+  if model_type is not None:
+    preset = PRESETS[model_type]
+    overrides.setdefault("decoder_num_heads", preset.decoder_num_heads)
+  try:
+    config = infer_config({k: v.shape for k, v in params.items()}, **overrides)
+  except ValueError as err:
+    raise ConversionError(f"{path}: {err}") from None
+  if model_type is not None:
+    expected = PRESETS[model_type]
+    differ = [f"{f.name}={getattr(config, f.name)!r} (expected {getattr(expected, f.name)!r})"
+              for f in dataclasses.fields(SamConfig) if getattr(config, f.name) != getattr(expected, f.name)]
+    if differ:
+      raise ConversionError(f"{path}: not a {model_type} checkpoint: {_short_list(differ, 4)}; "
+                            "leave out --model-type to convert whatever architecture it holds")
+
+  expected_shapes = _abstract_params(config)
+  missing = sorted(".".join(p) for p in expected_shapes if p not in params)
+  if missing:
+    raise ConversionError(f"{path}: {len(missing)} parameter(s) of the model are not in the checkpoint: "
+                          f"{_short_list(missing)}")
+  extra = sorted(".".join(p) for p in params if p not in expected_shapes)
+  if extra:
+    raise ConversionError(f"{path}: {len(extra)} tensor(s) have no place in the inferred model: {_short_list(extra)}")
+  wrong = [f"{'.'.join(p)} {params[p].shape} (model wants {s})" for p, s in expected_shapes.items()
+           if params[p].shape != s]
+  if wrong:
+    raise ConversionError(f"{path}: tensor shapes do not fit one SAM architecture: {_short_list(wrong, 4)}")
+  return config, params, fmt
+
+
+def nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    for part in path[:-1]:
+      node = node.setdefault(part, {})
+    node[path[-1]] = value
+  return tree
+
+
+def _sha256(path: Path) -> str:
+  digest = hashlib.sha256()
+  files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+  for file in files:
+    with open(file, "rb") as f:
+      for chunk in iter(lambda: f.read(1 << 22), b""):
+        digest.update(chunk)
+  return digest.hexdigest()
+
+
+def write_converted(out_dir: Path, config: SamConfig, params: dict[tuple[str, ...], np.ndarray],
+                    info: dict[str, Any], overwrite: bool = False) -> Path:
+  """Writes into a temporary sibling directory, then renames it into place: never a half-written OUT_DIR."""
+  import orbax.checkpoint as ocp
+
+  out_dir = Path(out_dir).absolute()
+  if out_dir.exists() and not overwrite:
+    raise ConversionError(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+  try:
+    (staging / "config.json").write_text(config.to_json() + "\n")
+    (staging / "conversion.json").write_text(json.dumps(info, indent=2) + "\n")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(staging / "params", nest(params))
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    if out_dir.exists():
+      old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+      out_dir.rename(old)
+      staging.rename(out_dir)
+      shutil.rmtree(old)
+    else:
+      staging.rename(out_dir)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  return out_dir
+
+
+def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, model_type: str | None = None,
+            overwrite: bool = False) -> tuple[Path, SamConfig]:
+  """Converts a SAM checkpoint; returns the output directory and the inferred config."""
+  checkpoint = Path(checkpoint)
+  out_dir = Path(out_dir)
+  if model_type is not None and model_type not in PRESETS:
+    raise ConversionError(f"unknown --model-type {model_type!r}; choose one of {sorted(PRESETS)}")
+  if out_dir.exists() and not overwrite:
+    raise ConversionError(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
+  state, hf_config = read_checkpoint(checkpoint)
+  config, params, fmt = convert_state(state, checkpoint, model_type, hf_config)
+  info = {"source": str(checkpoint.absolute()), "source_format": fmt, "source_sha256": _sha256(checkpoint),
+          "num_tensors": len(state), "num_parameters": int(sum(v.size for v in params.values())),
+          "format_version": FORMAT_VERSION}
+  return write_converted(out_dir, config, params, info, overwrite), config

@@ -1,0 +1,115 @@
+"""Meta's `segment-anything` PyTorch model built for any SamConfig, with every tensor randomised.
+
+Used by the parity tests, the parity demo and the benchmarks: real SAM weights cannot be downloaded here, so
+correctness is shown on random weights saved exactly as Meta saves its checkpoints.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from functools import partial
+from pathlib import Path
+
+from autosam_jax.models.config import SamConfig
+
+
+def _stub_torchvision() -> None:
+  """segment_anything imports torchvision at package import, for helpers we never call; stand in for it."""
+  def unavailable(*args, **kwargs):
+    raise RuntimeError("torchvision is not installed; this segment_anything helper needs it")
+
+  names = {
+      "torchvision": {},
+      "torchvision.ops": {},
+      "torchvision.ops.boxes": {"batched_nms": unavailable, "box_area": unavailable},
+      "torchvision.transforms": {},
+      "torchvision.transforms.functional": {"resize": unavailable, "to_pil_image": unavailable},
+  }
+  for name, attrs in names.items():
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    sys.modules.setdefault(name, module)
+
+
+def import_segment_anything():
+  try:
+    importlib.import_module("torchvision")
+  except Exception:  # missing, or a CUDA build that fails to load beside the CPU torch
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+      del sys.modules[name]
+    _stub_torchvision()
+  try:
+    return importlib.import_module("segment_anything")
+  except ImportError as err:
+    raise ImportError("Meta's segment-anything package is needed here: pip install 'autosam-jax[convert]'") from err
+
+
+def build_meta_sam(config: SamConfig, seed: int = 0):
+  """Meta's `Sam` for `config` (eval mode, float32), every parameter and buffer drawn at random."""
+  import torch
+
+  sa = import_segment_anything()
+  from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+  torch.manual_seed(seed)
+  grid = config.image_embedding_size
+  sam = Sam(
+      image_encoder=ImageEncoderViT(
+          img_size=config.image_size, patch_size=config.patch_size, embed_dim=config.encoder_embed_dim,
+          depth=config.encoder_depth, num_heads=config.encoder_num_heads,
+          mlp_ratio=config.encoder_mlp_dim / config.encoder_embed_dim, out_chans=config.prompt_embed_dim,
+          qkv_bias=config.qkv_bias, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_abs_pos=config.use_abs_pos,
+          use_rel_pos=config.use_rel_pos, window_size=config.window_size,
+          global_attn_indexes=config.encoder_global_attn_indexes),
+      prompt_encoder=PromptEncoder(
+          embed_dim=config.prompt_embed_dim, image_embedding_size=(grid, grid),
+          input_image_size=(config.image_size, config.image_size), mask_in_chans=config.mask_in_chans),
+      mask_decoder=MaskDecoder(
+          num_multimask_outputs=config.num_multimask_outputs,
+          transformer=TwoWayTransformer(depth=config.decoder_depth, embedding_dim=config.prompt_embed_dim,
+                                        mlp_dim=config.decoder_mlp_dim, num_heads=config.decoder_num_heads,
+                                        attention_downsample_rate=config.attention_downsample_rate),
+          transformer_dim=config.prompt_embed_dim, iou_head_depth=config.iou_head_depth,
+          iou_head_hidden_dim=config.iou_head_hidden_dim),
+      pixel_mean=list(config.pixel_mean), pixel_std=list(config.pixel_std))
+  if int(sam.image_encoder.blocks[0].mlp.lin1.out_features) != config.encoder_mlp_dim:
+    raise ValueError(f"encoder_mlp_dim {config.encoder_mlp_dim} is not an integer multiple Meta's builder can express")
+  from segment_anything.modeling.common import LayerNorm2d
+
+  generator = torch.Generator().manual_seed(seed)
+
+  def noise(tensor, scale=1.0, offset=0.0):
+    tensor.copy_(offset + scale * torch.randn(tensor.shape, generator=generator))
+
+  with torch.no_grad():
+    for module in sam.modules():
+      if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+        fan_in = module.weight[0].numel() if isinstance(module, torch.nn.Conv2d) else module.weight.shape[1]
+        if isinstance(module, torch.nn.ConvTranspose2d):  # weight is (in, out, kh, kw)
+          fan_in = module.weight.shape[0]
+        noise(module.weight, fan_in ** -0.5)
+        if module.bias is not None:
+          noise(module.bias, 0.05)
+      elif isinstance(module, (torch.nn.LayerNorm, LayerNorm2d)):
+        noise(module.weight, 0.2, 1.0)
+        noise(module.bias, 0.2)
+      elif isinstance(module, torch.nn.Embedding):
+        noise(module.weight)
+    for name, tensor in sam.state_dict(keep_vars=True).items():
+      if name.endswith(("rel_pos_h", "rel_pos_w", "pos_embed")):
+        noise(tensor, 0.5)  # zero at init in Meta's code; random here so the parity tests see them
+      elif name.endswith("positional_encoding_gaussian_matrix"):
+        noise(tensor)
+  return sam.eval()
+
+
+def save_meta_checkpoint(sam, path: str | Path) -> Path:
+  """Saves exactly as Meta's checkpoints are saved: `torch.save(model.state_dict())`, buffers included."""
+  import torch
+
+  path = Path(path)
+  state = {k: v for k, v in sam.state_dict().items() if k not in ("pixel_mean", "pixel_std")}
+  torch.save(state, path)
+  return path

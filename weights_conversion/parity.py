@@ -1,0 +1,93 @@
+"""Side-by-side runs of Meta's PyTorch SAM and ours on the same inputs, for parity checks.
+
+Everything returned is numpy, channels-last (masks (N, H, W, M)), so the two sides compare directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Prompts:
+  """One image's prompt sets, in the resized (longer side = image_size) frame."""
+  point_coords: np.ndarray | None = None  # (N, K, 2) as (x, y)
+  point_labels: np.ndarray | None = None  # (N, K)
+  boxes: np.ndarray | None = None  # (N, 4)
+  mask_inputs: np.ndarray | None = None  # (N, 4h, 4w) low-resolution logits
+  multimask_output: bool = True
+  extra: dict = field(default_factory=dict)
+
+
+def random_prompts(rng: np.random.Generator, input_size: tuple[int, int], num_sets: int, num_points: int,
+                   with_boxes: bool, mask_size: int | None, multimask_output: bool) -> Prompts:
+  h, w = input_size
+  prompts = Prompts(multimask_output=multimask_output)
+  if num_points:
+    prompts.point_coords = (rng.uniform(0, 1, (num_sets, num_points, 2)) * [w, h]).astype(np.float32)
+    prompts.point_labels = rng.integers(0, 2, (num_sets, num_points)).astype(np.int32)
+  if with_boxes:
+    corners = np.sort(rng.uniform(0, 1, (num_sets, 2, 2)), axis=1) * [w, h]
+    prompts.boxes = corners.reshape(num_sets, 4).astype(np.float32)
+  if mask_size:
+    prompts.mask_inputs = rng.normal(0, 4, (num_sets, mask_size, mask_size)).astype(np.float32)
+  return prompts
+
+
+def meta_outputs(torch_sam, image: np.ndarray, original_size: tuple[int, int], prompts: Prompts) -> dict:
+  """Meta's pipeline: Sam.preprocess -> image encoder -> prompt encoder -> mask decoder -> postprocess_masks."""
+  import torch
+
+  with torch.no_grad():
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
+    embeddings = torch_sam.image_encoder(torch_sam.preprocess(x)[None])
+    points = None
+    if prompts.point_coords is not None:
+      points = (torch.from_numpy(prompts.point_coords), torch.from_numpy(prompts.point_labels))
+    boxes = None if prompts.boxes is None else torch.from_numpy(prompts.boxes)
+    masks = None if prompts.mask_inputs is None else torch.from_numpy(prompts.mask_inputs)[:, None]
+    sparse, dense = torch_sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
+    low_res, iou = torch_sam.mask_decoder(image_embeddings=embeddings, image_pe=torch_sam.prompt_encoder.get_dense_pe(),
+                                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                          multimask_output=prompts.multimask_output)
+    upscaled = torch_sam.postprocess_masks(low_res, image.shape[:2], original_size)
+  nhwc = lambda t: t.detach().numpy().transpose(0, 2, 3, 1)
+  return {"image_embeddings": nhwc(embeddings), "sparse_embeddings": sparse.detach().numpy(),
+          "dense_embeddings": nhwc(dense), "low_res_logits": nhwc(low_res), "iou_predictions": iou.detach().numpy(),
+          "mask_logits": nhwc(upscaled)}
+
+
+def jax_outputs(sam, image: np.ndarray, original_size: tuple[int, int], prompts: Prompts) -> dict:
+  """Ours, step by step through the same stages."""
+  import jax.numpy as jnp
+
+  embeddings = sam.image_encoder(sam.preprocess(jnp.asarray(image)[None]))
+  points = None
+  if prompts.point_coords is not None:
+    points = (jnp.asarray(prompts.point_coords), jnp.asarray(prompts.point_labels))
+  boxes = None if prompts.boxes is None else jnp.asarray(prompts.boxes)
+  masks = None if prompts.mask_inputs is None else jnp.asarray(prompts.mask_inputs)[..., None]
+  sparse, dense = sam.prompt_encoder(points, boxes, masks)
+  out = sam.predict(embeddings, image.shape[:2], original_size, point_coords=prompts.point_coords,
+                    point_labels=prompts.point_labels, boxes=prompts.boxes,
+                    mask_inputs=None if masks is None else masks, multimask_output=prompts.multimask_output)
+  return {"image_embeddings": embeddings, "sparse_embeddings": sparse, "dense_embeddings": dense,
+          "low_res_logits": out["low_res_logits"], "iou_predictions": out["iou_predictions"],
+          "mask_logits": out["mask_logits"]}
+
+
+def max_abs_differences(reference: dict, ours: dict) -> dict[str, float]:
+  diffs = {}
+  for key, ref in reference.items():
+    mine = np.asarray(ours[key])
+    if mine.shape != ref.shape:
+      raise AssertionError(f"{key}: shape {mine.shape}, reference {ref.shape}")
+    diffs[key] = float(np.max(np.abs(mine.astype(np.float64) - ref))) if ref.size else 0.0
+  return diffs
+
+
+# fp32 tolerances: 1e-4 on embeddings, 1e-3 on mask logits and IoU predictions.
+TOLERANCES = {"image_embeddings": 1e-4, "sparse_embeddings": 1e-4, "dense_embeddings": 1e-4,
+              "low_res_logits": 1e-3, "iou_predictions": 1e-3, "mask_logits": 1e-3}

@@ -1,0 +1,151 @@
+"""Key tables: source checkpoint key pattern -> Flax parameter path + layout change.
+
+A row is (regex over the whole source key, Flax path template with `{1}`-style group references, layout).
+Layouts say how a PyTorch tensor becomes its Flax counterpart:
+  same       copied as is
+  linear     (out, in) -> (in, out)
+  conv       (out, in, kh, kw) -> (kh, kw, in, out)
+  convt2x2   ConvTranspose2d (in, out, 2, 2) -> (in, 2, 2, out) for `ConvTranspose2x2`
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LAYOUTS = {
+    "same": lambda a: a,
+    "linear": lambda a: a.T,
+    "conv": lambda a: a.transpose(2, 3, 1, 0),
+    "convt2x2": lambda a: a.transpose(0, 2, 3, 1),
+}
+
+Row = tuple[str, str, str]
+
+
+def _linear(src: str, dst: str) -> list[Row]:
+  return [(src + r"\.weight", dst + ".kernel", "linear"), (src + r"\.bias", dst + ".bias", "same")]
+
+
+def _norm(src: str, dst: str) -> list[Row]:
+  return [(src + r"\.weight", dst + ".scale", "same"), (src + r"\.bias", dst + ".bias", "same")]
+
+
+def _conv(src: str, dst: str, layout: str = "conv") -> list[Row]:
+  return [(src + r"\.weight", dst + ".kernel", layout), (src + r"\.bias", dst + ".bias", "same")]
+
+
+def _embed(src: str, dst: str) -> list[Row]:
+  return [(src + r"\.weight", dst + ".embedding", "same")]
+
+
+_N = r"(\d+)"
+
+
+def _attention(src: str, dst: str) -> list[Row]:
+  return [row for p in ("q_proj", "k_proj", "v_proj", "out_proj") for row in _linear(f"{src}\\.{p}", f"{dst}.{p}")]
+
+
+# Meta's segment-anything state dict (sam_vit_{b,l,h}_*.pth).
+META: list[Row] = [
+    *_conv(r"image_encoder\.patch_embed\.proj", "image_encoder.patch_embed"),
+    (r"image_encoder\.pos_embed", "image_encoder.pos_embed", "same"),
+    *_norm(rf"image_encoder\.blocks\.{_N}\.(norm1|norm2)", "image_encoder.blocks.{1}.{2}"),
+    *_linear(rf"image_encoder\.blocks\.{_N}\.attn\.(qkv|proj)", "image_encoder.blocks.{1}.attn.{2}"),
+    (rf"image_encoder\.blocks\.{_N}\.attn\.(rel_pos_h|rel_pos_w)", "image_encoder.blocks.{1}.attn.{2}", "same"),
+    *_linear(rf"image_encoder\.blocks\.{_N}\.mlp\.(lin1|lin2)", "image_encoder.blocks.{1}.mlp.{2}"),
+    (r"image_encoder\.neck\.0\.weight", "image_encoder.neck.conv1.kernel", "conv"),
+    *_norm(r"image_encoder\.neck\.1", "image_encoder.neck.norm1"),
+    (r"image_encoder\.neck\.2\.weight", "image_encoder.neck.conv2.kernel", "conv"),
+    *_norm(r"image_encoder\.neck\.3", "image_encoder.neck.norm2"),
+    (r"prompt_encoder\.pe_layer\.positional_encoding_gaussian_matrix",
+     "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix", "same"),
+    *_embed(rf"prompt_encoder\.point_embeddings\.{_N}", "prompt_encoder.point_embeddings.{1}"),
+    *_embed(r"prompt_encoder\.(not_a_point_embed|no_mask_embed)", "prompt_encoder.{1}"),
+    *_conv(r"prompt_encoder\.mask_downscaling\.0", "prompt_encoder.mask_downscaling.conv1"),
+    *_norm(r"prompt_encoder\.mask_downscaling\.1", "prompt_encoder.mask_downscaling.norm1"),
+    *_conv(r"prompt_encoder\.mask_downscaling\.3", "prompt_encoder.mask_downscaling.conv2"),
+    *_norm(r"prompt_encoder\.mask_downscaling\.4", "prompt_encoder.mask_downscaling.norm2"),
+    *_conv(r"prompt_encoder\.mask_downscaling\.6", "prompt_encoder.mask_downscaling.conv3"),
+    *_embed(r"mask_decoder\.(iou_token|mask_tokens)", "mask_decoder.{1}"),
+    *_attention(rf"mask_decoder\.transformer\.layers\.{_N}\."
+                r"(self_attn|cross_attn_token_to_image|cross_attn_image_to_token)",
+                "mask_decoder.transformer.layers.{1}.{2}"),
+    *_norm(rf"mask_decoder\.transformer\.layers\.{_N}\.(norm[1-4])", "mask_decoder.transformer.layers.{1}.{2}"),
+    *_linear(rf"mask_decoder\.transformer\.layers\.{_N}\.mlp\.(lin1|lin2)",
+             "mask_decoder.transformer.layers.{1}.mlp.{2}"),
+    *_attention(r"mask_decoder\.transformer\.final_attn_token_to_image",
+                "mask_decoder.transformer.final_attn_token_to_image"),
+    *_norm(r"mask_decoder\.transformer\.norm_final_attn", "mask_decoder.transformer.norm_final_attn"),
+    *_conv(r"mask_decoder\.output_upscaling\.0", "mask_decoder.output_upscaling.conv1", "convt2x2"),
+    *_norm(r"mask_decoder\.output_upscaling\.1", "mask_decoder.output_upscaling.norm"),
+    *_conv(r"mask_decoder\.output_upscaling\.3", "mask_decoder.output_upscaling.conv2", "convt2x2"),
+    *_linear(rf"mask_decoder\.output_hypernetworks_mlps\.{_N}\.layers\.{_N}",
+             "mask_decoder.output_hypernetworks_mlps.{1}.layers.{2}"),
+    *_linear(rf"mask_decoder\.iou_prediction_head\.layers\.{_N}", "mask_decoder.iou_prediction_head.layers.{1}"),
+]
+
+# Hugging Face transformers `SamModel` (model.safetensors). Its MLPs name their layers proj_in, layers.k,
+# proj_out; `hf_mlp_layer_names` renames them to numbered layers before this table applies.
+HUGGING_FACE: list[Row] = [
+    *_conv(r"vision_encoder\.patch_embed\.projection", "image_encoder.patch_embed"),
+    (r"vision_encoder\.pos_embed", "image_encoder.pos_embed", "same"),
+    *_norm(rf"vision_encoder\.layers\.{_N}\.layer_norm([12])", "image_encoder.blocks.{1}.norm{2}"),
+    *_linear(rf"vision_encoder\.layers\.{_N}\.attn\.(qkv|proj)", "image_encoder.blocks.{1}.attn.{2}"),
+    (rf"vision_encoder\.layers\.{_N}\.attn\.(rel_pos_h|rel_pos_w)", "image_encoder.blocks.{1}.attn.{2}", "same"),
+    *_linear(rf"vision_encoder\.layers\.{_N}\.mlp\.(lin1|lin2)", "image_encoder.blocks.{1}.mlp.{2}"),
+    (r"vision_encoder\.neck\.conv([12])\.weight", "image_encoder.neck.conv{1}.kernel", "conv"),
+    *_norm(r"vision_encoder\.neck\.layer_norm([12])", "image_encoder.neck.norm{1}"),
+    # The same tensor twice (tied weights); both copies must agree.
+    (r"(?:shared_image_embedding|prompt_encoder\.shared_embedding)\.positional_embedding",
+     "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix", "same"),
+    *_embed(rf"prompt_encoder\.point_embed\.{_N}", "prompt_encoder.point_embeddings.{1}"),
+    *_embed(r"prompt_encoder\.(not_a_point_embed|no_mask_embed)", "prompt_encoder.{1}"),
+    *_conv(r"prompt_encoder\.mask_embed\.conv([123])", "prompt_encoder.mask_downscaling.conv{1}"),
+    *_norm(r"prompt_encoder\.mask_embed\.layer_norm([12])", "prompt_encoder.mask_downscaling.norm{1}"),
+    *_embed(r"mask_decoder\.(iou_token|mask_tokens)", "mask_decoder.{1}"),
+    *_attention(rf"mask_decoder\.transformer\.layers\.{_N}\."
+                r"(self_attn|cross_attn_token_to_image|cross_attn_image_to_token)",
+                "mask_decoder.transformer.layers.{1}.{2}"),
+    *_norm(rf"mask_decoder\.transformer\.layers\.{_N}\.layer_norm([1-4])",
+           "mask_decoder.transformer.layers.{1}.norm{2}"),
+    *_linear(rf"mask_decoder\.transformer\.layers\.{_N}\.mlp\.(lin1|lin2)",
+             "mask_decoder.transformer.layers.{1}.mlp.{2}"),
+    *_attention(r"mask_decoder\.transformer\.final_attn_token_to_image",
+                "mask_decoder.transformer.final_attn_token_to_image"),
+    *_norm(r"mask_decoder\.transformer\.layer_norm_final_attn", "mask_decoder.transformer.norm_final_attn"),
+    *_conv(r"mask_decoder\.upscale_conv([12])", "mask_decoder.output_upscaling.conv{1}", "convt2x2"),
+    *_norm(r"mask_decoder\.upscale_layer_norm", "mask_decoder.output_upscaling.norm"),
+    *_linear(rf"mask_decoder\.output_hypernetworks_mlps\.{_N}\.layers\.{_N}",
+             "mask_decoder.output_hypernetworks_mlps.{1}.layers.{2}"),
+    *_linear(rf"mask_decoder\.iou_prediction_head\.layers\.{_N}", "mask_decoder.iou_prediction_head.layers.{1}"),
+]
+
+TABLES = {"meta": META, "huggingface": HUGGING_FACE}
+
+
+def hf_mlp_layer_names(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Hugging Face MLPs: proj_in -> layers.0, layers.k -> layers.{k+1}, proj_out -> layers.{last}."""
+  import re
+
+  pattern = re.compile(r"^(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\."
+                       r"(proj_in|proj_out|layers\.(\d+))\.(weight|bias)$")
+  hidden = {}
+  for key in state:
+    match = pattern.match(key)
+    if match and match.group(3) is not None:
+      hidden[match.group(1)] = max(hidden.get(match.group(1), -1), int(match.group(3)))
+  renamed = {}
+  for key, value in state.items():
+    match = pattern.match(key)
+    if not match:
+      renamed[key] = value
+      continue
+    prefix, part, index, leaf = match.groups()
+    if part == "proj_in":
+      layer = 0
+    elif part == "proj_out":
+      layer = hidden.get(prefix, -1) + 2
+    else:
+      layer = int(index) + 1
+    renamed[f"{prefix}.layers.{layer}.{leaf}"] = value
+  return renamed
