@@ -21,13 +21,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--model-type", choices=sorted(PRESETS), default=None,
                       help="check that the checkpoint is this preset (default: accept any SAM architecture)")
   parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+  shapes = parser.add_argument_group("architecture that tensor shapes do not reveal")
+  shapes.add_argument("--decoder-num-heads", type=int, help="mask decoder attention heads (default 8, as SAM)")
+  shapes.add_argument("--encoder-num-heads", type=int,
+                      help="encoder attention heads; needed only without relative position tables")
+  shapes.add_argument("--image-size", type=int, help="input size; needed only without an absolute position table")
 
 
 def run(args: argparse.Namespace) -> int:
   from weights_conversion.convert import ConversionError, convert
 
   try:
-    out_dir, config = convert(args.checkpoint, args.out_dir, args.model_type, args.overwrite)
+    out_dir, config = convert(args.checkpoint, args.out_dir, args.model_type, args.overwrite,
+                              decoder_num_heads=args.decoder_num_heads, encoder_num_heads=args.encoder_num_heads,
+                              image_size=args.image_size)
   except ConversionError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2

@@ -176,18 +176,23 @@ def _hf_overrides(hf_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def convert_state(state: dict[str, np.ndarray], path: Path, model_type: str | None = None,
-                  hf_config: dict[str, Any] | None = None) -> tuple[SamConfig, dict[tuple[str, ...], np.ndarray],
-                                                                      str]:
-  """Source tensors -> (config, flat Flax params, source format). Raises ConversionError on any mismatch."""
+                  hf_config: dict[str, Any] | None = None, **overrides: Any
+                  ) -> tuple[SamConfig, dict[tuple[str, ...], np.ndarray], str]:
+  """Source tensors -> (config, flat Flax params, source format). Raises ConversionError on any mismatch.
+
+  `overrides` sets config fields that tensor shapes cannot tell (decoder_num_heads; encoder_num_heads and
+  image_size for checkpoints without relative or absolute position tables).
+  """
   fmt = detect_format(list(state), path)
   params = map_keys(state, fmt, path)
-  overrides = _hf_overrides(hf_config or {}) if fmt == "huggingface" else {}
+  overrides = {**(_hf_overrides(hf_config or {}) if fmt == "huggingface" else {}),
+               **{k: v for k, v in overrides.items() if v is not None}}
   if model_type is not None:
     preset = PRESETS[model_type]
     overrides.setdefault("decoder_num_heads", preset.decoder_num_heads)
   try:
     config = infer_config({k: v.shape for k, v in params.items()}, **overrides)
-  except ValueError as err:
+  except (ValueError, TypeError) as err:
     raise ConversionError(f"{path}: {err}") from None
   if model_type is not None:
     expected = PRESETS[model_type]
@@ -263,8 +268,11 @@ def write_converted(out_dir: Path, config: SamConfig, params: dict[tuple[str, ..
 
 
 def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, model_type: str | None = None,
-            overwrite: bool = False) -> tuple[Path, SamConfig]:
-  """Converts a SAM checkpoint; returns the output directory and the inferred config."""
+            overwrite: bool = False, **overrides: Any) -> tuple[Path, SamConfig]:
+  """Converts a SAM checkpoint; returns the output directory and the inferred config.
+
+  `overrides`: config fields the shapes cannot tell, e.g. decoder_num_heads (default 8, as in every SAM release).
+  """
   checkpoint = Path(checkpoint)
   out_dir = Path(out_dir)
   if model_type is not None and model_type not in PRESETS:
@@ -272,7 +280,7 @@ def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, model_typ
   if out_dir.exists() and not overwrite:
     raise ConversionError(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
   state, hf_config = read_checkpoint(checkpoint)
-  config, params, fmt = convert_state(state, checkpoint, model_type, hf_config)
+  config, params, fmt = convert_state(state, checkpoint, model_type, hf_config, **overrides)
   info = {"source": str(checkpoint.absolute()), "source_format": fmt, "source_sha256": _sha256(checkpoint),
           "num_tensors": len(state), "num_parameters": int(sum(v.size for v in params.values())),
           "format_version": FORMAT_VERSION}

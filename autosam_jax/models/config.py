@@ -126,6 +126,10 @@ def infer_config(shapes: Mapping[tuple[str, ...], tuple[int, ...]], **overrides:
       values["window_size"] = overrides.get("window_size", 0)
       values["encoder_global_attn_indexes"] = tuple(range(depth)) if not values["window_size"] else ()
 
+  elif "encoder_num_heads" not in overrides:
+    raise ValueError("checkpoint has no relative position tables, so the encoder's attention heads cannot be read "
+                     "off its shapes; pass them explicitly (--encoder-num-heads)")
+
   values["mask_in_chans"] = shape("prompt_encoder", "mask_downscaling", "conv2", "kernel")[-1]
   values["decoder_depth"] = 1 + max(int(p[3]) for p in shapes if p[:3] == ("mask_decoder", "transformer", "layers"))
   values["decoder_mlp_dim"] = shape("mask_decoder", "transformer", "layers", "0", "mlp", "lin1", "kernel")[1]

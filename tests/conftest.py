@@ -1,0 +1,47 @@
+import os
+
+# Tests run on the CPU; keep XLA from grabbing every core's worth of threads for tiny models.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np
+import pytest
+
+from autosam_jax import SamConfig
+
+# Tiny SAM architectures, each different in dims, depth, heads, window (with and without padding), global blocks,
+# image size and decoder shape. None of them is a preset.
+TINY_CONFIGS = {
+    "dim64-win5-pad": SamConfig(image_size=128, encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=4,
+                                encoder_mlp_dim=256, encoder_global_attn_indexes=(1,), window_size=5),
+    "dim96-win7-2global": SamConfig(image_size=192, encoder_embed_dim=96, encoder_depth=3, encoder_num_heads=6,
+                                    encoder_mlp_dim=288, encoder_global_attn_indexes=(0, 2), window_size=7),
+    "dim48-win4-nopad-smalldecoder": SamConfig(
+        image_size=256, encoder_embed_dim=48, encoder_depth=4, encoder_num_heads=2, encoder_mlp_dim=96,
+        encoder_global_attn_indexes=(3,), window_size=4, prompt_embed_dim=128, mask_in_chans=8, decoder_depth=1,
+        decoder_num_heads=4, decoder_mlp_dim=256, attention_downsample_rate=4, num_multimask_outputs=2,
+        iou_head_depth=2, iou_head_hidden_dim=64),
+    "dim32-1head-allwindowed": SamConfig(image_size=128, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=1,
+                                         encoder_mlp_dim=64, encoder_global_attn_indexes=(), window_size=3),
+}
+
+
+@pytest.fixture(scope="session")
+def meta_checkpoints(tmp_path_factory):
+  """Builds (once per session) Meta's SAM with random weights for a config and saves it as Meta does."""
+  from weights_conversion.meta_reference import build_meta_sam, save_meta_checkpoint
+
+  cache = {}
+
+  def get(name: str, config: SamConfig, seed: int = 0):
+    if name not in cache:
+      torch_sam = build_meta_sam(config, seed)
+      path = save_meta_checkpoint(torch_sam, tmp_path_factory.mktemp(name) / "sam.pth")
+      cache[name] = (torch_sam, path)
+    return cache[name]
+
+  return get
+
+
+@pytest.fixture
+def rng():
+  return np.random.default_rng(1234)
