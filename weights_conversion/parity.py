@@ -60,22 +60,27 @@ def meta_outputs(torch_sam, image: np.ndarray, original_size: tuple[int, int], p
 
 
 def jax_outputs(sam, image: np.ndarray, original_size: tuple[int, int], prompts: Prompts) -> dict:
-  """Ours, step by step through the same stages."""
+  """Ours, step by step through the same stages, as one compiled program."""
   import jax.numpy as jnp
+  from flax import nnx
 
-  embeddings = sam.image_encoder(sam.preprocess(jnp.asarray(image)[None]))
-  points = None
-  if prompts.point_coords is not None:
-    points = (jnp.asarray(prompts.point_coords), jnp.asarray(prompts.point_labels))
-  boxes = None if prompts.boxes is None else jnp.asarray(prompts.boxes)
-  masks = None if prompts.mask_inputs is None else jnp.asarray(prompts.mask_inputs)[..., None]
-  sparse, dense = sam.prompt_encoder(points, boxes, masks)
-  out = sam.predict(embeddings, image.shape[:2], original_size, point_coords=prompts.point_coords,
-                    point_labels=prompts.point_labels, boxes=prompts.boxes,
-                    mask_inputs=None if masks is None else masks, multimask_output=prompts.multimask_output)
-  return {"image_embeddings": embeddings, "sparse_embeddings": sparse, "dense_embeddings": dense,
-          "low_res_logits": out["low_res_logits"], "iou_predictions": out["iou_predictions"],
-          "mask_logits": out["mask_logits"]}
+  input_size = tuple(image.shape[:2])
+
+  @nnx.jit
+  def run(sam, image, point_coords, point_labels, boxes, mask_inputs):
+    embeddings = sam.image_encoder(sam.preprocess(image[None]))
+    points = None if point_coords is None else (point_coords, point_labels)
+    masks = None if mask_inputs is None else mask_inputs[..., None]
+    sparse, dense = sam.prompt_encoder(points, boxes, masks)
+    out = sam.predict(embeddings, input_size, original_size, point_coords=point_coords, point_labels=point_labels,
+                      boxes=boxes, mask_inputs=masks, multimask_output=prompts.multimask_output)
+    return {"image_embeddings": embeddings, "sparse_embeddings": sparse, "dense_embeddings": dense,
+            "low_res_logits": out["low_res_logits"], "iou_predictions": out["iou_predictions"],
+            "mask_logits": out["mask_logits"]}
+
+  as_jax = lambda a: None if a is None else jnp.asarray(a)
+  return run(sam, jnp.asarray(image), as_jax(prompts.point_coords), as_jax(prompts.point_labels),
+             as_jax(prompts.boxes), as_jax(prompts.mask_inputs))
 
 
 def max_abs_differences(reference: dict, ours: dict) -> dict[str, float]:
