@@ -65,15 +65,32 @@ def _read_safetensors(files: list[Path]) -> dict[str, Any]:
   except ImportError:
     raise ConversionError(f"{files[0]}: reading safetensors needs the safetensors package; install the 'convert' "
                           "extra (pip install 'autosam-jax[convert]')") from None
+  try:
+    import torch
+  except ImportError:
+    torch = None
   arrays = {}
   for file in files:
     try:
-      with safe_open(str(file), framework="np") as f:
+      # numpy has no bfloat16, which Hugging Face uploads often use; torch reads every safetensors dtype.
+      with safe_open(str(file), framework="np" if torch is None else "pt") as f:
         for key in f.keys():
-          arrays[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+          tensor = f.get_tensor(key)
+          if torch is not None:
+            tensor = tensor.to(torch.float32).numpy()
+          arrays[key] = np.asarray(tensor, dtype=np.float32)
     except Exception as err:
       raise ConversionError(f"{file}: not a readable safetensors file (truncated or corrupt?): {err}") from None
   return arrays
+
+
+def _read_hf_config(path: Path) -> dict[str, Any]:
+  """A Hugging Face config.json beside the weights; anything unreadable counts as absent, since it is optional."""
+  try:
+    config = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    return {}
+  return config if isinstance(config, dict) else {}
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -92,26 +109,27 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     else:
       raise ConversionError(f"{path}: a directory without model.safetensors; give a checkpoint file")
     if (path / "config.json").exists():
-      hf_config = json.loads((path / "config.json").read_text())
+      hf_config = _read_hf_config(path / "config.json")
     return _read_safetensors(files), hf_config
   if path.stat().st_size == 0:
     raise ConversionError(f"{path}: empty file")
   with open(path, "rb") as f:
     head = f.read(9)
-  # .pth files are zip archives (PK) or bare pickles (0x80); safetensors starts with an 8-byte header length and '{'.
-  is_torch = head[:2] == b"PK" or head[:1] == b"\x80"
-  is_safetensors = path.suffix == ".safetensors" or head[8:9] == b"{"
+  # safetensors starts with its header's length (8 bytes, little-endian) and then the header's '{'; .pth files are
+  # zip archives (PK) or bare pickles (0x80). The header length is checked first because its low byte can itself be
+  # 0x80 or 'P', which would pass for a torch file.
+  header_fits = 8 + int.from_bytes(head[:8].ljust(8, b"\0"), "little") <= path.stat().st_size
+  looks_safetensors = head[8:9] == b"{" and header_fits
+  is_torch = not looks_safetensors and (head[:2] == b"PK" or head[:1] == b"\x80")
+  is_safetensors = looks_safetensors or (not is_torch and path.suffix == ".safetensors")
   if not is_torch and not is_safetensors:
     if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
       is_torch = True
     else:
       raise ConversionError(f"{path}: neither a PyTorch (.pth) nor a safetensors checkpoint")
-  if is_safetensors and not is_torch:
+  if is_safetensors:
     if (path.parent / "config.json").exists():
-      try:
-        hf_config = json.loads((path.parent / "config.json").read_text())
-      except json.JSONDecodeError:
-        hf_config = {}
+      hf_config = _read_hf_config(path.parent / "config.json")
     return _read_safetensors([path]), hf_config
   return _read_torch(path), hf_config
 
@@ -168,10 +186,31 @@ def _abstract_params(config: SamConfig) -> dict[tuple[str, ...], tuple[int, ...]
 
 
 def _hf_overrides(hf_config: dict[str, Any]) -> dict[str, Any]:
-  overrides = {}
-  decoder = hf_config.get("mask_decoder_config") or {}
-  if "num_attention_heads" in decoder:
+  """Config fields from a Hugging Face config.json, for what tensor shapes may not tell.
+
+  Attention heads always; image size, window and global blocks for checkpoints without position tables. Where the
+  shapes do tell, a config.json that disagrees shows up as a shape mismatch when the model is checked against them.
+  """
+  overrides: dict[str, Any] = {}
+  decoder = hf_config.get("mask_decoder_config")
+  if isinstance(decoder, dict) and "num_attention_heads" in decoder:
     overrides["decoder_num_heads"] = int(decoder["num_attention_heads"])
+  vision = hf_config.get("vision_config")
+  if not isinstance(vision, dict):
+    return overrides
+  if "num_attention_heads" in vision:
+    overrides["encoder_num_heads"] = int(vision["num_attention_heads"])
+  if "image_size" in vision:
+    overrides["image_size"] = int(vision["image_size"])
+  if "window_size" in vision and "global_attn_indexes" in vision and "num_hidden_layers" in vision:
+    depth = int(vision["num_hidden_layers"])
+    window = int(vision["window_size"])
+    overrides["window_size"] = window
+    # transformers ignores indexes past the last layer (its defaults name 2, 5, 8, 11 whatever the depth), and a
+    # zero window makes every layer global; infer_config spells that case as every index.
+    overrides["encoder_global_attn_indexes"] = (
+        tuple(range(depth)) if window == 0 else tuple(sorted({int(i) for i in vision["global_attn_indexes"]
+                                                               if 0 <= int(i) < depth})))
   return overrides
 
 

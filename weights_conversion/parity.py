@@ -96,3 +96,24 @@ def max_abs_differences(reference: dict, ours: dict) -> dict[str, float]:
 # fp32 tolerances: 1e-4 on embeddings, 1e-3 on mask logits and IoU predictions.
 TOLERANCES = {"image_embeddings": 1e-4, "sparse_embeddings": 1e-4, "dense_embeddings": 1e-4,
               "low_res_logits": 1e-3, "iou_predictions": 1e-3, "mask_logits": 1e-3}
+
+
+def sam_from_torch(torch_sam, encoder_dtype=None, decoder_num_heads: int | None = None):
+  """Meta's PyTorch Sam -> our NNX Sam in memory, through the same key tables as the converter (no files)."""
+  from pathlib import Path
+
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from autosam_jax.models.sam import Sam
+  from weights_conversion.convert import convert_state, nest
+
+  state = {k: v.detach().float().numpy() for k, v in torch_sam.state_dict().items()}
+  config, params, _ = convert_state(state, Path("<in-memory torch model>"), decoder_num_heads=decoder_num_heads)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Sam(config, encoder_dtype=encoder_dtype, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(abstract, jax_tree_map_asarray(nest(params), jnp))
+  return nnx.merge(graphdef, abstract)
+
+
+def jax_tree_map_asarray(tree, jnp):
+  return {k: jax_tree_map_asarray(v, jnp) if isinstance(v, dict) else jnp.asarray(v) for k, v in tree.items()}
