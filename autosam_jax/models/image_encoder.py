@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from autosam_jax.models.config import SamConfig
-from autosam_jax.models.layers import Linear, gelu, layer_norm
+from autosam_jax.models.layers import Linear, gelu, layer_norm, matmul
 
 Array = jax.Array
 
@@ -17,6 +17,22 @@ def relative_position_index(size: int) -> np.ndarray:
   """index[i, j] = i - j + size - 1 into a (2 * size - 1)-row table (Meta's `get_rel_pos` for equal q/k sizes)."""
   coords = np.arange(size)
   return coords[:, None] - coords[None, :] + size - 1
+
+
+def softmax(logits: Array) -> Array:
+  # Written out: on CPU this fuses into two passes where jax.nn.softmax's guarded version takes more.
+  exp = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  return exp / jnp.sum(exp, axis=-1, keepdims=True)
+
+
+def query_rows_per_chunk(height: int, width: int, max_tokens: int = 128) -> int:
+  """Rows of queries attended at once: all of them for small grids, else the largest divisor of `height` whose
+  rows hold at most `max_tokens` queries, so that a chunk's logits stay in cache instead of a (heads, N, N) array
+  going through memory several times (64 MB per head for a 64x64 grid)."""
+  if height * width <= 1024:
+    return height
+  fitting = [r for r in range(1, height + 1) if height % r == 0 and r * width <= max_tokens]
+  return max(fitting) if fitting else 1
 
 
 class Attention(nnx.Module):
@@ -29,26 +45,45 @@ class Attention(nnx.Module):
     self.qkv = Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
     self.proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
     self.use_rel_pos = use_rel_pos
+    self.dtype = dtype
     if use_rel_pos:
       self.rel_pos_h = nnx.Param(jnp.zeros((2 * grid_size - 1, self.head_dim)))
       self.rel_pos_w = nnx.Param(jnp.zeros((2 * grid_size - 1, self.head_dim)))
 
   def __call__(self, x: Array) -> Array:
     b, h, w, dim = x.shape
-    qkv = self.qkv(x).reshape(b, h, w, 3, self.num_heads, self.head_dim)
-    q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # (B, H, W, heads, head_dim)
-    scale = self.head_dim ** -0.5
-    logits = jnp.einsum("byxhd,bklhd->bhyxkl", q * scale, k, preferred_element_type=jnp.float32)
+    heads, head_dim = self.num_heads, self.head_dim
+    # Head-major (3, B, heads, H, W, head_dim): every matmul below then has its batch axes leading.
+    qkv = self.qkv(x).astype(self.dtype or x.dtype)
+    qkv = qkv.reshape(b, h, w, 3, heads, head_dim).transpose(3, 0, 4, 1, 2, 5)
+    q, k, v = qkv[0], qkv[1].reshape(b, heads, h * w, head_dim), qkv[2].reshape(b, heads, h * w, head_dim)
+    rel_h = rel_w = None
     if self.use_rel_pos:
-      # Meta adds the bias from the unscaled query.
+      # Meta adds the bias computed from the unscaled query.
       table_h = self.rel_pos_h[...][relative_position_index(h)].astype(q.dtype)  # (H, H, head_dim)
       table_w = self.rel_pos_w[...][relative_position_index(w)].astype(q.dtype)  # (W, W, head_dim)
-      rel_h = jnp.einsum("byxhd,ykd->bhyxk", q, table_h, preferred_element_type=jnp.float32)
-      rel_w = jnp.einsum("byxhd,xld->bhyxl", q, table_w, preferred_element_type=jnp.float32)
-      logits = logits + rel_h[..., :, None] + rel_w[..., None, :]
-    probs = jax.nn.softmax(logits.reshape(b, self.num_heads, h, w, h * w), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhyxn,bnhd->byxhd", probs, v.reshape(b, h * w, self.num_heads, self.head_dim))
-    return self.proj(out.reshape(b, h, w, dim))
+      rel_h = jnp.einsum("bnyxd,ykd->bnyxk", q, table_h, preferred_element_type=jnp.float32)
+      rel_w = jnp.einsum("bnyxd,xld->bnyxl", q, table_w, preferred_element_type=jnp.float32)
+    scale = jnp.asarray(head_dim ** -0.5, q.dtype)
+
+    def attend(q_rows, rel_h_rows, rel_w_rows):
+      rows = q_rows.shape[2]
+      logits = jnp.einsum("bnyxd,bnkd->bnyxk", q_rows * scale, k, preferred_element_type=jnp.float32)
+      if rel_h_rows is not None:
+        logits = logits.reshape(b, heads, rows, w, h, w) + rel_h_rows[..., :, None] + rel_w_rows[..., None, :]
+        logits = logits.reshape(b, heads, rows, w, h * w)
+      return jnp.einsum("bnyxk,bnkd->bnyxd", softmax(logits).astype(v.dtype), v,
+                        preferred_element_type=jnp.float32)
+
+    rows = query_rows_per_chunk(h, w)
+    if rows == h:
+      out = attend(q, rel_h, rel_w)
+    else:
+      def chunks(a):  # (B, heads, H, ...) -> (H / rows, B, heads, rows, ...)
+        return None if a is None else jnp.moveaxis(a.reshape(b, heads, h // rows, rows, *a.shape[3:]), 2, 0)
+      out = jax.lax.map(lambda c: attend(*c), (chunks(q), chunks(rel_h), chunks(rel_w)))
+      out = jnp.moveaxis(out, 0, 2).reshape(b, heads, h, w, head_dim)
+    return self.proj(out.transpose(0, 2, 3, 1, 4).reshape(b, h, w, dim))
 
 
 def window_partition(x: Array, window: int) -> Array:
@@ -87,10 +122,10 @@ class Block(nnx.Module):
   def __init__(self, config: SamConfig, window_size: int, *, dtype=None, rngs: nnx.Rngs):
     dim = config.encoder_embed_dim
     self.window_size = window_size
-    self.norm1 = layer_norm(dim, 1e-6, dtype=dtype, rngs=rngs)
+    self.norm1 = layer_norm(dim, 1e-6, rngs=rngs)
     self.attn = Attention(dim, config.encoder_num_heads, qkv_bias=config.qkv_bias, use_rel_pos=config.use_rel_pos,
                           grid_size=window_size or config.image_embedding_size, dtype=dtype, rngs=rngs)
-    self.norm2 = layer_norm(dim, 1e-6, dtype=dtype, rngs=rngs)
+    self.norm2 = layer_norm(dim, 1e-6, rngs=rngs)
     self.mlp = MLPBlock(dim, config.encoder_mlp_dim, gelu, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
@@ -118,10 +153,8 @@ class PatchEmbed(nnx.Module):
   def __call__(self, x: Array) -> Array:
     b, h, w, c = x.shape
     p = self.patch_size
-    dtype = self.dtype or x.dtype
     patches = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // p, w // p, p * p * c)
-    kernel = self.kernel[...].reshape(p * p * c, -1)
-    return jnp.dot(patches.astype(dtype), kernel.astype(dtype)) + self.bias[...].astype(dtype)
+    return matmul(patches, self.kernel[...].reshape(p * p * c, -1), self.dtype) + self.bias[...]
 
 
 class Neck(nnx.Module):
@@ -129,19 +162,21 @@ class Neck(nnx.Module):
 
   def __init__(self, embed_dim: int, out_chans: int, *, dtype=None, rngs: nnx.Rngs):
     self.conv1 = nnx.Conv(embed_dim, out_chans, (1, 1), use_bias=False, dtype=dtype, rngs=rngs)
-    self.norm1 = layer_norm(out_chans, 1e-6, dtype=dtype, rngs=rngs)
+    self.norm1 = layer_norm(out_chans, 1e-6, rngs=rngs)
     self.conv2 = nnx.Conv(out_chans, out_chans, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dtype,
                           rngs=rngs)
-    self.norm2 = layer_norm(out_chans, 1e-6, dtype=dtype, rngs=rngs)
+    self.norm2 = layer_norm(out_chans, 1e-6, rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
-    return self.norm2(self.conv2(self.norm1(self.conv1(x))))
+    x = self.norm1(self.conv1(x).astype(jnp.float32))
+    return self.norm2(self.conv2(x).astype(jnp.float32))
 
 
 class ImageEncoderViT(nnx.Module):
   """(B, S, S, 3) normalised, padded images -> (B, S/16, S/16, 256) image embeddings.
 
-  `dtype` is the compute dtype (e.g. jnp.bfloat16); parameters are always stored in float32. The output is float32.
+  `dtype` is the matmul dtype (e.g. jnp.bfloat16: bf16 operands, float32 accumulation); norms, softmax and the
+  residual stream stay float32, and parameters are always stored in float32. The output is float32.
   """
 
   def __init__(self, config: SamConfig, *, dtype=None, rngs: nnx.Rngs):
@@ -163,7 +198,7 @@ class ImageEncoderViT(nnx.Module):
       raise ValueError(f"image encoder expects (batch, {size}, {size}, 3) images, got {x.shape}")
     x = self.patch_embed(x)
     if self.pos_embed is not None:
-      x = x + self.pos_embed[...].astype(x.dtype)
+      x = x + self.pos_embed[...]
     for block in self.blocks:
       x = block(x)
-    return self.neck(x).astype(jnp.float32)
+    return self.neck(x)
