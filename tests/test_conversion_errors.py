@@ -130,3 +130,17 @@ def test_load_sam_names_missing_directory(tmp_path):
 
   with pytest.raises(CheckpointError, match="config.json: missing"):
     load_sam(tmp_path / "not-converted")
+
+
+def test_autosam_jax_convert_command(capsys, tmp_path, good_checkpoint):
+  """`autosam-jax convert` is the same tool: converts a good file, refuses a bad one with exit code 2."""
+  from autosam_jax.cli import main
+
+  out = tmp_path / "converted"
+  assert main(["convert", str(good_checkpoint), str(out)]) == 0
+  assert (out / "config.json").is_file() and (out / "params").is_dir()
+  assert "converted" in capsys.readouterr().out
+  junk = tmp_path / "junk.pth"
+  junk.write_bytes(b"PK\x03\x04 broken zip")
+  assert main(["convert", str(junk), str(tmp_path / "other")]) == 2
+  assert "junk.pth" in capsys.readouterr().err and not (tmp_path / "other").exists()
