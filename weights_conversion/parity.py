@@ -72,8 +72,8 @@ def jax_outputs(sam, image: np.ndarray, original_size: tuple[int, int], prompts:
     points = None if point_coords is None else (point_coords, point_labels)
     masks = None if mask_inputs is None else mask_inputs[..., None]
     sparse, dense = sam.prompt_encoder(points, boxes, masks)
-    out = sam.predict(embeddings, input_size, original_size, point_coords=point_coords, point_labels=point_labels,
-                      boxes=boxes, mask_inputs=masks, multimask_output=prompts.multimask_output)
+    out = sam.decode(embeddings, input_size, original_size, point_coords, point_labels, boxes, masks,
+                     prompts.multimask_output)
     return {"image_embeddings": embeddings, "sparse_embeddings": sparse, "dense_embeddings": dense,
             "low_res_logits": out["low_res_logits"], "iou_predictions": out["iou_predictions"],
             "mask_logits": out["mask_logits"]}

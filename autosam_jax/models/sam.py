@@ -5,6 +5,7 @@ Images are channels-last (H, W, 3) RGB on the 0..255 scale; masks come back as (
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -79,19 +80,31 @@ class Sam(nnx.Module):
   def predict(self, image_embedding: Array, input_size: tuple[int, int], original_size: tuple[int, int], *,
               point_coords: Array | None = None, point_labels: Array | None = None, boxes: Array | None = None,
               mask_inputs: Array | None = None, multimask_output: bool = True) -> dict[str, Array]:
-    """Decodes prompt sets against one (1, h, w, C) image embedding.
+    """Decodes prompt sets against one (1, h, w, C) image embedding, compiled once per shape.
 
     Prompts are in the resized input frame (see `scale_coords`, `scale_boxes`). Returns upscaled mask logits
     (N, H, W, M) at `original_size`, boolean masks, IoU predictions (N, M) and low-resolution logits.
     """
-    points = None if point_coords is None else (jnp.asarray(point_coords), jnp.asarray(point_labels))
-    sparse, dense = self.prompt_encoder(points, None if boxes is None else jnp.asarray(boxes),
-                                        None if mask_inputs is None else jnp.asarray(mask_inputs))
+    as_array = lambda a: None if a is None else jnp.asarray(a)
+    return _predict(self, jnp.asarray(image_embedding), tuple(int(v) for v in input_size),
+                    tuple(int(v) for v in original_size), as_array(point_coords), as_array(point_labels),
+                    as_array(boxes), as_array(mask_inputs), bool(multimask_output))
+
+  def decode(self, image_embedding: Array, input_size: tuple[int, int], original_size: tuple[int, int],
+             point_coords: Array | None, point_labels: Array | None, boxes: Array | None, mask_inputs: Array | None,
+             multimask_output: bool) -> dict[str, Array]:
+    """The computation behind `predict`, uncompiled (for use inside a caller's own jit)."""
+    points = None if point_coords is None else (point_coords, point_labels)
+    sparse, dense = self.prompt_encoder(points, boxes, mask_inputs)
     low_res, iou = self.mask_decoder(image_embedding, self.prompt_encoder.get_dense_pe(), sparse, dense,
                                      multimask_output)
     logits = self.postprocess_masks(low_res, input_size, original_size)
     return {"mask_logits": logits, "masks": logits > self.mask_threshold, "iou_predictions": iou,
             "low_res_logits": low_res}
+
+  def encode(self, images: Array) -> Array:
+    """Compiled `image_encoder` call: (B, S, S, 3) preprocessed images -> (B, S/16, S/16, C) embeddings."""
+    return _encode(self.image_encoder, jnp.asarray(images))
 
   def __call__(self, batched_input: Sequence[dict[str, Any]], multimask_output: bool) -> list[dict[str, Array]]:
     """Meta's `Sam.forward` on channels-last inputs.
@@ -100,7 +113,7 @@ class Sam(nnx.Module):
     optionally "point_coords" (N, K, 2), "point_labels" (N, K), "boxes" (N, 4), "mask_inputs" (N, h/4, w/4, 1).
     """
     images = jnp.stack([self.preprocess(jnp.asarray(r["image"])[None])[0] for r in batched_input])
-    embeddings = self.image_encoder(images)
+    embeddings = self.encode(images)
     outputs = []
     for record, embedding in zip(batched_input, embeddings):
       outputs.append(self.predict(
@@ -108,3 +121,15 @@ class Sam(nnx.Module):
           point_coords=record.get("point_coords"), point_labels=record.get("point_labels"),
           boxes=record.get("boxes"), mask_inputs=record.get("mask_inputs"), multimask_output=multimask_output))
     return outputs
+
+
+@nnx.jit
+def _encode(image_encoder, images):
+  return image_encoder(images)
+
+
+@functools.partial(nnx.jit, static_argnames=("input_size", "original_size", "multimask_output"))
+def _predict(sam, image_embedding, input_size, original_size, point_coords, point_labels, boxes, mask_inputs,
+             multimask_output):
+  return sam.decode(image_embedding, input_size, original_size, point_coords, point_labels, boxes, mask_inputs,
+                    multimask_output)
