@@ -1,28 +1,31 @@
-"""The `autosam-jax` command."""
+"""The `autosam-jax` command. Subcommands import their heavy dependencies only when they run."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+# name -> (module with add_arguments/run and optionally DESCRIPTION, one-line help)
+COMMANDS = {
+    "convert": ("weights_conversion.cli", "convert Meta or Hugging Face SAM weights to a Flax checkpoint"),
+    "parity-demo": ("experiments.parity_demo", "convert a random SAM checkpoint and print parity with Meta's code"),
+    "synth-acdc": ("autosam_jax.data.synthetic", "write synthetic cardiac MRI phantoms in ACDC's file layout"),
+    "validate": ("autosam_jax.data.validate", "check an ACDC or nnU-Net NIfTI folder for broken or mismatched files"),
+    "build-dataset": ("autosam_jax.data.build", "build a TFDS dataset of 2D slices from ACDC or nnU-Net folders"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-  from weights_conversion import cli as convert_cli
-
   parser = argparse.ArgumentParser(prog="autosam-jax", description="SAM adaptation for medical images in JAX/Flax.")
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-  convert = commands.add_parser("convert", help="convert Meta or Hugging Face SAM weights to a Flax checkpoint",
-                                description=convert_cli.DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  convert_cli.add_arguments(convert)
-  convert.set_defaults(run=convert_cli.run)
-
-  parity = commands.add_parser("parity-demo", help="convert a random SAM checkpoint and print parity with Meta's code",
-                               description="Builds Meta's SAM with random weights, saves it as Meta does, converts "
-                               "it and prints the largest differences between Meta's and our outputs.")
-  from experiments import parity_demo
-  parity_demo.add_arguments(parity)
-  parity.set_defaults(run=parity_demo.run)
+  for name, (module_name, help_text) in COMMANDS.items():
+    module = importlib.import_module(module_name)
+    description = getattr(module, "DESCRIPTION", None) or (module.__doc__ or help_text)
+    sub = commands.add_parser(name, help=help_text, description=description,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(sub)
+    sub.set_defaults(run=module.run)
   return parser
 
 

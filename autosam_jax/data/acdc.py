@@ -1,0 +1,113 @@
+"""TFDS builder for ACDC (Automated Cardiac Diagnosis Challenge), written as array_record, read without TensorFlow.
+
+  builder = build_acdc(source_dir="~/data/ACDC", data_dir="~/tensorflow_datasets")
+  slices = builder.as_data_source(split="train")     # random access, no TensorFlow
+
+Every patient's ED and ES frames become 2D slice examples (see `autosam_jax.data.slices`). The source folder is
+validated first (`autosam_jax.data.validate`): a broken file stops the build with one line naming it, before anything
+is written.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import tensorflow_datasets as tfds
+
+from autosam_jax.data.errors import DataError
+from autosam_jax.data.slices import slice_features, volume_to_examples
+
+LABELS = {0: "background", 1: "RV", 2: "MYO", 3: "LV"}
+
+_INSTRUCTIONS = """\
+ACDC cannot be downloaded automatically: its terms require registration.
+1. Register and download the ACDC training data from https://www.creatis.insa-lyon.fr/Challenge/acdc/
+   (or https://humanheart-project.creatis.insa-lyon.fr/database/).
+2. Unpack it so that SOURCE_DIR/training/patient001/Info.cfg exists (SOURCE_DIR/testing/ is used too when its
+   patients have *_gt.nii.gz labels).
+3. Build: autosam-jax build-dataset acdc SOURCE_DIR --data-dir DATA_DIR
+"""
+
+
+def case_examples(cases, allowed_labels):
+  """Slice examples of validated cases (`autosam_jax.data.validate.Case`)."""
+  from autosam_jax.data.nifti import read_label, read_nifti
+
+  for case in cases:
+    image = read_nifti(case.image_path)
+    label = read_label(case.label_path, set(allowed_labels))
+    yield from volume_to_examples(case.case_id, case.patient_id, case.frame or "", image.data, label.data,
+                                  image.spacing, image.affine)
+
+
+def source_fingerprint(cases) -> str:
+  """SHA-256 over the image and label files a dataset is built from (their names and bytes)."""
+  import hashlib
+
+  digest = hashlib.sha256()
+  for case in sorted(cases, key=lambda c: c.case_id):
+    for path in (case.image_path, case.label_path):
+      digest.update(Path(path).name.encode())
+      with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+          digest.update(chunk)
+  return digest.hexdigest()
+
+
+class Acdc(tfds.core.GeneratorBasedBuilder):
+  """ACDC cine-MRI, ED and ES frames, as 2D short-axis slices with labels 0 bg, 1 RV, 2 MYO, 3 LV."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "2D slices of the ED and ES frames with geometry for reassembly."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, description=self.__class__.__doc__, features=slice_features(),
+        homepage="https://www.creatis.insa-lyon.fr/Challenge/acdc/",
+        metadata=tfds.core.MetadataDict(class_names=[LABELS[i] for i in sorted(LABELS)]))
+
+  def _split_generators(self, dl_manager):
+    reports = validated_acdc_parts(Path(dl_manager.manual_dir))
+    self.info.metadata["source_fingerprint"] = source_fingerprint([c for r in reports.values() for c in r.cases])
+    return {split: self._generate_examples(report.cases) for split, report in reports.items()}
+
+  def _generate_examples(self, cases):
+    yield from case_examples(cases, LABELS)
+
+
+def validated_acdc_parts(root: Path) -> dict:
+  """{"train": report of training/, "test": report of testing/ when it holds labels}."""
+  from autosam_jax.data.validate import validate_acdc
+
+  training = root / "training" if (root / "training").is_dir() else root
+  reports = {"train": validate_acdc(training)}
+  testing = root / "testing"
+  if testing.is_dir() and any(testing.glob("patient*/*_gt.nii.gz")):
+    reports["test"] = validate_acdc(testing)
+  return reports
+
+
+def build_acdc(source_dir: str | os.PathLike, data_dir: str | os.PathLike) -> Acdc:
+  """Validates SOURCE_DIR, then writes the dataset under DATA_DIR; an existing build is reused only if it was made
+  from the same files."""
+  source_dir = Path(source_dir).expanduser()
+  if not source_dir.is_dir():
+    raise DataError(f"{source_dir}: no such directory; {_INSTRUCTIONS.splitlines()[0]}")
+  reports = validated_acdc_parts(source_dir)  # fails fast, before anything is written
+  builder = Acdc(data_dir=str(Path(data_dir).expanduser()), file_format="array_record")
+  return prepare(builder, source_dir, source_fingerprint([c for r in reports.values() for c in r.cases]))
+
+
+def prepare(builder, source_dir: Path, fingerprint: str):
+  """download_and_prepare, refusing to reuse a build made from other source files."""
+  data_path = Path(builder.data_dir)
+  if (data_path / "dataset_info.json").exists():
+    built_from = builder.info.metadata.get("source_fingerprint")
+    if built_from != fingerprint:
+      raise DataError(f"{data_path}: was built from other source files than {source_dir}; delete it or choose "
+                      "another --data-dir")
+    return builder
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(source_dir)))
+  return builder

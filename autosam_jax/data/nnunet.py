@@ -1,0 +1,64 @@
+"""TFDS builder for a folder in nnU-Net's raw layout (dataset.json, imagesTr/*_0000.nii.gz, labelsTr/*.nii.gz).
+
+  builder = build_nnunet(source_dir="nnUNet_raw/Dataset027_ACDC", data_dir="~/tensorflow_datasets")
+
+Single-channel images only (SAM takes one gray image replicated to RGB). Class names come from dataset.json's
+"labels". Patients are as `autosam_jax.data.validate` reads them from case ids (`X_ED`/`X_ES`/`X_frameNN` are
+frames of patient X; any other case is its own patient), so a patient's frames never straddle a split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import tensorflow_datasets as tfds
+
+from autosam_jax.data.acdc import case_examples, prepare, source_fingerprint
+from autosam_jax.data.errors import DataError
+from autosam_jax.data.slices import slice_features
+
+
+def _dataset_name(source_dir: Path) -> str:
+  """A TFDS config name from the folder (Dataset027_ACDC -> dataset027_acdc)."""
+  name = re.sub(r"[^a-z0-9_]+", "_", source_dir.name.lower()).strip("_")
+  return name or "dataset"
+
+
+class NnunetRaw(tfds.core.GeneratorBasedBuilder):
+  """2D slices of an nnU-Net raw dataset's training cases, labels as declared in its dataset.json."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "2D slices with geometry for reassembly."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the nnU-Net raw dataset folder (holding dataset.json) as the source directory."
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, description=self.__class__.__doc__, features=slice_features(),
+                                 metadata=tfds.core.MetadataDict())
+
+  def _split_generators(self, dl_manager):
+    from autosam_jax.data.validate import validate_nnunet
+
+    source = Path(dl_manager.manual_dir)
+    report = validate_nnunet(source)
+    labels = json.loads((source / "dataset.json").read_text())["labels"]
+    self.info.metadata["class_names"] = [name for name, _ in sorted(labels.items(), key=lambda kv: int(kv[1]))]
+    self.info.metadata["source_fingerprint"] = source_fingerprint(report.cases)
+    return {"train": self._generate_examples(report.cases, sorted(int(v) for v in labels.values()))}
+
+  def _generate_examples(self, cases, allowed_labels):
+    yield from case_examples(cases, allowed_labels)
+
+
+def build_nnunet(source_dir: str | os.PathLike, data_dir: str | os.PathLike) -> NnunetRaw:
+  from autosam_jax.data.validate import validate_nnunet
+
+  source_dir = Path(source_dir).expanduser()
+  if not (source_dir / "dataset.json").is_file():
+    raise DataError(f"{source_dir}: no dataset.json; give an nnU-Net raw dataset folder (e.g. Dataset027_ACDC)")
+  report = validate_nnunet(source_dir)
+  config = tfds.core.BuilderConfig(name=_dataset_name(source_dir))
+  builder = NnunetRaw(config=config, data_dir=str(Path(data_dir).expanduser()), file_format="array_record")
+  return prepare(builder, source_dir, source_fingerprint(report.cases))

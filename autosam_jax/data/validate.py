@@ -1,0 +1,370 @@
+"""Dataset validation, and the one place that knows the ACDC and nnU-Net raw folder layouts.
+
+`validate(data_dir)` finds the layout, checks every labeled volume, and returns a `ValidationReport` whose `cases`
+list every labeled frame with its image and label paths; dataset builders enumerate files from it rather than from
+the folders. The first problem raises `DataError` with one line naming the file, the problem and the fix.
+
+ACDC (as released): `patientNNN/Info.cfg` names the ED and ES frames; `patientNNN_frameXX.nii.gz` is the image and
+`patientNNN_frameXX_gt.nii.gz` its label (0 background, 1 RV, 2 MYO, 3 LV). The patient folders may sit in
+`data_dir` or in `data_dir/training` (the release's `testing/` folder is not read). The unlabeled cine series
+`patientNNN_4d.nii.gz` is ignored.
+
+nnU-Net raw (v2, and v1's dataset.json conventions): `dataset.json` (labels, channel_names, file_ending),
+`imagesTr/CASE_0000.nii.gz` (one file per channel) and `labelsTr/CASE.nii.gz`; `imagesTs` is unlabeled and ignored.
+nnU-Net has no notion of patients, so a case id ending in `_ED`, `_ES` or `_frameNN` (the names used when ACDC is
+converted) is taken as a frame of the patient named by the rest of the id; any other case is its own patient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autosam_jax.data.errors import DataError
+from autosam_jax.data.nifti import NiftiVolume, read_label, read_nifti
+
+DESCRIPTION = """Check an ACDC folder (patientNNN/ or training/patientNNN/) or an nnU-Net raw dataset (dataset.json,
+imagesTr/, labelsTr/): every labeled frame's files, shapes, spacing, orientation, finite voxels and label values.
+Prints a summary and warnings; the first problem is one line naming the file, and exit code 2."""
+
+ACDC_LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
+SPACING_RELATIVE_TOLERANCE = 1e-3
+# Affines are stored as float32 in the header; differences far above that rounding mean a different grid.
+AFFINE_RTOL, AFFINE_ATOL_MM = 1e-5, 1e-3
+
+_ACDC_PATIENT_DIR = re.compile(r"patient\d+")
+_NNUNET_CHANNEL_FILE = re.compile(r"(?P<case>.+)_(?P<channel>\d{4})")
+_FRAME_SUFFIX = re.compile(r"(?P<patient>.+)_(?:(?P<phase>ED|ES)|frame(?P<number>\d+))")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Case:
+  """One labeled 3D frame."""
+  case_id: str  # unique in the dataset: "patient001_frame01" (ACDC) or the nnU-Net case identifier
+  patient_id: str  # frames of one patient share it; splits are made over patients
+  frame: str | None  # "ED" or "ES" when known, else None
+  frame_number: int | None  # the cine frame number (ACDC's frameXX), else None
+  image_path: Path  # for nnU-Net, channel 0000
+  label_path: Path
+  shape: tuple[int, int, int]  # (X, Y, slices)
+  spacing: tuple[float, float, float]  # mm
+  info: dict[str, Any] = dataclasses.field(default_factory=dict)  # ACDC's Info.cfg fields (ints/floats parsed)
+  extra_channel_paths: tuple[Path, ...] = ()  # nnU-Net channels 0001, 0002, ...
+
+  @property
+  def num_slices(self) -> int:
+    return self.shape[2]
+
+
+@dataclasses.dataclass
+class ValidationReport:
+  layout: str  # "acdc" or "nnunet"
+  root: Path  # the folder holding the patient folders (ACDC) or dataset.json (nnU-Net)
+  labels: dict[str, int]  # name -> value
+  cases: list[Case]
+  warnings: list[str] = dataclasses.field(default_factory=list)
+  dataset_json: dict[str, Any] | None = None
+
+  @property
+  def patient_ids(self) -> list[str]:
+    return list(dict.fromkeys(case.patient_id for case in self.cases))
+
+  @property
+  def num_slices(self) -> int:
+    return sum(case.num_slices for case in self.cases)
+
+  def cases_of(self, patient_id: str) -> list[Case]:
+    return [case for case in self.cases if case.patient_id == patient_id]
+
+  def summary(self) -> str:
+    layout_name = {"acdc": "ACDC", "nnunet": "nnU-Net raw"}[self.layout]
+    slices = [case.num_slices for case in self.cases]
+    in_plane = np.array([case.spacing[:2] for case in self.cases])
+    between = np.array([case.spacing[2] for case in self.cases])
+    frames = sorted({case.frame for case in self.cases if case.frame})
+    frame_text = f" ({' and '.join(frames)})" if frames else ""
+    labels = ", ".join(f"{value} {name}" for name, value in sorted(self.labels.items(), key=lambda item: item[1]))
+    return (f"{layout_name} dataset {self.root}: {len(self.patient_ids)} patients, {len(self.cases)} labeled "
+            f"volumes{frame_text}, {self.num_slices} slices ({min(slices)}-{max(slices)} per volume)\n"
+            f"  spacing {in_plane.min():.3g}-{in_plane.max():.3g} mm in-plane, {between.min():.3g}-{between.max():.3g} "
+            f"mm between slices; labels {labels}; {len(self.warnings)} warnings")
+
+
+def _check_pair(image: NiftiVolume, label: NiftiVolume, warnings: list[str]) -> None:
+  if image.shape != label.shape:
+    raise DataError(f"{label.path}: label shape {label.shape} differs from image {image.path.name} shape "
+                    f"{image.shape}; the label must be on the image's voxel grid (resample it with nearest-neighbour)")
+  image_spacing, label_spacing = np.asarray(image.spacing), np.asarray(label.spacing)
+  if not np.allclose(label_spacing, image_spacing, rtol=SPACING_RELATIVE_TOLERANCE, atol=0):
+    raise DataError(f"{label.path}: voxel spacing {tuple(round(s, 6) for s in label.spacing)} mm differs from image "
+                    f"{image.path.name} spacing {tuple(round(s, 6) for s in image.spacing)} mm; fix the header "
+                    "(pixdim) or resample the label onto the image")
+  if not np.allclose(label.affine, image.affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL_MM):
+    largest = float(np.abs(label.affine - image.affine).max())
+    warnings.append(f"{label.path}: affine differs from image {image.path.name} (largest difference {largest:.3g}); "
+                    "the voxel grids match, so the label is used as is, but check the files' orientation")
+
+
+def _parse_value(text: str) -> Any:
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
+def read_info_cfg(path: Path) -> dict[str, Any]:
+  """ACDC's `Info.cfg`: `key: value` lines; ints and floats parsed, and ED and ES required as frame numbers."""
+  if not path.is_file():
+    raise DataError(f"{path}: missing; every ACDC patient folder needs Info.cfg with ED and ES frame numbers "
+                    "(e.g. 'ED: 1' and 'ES: 12')")
+  try:
+    text = path.read_text()
+  except (OSError, UnicodeDecodeError) as err:
+    raise DataError(f"{path}: cannot read ({type(err).__name__}); copy the file again") from err
+  info = {}
+  for line_number, line in enumerate(text.splitlines(), start=1):
+    if not line.strip():
+      continue
+    key, colon, value = line.partition(":")
+    if not colon:
+      raise DataError(f"{path}: line {line_number} {line.strip()!r} is not 'key: value'; fix or remove the line")
+    info[key.strip()] = _parse_value(value.strip())
+  for key in ("ED", "ES"):
+    if key not in info:
+      raise DataError(f"{path}: no '{key}:' line; add the {key} frame number (e.g. '{key}: "
+                      f"{1 if key == 'ED' else 12}')")
+    if not isinstance(info[key], int) or info[key] < 0:
+      raise DataError(f"{path}: {key} is {info[key]!r}, not a frame number; write e.g. '{key}: "
+                      f"{1 if key == 'ED' else 12}'")
+  if info["ED"] == info["ES"]:
+    raise DataError(f"{path}: ED and ES are both frame {info['ED']}; they must name two different frames")
+  return info
+
+
+def _nifti_path(folder: Path, stem: str) -> Path:
+  """`stem.nii.gz`, or `stem.nii` when only the uncompressed file is there."""
+  compressed = folder / f"{stem}.nii.gz"
+  uncompressed = folder / f"{stem}.nii"
+  return uncompressed if not compressed.exists() and uncompressed.exists() else compressed
+
+
+def _acdc_patient_dirs(folder: Path) -> list[Path]:
+  return sorted(p for p in folder.iterdir() if p.is_dir() and _ACDC_PATIENT_DIR.fullmatch(p.name))
+
+
+def _find_acdc_root(data_dir: Path) -> Path | None:
+  for candidate in (data_dir, data_dir / "training"):
+    if candidate.is_dir() and _acdc_patient_dirs(candidate):
+      return candidate
+  return None
+
+
+def _check_folder(data_dir: Path) -> None:
+  if not data_dir.exists():
+    raise DataError(f"{data_dir}: folder not found; check the path")
+  if not data_dir.is_dir():
+    raise DataError(f"{data_dir}: is a file, not a dataset folder; pass the folder that holds the data")
+  if not any(data_dir.iterdir()):
+    raise DataError(f"{data_dir}: folder is empty; expected ACDC patient folders (patientNNN/) or an nnU-Net raw "
+                    "dataset (dataset.json, imagesTr/, labelsTr/)")
+
+
+def validate_acdc(data_dir: str | Path) -> ValidationReport:
+  """Checks an ACDC folder (patients in `data_dir` or `data_dir/training`); raises `DataError` at the first problem."""
+  data_dir = Path(data_dir)
+  _check_folder(data_dir)
+  root = _find_acdc_root(data_dir)
+  if root is None:
+    raise DataError(f"{data_dir}: no ACDC patient folders (patientNNN/) here or in training/; point at the folder "
+                    "that holds patient001/, patient002/, ...")
+  allowed = set(ACDC_LABELS.values())
+  cases, warnings = [], []
+  for patient_dir in _acdc_patient_dirs(root):
+    patient_id = patient_dir.name
+    info = read_info_cfg(patient_dir / "Info.cfg")
+    for frame in ("ED", "ES"):
+      frame_number = info[frame]
+      stem = f"{patient_id}_frame{frame_number:02d}"
+      image_path, label_path = _nifti_path(patient_dir, stem), _nifti_path(patient_dir, f"{stem}_gt")
+      for path, what in ((image_path, "image"), (label_path, "label")):
+        if not path.exists():
+          raise DataError(f"{path}: missing {what} of the {frame} frame (Info.cfg says {frame}: {frame_number}); "
+                          f"restore the file or fix {frame} in {patient_dir / 'Info.cfg'}")
+      image = read_nifti(image_path)
+      label = read_label(label_path, allowed)
+      _check_pair(image, label, warnings)
+      cases.append(Case(case_id=stem, patient_id=patient_id, frame=frame, frame_number=frame_number,
+                        image_path=image_path, label_path=label_path, shape=image.shape, spacing=image.spacing,
+                        info=dict(info)))
+  return ValidationReport(layout="acdc", root=root, labels=dict(ACDC_LABELS), cases=cases, warnings=warnings)
+
+
+def _read_dataset_json(path: Path) -> dict[str, Any]:
+  if not path.is_file():
+    raise DataError(f"{path}: not found; an nnU-Net raw dataset needs dataset.json with 'labels', 'channel_names' and "
+                    "'file_ending'")
+  try:
+    dataset = json.loads(path.read_text())
+  except json.JSONDecodeError as err:
+    raise DataError(f"{path}: not valid JSON (line {err.lineno} column {err.colno}: {err.msg}); fix the file") from err
+  except (OSError, UnicodeDecodeError) as err:
+    raise DataError(f"{path}: cannot read ({type(err).__name__}); copy the file again") from err
+  if not isinstance(dataset, dict):
+    raise DataError(f"{path}: holds a JSON {type(dataset).__name__}, not an object; nnU-Net's dataset.json is an "
+                    "object with 'labels', 'channel_names' and 'file_ending'")
+  return dataset
+
+
+def _nnunet_labels(path: Path, dataset: dict[str, Any]) -> dict[str, int]:
+  labels = dataset.get("labels")
+  if not isinstance(labels, dict) or not labels:
+    raise DataError(f"{path}: no 'labels' object; add e.g. \"labels\": {{\"background\": 0, \"LV\": 1}}")
+  if all(isinstance(value, int) and not isinstance(value, bool) for value in labels.values()):
+    named = dict(labels)  # nnU-Net v2: name -> value
+  elif all(isinstance(key, str) and key.isdigit() for key in labels):
+    named = {str(name): int(value) for value, name in labels.items()}  # v1: "value" -> name
+  elif any(isinstance(value, list) for value in labels.values()):
+    raise DataError(f"{path}: region-based labels (lists of values) are not supported; give each label one integer")
+  else:
+    raise DataError(f"{path}: 'labels' must map names to integers (v2) or \"0\", \"1\", ... to names (v1)")
+  bad = [value for value in named.values() if not 0 <= value <= 255]
+  if bad:
+    raise DataError(f"{path}: label values {bad} are outside 0..255; renumber the labels")
+  return named
+
+
+def _nnunet_num_channels(path: Path, dataset: dict[str, Any], warnings: list[str]) -> int:
+  channels = dataset.get("channel_names", dataset.get("modality"))
+  if channels is None:
+    warnings.append(f"{path}: no 'channel_names'; assuming one channel (_0000)")
+    return 1
+  if not isinstance(channels, dict) or not channels:
+    raise DataError(f"{path}: 'channel_names' must be an object like {{\"0\": \"cineMRI\"}}")
+  if sorted(channels) != [str(i) for i in range(len(channels))]:
+    raise DataError(f"{path}: 'channel_names' keys {sorted(channels)} must be \"0\", \"1\", ... in order")
+  return len(channels)
+
+
+def _nnunet_file_ending(path: Path, dataset: dict[str, Any], warnings: list[str]) -> str:
+  file_ending = dataset.get("file_ending")
+  if file_ending is None:
+    warnings.append(f"{path}: no 'file_ending'; assuming .nii.gz as nnU-Net v1 did")
+    return ".nii.gz"
+  if file_ending not in (".nii.gz", ".nii"):
+    raise DataError(f"{path}: file_ending {file_ending!r} is not supported; convert the images to .nii.gz")
+  return file_ending
+
+
+def validate_nnunet(data_dir: str | Path) -> ValidationReport:
+  """Checks an nnU-Net raw dataset folder; raises `DataError` at the first problem."""
+  data_dir = Path(data_dir)
+  _check_folder(data_dir)
+  dataset_json_path = data_dir / "dataset.json"
+  dataset = _read_dataset_json(dataset_json_path)
+  warnings: list[str] = []
+  labels = _nnunet_labels(dataset_json_path, dataset)
+  num_channels = _nnunet_num_channels(dataset_json_path, dataset, warnings)
+  file_ending = _nnunet_file_ending(dataset_json_path, dataset, warnings)
+
+  images_dir, labels_dir = data_dir / "imagesTr", data_dir / "labelsTr"
+  for folder in (images_dir, labels_dir):
+    if not folder.is_dir():
+      raise DataError(f"{folder}: folder not found; nnU-Net raw datasets keep training images in imagesTr/ "
+                      "(CASE_0000.nii.gz) and labels in labelsTr/ (CASE.nii.gz)")
+
+  channel_files: dict[str, dict[int, Path]] = {}
+  for path in sorted(images_dir.iterdir()):
+    if not path.name.endswith(file_ending) or path.name.startswith("."):
+      continue
+    match = _NNUNET_CHANNEL_FILE.fullmatch(path.name[:-len(file_ending)])
+    if match is None:
+      raise DataError(f"{path}: image name lacks the channel suffix; nnU-Net names images CASE_0000{file_ending}")
+    channel_files.setdefault(match["case"], {})[int(match["channel"])] = path
+  label_files = {path.name[:-len(file_ending)]: path for path in sorted(labels_dir.iterdir())
+                 if path.name.endswith(file_ending) and not path.name.startswith(".")}
+  if not channel_files and not label_files:
+    raise DataError(f"{images_dir}: no {file_ending} images in imagesTr/ or labels in labelsTr/; add the training "
+                    f"cases as CASE_0000{file_ending} and CASE{file_ending}")
+  for case_id, label_path in label_files.items():
+    if case_id not in channel_files:
+      raise DataError(f"{label_path}: label without an image; add imagesTr/{case_id}_0000{file_ending} or remove "
+                      "the label")
+
+  allowed = set(labels.values())
+  cases = []
+  for case_id, channels in channel_files.items():
+    if case_id not in label_files:
+      raise DataError(f"{channels[min(channels)]}: image without a label; add labelsTr/{case_id}{file_ending} or "
+                      "move the image to imagesTs/")
+    declared = f"dataset.json declares {num_channels} channel(s), _0000 to _{num_channels - 1:04d}"
+    missing = sorted(set(range(num_channels)) - set(channels))
+    extra = sorted(set(channels) - set(range(num_channels)))
+    if missing:
+      raise DataError(f"{images_dir / f'{case_id}_{missing[0]:04d}{file_ending}'}: missing channel of case {case_id}; "
+                      f"{declared}; add the file or fix channel_names")
+    if extra:
+      raise DataError(f"{channels[extra[0]]}: channel not declared in dataset.json channel_names; {declared}; add "
+                      "it there or remove the file")
+    label = read_label(label_files[case_id], allowed)
+    for channel in sorted(channels):
+      image = read_nifti(channels[channel])
+      _check_pair(image, label, warnings)
+    match = _FRAME_SUFFIX.fullmatch(case_id)
+    patient_id = match["patient"] if match else case_id
+    frame = match["phase"] if match else None
+    frame_number = int(match["number"]) if match and match["number"] else None
+    cases.append(Case(case_id=case_id, patient_id=patient_id, frame=frame, frame_number=frame_number,
+                      image_path=channels[0], label_path=label_files[case_id], shape=label.shape,
+                      spacing=label.spacing, extra_channel_paths=tuple(channels[c] for c in sorted(channels)[1:])))
+
+  num_training = dataset.get("numTraining")
+  if num_training is not None and num_training != len(cases):
+    warnings.append(f"{dataset_json_path}: numTraining is {num_training} but imagesTr/labelsTr hold {len(cases)} "
+                    "cases; update numTraining")
+  if num_channels > 1:
+    warnings.append(f"{dataset_json_path}: {num_channels} channels declared; AutoSAM uses channel 0000 only")
+  return ValidationReport(layout="nnunet", root=data_dir, labels=labels, cases=cases, warnings=warnings,
+                          dataset_json=dataset)
+
+
+def validate(data_dir: str | Path) -> ValidationReport:
+  """Detects the layout (dataset.json or imagesTr/ -> nnU-Net; patientNNN/ here or in training/ -> ACDC), checks it."""
+  data_dir = Path(data_dir)
+  _check_folder(data_dir)
+  if (data_dir / "dataset.json").exists() or (data_dir / "imagesTr").is_dir():
+    return validate_nnunet(data_dir)
+  if _find_acdc_root(data_dir) is not None:
+    return validate_acdc(data_dir)
+  if _ACDC_PATIENT_DIR.fullmatch(data_dir.name):
+    raise DataError(f"{data_dir}: is one ACDC patient's folder; pass the folder that holds it ({data_dir.parent})")
+  raise DataError(f"{data_dir}: neither ACDC (patientNNN/ folders, here or in training/) nor nnU-Net raw layout "
+                  "(dataset.json, imagesTr/, labelsTr/); point at the dataset's top folder")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("data_dir",
+                      help="ACDC folder (patientNNN/ or training/patientNNN/) or nnU-Net raw dataset folder")
+  parser.add_argument("--layout", choices=("auto", "acdc", "nnunet"), default="auto",
+                      help="dataset layout (default: detect)")
+
+
+def run(args: argparse.Namespace) -> int:
+  check = {"auto": validate, "acdc": validate_acdc, "nnunet": validate_nnunet}[getattr(args, "layout", "auto")]
+  try:
+    report = check(args.data_dir)
+  except DataError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  print(report.summary())
+  for warning in report.warnings:
+    print(f"warning: {warning}", file=sys.stderr)
+  return 0
