@@ -13,6 +13,7 @@ COMMANDS = {
     "synth-acdc": ("autosam_jax.data.synthetic", "write synthetic cardiac MRI phantoms in ACDC's file layout"),
     "validate": ("autosam_jax.data.validate", "check an ACDC or nnU-Net NIfTI folder for broken or mismatched files"),
     "build-dataset": ("autosam_jax.data.build", "build a TFDS dataset of 2D slices from ACDC or nnU-Net folders"),
+    "make-splits": ("autosam_jax.data.splits", "write seeded patient-level splits (official or cross-validation)"),
 }
 
 

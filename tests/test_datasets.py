@@ -156,3 +156,16 @@ def test_grain_loader_order_and_resume(acdc_built):
   resumed = iter(slice_dataset(source, chosen, batch_size=4, seed=1, epoch=0))
   resumed.set_state(state)
   assert cases(resumed) == full[1:]
+
+
+def test_make_splits_command(acdc_source, tmp_path, capsys):
+  from autosam_jax.cli import main
+  from autosam_jax.data.splits import load_splits
+
+  out = tmp_path / "cv.json"
+  assert main(["make-splits", str(acdc_source), "--protocol", "cv", "--folds", "3", "--seed", "4", "--out",
+               str(out)]) == 0
+  folds = load_splits(out, known_patients=[f"patient{p:03d}" for p in range(1, NUM_PATIENTS + 1)])
+  assert sorted(p for fold in folds for p in fold.test) == [f"patient{p:03d}" for p in range(1, NUM_PATIENTS + 1)]
+  assert main(["make-splits", str(tmp_path / "empty"), "--out", str(tmp_path / "x.json")]) == 2
+  assert "error:" in capsys.readouterr().err and not (tmp_path / "x.json").exists()

@@ -301,3 +301,44 @@ def cross_validation_splits(patient_ids: Iterable[str], num_folds: int = 5, seed
     splits.append(Split(name=f"cv{num_folds}-seed{seed}-fold{k}", seed=seed, train=rest[num_val:],
                         val=rest[:num_val], test=test))
   return splits
+
+
+DESCRIPTION = """Write patient-level splits of a NIfTI dataset to JSON.
+
+  autosam-jax make-splits ~/data/ACDC --protocol official --seed 0 --out splits/official.json
+  autosam-jax make-splits ~/data/ACDC --protocol cv --folds 5 --seed 0 --out splits/cv5.json
+
+official: one 70/15/15 train/val/test split (the paper's protocol, with the seed recorded).
+cv: K folds whose test parts partition the patients, each with a validation part carved from its training part.
+tr_size k always means the first k patients of a split's seeded training order, so smaller sets nest in larger."""
+
+
+def add_arguments(parser) -> None:
+  from pathlib import Path as _Path
+
+  parser.add_argument("data_dir", type=_Path, help="ACDC or nnU-Net NIfTI folder (its patients are read from it)")
+  parser.add_argument("--protocol", choices=["official", "cv"], default="cv")
+  parser.add_argument("--folds", type=int, default=5, help="folds for --protocol cv (default 5)")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", type=_Path, required=True, help="JSON file to write")
+
+
+def run(args) -> int:
+  import sys
+
+  from autosam_jax.data.validate import validate
+
+  try:
+    patients = validate(args.data_dir).patient_ids
+    if args.protocol == "official":
+      splits = [official_split(patients, args.seed)]
+    else:
+      splits = cross_validation_splits(patients, args.folds, args.seed)
+    save_splits(splits, args.out)
+  except DataError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  for split in splits:
+    print(f"{split.name}: train {len(split.train)}, val {len(split.val)}, test {len(split.test)}")
+  print(f"wrote {args.out}")
+  return 0
