@@ -14,6 +14,7 @@ COMMANDS = {
     "validate": ("autosam_jax.data.validate", "check an ACDC or nnU-Net NIfTI folder for broken or mismatched files"),
     "build-dataset": ("autosam_jax.data.build", "build a TFDS dataset of 2D slices from ACDC or nnU-Net folders"),
     "make-splits": ("autosam_jax.data.splits", "write seeded patient-level splits (official or cross-validation)"),
+    "precompute": ("autosam_jax.features.precompute", "encode every slice once with the frozen SAM encoder into a cache"),
 }
 
 

@@ -1,0 +1,1 @@
+"""Frozen-encoder feature cache: every embedding computed once, sharded over devices, resumable."""

@@ -1,0 +1,209 @@
+"""The on-disk feature cache: shards of embeddings with their head targets, and a manifest of what they depend on.
+
+CACHE_DIR/
+  manifest.json          format, what the features depend on, the ordered item list, shard size; "complete" once
+                         every shard is written
+  shards/NNNNN.emb.npy   (n, h, w, C) embeddings, bfloat16 (stored as its uint16 bit pattern) or float32
+  shards/NNNNN.tgt.npy   (n, T, T) uint8 head targets
+  shards/NNNNN.val.npy   (n, T, T) bool, target pixels that hold image (all true in faithful mode)
+  shards/NNNNN.done      JSON with each file's SHA-256; written last, so a shard counts only once it is whole
+
+Every file is written under a temporary name and renamed into place, so a kill at any moment leaves either a whole
+shard or none. Items are (case, slice, view); view 0 is the exact embedding of the clean slice, views 1..K are
+augmented copies of labeled training slices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import ml_dtypes
+import numpy as np
+
+from autosam_jax.data.errors import DataError
+
+FORMAT = "autosam-jax/feature-cache"
+VERSION = 1
+_PARTS = ("emb", "tgt", "val")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+  import io
+
+  buffer = io.BytesIO()
+  np.save(buffer, array, allow_pickle=False)
+  return buffer.getvalue()
+
+
+def _sha256(path: Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+  keys = sorted(set(old) | set(new))
+  changed = [k for k in keys if old.get(k) != new.get(k)]
+  return ", ".join(f"{k} (cache: {str(old.get(k))[:60]}, now: {str(new.get(k))[:60]})" for k in changed[:3])
+
+
+class CacheWriter:
+  """Creates or resumes a cache for the given inputs; refuses a cache made from other inputs."""
+
+  def __init__(self, cache_dir: str | os.PathLike, depends_on: dict[str, Any], items: Sequence[dict[str, Any]],
+               shard_size: int, storage_dtype: str):
+    self.cache_dir = Path(cache_dir)
+    self.shard_dir = self.cache_dir / "shards"
+    self.items = list(items)
+    self.shard_size = shard_size
+    self.storage_dtype = storage_dtype
+    manifest_path = self.cache_dir / "manifest.json"
+    self.manifest = {"format": FORMAT, "version": VERSION, "depends_on": depends_on, "storage_dtype": storage_dtype,
+                     "shard_size": shard_size, "num_items": len(self.items), "items": self.items, "complete": False}
+    if manifest_path.exists():
+      try:
+        existing = json.loads(manifest_path.read_text())
+      except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{manifest_path}: unreadable cache manifest ({err}); delete the cache directory") from None
+      comparable = {k: existing.get(k) for k in ("depends_on", "storage_dtype", "shard_size", "items")}
+      wanted = {k: self.manifest[k] for k in comparable}
+      if comparable != wanted:
+        detail = describe_difference(existing.get("depends_on") or {}, depends_on) or "its item list or shard layout"
+        raise DataError(f"{self.cache_dir}: a feature cache built from other inputs ({detail}); delete it or choose "
+                        "another --out")
+      self.manifest["complete"] = existing.get("complete", False)
+    else:
+      self.cache_dir.mkdir(parents=True, exist_ok=True)
+    self.shard_dir.mkdir(parents=True, exist_ok=True)
+    for stale in self.shard_dir.glob(".*.tmp"):  # left by a killed run
+      stale.unlink(missing_ok=True)
+    if not manifest_path.exists():
+      atomic_write_bytes(manifest_path, json.dumps(self.manifest).encode())
+
+  @property
+  def num_shards(self) -> int:
+    return -(-len(self.items) // self.shard_size)
+
+  def shard_items(self, shard: int) -> list[dict[str, Any]]:
+    return self.items[shard * self.shard_size:(shard + 1) * self.shard_size]
+
+  def shard_done(self, shard: int) -> bool:
+    return (self.shard_dir / f"{shard:05d}.done").exists()
+
+  def write_shard(self, shard: int, embeddings: np.ndarray, targets: np.ndarray, valid: np.ndarray) -> None:
+    expected = len(self.shard_items(shard))
+    if not len(embeddings) == len(targets) == len(valid) == expected:
+      raise ValueError(f"shard {shard}: {len(embeddings)} embeddings for {expected} items")
+    stored = embeddings.astype(ml_dtypes.bfloat16).view(np.uint16) if self.storage_dtype == "bfloat16" \
+        else embeddings.astype(np.float32)
+    digests = {}
+    for part, array in zip(_PARTS, (stored, targets.astype(np.uint8), valid.astype(bool))):
+      path = self.shard_dir / f"{shard:05d}.{part}.npy"
+      atomic_write_bytes(path, _npy_bytes(np.ascontiguousarray(array)))
+      digests[part] = _sha256(path)
+    atomic_write_bytes(self.shard_dir / f"{shard:05d}.done", json.dumps(digests).encode())
+
+  def finalize(self) -> None:
+    missing = [s for s in range(self.num_shards) if not self.shard_done(s)]
+    if missing:
+      raise RuntimeError(f"{self.cache_dir}: shards {missing[:5]} are not written yet")
+    self.manifest["complete"] = True
+    atomic_write_bytes(self.cache_dir / "manifest.json", json.dumps(self.manifest).encode())
+
+
+class FeatureCache:
+  """Read access to a complete cache: a random-access data source (len, getitem) for grain.
+
+  Shards are memory-mapped, so reading costs no more host memory than the items actually touched. With
+  `verify=True` (the default) every shard's SHA-256 is checked against its record before use.
+  """
+
+  def __init__(self, cache_dir: str | os.PathLike, expected_depends_on: dict[str, Any] | None = None,
+               verify: bool = True):
+    self.cache_dir = Path(cache_dir)
+    manifest_path = self.cache_dir / "manifest.json"
+    if not manifest_path.is_file():
+      raise DataError(f"{manifest_path}: missing; run autosam-jax precompute first")
+    try:
+      self.manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+      raise DataError(f"{manifest_path}: unreadable cache manifest ({err})") from None
+    if self.manifest.get("format") != FORMAT:
+      raise DataError(f"{manifest_path}: not an autosam-jax feature cache")
+    if not self.manifest.get("complete"):
+      raise DataError(f"{self.cache_dir}: incomplete feature cache; rerun the same precompute command to finish it")
+    if expected_depends_on is not None and self.manifest["depends_on"] != expected_depends_on:
+      raise DataError(f"{self.cache_dir}: built from other inputs: "
+                      f"{describe_difference(self.manifest['depends_on'], expected_depends_on)}")
+    self.items: list[dict[str, Any]] = self.manifest["items"]
+    self.shard_size: int = self.manifest["shard_size"]
+    self.bfloat16 = self.manifest["storage_dtype"] == "bfloat16"
+    self._arrays: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    self._verify = verify
+
+  def __len__(self) -> int:
+    return len(self.items)
+
+  def _shard(self, shard: int):
+    if shard not in self._arrays:
+      shard_dir = self.cache_dir / "shards"
+      done = shard_dir / f"{shard:05d}.done"
+      if not done.is_file():
+        raise DataError(f"{done}: missing; the cache is damaged, rerun precompute into a new directory")
+      digests = json.loads(done.read_text())
+      arrays = []
+      for part in _PARTS:
+        path = shard_dir / f"{shard:05d}.{part}.npy"
+        if not path.is_file():
+          raise DataError(f"{path}: missing; the cache is damaged, rerun precompute into a new directory")
+        if self._verify and _sha256(path) != digests[part]:
+          raise DataError(f"{path}: contents do not match the checksum recorded when it was written; the cache is "
+                          "corrupted, rerun precompute into a new directory")
+        try:
+          arrays.append(np.load(path, mmap_mode="r", allow_pickle=False))
+        except ValueError as err:
+          raise DataError(f"{path}: unreadable shard ({err})") from None
+      self._arrays[shard] = tuple(arrays)
+    return self._arrays[shard]
+
+  def verify(self) -> None:
+    """Reads and checks every shard now (otherwise each is checked on first access)."""
+    for shard in range(-(-len(self.items) // self.shard_size)):
+      self._shard(shard)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    shard, offset = divmod(int(index), self.shard_size)
+    embeddings, targets, valid = self._shard(shard)
+    embedding = np.asarray(embeddings[offset])
+    if self.bfloat16:
+      embedding = embedding.view(ml_dtypes.bfloat16)
+    item = self.items[index]
+    return {"embedding": embedding, "target": np.asarray(targets[offset]), "valid": np.asarray(valid[offset]),
+            "patient_id": item["patient_id"], "case_id": item["case_id"], "slice_index": item["slice_index"],
+            "view": item["view"]}
+
+  def indices(self, patients: Iterable[str], views: Iterable[int] = (0,)) -> np.ndarray:
+    """Item indices of the given patients' slices with the given views."""
+    patients, views = set(patients), set(views)
+    return np.asarray([i for i, it in enumerate(self.items) if it["patient_id"] in patients and it["view"] in views],
+                      np.int64)

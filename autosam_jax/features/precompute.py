@@ -1,0 +1,266 @@
+"""`autosam-jax precompute`: run the frozen SAM encoder once over a dataset and store the embeddings.
+
+  autosam-jax precompute --data ~/data/ACDC --weights weights/vit_b --out cache/acdc_vit_b_faithful \\
+      --mode faithful --views 4 --splits splits/cv5.json --dtype bf16 --batch-size 8
+
+Every slice gets its exact (clean) embedding, view 0. Slices of the patients that some split labels for training get
+K augmented views too (the augmentation of `autosam_jax.data.augment`, seeded per item, so a view is the same
+whichever process or run computes it). The encoder runs under jax.jit with the batch sharded over a 1-D "data" mesh
+of this process's devices and the parameters replicated; the last batch is padded to the same shape, so nothing is
+compiled twice. Host-side preprocessing of the next batch overlaps the device's work on the current one.
+
+Killed at any point, the same command finishes the job: whole shards are kept, the rest is computed. Under
+jax.distributed each process takes every P-th shard; process 0 writes the final manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autosam_jax.data.errors import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecomputeOptions:
+  mode: str = "faithful"
+  views: int = 0
+  dtype: str = "bfloat16"  # encoder matmuls and cache storage
+  batch_size: int = 8
+  seed: int = 0
+  shard_size: int = 64
+
+
+def _text(value: Any) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def load_volumes(source_dir: Path, tfds_dir: Path):
+  """Builds (or reuses) the TFDS dataset of the source folder and returns its volumes by case, and its fingerprint."""
+  from autosam_jax.data.build import build
+  from autosam_jax.data.slices import assemble_volumes
+  from autosam_jax.data.validate import validate
+
+  kind = validate(source_dir).layout
+  builder = build("acdc" if kind == "acdc" else "nnunet", source_dir, tfds_dir)
+  volumes = {}
+  for split in builder.info.splits:
+    source = builder.as_data_source(split=split)
+    volumes.update(assemble_volumes(source[i] for i in range(len(source))))
+  return dict(sorted(volumes.items())), builder.info.metadata["source_fingerprint"]
+
+
+def work_items(volumes, view_patients: set[str], views: int) -> list[dict[str, Any]]:
+  items = []
+  for case_id, volume in volumes.items():
+    for view in range(1 + (views if volume.patient_id in view_patients else 0)):
+      for z in range(volume.image.shape[2]):
+        items.append({"case_id": case_id, "patient_id": volume.patient_id, "frame": volume.frame, "slice_index": z,
+                      "view": view})
+  return items
+
+
+def _weights_digest(weights_dir: Path) -> str:
+  info = weights_dir / "conversion.json"
+  if info.is_file():
+    return json.loads(info.read_text()).get("source_sha256", "")
+  raise DataError(f"{info}: missing; give a directory written by autosam-jax convert")
+
+
+class _Preparer:
+  """Host side: preprocesses volumes (once each), draws augmented views, builds encoder inputs per batch."""
+
+  def __init__(self, volumes, preprocess_config, augment_config, seed: int):
+    self.volumes = volumes
+    self.preprocess_config = preprocess_config
+    self.augment_config = augment_config
+    self.seed = seed
+    self._cache: dict[str, Any] = {}
+
+  def _volume(self, case_id: str):
+    from autosam_jax.data.preprocess import preprocess_volume
+
+    if case_id not in self._cache:
+      if len(self._cache) > 8:
+        self._cache.pop(next(iter(self._cache)))
+      v = self.volumes[case_id]
+      self._cache[case_id] = preprocess_volume(v.image, v.spacing, v.label, self.preprocess_config, name=case_id)
+    return self._cache[case_id]
+
+  def _view(self, item, pre):
+    """(model image, target) of one item; view 0 is the clean slice."""
+    import jax
+
+    from autosam_jax.data.augment import augment_batch
+    from autosam_jax.data.preprocess import preprocess_volume
+
+    z = item["slice_index"]
+    if item["view"] == 0:
+      return pre.images[z], pre.targets[z]
+    key = jax.random.fold_in(jax.random.key(self.seed),
+                             zlib.crc32(f"{item['case_id']}/{z}/{item['view']}".encode()))
+    if self.preprocess_config.mode == "faithful":
+      image, target = augment_batch(key, pre.images[z][None], pre.targets[z][None].astype(np.int32),
+                                    self.augment_config)
+      return np.asarray(image[0]), np.asarray(target[0]).astype(np.uint8)
+    # improved: augment the native slice with its native label, then map the label to the target grid
+    volume = self.volumes[item["case_id"]]
+    image, label = augment_batch(key, pre.images[z][None] / 255.0, volume.label[:, :, z][None].astype(np.int32),
+                                 self.augment_config)
+    label = np.asarray(label[0]).astype(np.uint8)
+    target = preprocess_volume(volume.image[:, :, z:z + 1], volume.spacing, label[:, :, None],
+                               self.preprocess_config, name=item["case_id"]).targets[0]
+    return np.asarray(image[0]) * 255.0, target
+
+  def batch(self, items: list[dict[str, Any]], batch_size: int):
+    """Encoder inputs (batch_size, S, S, 3) (padded by repeating the last item), targets and validity masks."""
+    from autosam_jax.data.preprocess import encoder_input
+
+    inputs, targets, valid = [], [], []
+    for item in items:
+      pre = self._volume(item["case_id"])
+      image, target = self._view(item, pre)
+      inputs.append(np.asarray(encoder_input(image[None], pre.geometry))[0])
+      targets.append(target)
+      valid.append(pre.target_valid)
+    while len(inputs) < batch_size:
+      inputs.append(inputs[-1])
+    return np.stack(inputs), np.stack(targets), np.stack(valid)
+
+
+def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | Path, *, tfds_dir: str | Path,
+               options: PrecomputeOptions = PrecomputeOptions(), view_patients: set[str] | None = None,
+               progress: bool = True) -> dict[str, Any]:
+  """Computes (or finishes) the cache; returns a summary (items, seconds, images/s, bytes)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from autosam_jax.data.augment import AugmentConfig
+  from autosam_jax.data.preprocess import PreprocessConfig
+  from autosam_jax.features.cache import CacheWriter
+  from autosam_jax.models.loading import load_sam, read_config
+
+  source_dir, weights_dir, out_dir = Path(source_dir), Path(weights_dir), Path(out_dir)
+  config = read_config(weights_dir)
+  preprocess_config = PreprocessConfig(mode=options.mode, encoder_size=config.image_size,
+                                       head_size=4 * config.image_embedding_size)
+  augment_config = AugmentConfig.for_mode(options.mode)
+  volumes, fingerprint = load_volumes(source_dir, Path(tfds_dir))
+  view_patients = set(view_patients or ()) if options.views else set()
+  unknown = sorted(view_patients - {v.patient_id for v in volumes.values()})
+  if unknown:
+    raise DataError(f"{source_dir}: patients {unknown[:5]} of the split file are not in the dataset")
+  items = work_items(volumes, view_patients, options.views)
+  depends_on = {"weights_sha256": _weights_digest(weights_dir), "sam_config": json.loads(config.to_json()),
+                "preprocess": preprocess_config.to_dict(), "dataset_fingerprint": fingerprint,
+                "views": options.views, "view_patients": sorted(view_patients), "seed": options.seed,
+                "augment": augment_config.to_dict() if options.views else None, "dtype": options.dtype}
+  writer = CacheWriter(out_dir, depends_on, items, options.shard_size, options.dtype)
+
+  process, num_processes = jax.process_index(), jax.process_count()
+  todo = [s for s in range(writer.num_shards) if s % num_processes == process and not writer.shard_done(s)]
+  devices = jax.local_devices()
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+  batch_size = -(-options.batch_size // len(devices)) * len(devices)
+  encoder_dtype = jnp.bfloat16 if options.dtype == "bfloat16" else None
+  sam = load_sam(weights_dir, encoder_dtype=encoder_dtype,
+                 sharding=NamedSharding(mesh, PartitionSpec()))
+  graphdef, state = nnx.split(sam.image_encoder)
+  data_sharding = NamedSharding(mesh, PartitionSpec("data"))
+
+  @jax.jit
+  def encode(state, images):
+    return nnx.merge(graphdef, state)(images)
+
+  preparer = _Preparer(volumes, preprocess_config, augment_config, options.seed)
+  batches: list[tuple[int, list[dict[str, Any]]]] = []
+  for shard in todo:
+    shard_items = writer.shard_items(shard)
+    for start in range(0, len(shard_items), batch_size):
+      batches.append((shard, shard_items[start:start + batch_size]))
+
+  total = sum(len(b) for _, b in batches)
+  bar = None
+  if progress and total:
+    from tqdm import tqdm
+    bar = tqdm(total=total, unit="slice", desc=f"encoding ({len(todo)} shards to write)", dynamic_ncols=True)
+  start_time = time.perf_counter()
+  pending: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    prepared = [pool.submit(preparer.batch, items, batch_size) for _, items in batches[:1]]
+    for i, (shard, items) in enumerate(batches):
+      inputs, targets, valid = prepared[0].result()
+      prepared = [pool.submit(preparer.batch, batches[i + 1][1], batch_size)] if i + 1 < len(batches) else []
+      embeddings = encode(state, jax.device_put(inputs, data_sharding))
+      pending.setdefault(shard, []).append((np.asarray(embeddings)[:len(items)], targets, valid))
+      if sum(len(p[0]) for p in pending[shard]) == len(writer.shard_items(shard)):
+        parts = pending.pop(shard)
+        writer.write_shard(shard, *(np.concatenate([p[k] for p in parts]) for k in range(3)))
+      if bar is not None:
+        bar.update(len(items))
+  seconds = time.perf_counter() - start_time
+  if bar is not None:
+    bar.close()
+  if num_processes > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("autosam_jax.precompute.shards_written")
+  if process == 0:
+    writer.finalize()
+  size = sum(p.stat().st_size for p in (out_dir / "shards").glob("*.npy"))
+  return {"items": len(writer.items), "computed": total, "seconds": seconds,
+          "images_per_second": total / seconds if seconds > 0 and total else 0.0, "bytes": size,
+          "shards": writer.num_shards, "devices": len(devices), "processes": num_processes}
+
+
+DESCRIPTION = __doc__
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--data", type=Path, required=True, help="ACDC or nnU-Net NIfTI folder")
+  parser.add_argument("--tfds-dir", type=Path, default=Path("~/tensorflow_datasets"),
+                      help="where the TFDS slice dataset is built or found (default ~/tensorflow_datasets)")
+  parser.add_argument("--weights", type=Path, required=True, help="directory written by autosam-jax convert")
+  parser.add_argument("--out", type=Path, required=True, help="cache directory (created, or resumed if it exists)")
+  parser.add_argument("--mode", choices=["faithful", "improved"], default="faithful")
+  parser.add_argument("--views", type=int, default=0, help="augmented views per labeled training slice (default 0)")
+  parser.add_argument("--splits", type=Path, help="split file (make-splits); its training patients get the views")
+  parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                      help="encoder matmul and storage dtype (default bf16: half the disk, twice the speed on AMX/GPU)")
+  parser.add_argument("--batch-size", type=int, default=8)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--shard-size", type=int, default=64, help="slices per shard file")
+
+
+def run(args: argparse.Namespace) -> int:
+  from autosam_jax.models.loading import CheckpointError
+
+  options = PrecomputeOptions(mode=args.mode, views=args.views, dtype="bfloat16" if args.dtype == "bf16" else "float32",
+                              batch_size=args.batch_size, seed=args.seed, shard_size=args.shard_size)
+  try:
+    view_patients = None
+    if args.splits is not None:
+      from autosam_jax.data.splits import load_splits
+      view_patients = {p for split in load_splits(args.splits) for p in split.train}
+    elif args.views:
+      raise DataError("--views needs --splits: only training patients get augmented views")
+    summary = precompute(args.data, args.weights, args.out, tfds_dir=args.tfds_dir.expanduser(), options=options,
+                         view_patients=view_patients)
+  except (DataError, CheckpointError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  print(f"cache {args.out}: {summary['items']} embeddings in {summary['shards']} shards, "
+        f"{summary['bytes'] / 2**20:.1f} MiB; computed {summary['computed']} now at "
+        f"{summary['images_per_second']:.2f} images/s on {summary['devices']} device(s) x "
+        f"{summary['processes']} process(es)")
+  return 0

@@ -1,0 +1,163 @@
+"""Feature cache: equal to a direct encoder call, 1 vs 4 devices, kill and resume, stale and corrupted caches."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from autosam_jax.data.errors import DataError
+from autosam_jax.features.cache import FeatureCache
+from autosam_jax.features.precompute import PrecomputeOptions, precompute
+from tests.conftest import TINY_CONFIGS
+
+NAME = "dim64-win5-pad"
+OPTIONS = PrecomputeOptions(mode="faithful", views=1, dtype="float32", batch_size=4, seed=3, shard_size=8)
+
+
+@pytest.fixture(scope="module")
+def inputs(meta_checkpoints, tmp_path_factory):
+  from autosam_jax.data.synthetic import write_synthetic_acdc
+  from weights_conversion import convert
+
+  root = tmp_path_factory.mktemp("features")
+  _, checkpoint = meta_checkpoints(NAME, TINY_CONFIGS[NAME])
+  weights, _ = convert(checkpoint, root / "weights")
+  write_synthetic_acdc(root / "acdc", 2, seed=5)
+  return {"root": root, "weights": weights, "data": root / "acdc", "tfds": root / "tfds",
+          "view_patients": {"patient001"}}
+
+
+@pytest.fixture(scope="module")
+def reference_cache(inputs):
+  out = inputs["root"] / "reference"
+  summary = precompute(inputs["data"], inputs["weights"], out, tfds_dir=inputs["tfds"], options=OPTIONS,
+                       view_patients=inputs["view_patients"], progress=False)
+  return out, summary
+
+
+def _command(inputs, out, *extra):
+  return [sys.executable, "-m", "autosam_jax.cli", "precompute", "--data", str(inputs["data"]), "--tfds-dir",
+          str(inputs["tfds"]), "--weights", str(inputs["weights"]), "--out", str(out), "--dtype", "fp32",
+          "--batch-size", str(OPTIONS.batch_size), "--seed", str(OPTIONS.seed), "--shard-size",
+          str(OPTIONS.shard_size), "--views", str(OPTIONS.views), "--splits", str(inputs["splits"]), *extra]
+
+
+@pytest.fixture(scope="module")
+def split_file(inputs):
+  from autosam_jax.data.splits import Split
+
+  path = inputs["root"] / "split.json"
+  Split(name="s", seed=0, train=("patient001",), val=(), test=("patient002",)).to_json(path)
+  inputs["splits"] = path
+  return path
+
+
+def _all(cache_dir):
+  cache = FeatureCache(cache_dir)
+  return cache, [cache[i] for i in range(len(cache))]
+
+
+def test_clean_views_equal_a_direct_encoder_call(reference_cache, inputs):
+  import jax.numpy as jnp
+
+  from autosam_jax import load_sam
+  from autosam_jax.data.preprocess import PreprocessConfig, encoder_input, preprocess_volume
+  from autosam_jax.features.precompute import load_volumes
+
+  cache, items = _all(reference_cache[0])
+  volumes, _ = load_volumes(inputs["data"], inputs["tfds"])
+  sam = load_sam(inputs["weights"])
+  config = PreprocessConfig(mode="faithful", encoder_size=128, head_size=32)
+  checked = 0
+  for case_id in list(volumes)[:2]:
+    v = volumes[case_id]
+    pre = preprocess_volume(v.image, v.spacing, v.label, config)
+    direct = np.asarray(sam.encode(encoder_input(pre.images, pre.geometry)))
+    for item in items:
+      if item["case_id"] == case_id and item["view"] == 0:
+        np.testing.assert_allclose(item["embedding"], direct[item["slice_index"]], atol=2e-5, rtol=0)
+        np.testing.assert_array_equal(item["target"], pre.targets[item["slice_index"]])
+        checked += 1
+  assert checked == sum(v.image.shape[2] for v in list(volumes.values())[:2])
+  # Views: only the split's training patient has them, and they differ from the clean slice.
+  assert {it["patient_id"] for it in items if it["view"] == 1} == {"patient001"}
+  clean = {(it["case_id"], it["slice_index"]): it for it in items if it["view"] == 0}
+  view = [it for it in items if it["view"] == 1][0]
+  assert not np.allclose(view["embedding"], clean[(view["case_id"], view["slice_index"])]["embedding"])
+  assert jnp.asarray(items[0]["embedding"]).shape == (8, 8, 256)
+
+
+def test_rerun_computes_nothing_and_stale_cache_is_refused(reference_cache, inputs):
+  out, first = reference_cache
+  assert first["computed"] == first["items"] > 0
+  again = precompute(inputs["data"], inputs["weights"], out, tfds_dir=inputs["tfds"], options=OPTIONS,
+                     view_patients=inputs["view_patients"], progress=False)
+  assert again["computed"] == 0
+  other = PrecomputeOptions(**{**OPTIONS.__dict__, "seed": OPTIONS.seed + 1})
+  with pytest.raises(DataError, match="seed"):
+    precompute(inputs["data"], inputs["weights"], out, tfds_dir=inputs["tfds"], options=other,
+               view_patients=inputs["view_patients"], progress=False)
+  cache = FeatureCache(out)
+  with pytest.raises(DataError, match="built from other inputs"):
+    FeatureCache(out, expected_depends_on={**cache.manifest["depends_on"], "views": 7})
+
+
+def test_corrupted_shard_is_detected(reference_cache, tmp_path):
+  import shutil
+
+  copy = tmp_path / "copy"
+  shutil.copytree(reference_cache[0], copy)
+  shard = copy / "shards" / "00001.emb.npy"
+  data = bytearray(shard.read_bytes())
+  data[-100] ^= 0xFF
+  shard.write_bytes(bytes(data))
+  cache = FeatureCache(copy)
+  cache[0]  # shard 0 is intact
+  with pytest.raises(DataError, match="00001.emb.npy"):
+    cache[OPTIONS.shard_size]
+
+
+def test_kill_and_resume_gives_the_same_cache(reference_cache, inputs, split_file, tmp_path):
+  out = tmp_path / "killed"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  process = subprocess.Popen(_command(inputs, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while time.time() < deadline and process.poll() is None and len(list(out.glob("shards/*.done"))) < 2:
+    time.sleep(0.05)
+  assert process.poll() is None, "the run ended before it could be killed; make the test's work larger"
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  done_before = len(list(out.glob("shards/*.done")))
+  assert 2 <= done_before < reference_cache[1]["shards"]
+  assert not json.loads((out / "manifest.json").read_text())["complete"]
+  with pytest.raises(DataError, match="incomplete"):
+    FeatureCache(out)
+
+  resumed = precompute(inputs["data"], inputs["weights"], out, tfds_dir=inputs["tfds"], options=OPTIONS,
+                       view_patients=inputs["view_patients"], progress=False)
+  assert resumed["computed"] <= resumed["items"] - done_before * OPTIONS.shard_size + OPTIONS.shard_size
+  assert not list(out.glob("shards/.*"))  # no temporary files left
+  _, expected = _all(reference_cache[0])
+  _, got = _all(out)
+  assert len(got) == len(expected)
+  for a, b in zip(expected, got):
+    np.testing.assert_array_equal(a["embedding"], b["embedding"])
+    np.testing.assert_array_equal(a["target"], b["target"])
+
+
+def test_four_devices_give_the_same_features(reference_cache, inputs, split_file, tmp_path):
+  out = tmp_path / "four"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  result = subprocess.run(_command(inputs, out), env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "on 4 device(s)" in result.stdout, result.stdout
+  _, expected = _all(reference_cache[0])
+  _, got = _all(out)
+  for a, b in zip(expected, got):
+    np.testing.assert_allclose(a["embedding"], b["embedding"], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(a["target"], b["target"])
