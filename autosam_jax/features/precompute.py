@@ -123,18 +123,24 @@ class _Preparer:
 
   def batch(self, items: list[dict[str, Any]], batch_size: int):
     """Encoder inputs (batch_size, S, S, 3) (padded by repeating the last item), targets and validity masks."""
+    import jax.numpy as jnp
+
     from autosam_jax.data.preprocess import encoder_input
 
-    inputs, targets, valid = [], [], []
+    groups: dict[Any, list[np.ndarray]] = {}  # one encoder_input call per geometry (all of a batch in faithful mode)
+    targets, valid, order = [], [], []
     for item in items:
       pre = self._volume(item["case_id"])
       image, target = self._view(item, pre)
-      inputs.append(np.asarray(encoder_input(image[None], pre.geometry))[0])
+      geometry_key = pre.geometry.model_shape if pre.geometry.mode == "improved" else "faithful"
+      groups.setdefault(geometry_key, (pre.geometry, []))[1].append(image)
+      order.append((geometry_key, len(groups[geometry_key][1]) - 1))
       targets.append(target)
       valid.append(pre.target_valid)
-    while len(inputs) < batch_size:
-      inputs.append(inputs[-1])
-    return np.stack(inputs), np.stack(targets), np.stack(valid)
+    encoded = {k: encoder_input(np.stack(images), geometry) for k, (geometry, images) in groups.items()}
+    inputs = [encoded[k][i] for k, i in order]
+    inputs += [inputs[-1]] * (batch_size - len(inputs))
+    return jnp.stack(inputs), np.stack(targets), np.stack(valid)
 
 
 def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | Path, *, tfds_dir: str | Path,
