@@ -25,12 +25,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from autosam_jax.atomic import atomic_write_json
 from autosam_jax.data.errors import DataError
 
 SPLIT_FORMAT = "autosam-jax/split"
@@ -152,7 +152,7 @@ class Split:
 
   def to_json(self, path: str | os.PathLike) -> Path:
     """Writes this split to `path` atomically (a reader never sees half a file)."""
-    return _write_json_atomic(path, self.to_dict())
+    return atomic_write_json(path, self.to_dict())
 
   @classmethod
   def from_json(cls, path: str | os.PathLike, known_patients: Iterable[str] | None = None,
@@ -171,30 +171,13 @@ class Split:
     raise DataError(f"{path}: no split named {name!r}; it holds {', '.join(s.name for s in splits)}")
 
 
-def _write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(data, f, indent=1)
-      f.write("\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
-  return path
-
-
 def save_splits(splits: Sequence[Split], path: str | os.PathLike) -> Path:
   """Writes several splits (e.g. cross-validation folds) to one JSON file, atomically."""
   names = [s.name for s in splits]
   dup = _duplicates(names)
   if dup:
     raise DataError(f"{path}: split names must be unique, repeated: {dup}")
-  return _write_json_atomic(path, {"format": SPLITS_FORMAT, "version": FORMAT_VERSION,
+  return atomic_write_json(path, {"format": SPLITS_FORMAT, "version": FORMAT_VERSION,
                                    "splits": [s.to_dict() for s in splits]})
 
 

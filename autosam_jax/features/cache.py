@@ -18,31 +18,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import ml_dtypes
 import numpy as np
 
+from autosam_jax.atomic import atomic_write_bytes, atomic_write_json
 from autosam_jax.data.errors import DataError
 
 FORMAT = "autosam-jax/feature-cache"
 VERSION = 1
 _PARTS = ("emb", "tgt", "val")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -98,7 +85,7 @@ class CacheWriter:
     for stale in self.shard_dir.glob(".*.tmp"):  # left by a killed run
       stale.unlink(missing_ok=True)
     if not manifest_path.exists():
-      atomic_write_bytes(manifest_path, json.dumps(self.manifest).encode())
+      atomic_write_json(manifest_path, self.manifest, indent=None)
 
   @property
   def num_shards(self) -> int:
@@ -121,14 +108,14 @@ class CacheWriter:
       path = self.shard_dir / f"{shard:05d}.{part}.npy"
       atomic_write_bytes(path, _npy_bytes(np.ascontiguousarray(array)))
       digests[part] = _sha256(path)
-    atomic_write_bytes(self.shard_dir / f"{shard:05d}.done", json.dumps(digests).encode())
+    atomic_write_json(self.shard_dir / f"{shard:05d}.done", digests)
 
   def finalize(self) -> None:
     missing = [s for s in range(self.num_shards) if not self.shard_done(s)]
     if missing:
       raise RuntimeError(f"{self.cache_dir}: shards {missing[:5]} are not written yet")
     self.manifest["complete"] = True
-    atomic_write_bytes(self.cache_dir / "manifest.json", json.dumps(self.manifest).encode())
+    atomic_write_json(self.cache_dir / "manifest.json", self.manifest, indent=None)
 
 
 class FeatureCache:
