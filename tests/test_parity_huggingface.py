@@ -26,7 +26,8 @@ from autosam_jax import load_sam
 from tests.conftest import TINY_CONFIGS
 from weights_conversion import convert
 from weights_conversion.convert import ConversionError, convert_state, read_checkpoint
-from weights_conversion.parity import TOLERANCES, jax_outputs, max_abs_differences, random_prompts
+from weights_conversion.meta_reference import randomize_weights
+from weights_conversion.parity import TOLERANCES, assert_parity, jax_outputs, max_abs_differences, random_prompts
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,29 +53,7 @@ def build_hf_sam(seed: int = 0):
   torch.manual_seed(seed)
   config = HFSamConfig(vision_config=VISION, prompt_encoder_config=PROMPT_ENCODER)
   model = SamModel(config).eval()
-  generator = torch.Generator().manual_seed(seed)
-
-  def noise(tensor, scale=1.0, offset=0.0):
-    tensor.copy_(offset + scale * torch.randn(tensor.shape, generator=generator))
-
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
-        # ConvTranspose2d weights are (in, out, kh, kw); each output sums over `in` inputs.
-        transposed = isinstance(module, torch.nn.ConvTranspose2d)
-        noise(module.weight, (module.weight.shape[0] if transposed else module.weight[0].numel()) ** -0.5)
-        if module.bias is not None:
-          noise(module.bias, 0.05)
-      elif isinstance(module, torch.nn.LayerNorm):  # SamLayerNorm (channels-first) is a subclass
-        noise(module.weight, 0.2, 1.0)
-        noise(module.bias, 0.2)
-      elif isinstance(module, torch.nn.Embedding):
-        noise(module.weight)
-    for name, tensor in model.named_parameters():  # a tied tensor is listed once, so both names see one draw
-      if name.endswith(("rel_pos_h", "rel_pos_w", "pos_embed")):
-        noise(tensor, 0.5)
-      elif name.endswith("positional_embedding"):
-        noise(tensor)
+  randomize_weights(model, seed)
   assert model.shared_image_embedding.positional_embedding is model.prompt_encoder.shared_embedding.positional_embedding
   return model
 
@@ -158,16 +137,6 @@ def hf_outputs(model, pixel_values: np.ndarray, prompts) -> dict:
           "iou_predictions": out.iou_scores[0].numpy()}
 
 
-def _assert_parity(reference, ours):
-  diffs = max_abs_differences(reference, ours)
-  too_far = {k: v for k, v in diffs.items() if v > TOLERANCES[k]}
-  assert not too_far, f"outside tolerance: {too_far} (all: {diffs})"
-  # Guard against vacuous agreement: the compared outputs must not be trivially zero or constant.
-  for key in ("image_embeddings", "low_res_logits"):
-    assert np.std(reference[key]) > 1e-2, key
-  return diffs
-
-
 # (points per set, boxes, mask input, number of prompt sets)
 SCENARIOS = {
     "points": (3, False, False, 3),
@@ -190,7 +159,7 @@ def test_outputs_match_transformers(hf_sam, converted, scenario, multimask, rng)
     prompts.point_labels[0, -1] = -1  # Meta's "not a point", which transformers keeps
   ours = jax_outputs(sam, image, input_size, prompts)
   pixel_values = np.asarray(sam.preprocess(image[None]))
-  _assert_parity(hf_outputs(model, pixel_values, prompts), ours)
+  assert_parity(hf_outputs(model, pixel_values, prompts), ours)
 
 
 def test_image_embeddings_of_file_conversion(hf_sam, converted, rng):

@@ -78,31 +78,43 @@ def build_meta_sam(config: SamConfig, seed: int = 0):
     raise ValueError(f"encoder_mlp_dim {config.encoder_mlp_dim} is not an integer multiple Meta's builder can express")
   from segment_anything.modeling.common import LayerNorm2d
 
+  randomize_weights(sam, seed, norm_types=(LayerNorm2d,))
+  return sam.eval()
+
+
+def randomize_weights(model, seed: int, norm_types: tuple[type, ...] = ()) -> None:
+  """Draws every tensor of a SAM model (Meta's or transformers') at random, in place.
+
+  Linear and conv weights get std 1/sqrt(fan_in) (unscaled weights make the decoder so ill-conditioned that float32
+  rounding alone moves logits by 1e-3), norms 1 + 0.2 N(0, 1), embeddings N(0, 1). The tensors both libraries
+  initialise to zero (relative position tables, absolute position embedding) are drawn too, so a parity test sees
+  them, and the positional Fourier matrix gets Meta's unit scale.
+  """
+  import torch
+
   generator = torch.Generator().manual_seed(seed)
 
   def noise(tensor, scale=1.0, offset=0.0):
     tensor.copy_(offset + scale * torch.randn(tensor.shape, generator=generator))
 
   with torch.no_grad():
-    for module in sam.modules():
+    for module in model.modules():
       if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
-        fan_in = module.weight[0].numel() if isinstance(module, torch.nn.Conv2d) else module.weight.shape[1]
-        if isinstance(module, torch.nn.ConvTranspose2d):  # weight is (in, out, kh, kw)
-          fan_in = module.weight.shape[0]
-        noise(module.weight, fan_in ** -0.5)
+        # ConvTranspose2d weights are (in, out, kh, kw): each output sums over `in` inputs.
+        transposed = isinstance(module, torch.nn.ConvTranspose2d)
+        noise(module.weight, (module.weight.shape[0] if transposed else module.weight[0].numel()) ** -0.5)
         if module.bias is not None:
           noise(module.bias, 0.05)
-      elif isinstance(module, (torch.nn.LayerNorm, LayerNorm2d)):
+      elif isinstance(module, (torch.nn.LayerNorm, *norm_types)):
         noise(module.weight, 0.2, 1.0)
         noise(module.bias, 0.2)
       elif isinstance(module, torch.nn.Embedding):
         noise(module.weight)
-    for name, tensor in sam.state_dict(keep_vars=True).items():
+    for name, tensor in model.state_dict(keep_vars=True).items():
       if name.endswith(("rel_pos_h", "rel_pos_w", "pos_embed")):
-        noise(tensor, 0.5)  # zero at init in Meta's code; random here so the parity tests see them
-      elif name.endswith("positional_encoding_gaussian_matrix"):
+        noise(tensor, 0.5)
+      elif name.endswith(("positional_encoding_gaussian_matrix", "positional_embedding")):
         noise(tensor)
-  return sam.eval()
 
 
 def save_meta_checkpoint(sam, path: str | Path) -> Path:

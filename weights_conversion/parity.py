@@ -93,6 +93,17 @@ def max_abs_differences(reference: dict, ours: dict) -> dict[str, float]:
   return diffs
 
 
+def assert_parity(reference: dict, ours: dict, tolerances: dict[str, float] | None = None) -> dict[str, float]:
+  """Every output within tolerance, and the reference not trivially flat (which would make agreement vacuous)."""
+  tolerances = tolerances or TOLERANCES
+  diffs = max_abs_differences(reference, ours)
+  too_far = {k: v for k, v in diffs.items() if v > tolerances[k]}
+  assert not too_far, f"outside tolerance: {too_far} (all: {diffs})"
+  for key in ("image_embeddings", "low_res_logits"):
+    assert np.std(reference[key]) > 1e-2, key
+  return diffs
+
+
 # fp32 tolerances: 1e-4 on embeddings, 1e-3 on mask logits and IoU predictions.
 TOLERANCES = {"image_embeddings": 1e-4, "sparse_embeddings": 1e-4, "dense_embeddings": 1e-4,
               "low_res_logits": 1e-3, "iou_predictions": 1e-3, "mask_logits": 1e-3}
