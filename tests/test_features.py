@@ -161,3 +161,25 @@ def test_four_devices_give_the_same_features(reference_cache, inputs, split_file
   for a, b in zip(expected, got):
     np.testing.assert_allclose(a["embedding"], b["embedding"], atol=1e-5, rtol=0)
     np.testing.assert_array_equal(a["target"], b["target"])
+
+
+def test_two_processes_write_one_cache(reference_cache, inputs, split_file, tmp_path):
+  """jax.distributed on localhost: 2 processes x 2 devices, each writing its share of the shards."""
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  out = tmp_path / "two_processes"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  processes = [subprocess.Popen(_command(inputs, out, "--coordinator", f"localhost:{port}", "--num-processes", "2",
+                                         "--process-id", str(i)), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], [o[1][-1500:] for o in outputs]
+  assert all("x 2 process(es)" in o[0] for o in outputs), outputs
+  _, expected = _all(reference_cache[0])
+  _, got = _all(out)
+  for a, b in zip(expected, got):
+    np.testing.assert_allclose(a["embedding"], b["embedding"], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(a["target"], b["target"])

@@ -58,7 +58,7 @@ class CacheWriter:
   """Creates or resumes a cache for the given inputs; refuses a cache made from other inputs."""
 
   def __init__(self, cache_dir: str | os.PathLike, depends_on: dict[str, Any], items: Sequence[dict[str, Any]],
-               shard_size: int, storage_dtype: str):
+               shard_size: int, storage_dtype: str, clean_up: bool = True):
     self.cache_dir = Path(cache_dir)
     self.shard_dir = self.cache_dir / "shards"
     self.items = list(items)
@@ -82,8 +82,9 @@ class CacheWriter:
     else:
       self.cache_dir.mkdir(parents=True, exist_ok=True)
     self.shard_dir.mkdir(parents=True, exist_ok=True)
-    for stale in self.shard_dir.glob(".*.tmp"):  # left by a killed run
-      stale.unlink(missing_ok=True)
+    if clean_up:  # temporary files left by a killed run (only one process may do this, before the others start)
+      for stale in self.shard_dir.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
     if not manifest_path.exists():
       atomic_write_json(manifest_path, self.manifest, indent=None)
 

@@ -156,13 +156,19 @@ def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | P
   from autosam_jax.data.preprocess import PreprocessConfig
   from autosam_jax.features.cache import CacheWriter
   from autosam_jax.models.loading import load_sam, read_config
+  from autosam_jax.parallel import barrier, local_data_mesh
 
   source_dir, weights_dir, out_dir = Path(source_dir), Path(weights_dir), Path(out_dir)
   config = read_config(weights_dir)
   preprocess_config = PreprocessConfig(mode=options.mode, encoder_size=config.image_size,
                                        head_size=4 * config.image_embedding_size)
   augment_config = AugmentConfig.for_mode(options.mode)
+  process, num_processes = jax.process_index(), jax.process_count()
+  if process != 0:
+    barrier("autosam_jax.precompute.dataset_built")  # process 0 builds the TFDS dataset; the others then read it
   volumes, fingerprint = load_volumes(source_dir, Path(tfds_dir))
+  if process == 0:
+    barrier("autosam_jax.precompute.dataset_built")
   view_patients = set(view_patients or ()) if options.views else set()
   unknown = sorted(view_patients - {v.patient_id for v in volumes.values()})
   if unknown:
@@ -172,12 +178,14 @@ def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | P
                 "preprocess": preprocess_config.to_dict(), "dataset_fingerprint": fingerprint,
                 "views": options.views, "view_patients": sorted(view_patients), "seed": options.seed,
                 "augment": augment_config.to_dict() if options.views else None, "dtype": options.dtype}
-  writer = CacheWriter(out_dir, depends_on, items, options.shard_size, options.dtype)
-
-  process, num_processes = jax.process_index(), jax.process_count()
+  if process != 0:
+    barrier("autosam_jax.precompute.cache_opened")  # process 0 checks the manifest and clears temporary files first
+  writer = CacheWriter(out_dir, depends_on, items, options.shard_size, options.dtype, clean_up=process == 0)
+  if process == 0:
+    barrier("autosam_jax.precompute.cache_opened")
   todo = [s for s in range(writer.num_shards) if s % num_processes == process and not writer.shard_done(s)]
-  devices = jax.local_devices()
-  mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+  mesh = local_data_mesh()
+  devices = mesh.devices.ravel()
   batch_size = -(-options.batch_size // len(devices)) * len(devices)
   encoder_dtype = jnp.bfloat16 if options.dtype == "bfloat16" else None
   sam = load_sam(weights_dir, encoder_dtype=encoder_dtype,
@@ -218,9 +226,7 @@ def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | P
   seconds = time.perf_counter() - start_time
   if bar is not None:
     bar.close()
-  if num_processes > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("autosam_jax.precompute.shards_written")
+  barrier("autosam_jax.precompute.shards_written")
   if process == 0:
     writer.finalize()
   size = sum(p.stat().st_size for p in (out_dir / "shards").glob("*.npy"))
@@ -246,10 +252,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--shard-size", type=int, default=64, help="slices per shard file")
+  from autosam_jax import parallel
+  parallel.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+  from autosam_jax import parallel
   from autosam_jax.models.loading import CheckpointError
+
+  parallel.initialize(args)
 
   options = PrecomputeOptions(mode=args.mode, views=args.views, dtype="bfloat16" if args.dtype == "bf16" else "float32",
                               batch_size=args.batch_size, seed=args.seed, shard_size=args.shard_size)
