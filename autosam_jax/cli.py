@@ -15,6 +15,7 @@ COMMANDS = {
     "build-dataset": ("autosam_jax.data.build", "build a TFDS dataset of 2D slices from ACDC or nnU-Net folders"),
     "make-splits": ("autosam_jax.data.splits", "write seeded patient-level splits (official or cross-validation)"),
     "precompute": ("autosam_jax.features.precompute", "encode every slice once with the frozen SAM encoder into a cache"),
+    "train": ("autosam_jax.train.command", "train a prompt-free head on cached embeddings"),
 }
 
 

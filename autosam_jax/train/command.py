@@ -1,0 +1,87 @@
+"""`autosam-jax train`: train a head on a feature cache for one split and tr_size."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import runpy
+import sys
+from pathlib import Path
+
+DESCRIPTION = """Train a prompt-free head on cached SAM embeddings.
+
+  autosam-jax train --config experiments/configs/autosam_faithful.py --cache cache/vit_b_faithful \\
+      --weights weights/vit_b --splits splits/cv5.json --fold cv5-seed0-fold0 --tr-size 1 --out runs/autosam_tr1
+
+A config is a Python file whose get_config() returns training options (see autosam_jax.train.loop.TrainConfig);
+--set name=value overrides one. Rerunning the same command after a kill resumes from the last checkpoint and ends
+with the same parameters. Writes OUT/config.json, metrics.jsonl, curves.png, checkpoints/, final_model/ (and
+best_model/ in the improved variant)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--config", type=Path, required=True, help="Python config file with get_config()")
+  parser.add_argument("--cache", type=Path, required=True, help="feature cache (autosam-jax precompute)")
+  parser.add_argument("--weights", type=Path, required=True, help="converted SAM (to initialise decoder heads)")
+  parser.add_argument("--splits", type=Path, required=True, help="split file (autosam-jax make-splits)")
+  parser.add_argument("--fold", help="split name inside the file (default: the first)")
+  parser.add_argument("--tr-size", type=int, required=True, help="number of labeled training patients")
+  parser.add_argument("--out", type=Path, required=True, help="run directory (resumed if it exists)")
+  parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a config option")
+  parser.add_argument("--debug-nans", action="store_true", help="switch on JAX's NaN checking (slow)")
+
+
+def load_config(path: Path, overrides: list[str]):
+  from autosam_jax.data.errors import DataError
+  from autosam_jax.train.loop import TrainConfig
+
+  if not path.is_file():
+    raise DataError(f"{path}: no such config file")
+  try:
+    values = dict(runpy.run_path(str(path))["get_config"]())
+  except KeyError:
+    raise DataError(f"{path}: defines no get_config()") from None
+  for override in overrides:
+    name, _, text = override.partition("=")
+    try:
+      values[name] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      values[name] = text
+  return TrainConfig.from_dict(values, source=str(path))
+
+
+def run(args: argparse.Namespace) -> int:
+  import jax
+
+  from autosam_jax.data.errors import DataError
+  from autosam_jax.data.splits import load_splits
+  from autosam_jax.models.loading import CheckpointError
+  from autosam_jax.train.loop import NonFiniteLossError, train
+
+  if args.debug_nans:
+    jax.config.update("jax_debug_nans", True)
+  try:
+    config = load_config(args.config, args.set)
+    splits = load_splits(args.splits)
+    split = splits[0] if args.fold is None else next((s for s in splits if s.name == args.fold), None)
+    if split is None:
+      raise DataError(f"{args.splits}: no split named {args.fold!r}; it holds {[s.name for s in splits]}")
+    labeled = split.labeled(args.tr_size)
+    from autosam_jax.models.heads import build_head
+    from autosam_jax.models.loading import load_sam
+
+    def head_factory():
+      from flax import nnx
+      return build_head(config.head, config.num_classes, variant=config.variant, sam=load_sam(args.weights),
+                        rngs=nnx.Rngs(config.seed))
+
+    result = train(config, args.cache, head_factory, args.out, labeled, list(split.val))
+  except (DataError, CheckpointError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  except NonFiniteLossError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 3
+  print(f"trained {config.head} ({config.variant}) on {len(labeled)} patient(s): {result['steps']} steps in "
+        f"{result['seconds']:.1f}s; model in {result['model']}; last epoch {result['last']}")
+  return 0

@@ -1,0 +1,318 @@
+"""Training a head on cached embeddings: jit-compiled step with donated state, batch sharded over the "data" mesh,
+orbax checkpoints for exact resumption, metrics to JSONL and curves to PNG.
+
+The train state is a plain pytree {"params", "opt_state", "step"}; the head's frozen parts and graph stay outside it.
+Each epoch, every labeled slice is seen once, through one of its cached views (view 0 is the clean slice) drawn
+from (seed, epoch); batches come from a grain pipeline shuffled from (seed, epoch), the last one padded with
+zero-weight samples so every step has the same shape and nothing recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  head: str = "autosam"  # autosam | cnn | linear
+  variant: str = "faithful"  # faithful | improved
+  num_classes: int = 4
+  epochs: int = 120
+  batch_size: int = 4
+  learning_rate: float = 5e-4
+  # faithful: plateau on the last training batch's loss from epoch 10 (the official code); improved: plateau on
+  # validation Dice, and the best epoch by validation Dice is the model kept.
+  scheduler: str = "plateau_train_loss"
+  plateau_start_epoch: int = 10
+  seed: int = 0
+  checkpoint_every_steps: int = 0  # 0: at the end of every epoch only
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+      from autosam_jax.data.errors import DataError
+      raise DataError(f"{source}: unknown training option(s) {unknown}; known: {sorted(fields)}")
+    for name, value in values.items():
+      expected = type(getattr(cls(), name))
+      if not isinstance(value, expected) and not (expected is float and isinstance(value, int)):
+        from autosam_jax.data.errors import DataError
+        raise DataError(f"{source}: {name} must be {expected.__name__}, got {type(value).__name__} {value!r}")
+    return cls(**values)
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def _batches(cache, indices: np.ndarray, config: TrainConfig, epoch: int, iterator_state=None):
+  from autosam_jax.data.loader import slice_dataset
+
+  dataset = slice_dataset(cache, indices, batch_size=config.batch_size, seed=config.seed, epoch=epoch)
+  iterator = iter(dataset)
+  if iterator_state is not None:
+    iterator.set_state(iterator_state)
+  return iterator
+
+
+def epoch_indices(cache, slices: list[tuple[str, int]], views: int, seed: int, epoch: int) -> np.ndarray:
+  """One cache index per labeled slice: view r ~ U{0..views} drawn from (seed, epoch)."""
+  lookup = {(it["case_id"], it["slice_index"], it["view"]): i for i, it in enumerate(cache.items)}
+  rng = np.random.default_rng([seed, epoch, 7])
+  chosen = rng.integers(0, views + 1, size=len(slices))
+  return np.asarray([lookup[(case, z, int(v))] for (case, z), v in zip(slices, chosen)], np.int64)
+
+
+def to_batch(examples: dict[str, Any], batch_size: int) -> dict[str, np.ndarray]:
+  """Stacked grain batch -> fixed-size arrays; missing rows are zero-weight padding."""
+  embeddings = np.asarray(examples["embedding"], np.float32)
+  targets = np.asarray(examples["target"], np.int32)
+  weights = np.asarray(examples["valid"], np.float32)
+  missing = batch_size - len(embeddings)
+  if missing:
+    pad = lambda a: np.concatenate([a, np.zeros((missing, *a.shape[1:]), a.dtype)])
+    embeddings, targets, weights = pad(embeddings), pad(targets), pad(weights)
+  return {"embedding": embeddings, "target": targets, "weight": weights}
+
+
+def make_steps(graphdef, tx, mesh):
+  """jit-compiled train and eval steps; the state is donated, the batch sharded over the mesh's "data" axis."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+
+  from autosam_jax.train.losses import segmentation_loss
+
+  def logits_of(params, frozen, embedding, target_size):
+    logits = nnx.merge(graphdef, params, frozen)(embedding)
+    if logits.shape[1] != target_size:  # faithful: 256 -> 224 bilinear, as AutoSamSeg's final interpolate
+      logits = jax.image.resize(logits, (logits.shape[0], target_size, target_size, logits.shape[3]), "bilinear",
+                                antialias=False)
+    return logits
+
+  def train_step(state, frozen, batch, learning_rate):
+    def loss_fn(params):
+      logits = logits_of(params, frozen, batch["embedding"], batch["target"].shape[1])
+      return segmentation_loss(logits, batch["target"], batch["weight"])
+
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    updates = jax.tree.map(lambda u: u * learning_rate, updates)
+    params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, {"loss": loss, **parts,
+                                                                                     "finite": finite}
+
+  def eval_step(params, frozen, batch):
+    logits = logits_of(params, frozen, batch["embedding"], batch["target"].shape[1])
+    loss, _ = segmentation_loss(logits, batch["target"], batch["weight"])
+    predicted = jnp.argmax(logits, axis=-1)
+    num_classes = logits.shape[-1]
+    p = jax.nn.one_hot(predicted, num_classes) * batch["weight"][..., None]
+    g = jax.nn.one_hot(batch["target"], num_classes) * batch["weight"][..., None]
+    return loss, jnp.sum(p * g, axis=(0, 1, 2)), jnp.sum(p, axis=(0, 1, 2)) + jnp.sum(g, axis=(0, 1, 2))
+
+  return jax.jit(train_step, donate_argnums=(0,)), jax.jit(eval_step)
+
+
+def validate(eval_step, params, frozen, cache, indices, batch_size: int, shard) -> dict[str, float]:
+  """Validation loss and pixel-aggregated Dice per foreground class over the given (clean) cache items."""
+  if len(indices) == 0:
+    return {}
+  losses, intersection, total = [], 0.0, 0.0
+  for start in range(0, len(indices), batch_size):
+    chunk = [cache[int(i)] for i in indices[start:start + batch_size]]
+    batch = to_batch({k: np.stack([c[k] for c in chunk]) for k in ("embedding", "target", "valid")}, batch_size)
+    loss, inter, tot = eval_step(params, frozen, shard(batch))
+    losses.append(float(loss))
+    intersection, total = intersection + np.asarray(inter), total + np.asarray(tot)
+  dice = 2 * intersection[1:] / np.maximum(total[1:], 1e-9)
+  return {"val_loss": float(np.mean(losses)), "val_dice": float(np.mean(dice)),
+          **{f"val_dice_class{c + 1}": float(d) for c, d in enumerate(dice)}}
+
+
+def plot_curves(metrics_file: Path, png: Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+  epochs = [r for r in rows if r.get("kind") == "epoch"]
+  if not epochs:
+    return
+  fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 3.8))
+  ax_loss.plot([r["epoch"] for r in epochs], [r["train_loss"] for r in epochs], label="train")
+  if any("val_loss" in r for r in epochs):
+    ax_loss.plot([r["epoch"] for r in epochs if "val_loss" in r], [r["val_loss"] for r in epochs if "val_loss" in r],
+                 label="validation")
+  ax_loss.set_xlabel("epoch"), ax_loss.set_ylabel("CE + soft Dice loss"), ax_loss.legend()
+  if any("val_dice" in r for r in epochs):
+    ax_dice.plot([r["epoch"] for r in epochs if "val_dice" in r], [r["val_dice"] for r in epochs if "val_dice" in r])
+  ax_dice.set_xlabel("epoch"), ax_dice.set_ylabel("validation Dice (mean fg)"), ax_dice.set_ylim(0, 1)
+  fig.tight_layout()
+  tmp = png.with_name(f".{png.name}.tmp.png")
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, png)
+
+
+def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Callable[[], Any], out_dir: str | os.PathLike,
+          labeled_patients: list[str], val_patients: list[str], *, progress: bool = True,
+          stop_after_steps: int | None = None) -> dict[str, Any]:
+  """Trains (or resumes) a head in OUT_DIR; returns the final metrics and where the model is.
+
+  `head_factory()` builds the NNX head (initialised, e.g. from SAM). `stop_after_steps` ends the run early as if
+  it had been killed after that many steps (for tests of resumption).
+  """
+  import jax
+  import optax
+  from flax import nnx
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from autosam_jax.atomic import atomic_write_json
+  from autosam_jax.features.cache import FeatureCache
+  from autosam_jax.parallel import local_data_mesh
+  from autosam_jax.train.checkpointing import RunCheckpoints
+  from autosam_jax.train.schedules import ReduceLROnPlateau
+
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  cache = FeatureCache(cache_dir)
+  views = int(cache.manifest["depends_on"].get("views", 0))
+  labeled = sorted({(it["case_id"], it["slice_index"]) for it in cache.items
+                    if it["patient_id"] in set(labeled_patients) and it["view"] == 0})
+  if not labeled:
+    from autosam_jax.data.errors import DataError
+    raise DataError(f"{cache_dir}: no cached slices of the labeled patients {labeled_patients[:5]}")
+  val_indices = cache.indices(val_patients, views=(0,))
+  slice_views = views if set(labeled_patients) <= set(cache.manifest["depends_on"].get("view_patients", [])) else 0
+
+  head = head_factory()
+  graphdef, params, frozen = nnx.split(head, nnx.Param, ...)
+  tx = optax.adam(1.0)  # the learning rate multiplies the update in the step, so the plateau can change it
+  mesh = local_data_mesh()
+  if config.batch_size % len(mesh.devices.ravel()):
+    from autosam_jax.data.errors import DataError
+    raise DataError(f"batch size {config.batch_size} is not a multiple of the {mesh.devices.size} devices")
+  replicated, data = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+  shard = lambda batch: jax.device_put(batch, data)
+  state = jax.device_put({"params": params, "opt_state": tx.init(params), "step": np.int32(0)}, replicated)
+  frozen = jax.device_put(frozen, replicated)
+  train_step, eval_step = make_steps(graphdef, tx, mesh)
+
+  mode = "min" if config.scheduler == "plateau_train_loss" else "max"
+  plateau = ReduceLROnPlateau(mode=mode)
+  start_epoch, iterator_state, best = 0, None, {"score": -math.inf, "epoch": -1}
+  checkpoints = RunCheckpoints(out_dir / "checkpoints")
+  metrics_file = out_dir / "metrics.jsonl"
+  if checkpoints.latest_step() is not None:
+    state, meta = checkpoints.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                                   state))
+    start_epoch, iterator_state, best = meta["epoch"], meta["iterator_state"], meta["best"]
+    plateau = ReduceLROnPlateau(**meta["plateau"])
+    if meta["config"] != config.to_dict():
+      from autosam_jax.data.errors import DataError
+      raise DataError(f"{out_dir}: holds a run with another configuration; choose another --out")
+    # Metrics written after the checkpoint by the killed run are dropped, so the file matches an uninterrupted run.
+    if metrics_file.exists():
+      kept = [l for l in metrics_file.read_text().splitlines() if l and json.loads(l)["step"] <= meta["step"]]
+      metrics_file.write_text("".join(k + "\n" for k in kept))
+  else:
+    atomic_write_json(out_dir / "config.json", config.to_dict())
+    metrics_file.write_text("")
+
+  steps_per_epoch = -(-len(labeled) // config.batch_size)
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(total=config.epochs * steps_per_epoch, initial=int(state["step"]), unit="step", desc="training",
+               dynamic_ncols=True)
+  started = time.perf_counter()
+  last_metrics: dict[str, Any] = {}
+  with open(metrics_file, "a") as log:
+    for epoch in range(start_epoch, config.epochs):
+      indices = epoch_indices(cache, labeled, slice_views, config.seed, epoch)
+      iterator = _batches(cache, indices, config, epoch, iterator_state)
+      iterator_state = None
+      learning_rate = np.float32(config.learning_rate * plateau.scale)
+      step_metrics = None
+      for examples in iterator:
+        state, step_metrics = train_step(state, frozen, shard(to_batch(examples, config.batch_size)), learning_rate)
+        step = int(state["step"])
+        if not bool(step_metrics["finite"]):
+          raise NonFiniteLossError(f"non-finite loss or gradient at step {step} (epoch {epoch}); lower the learning "
+                                   "rate or check the cache")
+        log.write(json.dumps({"kind": "step", "step": step, "epoch": epoch, "loss": float(step_metrics["loss"]),
+                              "lr": float(learning_rate)}) + "\n")
+        if bar is not None:
+          bar.update(1)
+          bar.set_postfix(epoch=epoch, loss=f"{float(step_metrics['loss']):.3f}")
+        if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+          log.flush()
+          checkpoints.save(step, state, {"epoch": epoch, "iterator_state": iterator.get_state(), "best": best,
+                                         "plateau": plateau.state_dict(), "config": config.to_dict(), "step": step})
+        if stop_after_steps is not None and step >= stop_after_steps:
+          return {"stopped_at_step": step}
+      row = {"kind": "epoch", "step": int(state["step"]), "epoch": epoch, "train_loss": float(step_metrics["loss"]),
+             "lr": float(learning_rate), **validate(eval_step, state["params"], frozen, cache, val_indices,
+                                                     config.batch_size, shard)}
+      if config.scheduler == "plateau_train_loss":
+        if epoch >= config.plateau_start_epoch:
+          plateau.step(row["train_loss"])
+      elif "val_dice" in row:
+        plateau.step(row["val_dice"])
+      if "val_dice" in row and row["val_dice"] > best["score"]:
+        best = {"score": row["val_dice"], "epoch": epoch}
+        if config.variant == "improved":
+          save_model(out_dir / "best_model", state["params"], frozen, config)
+      log.write(json.dumps(row) + "\n")
+      log.flush()
+      last_metrics = row
+      checkpoints.save(int(state["step"]), state, {"epoch": epoch + 1, "iterator_state": None, "best": best,
+                                                   "plateau": plateau.state_dict(), "config": config.to_dict(),
+                                                   "step": int(state["step"])})
+  if bar is not None:
+    bar.close()
+  checkpoints.close()
+  save_model(out_dir / "final_model", state["params"], frozen, config)
+  plot_curves(metrics_file, out_dir / "curves.png")
+  model = "best_model" if config.variant == "improved" and (out_dir / "best_model").exists() else "final_model"
+  return {"seconds": time.perf_counter() - started, "steps": int(state["step"]), "model": str(out_dir / model),
+          "best": best, "last": last_metrics}
+
+
+def save_model(directory: Path, params, frozen, config: TrainConfig) -> None:
+  """The trained head: its parameters and frozen parts as an orbax checkpoint, plus the training config."""
+  import shutil
+  import tempfile
+
+  import orbax.checkpoint as ocp
+  from flax import nnx
+
+  from autosam_jax.atomic import atomic_write_json
+
+  directory = Path(directory).absolute()
+  staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(staging / "state", {"params": nnx.to_pure_dict(params), "frozen": nnx.to_pure_dict(frozen)})
+    atomic_write_json(staging / "train_config.json", config.to_dict())
+    if directory.exists():
+      shutil.rmtree(directory)
+    staging.rename(directory)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise

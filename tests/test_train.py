@@ -1,0 +1,143 @@
+"""Head training on a feature cache: loss, learning, resumption, 1 vs 4 devices, non-finite guard, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from autosam_jax.train.loop import NonFiniteLossError, TrainConfig, train
+from tests.conftest import TINY_CONFIGS
+
+NAME = "dim64-win5-pad"
+CONFIG = TrainConfig(head="linear", variant="faithful", epochs=3, batch_size=4, learning_rate=5e-3,
+                     plateau_start_epoch=1, checkpoint_every_steps=0)
+
+
+@pytest.fixture(scope="module")
+def setup(meta_checkpoints, tmp_path_factory):
+  from autosam_jax.data.splits import Split
+  from autosam_jax.data.synthetic import write_synthetic_acdc
+  from autosam_jax.features.precompute import PrecomputeOptions, precompute
+  from weights_conversion import convert
+
+  root = tmp_path_factory.mktemp("train")
+  _, checkpoint = meta_checkpoints(NAME, TINY_CONFIGS[NAME])
+  weights, _ = convert(checkpoint, root / "weights")
+  write_synthetic_acdc(root / "acdc", 3, seed=11)
+  split = Split(name="s", seed=0, train=("patient001",), val=("patient002",), test=("patient003",))
+  split.to_json(root / "split.json")
+  precompute(root / "acdc", weights, root / "cache", tfds_dir=root / "tfds", progress=False,
+             options=PrecomputeOptions(views=1, dtype="float32", shard_size=32), view_patients=set(split.train))
+  return {"root": root, "weights": weights, "cache": root / "cache", "split": split}
+
+
+def _factory(setup, config):
+  def make():
+    from flax import nnx
+
+    from autosam_jax import load_sam
+    from autosam_jax.models.heads import build_head
+    return build_head(config.head, config.num_classes, variant=config.variant, sam=load_sam(setup["weights"]),
+                      rngs=nnx.Rngs(config.seed))
+  return make
+
+
+def _run(setup, out, config=CONFIG, **kwargs):
+  return train(config, setup["cache"], _factory(setup, config), out, list(setup["split"].labeled(1)),
+               list(setup["split"].val), progress=False, **kwargs)
+
+
+def _final_params(run_dir):
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore((run_dir / "final_model" / "state").absolute())
+  import jax
+  return [np.asarray(x) for x in jax.tree.leaves(restored["params"])]
+
+
+def _losses(run_dir):
+  return [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()
+          if json.loads(l)["kind"] == "step"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup):
+  out = setup["root"] / "run_full"
+  return out, _run(setup, out)
+
+
+def test_loss_matches_the_official_formula():
+  import torch
+
+  from autosam_jax.train.losses import segmentation_loss
+
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 16, 16, 4)).astype(np.float32)
+  labels = rng.integers(0, 3, size=(3, 16, 16))  # class 3 absent: its Dice term is left out
+  ours, _ = segmentation_loss(logits, labels, np.ones(labels.shape, np.float32))
+  # The official CrossEntropyLoss + SoftDiceLoss(batch_dice=True, do_bg=False), written with torch ops (NCHW).
+  x = torch.from_numpy(logits).permute(0, 3, 1, 2)
+  y = torch.from_numpy(labels)
+  ce = torch.nn.functional.cross_entropy(x, y)
+  p = torch.softmax(x, 1)[:, 1:]
+  g = torch.nn.functional.one_hot(y, 4).permute(0, 3, 1, 2).float()[:, 1:]
+  per_class = 1 - (2 * (p * g).sum((0, 2, 3)) + 1) / ((p * p).sum((0, 2, 3)) + (g * g).sum((0, 2, 3)) + 1)
+  reference = ce + per_class[per_class > 0].mean()
+  np.testing.assert_allclose(float(ours), float(reference), rtol=1e-5)
+
+
+def test_training_learns_and_writes_its_outputs(uninterrupted):
+  out, result = uninterrupted
+  losses = _losses(out)
+  assert result["steps"] == len(losses) > 0
+  assert np.mean(losses[-3:]) < np.mean(losses[:3])
+  epochs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"epoch"' in l
+            and json.loads(l)["kind"] == "epoch"]
+  assert len(epochs) == CONFIG.epochs and all("val_dice" in e for e in epochs)
+  assert (out / "curves.png").stat().st_size > 1000 and (out / "final_model" / "train_config.json").exists()
+
+
+def test_resume_after_interruption_ends_with_the_same_params(setup, uninterrupted):
+  out = setup["root"] / "run_interrupted"
+  steps_per_epoch = uninterrupted[1]["steps"] // CONFIG.epochs
+  stopped = _run(setup, out, stop_after_steps=steps_per_epoch + 1)  # one step into the second epoch
+  assert stopped == {"stopped_at_step": steps_per_epoch + 1}
+  _run(setup, out)
+  for a, b in zip(_final_params(uninterrupted[0]), _final_params(out)):
+    np.testing.assert_array_equal(a, b)
+  assert _losses(out) == _losses(uninterrupted[0])
+
+
+def test_non_finite_loss_stops_with_the_step(setup, tmp_path):
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  def poisoned():
+    graphdef, params, rest = nnx.split(_factory(setup, CONFIG)(), nnx.Param, ...)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x * jnp.nan, params), rest)
+
+  with pytest.raises(NonFiniteLossError, match="step 1 "):
+    train(CONFIG, setup["cache"], poisoned, tmp_path / "nan", list(setup["split"].labeled(1)), [], progress=False)
+
+
+def test_four_devices_give_the_same_loss_curve(setup, uninterrupted, tmp_path):
+  script = f"""
+import sys, json
+sys.path.insert(0, {repr(os.getcwd())})
+from tests.test_train import CONFIG, _run
+from autosam_jax.data.splits import Split
+setup = {{"weights": {repr(str(setup['weights']))}, "cache": {repr(str(setup['cache']))},
+          "split": Split.from_json({repr(str(setup['root'] / 'split.json'))})}}
+import jax
+assert jax.device_count() == 4
+_run(setup, {repr(str(tmp_path / 'four'))})
+"""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  np.testing.assert_allclose(_losses(tmp_path / "four"), _losses(uninterrupted[0]), rtol=1e-4, atol=1e-5)
