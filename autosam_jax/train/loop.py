@@ -316,3 +316,35 @@ def save_model(directory: Path, params, frozen, config: TrainConfig) -> None:
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
+
+
+def load_head(model_dir: str | os.PathLike, sam) -> tuple[Any, TrainConfig]:
+  """A trained head saved by `save_model` (final_model/ or best_model/ of a run), with its training config.
+
+  `sam` (the converted SAM the run started from, an NNX `Sam`) fixes the head's architecture.
+  """
+  import jax
+  import orbax.checkpoint as ocp
+  from flax import nnx
+
+  from autosam_jax.data.errors import DataError
+  from autosam_jax.models.heads import build_head
+
+  model_dir = Path(model_dir).absolute()
+  config_file = model_dir / "train_config.json"
+  if not config_file.is_file():
+    raise DataError(f"{config_file}: missing; give a run's final_model/ or best_model/ directory")
+  config = TrainConfig.from_dict(json.loads(config_file.read_text()), source=str(config_file))
+  abstract = nnx.eval_shape(lambda: build_head(config.head, config.num_classes, variant=config.variant, sam=sam,
+                                               rngs=nnx.Rngs(0)))
+  graphdef, params, frozen = nnx.split(abstract, nnx.Param, ...)
+  as_target = lambda state: jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(model_dir / "state", {"params": as_target(params), "frozen": as_target(frozen)})
+  except Exception as err:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    raise DataError(f"{model_dir}: cannot be restored as a {config.head} head for this SAM: {reason}") from None
+  nnx.replace_by_pure_dict(params, restored["params"])
+  nnx.replace_by_pure_dict(frozen, restored["frozen"])
+  return nnx.merge(graphdef, params, frozen), config
