@@ -141,3 +141,19 @@ _run(setup, {repr(str(tmp_path / 'four'))})
   result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
   np.testing.assert_allclose(_losses(tmp_path / "four"), _losses(uninterrupted[0]), rtol=1e-4, atol=1e-5)
+
+
+def test_train_command(setup, tmp_path, capsys):
+  from autosam_jax.cli import main
+
+  common = ["train", "--config", "experiments/configs/linear_faithful.py", "--cache", str(setup["cache"]),
+            "--weights", str(setup["weights"]), "--splits", str(setup["root"] / "split.json"), "--tr-size", "1"]
+  assert main([*common, "--out", str(tmp_path / "run"), "--set", "epochs=1"]) == 0
+  assert "trained linear (faithful)" in capsys.readouterr().out
+  assert (tmp_path / "run" / "final_model" / "train_config.json").exists()
+  assert main([*common, "--out", str(tmp_path / "bad"), "--set", "epochs='many'"]) == 2
+  assert "epochs must be int" in capsys.readouterr().err
+  assert main([*common, "--out", str(tmp_path / "bad2"), "--set", "learning_rat=0.1"]) == 2
+  assert "unknown training option" in capsys.readouterr().err
+  assert main([*common[:-1], "99", "--out", str(tmp_path / "bad3")]) == 2
+  assert "tr_size 99 is larger than the training set" in capsys.readouterr().err
