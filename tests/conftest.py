@@ -45,3 +45,14 @@ def meta_checkpoints(tmp_path_factory):
 @pytest.fixture
 def rng():
   return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(meta_checkpoints, tmp_path_factory):
+  """TINY_CONFIGS["dim64-win5-pad"] with random weights, converted once per session (its decoder is SAM-sized)."""
+  from weights_conversion import convert
+
+  name = "dim64-win5-pad"
+  _, checkpoint = meta_checkpoints(name, TINY_CONFIGS[name])
+  weights, _ = convert(checkpoint, tmp_path_factory.mktemp("tiny_weights") / "converted")
+  return weights

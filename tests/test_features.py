@@ -13,22 +13,17 @@ import pytest
 from autosam_jax.data.errors import DataError
 from autosam_jax.features.cache import FeatureCache
 from autosam_jax.features.precompute import PrecomputeOptions, precompute
-from tests.conftest import TINY_CONFIGS
 
-NAME = "dim64-win5-pad"
 OPTIONS = PrecomputeOptions(mode="faithful", views=1, dtype="float32", batch_size=4, seed=3, shard_size=8)
 
 
 @pytest.fixture(scope="module")
-def inputs(meta_checkpoints, tmp_path_factory):
+def inputs(tiny_weights, tmp_path_factory):
   from autosam_jax.data.synthetic import write_synthetic_acdc
-  from weights_conversion import convert
 
   root = tmp_path_factory.mktemp("features")
-  _, checkpoint = meta_checkpoints(NAME, TINY_CONFIGS[NAME])
-  weights, _ = convert(checkpoint, root / "weights")
   write_synthetic_acdc(root / "acdc", 2, seed=5)
-  return {"root": root, "weights": weights, "data": root / "acdc", "tfds": root / "tfds",
+  return {"root": root, "weights": tiny_weights, "data": root / "acdc", "tfds": root / "tfds",
           "view_patients": {"patient001"}}
 
 

@@ -9,23 +9,19 @@ import numpy as np
 import pytest
 
 from autosam_jax.train.loop import NonFiniteLossError, TrainConfig, train
-from tests.conftest import TINY_CONFIGS
 
-NAME = "dim64-win5-pad"
 CONFIG = TrainConfig(head="linear", variant="faithful", epochs=3, batch_size=4, learning_rate=5e-3,
                      plateau_start_epoch=1, checkpoint_every_steps=0)
 
 
 @pytest.fixture(scope="module")
-def setup(meta_checkpoints, tmp_path_factory):
+def setup(tiny_weights, tmp_path_factory):
   from autosam_jax.data.splits import Split
   from autosam_jax.data.synthetic import write_synthetic_acdc
   from autosam_jax.features.precompute import PrecomputeOptions, precompute
-  from weights_conversion import convert
 
   root = tmp_path_factory.mktemp("train")
-  _, checkpoint = meta_checkpoints(NAME, TINY_CONFIGS[NAME])
-  weights, _ = convert(checkpoint, root / "weights")
+  weights = tiny_weights
   write_synthetic_acdc(root / "acdc", 3, seed=11)
   split = Split(name="s", seed=0, train=("patient001",), val=("patient002",), test=("patient003",))
   split.to_json(root / "split.json")
