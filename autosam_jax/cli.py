@@ -16,6 +16,8 @@ COMMANDS = {
     "make-splits": ("autosam_jax.data.splits", "write seeded patient-level splits (official or cross-validation)"),
     "precompute": ("autosam_jax.features.precompute", "encode every slice once with the frozen SAM encoder into a cache"),
     "train": ("autosam_jax.train.command", "train a prompt-free head on cached embeddings"),
+    "evaluate": ("autosam_jax.evaluation.evaluate", "score a trained head on a split's test patients (Dice, HD95)"),
+    "predict": ("autosam_jax.evaluation.predict", "segment NIfTI images with a trained head"),
 }
 
 

@@ -83,7 +83,7 @@ class PreprocessConfig:
     if len(self.clip_percentiles) != 2 or not 0 <= self.clip_percentiles[0] < self.clip_percentiles[1] <= 100:
       raise DataError(f"preprocess config: clip_percentiles must be (low, high) with 0 <= low < high <= 100, "
                       f"got {self.clip_percentiles}")
-    if self.head_size > self.encoder_size:
+    if self.mode == "improved" and self.head_size > self.encoder_size:  # faithful ignores head_size
       raise DataError(f"preprocess config: head_size {self.head_size} exceeds encoder_size {self.encoder_size}")
 
   def to_dict(self) -> dict[str, Any]:

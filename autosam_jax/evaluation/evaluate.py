@@ -1,0 +1,207 @@
+"""`autosam-jax evaluate`: Dice and HD95 of a trained head on a split's test patients, under both conventions.
+
+  autosam-jax evaluate --model runs/autosam_tr1/final_model --weights weights/vit_b --cache cache/vit_b_faithful \\
+      --data ~/data/ACDC --tfds-dir ~/tensorflow_datasets --splits splits/cv5.json --fold cv5-seed0-fold0 \\
+      --out runs/autosam_tr1/eval
+
+Every slice of each test patient's ED and ES frames is predicted from its cached clean embedding (view 0), then scored
+  official: the patient's ED+ES slices stacked into one volume on the target grid (224 x 224 in faithful mode; the
+    valid part of the 256 grid in improved mode) against the cache's targets, HD95 in voxels (the paper's numbers);
+  standard: each frame mapped back to its native grid against the native label volume, HD95 in mm.
+Writes OUT/metrics.json (per patient and frame, both conventions, and their means), OUT/metrics.md (the summary table)
+and OUT/predictions/<case_id>.nii.gz (native-grid label maps with the source volume's affine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autosam_jax.data.errors import DataError
+from autosam_jax.evaluation.metrics import ACDC_CLASSES, VolumeResult, evaluate_volume, summarize
+
+DESCRIPTION = __doc__
+
+
+@dataclasses.dataclass
+class PatientScore:
+  official: VolumeResult
+  standard: dict[str, VolumeResult]  # by case (frame)
+  native: dict[str, np.ndarray]  # (X, Y, Z) uint8 predictions by case
+
+
+def score_patient(patient_id: str, predictions: dict[str, np.ndarray], targets: dict[str, np.ndarray],
+                  volumes: dict[str, Any], preprocess_config,
+                  native_predictions: dict[str, np.ndarray] | None = None) -> PatientScore:
+  """Scores one patient from its frames' target-grid predictions.
+
+  predictions: per case, (Z, T, T, C) logits or (Z, T, T) labels on the target grid; targets: per case, the cache's
+  (Z, T, T) targets. The official stack is every frame's slices in case order (ED before ES in ACDC's naming).
+  `native_predictions` replaces the mapping back to the native grid (to check the scoring on the ground truth).
+  """
+  from autosam_jax.data.preprocess import preprocess_volume
+  from autosam_jax.evaluation.predict import native_labels
+
+  cases = sorted(predictions)
+  official_pred, official_true, standard, native = [], [], {}, {}
+  for case_id in cases:
+    volume = volumes[case_id]
+    geometry = preprocess_volume(volume.image, volume.spacing, None, preprocess_config, name=case_id).geometry
+    rows, cols = geometry.target_valid_shape  # improved mode: the padding beyond the image is no prediction
+    labels = predictions[case_id]
+    if np.issubdtype(labels.dtype, np.floating):
+      labels = labels.argmax(-1)
+    official_pred.append(np.asarray(labels, np.uint8)[:, :rows, :cols])
+    official_true.append(np.asarray(targets[case_id], np.uint8)[:, :rows, :cols])
+    pred_native = native_labels(predictions[case_id], geometry) if native_predictions is None \
+        else np.asarray(native_predictions[case_id], np.uint8)
+    native[case_id] = pred_native
+    standard[case_id] = evaluate_volume(pred_native, volume.label, tuple(float(s) for s in volume.spacing),
+                                        convention="standard", case_id=case_id)
+  official = evaluate_volume(np.concatenate(official_pred), np.concatenate(official_true), convention="official",
+                             case_id=patient_id)
+  return PatientScore(official, standard, native)
+
+
+def _cached_cases(cache, patient_id: str, volumes: dict[str, Any]) -> dict[str, list[int]]:
+  """Cache indices of each of the patient's cases, in slice order, checked to cover every slice."""
+  by_case: dict[str, list[tuple[int, int]]] = {}
+  for index in cache.indices([patient_id], views=(0,)):
+    item = cache.items[int(index)]
+    by_case.setdefault(item["case_id"], []).append((item["slice_index"], int(index)))
+  if not by_case:
+    raise DataError(f"{cache.cache_dir}: holds no slices of test patient {patient_id}")
+  cases = {}
+  for case_id, entries in sorted(by_case.items()):
+    entries.sort()
+    if case_id not in volumes:
+      raise DataError(f"{cache.cache_dir}: case {case_id} is not in the dataset given with --data")
+    expected = volumes[case_id].image.shape[2]
+    if [z for z, _ in entries] != list(range(expected)):
+      raise DataError(f"{cache.cache_dir}: case {case_id} has cached slices {[z for z, _ in entries][:8]} but its "
+                      f"volume has {expected}")
+    cases[case_id] = [i for _, i in entries]
+  return cases
+
+
+def evaluate(model_dir: Path, weights_dir: Path, cache_dir: Path, source_dir: Path, tfds_dir: Path, splits_file: Path,
+             out_dir: Path, *, fold: str | None = None, batch_size: int = 8) -> dict[str, Any]:
+  """Predicts and scores the split's test patients; writes OUT/metrics.json, metrics.md and predictions/."""
+  from autosam_jax.atomic import atomic_write_bytes, atomic_write_json
+  from autosam_jax.data.splits import load_splits
+  from autosam_jax.evaluation.predict import (check_cache_matches, label_nifti_bytes, load_model, make_head_forward,
+                                             preprocess_config_from_manifest)
+  from autosam_jax.features.cache import FeatureCache
+  from autosam_jax.features.precompute import load_volumes
+  from autosam_jax.models.loading import read_config
+
+  splits = load_splits(splits_file)
+  split = splits[0] if fold is None else next((s for s in splits if s.name == fold), None)
+  if split is None:
+    raise DataError(f"{splits_file}: no split named {fold!r}; it holds {[s.name for s in splits]}")
+  if not split.test:
+    raise DataError(f"{splits_file}: split {split.name!r} has no test patients")
+  cache = FeatureCache(cache_dir)
+  depends_on = cache.manifest["depends_on"]
+  _, head, train_config = load_model(Path(model_dir), Path(weights_dir), encoder=False)
+  check_cache_matches(depends_on, train_config, read_config(weights_dir), str(Path(cache_dir) / "manifest.json"))
+  preprocess_config = preprocess_config_from_manifest(depends_on)
+  volumes, fingerprint = load_volumes(Path(source_dir), Path(tfds_dir))
+  if depends_on.get("dataset_fingerprint") not in (None, fingerprint):
+    raise DataError(f"{cache_dir}: the cache was computed from other data than {source_dir}")
+  forward = make_head_forward(head, preprocess_config.target_size, batch_size)
+
+  patients: dict[str, Any] = {}
+  official_results, standard_results = [], []
+  predictions_dir = Path(out_dir) / "predictions"
+  for patient_id in split.test:
+    cases = _cached_cases(cache, patient_id, volumes)
+    logits, targets = {}, {}
+    for case_id, indices in cases.items():
+      items = [cache[i] for i in indices]
+      logits[case_id] = forward(np.stack([np.asarray(it["embedding"], np.float32) for it in items]))
+      targets[case_id] = np.stack([it["target"] for it in items])
+    score = score_patient(patient_id, logits, targets, volumes, preprocess_config)
+    for case_id, labels in score.native.items():
+      atomic_write_bytes(predictions_dir / f"{case_id}.nii.gz", label_nifti_bytes(labels, volumes[case_id].affine))
+    official_results.append(score.official)
+    standard_results += list(score.standard.values())
+    patients[patient_id] = {
+        "official": score.official.to_dict(),
+        "standard": {case_id: {"frame": volumes[case_id].frame, **result.to_dict()}
+                     for case_id, result in score.standard.items()}}
+  summary = summarize(official_results + standard_results)
+  report = {"model": str(model_dir), "cache": str(cache_dir), "data": str(source_dir), "split": split.name,
+            "test_patients": list(split.test), "train_config": train_config.to_dict(),
+            "preprocess": preprocess_config.to_dict(), "summary": summary, "patients": patients}
+  atomic_write_json(Path(out_dir) / "metrics.json", report)
+  table = summary_table(summary)
+  atomic_write_bytes(Path(out_dir) / "metrics.md", (table + "\n").encode())
+  return {"report": report, "table": table}
+
+
+def _fmt(value: float | None, digits: int) -> str:
+  return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+  """Markdown table: rows RV, MYO, LV and their mean; Dice and HD95 under each convention."""
+  official, standard = summary.get("official"), summary.get("standard")
+  columns = []
+  if official:
+    columns += [("official", "dice", "Dice (official)"), ("official", "hd95", f"HD95 (official, {official['units']})")]
+  if standard:
+    columns += [("standard", "dice", "Dice (standard)"), ("standard", "hd95", f"HD95 (standard, {standard['units']})")]
+  lines = ["| class | " + " | ".join(c[2] for c in columns) + " |", "|---|" + "---:|" * len(columns)]
+  for name in list(ACDC_CLASSES.values()) + ["mean"]:
+    cells = []
+    for convention, metric, _ in columns:
+      part = summary[convention]
+      entry = part["overall"][metric] if name == "mean" else part["classes"].get(name, {}).get(metric, {})
+      cells.append(_fmt(entry.get("value"), 4 if metric == "dice" else 2))
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  notes = []
+  if official:
+    notes.append(f"official: mean over {official['n_cases']} patient(s), each one volume of its ED+ES slices on the "
+                 "model's target grid; HD95 in voxels of that grid (medpy), Dice 1 / HD95 0 for empty masks.")
+  if standard:
+    excluded = {m: standard["overall"][m]["n_excluded"] for m in ("dice", "hd95")}
+    notes.append(f"standard: mean over {standard['n_cases']} frame(s) (ED and ES apart) on the native grid; HD95 in "
+                 f"mm (MONAI); values undefined for empty masks left out (Dice: {excluded['dice']}, HD95: "
+                 f"{excluded['hd95']} class-frame values).")
+  return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--model", type=Path, required=True, help="a run's final_model/ or best_model/ directory")
+  parser.add_argument("--weights", type=Path, required=True, help="the converted SAM the model was trained with")
+  parser.add_argument("--cache", type=Path, required=True, help="the feature cache (autosam-jax precompute)")
+  parser.add_argument("--data", type=Path, required=True, help="the ACDC or nnU-Net folder the cache was built from")
+  parser.add_argument("--tfds-dir", type=Path, default=Path("~/tensorflow_datasets"),
+                      help="where the TFDS slice dataset is built or found (default ~/tensorflow_datasets)")
+  parser.add_argument("--splits", type=Path, required=True, help="split file (autosam-jax make-splits)")
+  parser.add_argument("--fold", help="split name inside the file (default: the first)")
+  parser.add_argument("--out", type=Path, required=True, help="output folder")
+  parser.add_argument("--batch-size", type=int, default=8, help="slices per head call (default 8)")
+
+
+def run(args: argparse.Namespace) -> int:
+  from autosam_jax.models.loading import CheckpointError
+
+  try:
+    if args.batch_size < 1:
+      raise DataError(f"--batch-size must be positive, got {args.batch_size}")
+    result = evaluate(args.model, args.weights, args.cache, args.data, args.tfds_dir.expanduser(), args.splits,
+                      args.out, fold=args.fold, batch_size=args.batch_size)
+  except (DataError, CheckpointError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  print(result["table"])
+  print(f"wrote {Path(args.out) / 'metrics.json'}, metrics.md and predictions/")
+  return 0

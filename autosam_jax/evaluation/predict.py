@@ -1,0 +1,221 @@
+"""`autosam-jax predict`: segment NIfTI images with a trained head, end to end (encoder included, no cache).
+
+  autosam-jax predict --model runs/autosam_tr1/final_model --weights weights/vit_b --input scans/ --output labels/
+
+Each input (a .nii/.nii.gz file, or every such file in a folder) gets a uint8 label map of the same shape, affine and
+header under the same name in --output. The preprocessing is the one the model was trained with: taken from the
+feature cache's manifest with --cache, otherwise rebuilt from the training variant and the SAM config (the model
+directory holds only train_config.json, and those two determine it). Every input is read and checked, and the model
+loaded, before anything is written, so a bad input or model leaves --output untouched; each output is written under a
+temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from autosam_jax.data.errors import DataError
+
+DESCRIPTION = __doc__
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def make_head_forward(head, target_size: int, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
+  """A function (N, h, w, C) embeddings -> (N, T, T, classes) float32 logits on the target grid.
+
+  Jitted once: batches are padded to `batch_size` so the last one does not recompile. The logits are resized to the
+  target grid exactly as in training (bilinear, no anti-aliasing: 256 -> 224 in faithful mode).
+  """
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  graphdef, state = nnx.split(head)
+
+  @jax.jit
+  def forward(state, embedding):
+    logits = nnx.merge(graphdef, state)(embedding)
+    if logits.shape[1] != target_size:
+      logits = jax.image.resize(logits, (logits.shape[0], target_size, target_size, logits.shape[3]), "bilinear",
+                                antialias=False)
+    return logits.astype(jnp.float32)
+
+  def run(embeddings: np.ndarray) -> np.ndarray:
+    outputs = []
+    for start in range(0, len(embeddings), batch_size):
+      chunk = np.asarray(embeddings[start:start + batch_size], np.float32)
+      missing = batch_size - len(chunk)
+      if missing:
+        chunk = np.concatenate([chunk, np.zeros((missing, *chunk.shape[1:]), chunk.dtype)])
+      outputs.append(np.asarray(forward(state, chunk))[:batch_size - missing])
+    return np.concatenate(outputs)
+
+  return run
+
+
+def native_labels(predictions: np.ndarray, geometry) -> np.ndarray:
+  """(Z, T, T, C) logits or (Z, T, T) labels on the target grid -> (X, Y, Z) uint8 labels on the native grid.
+
+  Logits are resized before the argmax (not labels after it), so class boundaries fall between native pixels where
+  the scores cross rather than on the coarse target grid.
+  """
+  from autosam_jax.data.preprocess import to_native
+
+  native = to_native(predictions, geometry)
+  if np.issubdtype(native.dtype, np.floating):
+    native = native.argmax(-1)
+  return np.ascontiguousarray(native.astype(np.uint8).transpose(1, 2, 0))
+
+
+def label_nifti_bytes(labels: np.ndarray, affine: np.ndarray, header=None, compressed: bool = True) -> bytes:
+  """The bytes of a uint8 label NIfTI with the given geometry (header copied from the input when there is one)."""
+  import nibabel as nib
+
+  header = header.copy() if header is not None else None
+  image = nib.Nifti1Image(np.asarray(labels, np.uint8), affine, header)
+  image.header.set_data_dtype(np.uint8)
+  # An input image's intensity scaling must not be applied to the labels.
+  image.header.set_slope_inter(1.0, 0.0)
+  data = image.to_bytes()
+  return gzip.compress(data, compresslevel=6, mtime=0) if compressed else data
+
+
+def preprocess_config_for(train_config, sam_config, cache_dir: Path | None):
+  """The PreprocessConfig the model was trained with (from the cache's manifest when given, else rebuilt)."""
+  from autosam_jax.data.preprocess import PreprocessConfig
+
+  if cache_dir is None:
+    return PreprocessConfig(mode=train_config.variant, encoder_size=sam_config.image_size,
+                            head_size=4 * sam_config.image_embedding_size)
+  manifest_file = Path(cache_dir) / "manifest.json"
+  try:
+    depends_on = json.loads(manifest_file.read_text())["depends_on"]
+  except FileNotFoundError:
+    raise DataError(f"{manifest_file}: missing; --cache must be a feature cache (autosam-jax precompute)") from None
+  except (OSError, ValueError, KeyError, TypeError) as err:
+    raise DataError(f"{manifest_file}: unreadable cache manifest ({type(err).__name__}: {err})") from None
+  check_cache_matches(depends_on, train_config, sam_config, str(manifest_file))
+  return preprocess_config_from_manifest(depends_on)
+
+
+def preprocess_config_from_manifest(depends_on: dict[str, Any]):
+  """The PreprocessConfig a cache was computed with."""
+  from autosam_jax.data.preprocess import PreprocessConfig
+
+  return PreprocessConfig.from_dict(depends_on["preprocess"])
+
+
+def check_cache_matches(depends_on: dict[str, Any], train_config, sam_config, where: str) -> None:
+  """A cache made with another SAM or in another mode than the model would silently give wrong predictions."""
+  if depends_on.get("sam_config") != json.loads(sam_config.to_json()):
+    raise DataError(f"{where}: the cache was computed with another SAM than --weights")
+  mode = (depends_on.get("preprocess") or {}).get("mode")
+  if mode != train_config.variant:
+    raise DataError(f"{where}: the cache is in {mode!r} mode but the model was trained as {train_config.variant!r}")
+
+
+def load_model(model_dir: Path, weights_dir: Path, encoder: bool):
+  """(sam, head, train_config); DataError or CheckpointError (both one line naming the path) when unusable."""
+  from autosam_jax.models.loading import load_sam, read_config
+  from autosam_jax.train.loop import load_head
+
+  if not Path(model_dir).is_dir():
+    raise DataError(f"{model_dir}: no such model directory; give a run's final_model/ or best_model/")
+  read_config(weights_dir)  # fails fast, before the (slow) restore, on a directory that is not converted weights
+  sam = load_sam(weights_dir)
+  head, train_config = load_head(model_dir, sam)
+  if not encoder:
+    sam = None
+  return sam, head, train_config
+
+
+def input_files(path: Path) -> list[Path]:
+  if path.is_dir():
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
+    if not files:
+      raise DataError(f"{path}: holds no .nii or .nii.gz files")
+    return files
+  if not path.exists():
+    raise DataError(f"{path}: file not found")
+  if not path.name.endswith(NIFTI_SUFFIXES):
+    raise DataError(f"{path}: not a NIfTI file (.nii or .nii.gz)")
+  return [path]
+
+
+def predict_volume(image: np.ndarray, spacing, sam, forward, config, batch_size: int, name: str) -> np.ndarray:
+  """(X, Y, Z) image -> (X, Y, Z) uint8 labels on the same grid."""
+  import jax.numpy as jnp
+
+  from autosam_jax.data.preprocess import encoder_input, preprocess_volume
+
+  pre = preprocess_volume(image, spacing, None, config, name=name)
+  embeddings = []
+  for start in range(0, len(pre.images), batch_size):
+    chunk = pre.images[start:start + batch_size]
+    missing = batch_size - len(chunk)
+    if missing:  # one encoder compilation per geometry, not one more for the last batch
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], missing, axis=0)])
+    embeddings.append(np.asarray(sam.encode(jnp.asarray(encoder_input(chunk, pre.geometry))))[:batch_size - missing])
+  logits = forward(np.concatenate(embeddings))
+  return native_labels(logits, pre.geometry)
+
+
+def predict(model_dir: Path, weights_dir: Path, inputs: Path, output_dir: Path, *, cache_dir: Path | None = None,
+            batch_size: int = 4) -> list[Path]:
+  """Writes one label map per input; returns the written paths. Raises DataError/CheckpointError before writing."""
+  from autosam_jax.atomic import atomic_write_bytes
+  from autosam_jax.data.nifti import read_nifti
+  from autosam_jax.data.preprocess import preprocess_volume
+
+  if batch_size < 1:
+    raise DataError(f"--batch-size must be positive, got {batch_size}")
+  files = input_files(Path(inputs))
+  output_dir = Path(output_dir)
+  collisions = [f for f in files if (output_dir / f.name).resolve() == f.resolve()]
+  if collisions:
+    raise DataError(f"{collisions[0]}: --output would overwrite this input; choose another output folder")
+  sam, head, train_config = load_model(Path(model_dir), Path(weights_dir), encoder=True)
+  config = preprocess_config_for(train_config, sam.config, cache_dir)
+  # Reading every file now (and again below, to keep memory to one volume) so a bad one anywhere writes nothing.
+  for path in files:
+    volume = read_nifti(path)
+    preprocess_volume(volume.data[:, :, :1], volume.spacing, None, config, name=str(path))
+  forward = make_head_forward(head, config.target_size, batch_size)
+  written = []
+  for path in files:
+    volume = read_nifti(path)
+    labels = predict_volume(volume.data, volume.spacing, sam, forward, config, batch_size, str(path))
+    out = output_dir / path.name
+    atomic_write_bytes(out, label_nifti_bytes(labels, volume.affine, volume.header, path.name.endswith(".gz")))
+    written.append(out)
+  return written
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--model", type=Path, required=True, help="a run's final_model/ or best_model/ directory")
+  parser.add_argument("--weights", type=Path, required=True, help="the converted SAM the model was trained with")
+  parser.add_argument("--input", type=Path, required=True, help="a NIfTI image, or a folder of them")
+  parser.add_argument("--output", type=Path, required=True, help="folder for the label maps (same file names)")
+  parser.add_argument("--cache", type=Path, help="the feature cache the model was trained on (its preprocessing)")
+  parser.add_argument("--batch-size", type=int, default=4, help="slices per encoder call (default 4)")
+
+
+def run(args: argparse.Namespace) -> int:
+  from autosam_jax.models.loading import CheckpointError
+
+  try:
+    written = predict(args.model, args.weights, args.input, args.output, cache_dir=args.cache,
+                      batch_size=args.batch_size)
+  except (DataError, CheckpointError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  for path in written:
+    print(path)
+  return 0

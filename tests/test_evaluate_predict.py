@@ -1,0 +1,177 @@
+"""Evaluation (both conventions, reassembly, predictions on the native grid) and end-to-end prediction on NIfTI."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from autosam_jax.train.loop import TrainConfig, train
+from tests.conftest import TINY_CONFIGS
+
+NAME = "dim64-win5-pad"
+CONFIG = TrainConfig(head="linear", variant="faithful", epochs=1, batch_size=4, learning_rate=5e-3,
+                     plateau_start_epoch=1, checkpoint_every_steps=0)
+
+
+@pytest.fixture(scope="module")
+def run(meta_checkpoints, tmp_path_factory):
+  from flax import nnx
+
+  from autosam_jax import load_sam
+  from autosam_jax.data.splits import Split
+  from autosam_jax.data.synthetic import write_synthetic_acdc
+  from autosam_jax.features.precompute import PrecomputeOptions, precompute
+  from autosam_jax.models.heads import build_head
+  from weights_conversion import convert
+
+  root = tmp_path_factory.mktemp("evaluate")
+  _, checkpoint = meta_checkpoints(NAME, TINY_CONFIGS[NAME])
+  weights, _ = convert(checkpoint, root / "weights")
+  write_synthetic_acdc(root / "acdc", 3, seed=11)
+  split = Split(name="s", seed=0, train=("patient001",), val=("patient002",), test=("patient003",))
+  split.to_json(root / "split.json")
+  precompute(root / "acdc", weights, root / "cache", tfds_dir=root / "tfds", progress=False,
+             options=PrecomputeOptions(views=0, dtype="float32", shard_size=32))
+  make = lambda: build_head(CONFIG.head, CONFIG.num_classes, variant=CONFIG.variant, sam=load_sam(weights),
+                            rngs=nnx.Rngs(CONFIG.seed))
+  result = train(CONFIG, root / "cache", make, root / "run", ["patient001"], [], progress=False)
+  return {"root": root, "weights": weights, "model": result["model"]}
+
+
+def _evaluate_args(run, out):
+  root = run["root"]
+  return ["evaluate", "--model", run["model"], "--weights", str(run["weights"]), "--cache", str(root / "cache"),
+          "--data", str(root / "acdc"), "--tfds-dir", str(root / "tfds"), "--splits", str(root / "split.json"),
+          "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def evaluated(run):
+  from autosam_jax.cli import main
+
+  out = run["root"] / "eval"
+  assert main(_evaluate_args(run, out)) == 0
+  return out
+
+
+def test_evaluate_writes_both_conventions(run, evaluated, capsys):
+  report = json.loads((evaluated / "metrics.json").read_text())
+  assert set(report["summary"]) == {"official", "standard"}
+  assert report["summary"]["official"]["units"] == "voxel" and report["summary"]["standard"]["units"] == "mm"
+  assert list(report["patients"]) == ["patient003"]
+  patient = report["patients"]["patient003"]
+  assert patient["official"]["convention"] == "official" and set(patient["official"]["classes"]) == {"RV", "MYO", "LV"}
+  assert sorted(f["frame"] for f in patient["standard"].values()) == ["ED", "ES"]
+  # the official volume is both frames' slices stacked on the 224 grid
+  total_slices = sum(f["shape"][2] for f in patient["standard"].values())
+  assert patient["official"]["shape"] == [total_slices, 224, 224]
+  table = (evaluated / "metrics.md").read_text()
+  for word in ("| RV |", "| MYO |", "| LV |", "| mean |", "Dice (official)", "HD95 (standard, mm)", "voxel"):
+    assert word in table
+
+
+def test_prediction_files_have_the_source_geometry(run, evaluated):
+  from autosam_jax.data.nifti import read_nifti
+
+  report = json.loads((evaluated / "metrics.json").read_text())
+  for case_id in report["patients"]["patient003"]["standard"]:
+    source = read_nifti(run["root"] / "acdc" / "patient003" / f"{case_id}.nii.gz")
+    prediction = nib.load(evaluated / "predictions" / f"{case_id}.nii.gz")
+    assert prediction.shape == source.shape
+    np.testing.assert_allclose(prediction.affine, source.affine, atol=1e-5)
+    assert set(np.unique(np.asarray(prediction.dataobj))) <= {0, 1, 2, 3}
+
+
+def test_ground_truth_scores_perfectly(run):
+  """The targets fed through the scoring path in place of predictions: proves the stacking and the geometry."""
+  from autosam_jax.evaluation.evaluate import _cached_cases, score_patient
+  from autosam_jax.evaluation.predict import preprocess_config_from_manifest
+  from autosam_jax.features.cache import FeatureCache
+  from autosam_jax.features.precompute import load_volumes
+
+  root = run["root"]
+  cache = FeatureCache(root / "cache")
+  config = preprocess_config_from_manifest(cache.manifest["depends_on"])
+  volumes, _ = load_volumes(root / "acdc", root / "tfds")
+  cases = _cached_cases(cache, "patient003", volumes)
+  targets = {case: np.stack([cache[i]["target"] for i in indices]) for case, indices in cases.items()}
+  natives = {case: volumes[case].label for case in cases}
+  exact = score_patient("patient003", targets, targets, volumes, config, native_predictions=natives)
+  assert exact.official.shape[0] == sum(v.shape[2] for v in natives.values())
+  checked = 0
+  for result in [exact.official, *exact.standard.values()]:
+    for name in ("RV", "MYO", "LV"):
+      if result.dice[name].status == "ok":
+        assert result.dice[name].value == 1.0 and result.hd95[name].value == 0.0, (result.convention, name)
+        checked += 1
+  assert checked == 9  # every class present in the patient and in each frame
+  # through to_native: the 224 targets are a resampling of the native labels, so close but not exact
+  mapped = score_patient("patient003", targets, targets, volumes, config)
+  for case, result in mapped.standard.items():
+    assert mapped.native[case].shape == volumes[case].label.shape
+    assert result.mean("dice").value > 0.85, (case, result.to_dict()["mean"])
+
+
+@pytest.fixture(scope="module")
+def phantom(run):
+  src = run["root"] / "acdc" / "patient003" / "patient003_frame01.nii.gz"
+  image = nib.load(src)
+  data = np.asarray(image.dataobj)[:, :, :3]  # a short stack keeps the encoder cheap on the CPU
+  out = run["root"] / "phantom_in"
+  out.mkdir()
+  small = nib.Nifti1Image(data, image.affine, image.header)
+  nib.save(small, out / "phantom.nii.gz")
+  return out / "phantom.nii.gz"
+
+
+def test_predict_writes_a_label_map_with_the_input_geometry(run, phantom, tmp_path):
+  from autosam_jax.cli import main
+
+  assert main(["predict", "--model", run["model"], "--weights", str(run["weights"]), "--input", str(phantom),
+               "--output", str(tmp_path / "out"), "--batch-size", "2"]) == 0
+  source, result = nib.load(phantom), nib.load(tmp_path / "out" / "phantom.nii.gz")
+  labels = np.asarray(result.dataobj)
+  assert labels.shape == source.shape and labels.dtype == np.uint8
+  np.testing.assert_array_equal(result.affine, source.affine)
+  assert result.header.get_zooms() == source.header.get_zooms()
+  assert set(np.unique(labels)) <= {0, 1, 2, 3}
+
+
+def _assert_refused(capsys, args, named: str, out_dir):
+  from autosam_jax.cli import main
+
+  assert main(args) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and named in err[0], err
+  assert not out_dir.exists()
+
+
+def test_predict_refuses_bad_inputs_and_writes_nothing(run, phantom, tmp_path, capsys):
+  truncated = tmp_path / "in" / "truncated.nii.gz"
+  truncated.parent.mkdir()
+  truncated.write_bytes(phantom.read_bytes()[:300])
+  common = ["--weights", str(run["weights"]), "--output", str(tmp_path / "out")]
+  _assert_refused(capsys, ["predict", "--model", run["model"], "--input", str(truncated), *common], str(truncated),
+                  tmp_path / "out")
+  missing_model = tmp_path / "no_such_model"
+  _assert_refused(capsys, ["predict", "--model", str(missing_model), "--input", str(phantom), *common],
+                  str(missing_model), tmp_path / "out")
+  # a model of another head for the same SAM
+  import shutil
+  other = tmp_path / "other_model"
+  shutil.copytree(run["model"], other)
+  config = json.loads((other / "train_config.json").read_text())
+  (other / "train_config.json").write_text(json.dumps({**config, "head": "cnn"}))
+  _assert_refused(capsys, ["predict", "--model", str(other), "--input", str(phantom), *common], str(other),
+                  tmp_path / "out")
+  # a folder with a good and a bad file: the bad one is found before anything is written
+  (tmp_path / "in" / "good.nii.gz").write_bytes(phantom.read_bytes())
+  _assert_refused(capsys, ["predict", "--model", run["model"], "--input", str(tmp_path / "in"), *common],
+                  str(truncated), tmp_path / "out")
+
+
+def test_evaluate_reports_bad_inputs_in_one_line(run, tmp_path, capsys):
+  args = _evaluate_args(run, tmp_path / "eval")
+  args[args.index("--splits") + 1] = str(tmp_path / "missing.json")
+  _assert_refused(capsys, args, "missing.json", tmp_path / "eval")
