@@ -14,7 +14,8 @@ DESCRIPTION = """Train a prompt-free head on cached SAM embeddings.
       --weights weights/vit_b --splits splits/cv5.json --fold cv5-seed0-fold0 --tr-size 1 --out runs/autosam_tr1
 
 A config is a Python file whose get_config() returns training options (see autosam_jax.train.loop.TrainConfig);
---set name=value overrides one. Rerunning the same command after a kill resumes from the last checkpoint and ends
+--set name=value overrides one. The UNet baseline (head "unet", see experiments/configs/unet_faithful.py) trains
+from scratch on an image cache (autosam_jax.features.images) and needs no --weights. Rerunning the same command after a kill resumes from the last checkpoint and ends
 with the same parameters. Writes OUT/config.json, metrics.jsonl, curves.png, checkpoints/, final_model/ (and
 best_model/ in the improved variant)."""
 
@@ -22,7 +23,7 @@ best_model/ in the improved variant)."""
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--config", type=Path, required=True, help="Python config file with get_config()")
   parser.add_argument("--cache", type=Path, required=True, help="feature cache (autosam-jax precompute)")
-  parser.add_argument("--weights", type=Path, required=True, help="converted SAM (to initialise decoder heads)")
+  parser.add_argument("--weights", type=Path, help="converted SAM (to initialise decoder heads; not for head unet)")
   parser.add_argument("--splits", type=Path, required=True, help="split file (autosam-jax make-splits)")
   parser.add_argument("--fold", help="split name inside the file (default: the first)")
   parser.add_argument("--tr-size", type=int, required=True, help="number of labeled training patients")
@@ -67,13 +68,15 @@ def run(args: argparse.Namespace) -> int:
     if split is None:
       raise DataError(f"{args.splits}: no split named {args.fold!r}; it holds {[s.name for s in splits]}")
     labeled = split.labeled(args.tr_size)
-    from autosam_jax.models.heads import build_head
+    if config.head != "unet" and args.weights is None:
+      raise DataError(f"--weights is needed to initialise a {config.head} head from SAM")
     from autosam_jax.models.loading import load_sam
+    from autosam_jax.train.loop import build_model
 
     def head_factory():
       from flax import nnx
-      return build_head(config.head, config.num_classes, variant=config.variant, sam=load_sam(args.weights),
-                        rngs=nnx.Rngs(config.seed))
+      sam = load_sam(args.weights) if config.head != "unet" else None  # the UNet is trained from scratch
+      return build_model(config, sam, rngs=nnx.Rngs(config.seed))
 
     result = train(config, args.cache, head_factory, args.out, labeled, list(split.val))
   except (DataError, CheckpointError) as err:

@@ -22,7 +22,7 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  head: str = "autosam"  # autosam | cnn | linear
+  head: str = "autosam"  # autosam | cnn | linear (on SAM embeddings) | unet (on images, from scratch)
   variant: str = "faithful"  # faithful | improved
   num_classes: int = 4
   epochs: int = 120
@@ -34,6 +34,10 @@ class TrainConfig:
   plateau_start_epoch: int = 10
   seed: int = 0
   checkpoint_every_steps: int = 0  # 0: at the end of every epoch only
+  # none | faithful | improved: augment_batch applied to each training batch inside the train step. Only for image
+  # caches (write_image_cache), where the "embedding" is the model image; SAM heads get augmented cached views instead.
+  augment: str = "none"
+  unet_base_channels: int = 64  # the official UNet's width; smaller only for quick tests
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -87,8 +91,12 @@ def to_batch(examples: dict[str, Any], batch_size: int) -> dict[str, np.ndarray]
   return {"embedding": embeddings, "target": targets, "weight": weights}
 
 
-def make_steps(graphdef, tx, mesh):
-  """jit-compiled train and eval steps; the state is donated, the batch sharded over the mesh's "data" axis."""
+def make_steps(graphdef, tx, mesh, augment: str = "none", seed: int = 0):
+  """jit-compiled train and eval steps; the state is donated, the batch sharded over the mesh's "data" axis.
+
+  With `augment` other than "none", the train step augments (image, target) with the key fold_in(key(seed), step)
+  before the forward pass: a fresh draw every step, the same after a resumption.
+  """
   import jax
   import jax.numpy as jnp
   import optax
@@ -104,6 +112,13 @@ def make_steps(graphdef, tx, mesh):
     return logits
 
   def train_step(state, frozen, batch, learning_rate):
+    if augment != "none":
+      from autosam_jax.data.augment import AugmentConfig, augment_batch
+
+      key = jax.random.fold_in(jax.random.key(seed), state["step"])
+      images, targets = augment_batch(key, batch["embedding"], batch["target"], AugmentConfig.for_mode(augment))
+      batch = {**batch, "embedding": images, "target": targets}
+
     def loss_fn(params):
       logits = logits_of(params, frozen, batch["embedding"], batch["target"].shape[1])
       return segmentation_loss(logits, batch["target"], batch["weight"])
@@ -199,6 +214,13 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
     raise DataError(f"{cache_dir}: no cached slices of the labeled patients {labeled_patients[:5]}")
   val_indices = cache.indices(val_patients, views=(0,))
   slice_views = views if set(labeled_patients) <= set(cache.manifest["depends_on"].get("view_patients", [])) else 0
+  if config.augment not in ("none", "faithful", "improved"):
+    from autosam_jax.data.errors import DataError
+    raise DataError(f"augment must be 'none', 'faithful' or 'improved', got {config.augment!r}")
+  if config.augment != "none" and cache.manifest["depends_on"].get("kind") != "images":
+    from autosam_jax.data.errors import DataError
+    raise DataError(f"{cache_dir}: augment {config.augment!r} transforms images, but this cache holds SAM embeddings; "
+                    "use an image cache (autosam_jax.features.images) or augment 'none'")
 
   head = head_factory()
   graphdef, params, frozen = nnx.split(head, nnx.Param, ...)
@@ -211,7 +233,7 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
   shard = lambda batch: jax.device_put(batch, data)
   state = jax.device_put({"params": params, "opt_state": tx.init(params), "step": np.int32(0)}, replicated)
   frozen = jax.device_put(frozen, replicated)
-  train_step, eval_step = make_steps(graphdef, tx, mesh)
+  train_step, eval_step = make_steps(graphdef, tx, mesh, config.augment, config.seed)
 
   mode = "min" if config.scheduler == "plateau_train_loss" else "max"
   plateau = ReduceLROnPlateau(mode=mode)
@@ -318,25 +340,32 @@ def save_model(directory: Path, params, frozen, config: TrainConfig) -> None:
     raise
 
 
+def build_model(config: TrainConfig, sam, *, rngs):
+  """The model a config trains: a head on SAM embeddings (initialised from `sam`), or the UNet (no SAM needed)."""
+  if config.head == "unet":
+    from autosam_jax.models.unet import UNet
+    return UNet(config.num_classes, base_channels=config.unet_base_channels, rngs=rngs)
+  from autosam_jax.models.heads import build_head
+  return build_head(config.head, config.num_classes, variant=config.variant, sam=sam, rngs=rngs)
+
+
 def load_head(model_dir: str | os.PathLike, sam) -> tuple[Any, TrainConfig]:
   """A trained head saved by `save_model` (final_model/ or best_model/ of a run), with its training config.
 
-  `sam` (the converted SAM the run started from, an NNX `Sam`) fixes the head's architecture.
+  `sam` (the converted SAM the run started from, an NNX `Sam`) fixes the head's architecture; None for a UNet.
   """
   import jax
   import orbax.checkpoint as ocp
   from flax import nnx
 
   from autosam_jax.data.errors import DataError
-  from autosam_jax.models.heads import build_head
 
   model_dir = Path(model_dir).absolute()
   config_file = model_dir / "train_config.json"
   if not config_file.is_file():
     raise DataError(f"{config_file}: missing; give a run's final_model/ or best_model/ directory")
   config = TrainConfig.from_dict(json.loads(config_file.read_text()), source=str(config_file))
-  abstract = nnx.eval_shape(lambda: build_head(config.head, config.num_classes, variant=config.variant, sam=sam,
-                                               rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: build_model(config, sam, rngs=nnx.Rngs(0)))
   graphdef, params, frozen = nnx.split(abstract, nnx.Param, ...)
   as_target = lambda state: jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
   try:

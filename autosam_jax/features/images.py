@@ -1,0 +1,62 @@
+"""An image cache: the faithful model images and targets in the feature cache's on-disk format, for the UNet.
+
+  from autosam_jax.features.images import write_image_cache
+  write_image_cache("~/data/ACDC", "tfds/acdc", "cache/acdc_images_faithful")
+
+Each item's "embedding" is the slice's model image (224, 224, 3) float32 in [0, 1] and its "target" the (224, 224)
+label map, so `FeatureCache` reads it and the training loop runs on it unchanged. Only clean slices (view 0) are
+stored: the UNet is augmented on the fly in the train step (TrainConfig.augment), not through cached views.
+Rerunning after a kill finishes the job, as precompute does: whole shards are kept, the rest is written.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autosam_jax.data.errors import DataError
+
+
+def write_image_cache(source_dir: str | os.PathLike, tfds_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                      mode: str = "faithful", shard_size: int = 64) -> dict[str, Any]:
+  """Writes (or finishes) the image cache of a dataset folder; returns a summary (items, shards)."""
+  from autosam_jax.data.preprocess import PreprocessConfig, preprocess_volume
+  from autosam_jax.features.cache import CacheWriter
+  from autosam_jax.features.precompute import load_volumes, work_items
+
+  # Improved-mode model images keep each volume's native grid, so slices differ in shape and cannot share shards.
+  if mode != "faithful":
+    raise DataError(f"image cache: only the faithful mode (fixed 224 x 224 slices) is supported, got {mode!r}")
+  preprocess_config = PreprocessConfig(mode=mode)
+  volumes, fingerprint = load_volumes(Path(source_dir), Path(tfds_dir))
+  items = work_items(volumes, set(), 0)
+  depends_on = {"kind": "images", "preprocess": preprocess_config.to_dict(), "dataset_fingerprint": fingerprint,
+                "views": 0, "view_patients": []}
+  writer = CacheWriter(out_dir, depends_on, items, shard_size, "float32")
+  preprocessed: dict[str, Any] = {}  # one volume at a time: items are in (case, slice) order
+
+  def prepared(case_id: str):
+    if case_id not in preprocessed:
+      preprocessed.clear()
+      v = volumes[case_id]
+      preprocessed[case_id] = preprocess_volume(v.image, v.spacing, v.label, preprocess_config, name=case_id)
+    return preprocessed[case_id]
+
+  for shard in range(writer.num_shards):
+    if writer.shard_done(shard):
+      continue
+    images, targets, valid = [], [], []
+    for item in writer.shard_items(shard):
+      pre = prepared(item["case_id"])
+      z = item["slice_index"]
+      images.append(pre.images[z])
+      # An unlabeled volume is stored with an all-invalid mask, so it can never count towards a loss or a score.
+      labeled = pre.targets is not None
+      targets.append(pre.targets[z] if labeled else np.zeros(pre.target_valid.shape, np.uint8))
+      valid.append(pre.target_valid if labeled else np.zeros_like(pre.target_valid))
+    writer.write_shard(shard, np.stack(images), np.stack(targets), np.stack(valid))
+  writer.finalize()
+  return {"items": len(writer.items), "shards": writer.num_shards}
