@@ -5,11 +5,14 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from autosam_jax.train.loop import NonFiniteLossError, TrainConfig, train
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = TrainConfig(head="linear", variant="faithful", epochs=3, batch_size=4, learning_rate=5e-3,
                      plateau_start_epoch=1, checkpoint_every_steps=0)
 
@@ -124,7 +127,7 @@ def test_non_finite_loss_stops_with_the_step(setup, tmp_path):
 def test_four_devices_give_the_same_loss_curve(setup, uninterrupted, tmp_path):
   script = f"""
 import sys, json
-sys.path.insert(0, {repr(os.getcwd())})
+sys.path.insert(0, {repr(str(REPO_ROOT))})
 from tests.test_train import CONFIG, _run
 from autosam_jax.data.splits import Split
 setup = {{"weights": {repr(str(setup['weights']))}, "cache": {repr(str(setup['cache']))},
@@ -142,7 +145,8 @@ _run(setup, {repr(str(tmp_path / 'four'))})
 def test_train_command(setup, tmp_path, capsys):
   from autosam_jax.cli import main
 
-  common = ["train", "--config", "experiments/configs/linear_faithful.py", "--cache", str(setup["cache"]),
+  common = ["train", "--config", str(REPO_ROOT / "experiments/configs/linear_faithful.py"),
+            "--cache", str(setup["cache"]),
             "--weights", str(setup["weights"]), "--splits", str(setup["root"] / "split.json"), "--tr-size", "1"]
   assert main([*common, "--out", str(tmp_path / "run"), "--set", "epochs=1"]) == 0
   assert "trained linear (faithful)" in capsys.readouterr().out
