@@ -71,12 +71,18 @@ def _batches(cache, indices: np.ndarray, config: TrainConfig, epoch: int, iterat
   return iterator
 
 
-def epoch_indices(cache, slices: list[tuple[str, int]], views: int, seed: int, epoch: int) -> np.ndarray:
-  """One cache index per labeled slice: view r ~ U{0..views} drawn from (seed, epoch)."""
-  lookup = {(it["case_id"], it["slice_index"], it["view"]): i for i, it in enumerate(cache.items)}
+def epoch_indices(slice_views: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+  """One cache index per labeled slice: from row i of `slice_views` ((slices, views + 1) cache indices), the view
+  r ~ U{0..views} drawn from (seed, epoch)."""
   rng = np.random.default_rng([seed, epoch, 7])
-  chosen = rng.integers(0, views + 1, size=len(slices))
-  return np.asarray([lookup[(case, z, int(v))] for (case, z), v in zip(slices, chosen)], np.int64)
+  chosen = rng.integers(0, slice_views.shape[1], size=len(slice_views))
+  return slice_views[np.arange(len(slice_views)), chosen]
+
+
+def view_table(cache, slices: list[tuple[str, int]], views: int) -> np.ndarray:
+  """(slices, views + 1) cache indices of each labeled slice's views (column 0: the clean slice)."""
+  lookup = {(it["case_id"], it["slice_index"], it["view"]): i for i, it in enumerate(cache.items)}
+  return np.asarray([[lookup[(case, z, v)] for v in range(views + 1)] for case, z in slices], np.int64)
 
 
 def to_batch(examples: dict[str, Any], batch_size: int) -> dict[str, np.ndarray]:
@@ -214,6 +220,7 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
     raise DataError(f"{cache_dir}: no cached slices of the labeled patients {labeled_patients[:5]}")
   val_indices = cache.indices(val_patients, views=(0,))
   slice_views = views if set(labeled_patients) <= set(cache.manifest["depends_on"].get("view_patients", [])) else 0
+  views_of_slices = view_table(cache, labeled, slice_views)
   if config.augment not in ("none", "faithful", "improved"):
     from autosam_jax.data.errors import DataError
     raise DataError(f"augment must be 'none', 'faithful' or 'improved', got {config.augment!r}")
@@ -266,7 +273,7 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
   last_metrics: dict[str, Any] = {}
   with open(metrics_file, "a") as log:
     for epoch in range(start_epoch, config.epochs):
-      indices = epoch_indices(cache, labeled, slice_views, config.seed, epoch)
+      indices = epoch_indices(views_of_slices, config.seed, epoch)
       iterator = _batches(cache, indices, config, epoch, iterator_state)
       iterator_state = None
       learning_rate = np.float32(config.learning_rate * plateau.scale)
