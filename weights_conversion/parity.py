@@ -113,6 +113,7 @@ def sam_from_torch(torch_sam, encoder_dtype=None, decoder_num_heads: int | None 
   """Meta's PyTorch Sam -> our NNX Sam in memory, through the same key tables as the converter (no files)."""
   from pathlib import Path
 
+  import jax
   import jax.numpy as jnp
   from flax import nnx
 
@@ -122,9 +123,6 @@ def sam_from_torch(torch_sam, encoder_dtype=None, decoder_num_heads: int | None 
   state = {k: v.detach().float().numpy() for k, v in torch_sam.state_dict().items()}
   config, params, _ = convert_state(state, Path("<in-memory torch model>"), decoder_num_heads=decoder_num_heads)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Sam(config, encoder_dtype=encoder_dtype, rngs=nnx.Rngs(0))))
-  nnx.replace_by_pure_dict(abstract, jax_tree_map_asarray(nest(params), jnp))
+  nnx.replace_by_pure_dict(abstract, jax.tree.map(jnp.asarray, nest(params)))
   return nnx.merge(graphdef, abstract)
 
-
-def jax_tree_map_asarray(tree, jnp):
-  return {k: jax_tree_map_asarray(v, jnp) if isinstance(v, dict) else jnp.asarray(v) for k, v in tree.items()}

@@ -321,15 +321,21 @@ def _improved(image: np.ndarray, spacing: tuple[float, float], labels: np.ndarra
   geometry = SliceGeometry(mode="improved", native_shape=(rows, cols), spacing=spacing, resampled_shape=None,
                            model_shape=resized, encoder_size=config.encoder_size, target_shape=(size, size),
                            target_extent=tuple(n * size / config.encoder_size for n in resized))
-  targets = None
-  if labels is not None:
-    # Nearest neighbour: each valid target pixel takes the native pixel under its centre (clamped to the image).
-    vh, vw = geometry.target_valid_shape
-    idx = [np.clip(np.floor((np.arange(v) + 0.5) * (n / e)).astype(np.intp), 0, n - 1)
-           for v, n, e in zip((vh, vw), (rows, cols), geometry.target_extent)]
-    targets = np.zeros((labels.shape[2], size, size), np.uint8)
-    targets[:, :vh, :vw] = labels[np.ix_(idx[0], idx[1])].transpose(2, 0, 1)
+  targets = None if labels is None else improved_targets(labels, geometry)
   return PreprocessedVolume(images, targets, geometry.target_valid(), geometry)
+
+
+def improved_targets(labels: np.ndarray, geometry: SliceGeometry) -> np.ndarray:
+  """Native labels (X, Y, Z) -> improved-mode head targets (Z, T, T) by nearest neighbour: each valid target pixel
+  takes the native pixel under its centre (clamped to the image); the padded area is 0."""
+  rows, cols = geometry.native_shape
+  size = geometry.target_shape[0]
+  vh, vw = geometry.target_valid_shape
+  idx = [np.clip(np.floor((np.arange(v) + 0.5) * (n / e)).astype(np.intp), 0, n - 1)
+         for v, n, e in zip((vh, vw), (rows, cols), geometry.target_extent)]
+  targets = np.zeros((labels.shape[2], size, size), np.uint8)
+  targets[:, :vh, :vw] = labels[np.ix_(idx[0], idx[1])].transpose(2, 0, 1)
+  return targets
 
 
 def preprocess_volume(image: Any, spacing: Sequence[float], labels: Any = None,

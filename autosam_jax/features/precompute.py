@@ -101,7 +101,7 @@ class _Preparer:
     import jax
 
     from autosam_jax.data.augment import augment_batch
-    from autosam_jax.data.preprocess import preprocess_volume
+    from autosam_jax.data.preprocess import improved_targets
 
     z = item["slice_index"]
     if item["view"] == 0:
@@ -116,9 +116,7 @@ class _Preparer:
     volume = self.volumes[item["case_id"]]
     image, label = augment_batch(key, pre.images[z][None] / 255.0, volume.label[:, :, z][None].astype(np.int32),
                                  self.augment_config)
-    label = np.asarray(label[0]).astype(np.uint8)
-    target = preprocess_volume(volume.image[:, :, z:z + 1], volume.spacing, label[:, :, None],
-                               self.preprocess_config, name=item["case_id"]).targets[0]
+    target = improved_targets(np.asarray(label[0]).astype(np.uint8)[:, :, None], pre.geometry)[0]
     return np.asarray(image[0]) * 255.0, target
 
   def batch(self, items: list[dict[str, Any]], batch_size: int):
