@@ -16,6 +16,7 @@ augmented copies of labeled training slices.
 from __future__ import annotations
 
 import hashlib
+import threading
 import json
 import os
 from pathlib import Path
@@ -148,11 +149,21 @@ class FeatureCache:
     self.bfloat16 = self.manifest["storage_dtype"] == "bfloat16"
     self._arrays: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     self._verify = verify
+    # grain reads from several threads. Opening a shard once under a lock also keeps np.load's header parsing
+    # (ast.literal_eval) single-threaded: CPython 3.11's parser can fail with "AST constructor recursion depth
+    # mismatch" when two threads parse at once.
+    self._open_lock = threading.Lock()
 
   def __len__(self) -> int:
     return len(self.items)
 
   def _shard(self, shard: int):
+    if shard in self._arrays:
+      return self._arrays[shard]
+    with self._open_lock:
+      return self._open_shard(shard)
+
+  def _open_shard(self, shard: int):
     if shard not in self._arrays:
       shard_dir = self.cache_dir / "shards"
       done = shard_dir / f"{shard:05d}.done"
