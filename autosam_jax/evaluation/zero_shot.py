@@ -1,0 +1,372 @@
+"""`autosam-jax zero-shot`: SAM itself, prompted from the ground truth, on a split's test patients (spec 1d).
+
+  autosam-jax zero-shot --weights weights/vit_b --data ~/data/ACDC --tfds-dir ~/tensorflow_datasets \\
+      --splits splits/cv5.json --fold cv5-seed0-fold0 --prompt box --mode improved --out runs/sam_zero_shot_box
+
+The paper's zero-shot baseline (`scripts/inference.py`): for every slice of each test patient's ED and ES frames, one
+prompt per foreground class present in the ground-truth slice (RV 1, MYO 2, LV 3), all of a slice's prompts decoded
+in one SAM call with multimask_output=False. The prompts come from the labels, so this is an oracle: it also tells
+SAM which classes are in the slice.
+  --prompt box: the class's tight bounding box with a 1-pixel margin (as the official `get_box`), clipped to the image.
+  --prompt point: one positive point, the class pixel nearest the class's centre of mass (the official point-prompt
+    script is a broken stub, so this variant is ours).
+Each mask is its logits > 0; a pixel that no class mask covers is background, and one that several cover goes to the
+lowest class index (the official argmax over [background, RV, MYO, LV] with 0/1 masks).
+
+--mode faithful: the official pipeline, normalisation bug included (spec 6.5): the 224 x 224 model image in [0, 1]
+  is upsampled bilinearly to the encoder size and then normalised with SAM's pixel mean/std, which are on the 0..255
+  scale, so the encoder sees an almost constant image of about -2. Prompts are computed on the 224 label and scaled to
+  the encoder frame as `ResizeLongestSide` does; masks come back at 224 (the official grid).
+--mode improved: the image on the 0..255 scale (percentile-clipped native slice), resized so its longer side is the
+  encoder size keeping its aspect ratio, SAM's normalisation, zero padding: what SAM was trained on, so this is the
+  fair comparison. Prompts are computed on the native label slice and scaled into the resized frame.
+
+Scored as `autosam-jax evaluate` scores a head: official (ED+ES stacked on the target grid, HD95 in voxels) and
+standard (per frame on the native grid, HD95 in mm). Writes OUT/metrics.json, OUT/metrics.md and
+OUT/predictions/<case_id>.nii.gz (native-grid label maps with the source volume's affine), only once every patient is
+done, so a failure leaves OUT untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from autosam_jax.data.errors import DataError
+
+DESCRIPTION = __doc__
+PROMPTS = ("box", "point")
+MODES = ("faithful", "improved")
+FOREGROUND_CLASSES = (1, 2, 3)  # RV, MYO, LV: one prompt slot each, in this order
+BOX_MARGIN = 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompts from a ground-truth slice
+
+
+def box_prompt(mask: np.ndarray, margin: int = BOX_MARGIN) -> np.ndarray:
+  """(x0, y0, x1, y1) float32: the tight box of a 2D mask widened by `margin` pixels on each side.
+
+  Coordinates are pixel indices (x = column, y = row), as the official `get_box` returns them, which SAM's prompt
+  encoder then shifts to pixel centres. The official scan leaves a box that touches the border at -1 or H + 1; here it
+  is clipped to the image (0 .. H - 1), which changes nothing for a heart away from the border.
+  """
+  mask = np.asarray(mask, bool)
+  if mask.ndim != 2 or not mask.any():
+    raise ValueError(f"box_prompt needs a non-empty 2D mask, got shape {mask.shape} with {int(mask.sum())} pixels")
+  rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+  h, w = mask.shape
+  return np.array([max(cols[0] - margin, 0), max(rows[0] - margin, 0), min(cols[-1] + margin, w - 1),
+                   min(rows[-1] + margin, h - 1)], np.float32)
+
+
+def point_prompt(mask: np.ndarray) -> np.ndarray:
+  """(x, y) float32: the mask pixel nearest the mask's centre of mass.
+
+  For a compact blob that is the pixel holding the centre of mass. The centre of mass of a ring (the myocardium) lies
+  in the hole, on the LV cavity, and a point there would prompt the wrong structure; the nearest pixel of the ring
+  itself is on the class. Ties go to the first pixel in row-major order, so the point is deterministic.
+  """
+  mask = np.asarray(mask, bool)
+  if mask.ndim != 2 or not mask.any():
+    raise ValueError(f"point_prompt needs a non-empty 2D mask, got shape {mask.shape} with {int(mask.sum())} pixels")
+  rows, cols = np.nonzero(mask)
+  centre_row, centre_col = rows.mean(), cols.mean()
+  nearest = int(np.argmin((rows - centre_row) ** 2 + (cols - centre_col) ** 2))
+  return np.array([cols[nearest], rows[nearest]], np.float32)
+
+
+def slice_prompts(labels: np.ndarray, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+  """One prompt slot per foreground class of a 2D label slice: (prompts, present).
+
+  prompts: (3, 4) boxes or (3, 2) points in the label's pixel frame; present: (3,) bool. Absent classes get a dummy
+  prompt, so every slice decodes the same number of prompt sets (one compilation); SAM decodes prompt sets
+  independently, and the dummies' masks are discarded.
+  """
+  make = box_prompt if prompt == "box" else point_prompt
+  present = np.array([np.any(labels == c) for c in FOREGROUND_CLASSES])
+  prompts = np.zeros((len(FOREGROUND_CLASSES), 4 if prompt == "box" else 2), np.float32)
+  for k, c in enumerate(FOREGROUND_CLASSES):
+    if present[k]:
+      prompts[k] = make(labels == c)
+  return prompts, present
+
+
+def combine_masks(logits: np.ndarray) -> np.ndarray:
+  """(..., H, W, 3) per-class mask logits (-inf for unprompted classes) -> (..., H, W) uint8 labels.
+
+  Masks are logits > 0; uncovered pixels are background and overlaps go to the lowest class, as the official argmax
+  over [background, RV, MYO, LV] 0/1 masks resolves them.
+  """
+  masks = np.asarray(logits) > 0
+  labels = np.zeros(masks.shape[:-1], np.uint8)
+  for k in reversed(range(len(FOREGROUND_CLASSES))):
+    labels[masks[..., k]] = FOREGROUND_CLASSES[k]
+  return labels
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SAM on a volume's slices
+
+
+@dataclasses.dataclass
+class VolumeSegmentation:
+  """One volume segmented slice by slice.
+
+  target_logits: (Z, T, T, 3) per-class mask logits on the target grid (faithful: 224; improved: SAM's low-resolution
+  output, which is the improved target grid), -inf where the class was not prompted. native_logits: (Z, rows, cols, 3)
+  the same mapped by SAM's `postprocess_masks` to the native slice. present: (Z, 3) the prompted classes. prompts:
+  (Z, 3, 4) or (Z, 3, 2) in the encoder's input frame. target_labels: (Z, T, T) and native_labels: (X, Y, Z), uint8.
+  """
+
+  target_logits: np.ndarray
+  native_logits: np.ndarray
+  present: np.ndarray
+  prompts: np.ndarray
+  target_labels: np.ndarray
+  native_labels: np.ndarray
+
+
+class ZeroShotSegmenter:
+  """SAM with ground-truth prompts, batched over slices.
+
+  The encoder runs on `batch_size` slices at a time, the last batch padded by repeating its last slice, so it is
+  compiled once; the decoder takes every slice's three prompt slots as one flat batch of prompt sets, also compiled
+  once; only the resize back to a volume's native grid is compiled per native shape.
+  """
+
+  def __init__(self, sam, *, mode: str = "faithful", prompt: str = "box", batch_size: int = 4):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    if mode not in MODES:
+      raise DataError(f"mode must be one of {MODES}, got {mode!r}")
+    if prompt not in PROMPTS:
+      raise DataError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
+    if batch_size < 1:
+      raise DataError(f"batch size must be positive, got {batch_size}")
+    self.mode, self.prompt, self.batch_size = mode, prompt, batch_size
+    self.config = sam.config
+    graphdef, self._state = nnx.split(sam)
+    slots = len(FOREGROUND_CLASSES)
+
+    @functools.partial(jax.jit, static_argnames=("normalise",))
+    def encode(state, images, normalise):
+      model = nnx.merge(graphdef, state)
+      # faithful: `Sam.preprocess` applied to [0, 1] images, i.e. the official normalisation bug (spec 6.5)
+      return model.image_encoder(model.preprocess(images) if normalise else images)
+
+    @jax.jit
+    def decode(state, embeddings, prompts):
+      model = nnx.merge(graphdef, state)
+      batch = embeddings.shape[0]
+      flat = prompts.reshape(batch * slots, -1)
+      if prompt == "box":
+        sparse, dense = model.prompt_encoder(None, flat, None)
+      else:
+        sparse, dense = model.prompt_encoder((flat[:, None], jnp.ones((flat.shape[0], 1), jnp.int32)), None, None)
+      low_res, _ = model.mask_decoder(jnp.repeat(embeddings, slots, axis=0), model.prompt_encoder.get_dense_pe(),
+                                      sparse, dense, False)
+      return low_res[..., 0].reshape(batch, slots, *low_res.shape[1:3]).transpose(0, 2, 3, 1)
+
+    @functools.partial(jax.jit, static_argnames=("input_size", "output_size"))
+    def upscale(state, low_res, input_size, output_size):
+      return nnx.merge(graphdef, state).postprocess_masks(low_res, input_size, output_size)
+
+    self._encode, self._decode, self._upscale = encode, decode, upscale
+
+  def _frames(self, geometry) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(the grid the prompts are computed on, the encoder's input size before padding)."""
+    if self.mode == "faithful":
+      size = self.config.image_size
+      return tuple(geometry.target_shape), (size, size)
+    return tuple(geometry.native_shape), tuple(geometry.model_shape)
+
+  def segment(self, pre, native_labels: np.ndarray, on_batch: Callable[[int], Any] | None = None) -> VolumeSegmentation:
+    """Segments every slice of a preprocessed volume (`preprocess_volume` in this segmenter's mode, with labels).
+
+    native_labels: the (X, Y, Z) ground truth on the native grid, which improved mode prompts from. on_batch(n) is
+    called after each batch with the number of slices done (a progress bar).
+    """
+    import jax.numpy as jnp
+
+    from autosam_jax.data.preprocess import encoder_input
+
+    geometry = pre.geometry
+    if geometry.mode != self.mode:
+      raise ValueError(f"the volume was preprocessed in {geometry.mode!r} mode, the segmenter runs in {self.mode!r}")
+    if geometry.encoder_size != self.config.image_size:
+      raise ValueError(f"the volume was preprocessed for a {geometry.encoder_size} encoder, SAM takes "
+                       f"{self.config.image_size}")
+    prompt_grid, input_size = self._frames(geometry)
+    prompt_labels = pre.targets if self.mode == "faithful" else np.asarray(native_labels).transpose(2, 0, 1)
+    if prompt_labels is None or tuple(prompt_labels.shape[1:]) != prompt_grid:
+      raise ValueError(f"prompts need labels on the {prompt_grid} grid")
+    prompts, present = zip(*(slice_prompts(labels, self.prompt) for labels in prompt_labels))
+    # The resize into the encoder frame: `ResizeLongestSide.apply_boxes/apply_coords` when the resize is
+    # ResizeLongestSide's (always in faithful mode; improved mode keeps the physical aspect ratio, so with square
+    # pixels it is the same).
+    scale = np.array([input_size[1] / prompt_grid[1], input_size[0] / prompt_grid[0]], np.float32)
+    prompts = np.stack(prompts) * np.tile(scale, 2 if self.prompt == "box" else 1)
+    present = np.stack(present)
+
+    num_slices = len(pre.images)
+    target_size = tuple(geometry.target_shape)
+    target_logits, native_logits = [], []
+    for start in range(0, num_slices, self.batch_size):
+      stop = min(start + self.batch_size, num_slices)
+      index = np.minimum(np.arange(start, start + self.batch_size), num_slices - 1)  # pad by repeating the last
+      inputs = encoder_input(pre.images[index], geometry)
+      embeddings = self._encode(self._state, inputs, normalise=self.mode == "faithful")
+      low_res = self._decode(self._state, embeddings, jnp.asarray(prompts[index]))
+      if self.mode == "faithful":
+        target = self._upscale(self._state, low_res, input_size=input_size, output_size=target_size)
+      else:
+        if low_res.shape[1:3] != target_size:
+          raise ValueError(f"SAM's {low_res.shape[1]}-pixel masks do not match the {target_size} target grid")
+        target = low_res
+      native = self._upscale(self._state, low_res, input_size=input_size, output_size=tuple(geometry.native_shape))
+      target_logits.append(np.asarray(target)[:stop - start])
+      native_logits.append(np.asarray(native)[:stop - start])
+      if on_batch is not None:
+        on_batch(stop - start)
+    absent = ~present[:, None, None, :]
+    target_logits = np.where(absent, -np.inf, np.concatenate(target_logits)).astype(np.float32)
+    native_logits = np.where(absent, -np.inf, np.concatenate(native_logits)).astype(np.float32)
+    native = np.ascontiguousarray(combine_masks(native_logits).transpose(1, 2, 0))
+    return VolumeSegmentation(target_logits, native_logits, present, prompts.astype(np.float32),
+                              combine_masks(target_logits), native)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def _select_split(splits_file: Path, fold: str | None):
+  from autosam_jax.data.splits import load_splits
+
+  splits = load_splits(splits_file)
+  split = splits[0] if fold is None else next((s for s in splits if s.name == fold), None)
+  if split is None:
+    raise DataError(f"{splits_file}: no split named {fold!r}; it holds {[s.name for s in splits]}")
+  return split
+
+
+def zero_shot(weights_dir: str | Path, source_dir: str | Path, tfds_dir: str | Path, splits_file: str | Path,
+              out_dir: str | Path, *, fold: str | None = None, prompt: str = "box", mode: str = "faithful",
+              batch_size: int = 4, progress: bool = True) -> dict[str, Any]:
+  """Segments and scores the split's test patients; returns {"report", "table"} and writes them to `out_dir`.
+
+  Everything is checked (arguments, weights, split, that the data holds every test patient) before the model runs,
+  and nothing is written until every patient is scored, so a DataError or CheckpointError leaves `out_dir` untouched.
+  """
+  from autosam_jax.atomic import atomic_write_bytes, atomic_write_json
+  from autosam_jax.data.preprocess import PreprocessConfig, preprocess_volume
+  from autosam_jax.evaluation.evaluate import score_patient, summary_table
+  from autosam_jax.evaluation.metrics import summarize
+  from autosam_jax.evaluation.predict import label_nifti_bytes
+  from autosam_jax.features.precompute import load_volumes
+  from autosam_jax.models.loading import load_sam, read_config
+
+  if prompt not in PROMPTS:
+    raise DataError(f"--prompt must be one of {PROMPTS}, got {prompt!r}")
+  if mode not in MODES:
+    raise DataError(f"--mode must be one of {MODES}, got {mode!r}")
+  if batch_size < 1:
+    raise DataError(f"--batch-size must be positive, got {batch_size}")
+  weights_dir, source_dir, splits_file, out_dir = Path(weights_dir), Path(source_dir), Path(splits_file), Path(out_dir)
+  read_config(weights_dir)  # fails fast, before the dataset build, on a directory that is not converted weights
+  split = _select_split(splits_file, fold)
+  volumes, fingerprint = load_volumes(source_dir, Path(tfds_dir))
+  cases: dict[str, list[str]] = {}
+  for case_id, volume in volumes.items():
+    cases.setdefault(volume.patient_id, []).append(case_id)
+  missing = [p for p in split.test if p not in cases]
+  if missing:
+    raise DataError(f"{splits_file}: test patients of split {split.name!r} not in {source_dir}: "
+                    f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+  sam = load_sam(weights_dir)
+  config = PreprocessConfig(mode=mode, encoder_size=sam.config.image_size,
+                            head_size=4 * sam.config.image_embedding_size)
+  segmenter = ZeroShotSegmenter(sam, mode=mode, prompt=prompt, batch_size=batch_size)
+
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    total = sum(volumes[c].image.shape[2] for p in split.test for c in cases[p])
+    bar = tqdm(total=total, unit="slice", desc=f"SAM zero-shot ({prompt}, {mode})", dynamic_ncols=True)
+  patients: dict[str, Any] = {}
+  official_results, standard_results, predictions = [], [], {}
+  try:
+    for patient_id in split.test:
+      target_labels, targets, native = {}, {}, {}
+      for case_id in sorted(cases[patient_id]):
+        volume = volumes[case_id]
+        pre = preprocess_volume(volume.image, volume.spacing, volume.label, config, name=case_id)
+        result = segmenter.segment(pre, volume.label, on_batch=None if bar is None else bar.update)
+        target_labels[case_id], native[case_id] = result.target_labels, result.native_labels
+        targets[case_id] = pre.targets
+      score = score_patient(patient_id, target_labels, targets, volumes, config, native_predictions=native)
+      predictions.update(score.native)
+      official_results.append(score.official)
+      standard_results += list(score.standard.values())
+      patients[patient_id] = {
+          "official": score.official.to_dict(),
+          "standard": {case_id: {"frame": volumes[case_id].frame, **result.to_dict()}
+                       for case_id, result in score.standard.items()}}
+  finally:
+    if bar is not None:
+      bar.close()
+
+  summary = summarize(official_results + standard_results)
+  report = {"method": "sam_zero_shot", "prompt": prompt, "mode": mode, "prompt_source": "ground truth",
+            "weights": str(weights_dir), "data": str(source_dir), "dataset_fingerprint": fingerprint,
+            "split": split.name, "test_patients": list(split.test), "sam_config": json.loads(sam.config.to_json()),
+            "preprocess": config.to_dict(), "summary": summary, "patients": patients}
+  for case_id, labels in predictions.items():
+    atomic_write_bytes(out_dir / "predictions" / f"{case_id}.nii.gz",
+                       label_nifti_bytes(labels, volumes[case_id].affine))
+  atomic_write_json(out_dir / "metrics.json", report)
+  table = summary_table(summary)
+  heading = f"SAM zero-shot, {prompt} prompts from the ground truth, {mode} mode, split {split.name}"
+  atomic_write_bytes(out_dir / "metrics.md", f"{heading}\n\n{table}\n".encode())
+  return {"report": report, "table": table}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--weights", type=Path, required=True, help="converted SAM weights (autosam-jax convert)")
+  parser.add_argument("--data", type=Path, required=True, help="the ACDC or nnU-Net folder")
+  parser.add_argument("--tfds-dir", type=Path, default=Path("~/tensorflow_datasets"),
+                      help="where the TFDS slice dataset is built or found (default ~/tensorflow_datasets)")
+  parser.add_argument("--splits", type=Path, required=True, help="split file (autosam-jax make-splits)")
+  parser.add_argument("--fold", help="split name inside the file (default: the first)")
+  parser.add_argument("--prompt", choices=PROMPTS, default="box",
+                      help="box: GT bounding box with a 1-pixel margin (the paper's); point: one point per class")
+  parser.add_argument("--mode", choices=MODES, default="faithful",
+                      help="faithful: the official input, normalisation bug included; improved: correctly "
+                           "normalised 0..255 input at the native aspect ratio (default faithful)")
+  parser.add_argument("--out", type=Path, required=True, help="output folder")
+  parser.add_argument("--batch-size", type=int, default=4, help="slices per encoder call (default 4)")
+
+
+def run(args: argparse.Namespace) -> int:
+  from autosam_jax.models.loading import CheckpointError
+
+  try:
+    result = zero_shot(args.weights, args.data, args.tfds_dir.expanduser(), args.splits, args.out, fold=args.fold,
+                       prompt=args.prompt, mode=args.mode, batch_size=args.batch_size)
+  except (DataError, CheckpointError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  print(result["table"])
+  print(f"wrote {Path(args.out) / 'metrics.json'}, metrics.md and predictions/")
+  return 0
