@@ -15,9 +15,14 @@ COMMANDS = {
     "build-dataset": ("autosam_jax.data.build", "build a TFDS dataset of 2D slices from ACDC or nnU-Net folders"),
     "make-splits": ("autosam_jax.data.splits", "write seeded patient-level splits (official or cross-validation)"),
     "precompute": ("autosam_jax.features.precompute", "encode every slice once with the frozen SAM encoder into a cache"),
+    "image-cache": ("autosam_jax.features.images", "write the model images of every slice, for the UNet baseline"),
+    "pretrain-simclr": ("autosam_jax.train.simclr", "SimCLR pretraining of the UNet encoder on unlabeled slices"),
     "train": ("autosam_jax.train.command", "train a prompt-free head on cached embeddings"),
     "evaluate": ("autosam_jax.evaluation.evaluate", "score a trained head on a split's test patients (Dice, HD95)"),
     "predict": ("autosam_jax.evaluation.predict", "segment NIfTI images with a trained head"),
+    "zero-shot": ("autosam_jax.evaluation.zero_shot", "score SAM itself, prompted from the ground truth (box or point)"),
+    "sweep": ("experiments.label_efficiency", "the label-efficiency experiment: every method x encoder x tr_size x fold"),
+    "demo": ("experiments.demo", "the whole pipeline on synthetic phantoms with a small SAM, in minutes on a CPU"),
 }
 
 

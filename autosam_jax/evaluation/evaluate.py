@@ -3,6 +3,8 @@
   autosam-jax evaluate --model runs/autosam_tr1/final_model --weights weights/vit_b --cache cache/vit_b_faithful \\
       --data ~/data/ACDC --tfds-dir ~/tensorflow_datasets --splits splits/cv5.json --fold cv5-seed0-fold0 \\
       --out runs/autosam_tr1/eval
+  autosam-jax evaluate --model runs/unet_tr1/final_model --cache cache/images_faithful --data ~/data/ACDC \\
+      --splits splits/cv5.json --fold cv5-seed0-fold0 --out runs/unet_tr1/eval      (a UNet: its image cache, no SAM)
 
 Every slice of each test patient's ED and ES frames is predicted from its cached clean embedding (view 0), then scored
   official: the patient's ED+ES slices stacked into one volume on the target grid (224 x 224 in faithful mode; the
@@ -90,7 +92,7 @@ def _cached_cases(cache, patient_id: str, volumes: dict[str, Any]) -> dict[str, 
   return cases
 
 
-def evaluate(model_dir: Path, weights_dir: Path, cache_dir: Path, source_dir: Path, tfds_dir: Path, splits_file: Path,
+def evaluate(model_dir: Path, weights_dir: Path | None, cache_dir: Path, source_dir: Path, tfds_dir: Path, splits_file: Path,
              out_dir: Path, *, fold: str | None = None, batch_size: int = 8) -> dict[str, Any]:
   """Predicts and scores the split's test patients; writes OUT/metrics.json, metrics.md and predictions/."""
   from autosam_jax.atomic import atomic_write_bytes, atomic_write_json
@@ -109,8 +111,9 @@ def evaluate(model_dir: Path, weights_dir: Path, cache_dir: Path, source_dir: Pa
     raise DataError(f"{splits_file}: split {split.name!r} has no test patients")
   cache = FeatureCache(cache_dir)
   depends_on = cache.manifest["depends_on"]
-  _, head, train_config = load_model(Path(model_dir), Path(weights_dir), encoder=False)
-  check_cache_matches(depends_on, train_config, read_config(weights_dir), str(Path(cache_dir) / "manifest.json"))
+  _, head, train_config = load_model(Path(model_dir), None if weights_dir is None else Path(weights_dir), encoder=False)
+  sam_config = None if train_config.head == "unet" else read_config(weights_dir)
+  check_cache_matches(depends_on, train_config, sam_config, str(Path(cache_dir) / "manifest.json"))
   preprocess_config = preprocess_config_from_manifest(depends_on)
   volumes, fingerprint = load_volumes(Path(source_dir), Path(tfds_dir))
   if depends_on.get("dataset_fingerprint") not in (None, fingerprint):
@@ -180,8 +183,9 @@ def summary_table(summary: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--model", type=Path, required=True, help="a run's final_model/ or best_model/ directory")
-  parser.add_argument("--weights", type=Path, required=True, help="the converted SAM the model was trained with")
-  parser.add_argument("--cache", type=Path, required=True, help="the feature cache (autosam-jax precompute)")
+  parser.add_argument("--weights", type=Path, help="the converted SAM the model was trained with (not for a UNet)")
+  parser.add_argument("--cache", type=Path, required=True,
+                      help="the feature cache (autosam-jax precompute), or the image cache for a UNet")
   parser.add_argument("--data", type=Path, required=True, help="the ACDC or nnU-Net folder the cache was built from")
   parser.add_argument("--tfds-dir", type=Path, default=Path("~/tensorflow_datasets"),
                       help="where the TFDS slice dataset is built or found (default ~/tensorflow_datasets)")

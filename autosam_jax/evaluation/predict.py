@@ -1,6 +1,7 @@
 """`autosam-jax predict`: segment NIfTI images with a trained head, end to end (encoder included, no cache).
 
   autosam-jax predict --model runs/autosam_tr1/final_model --weights weights/vit_b --input scans/ --output labels/
+  autosam-jax predict --model runs/unet_tr1/final_model --input scans/ --output labels/    (a UNet: no SAM)
 
 Each input (a .nii/.nii.gz file, or every such file in a folder) gets a uint8 label map of the same shape, affine and
 header under the same name in --output. The preprocessing is the one the model was trained with: taken from the
@@ -92,6 +93,8 @@ def preprocess_config_for(train_config, sam_config, cache_dir: Path | None):
   from autosam_jax.data.preprocess import PreprocessConfig
 
   if cache_dir is None:
+    if sam_config is None:  # the UNet: faithful model images, no encoder
+      return PreprocessConfig(mode=train_config.variant)
     return PreprocessConfig(mode=train_config.variant, encoder_size=sam_config.image_size,
                             head_size=4 * sam_config.image_embedding_size)
   manifest_file = Path(cache_dir) / "manifest.json"
@@ -113,21 +116,51 @@ def preprocess_config_from_manifest(depends_on: dict[str, Any]):
 
 
 def check_cache_matches(depends_on: dict[str, Any], train_config, sam_config, where: str) -> None:
-  """A cache made with another SAM or in another mode than the model would silently give wrong predictions."""
-  if depends_on.get("sam_config") != json.loads(sam_config.to_json()):
+  """A cache made with another SAM or in another mode than the model would silently give wrong predictions; an image
+  cache feeds only the UNet, and a SAM feature cache only the heads."""
+  images = depends_on.get("kind") == "images"
+  if images != (train_config.head == "unet"):
+    have = "an image cache (autosam-jax image-cache)" if images else "a SAM feature cache (autosam-jax precompute)"
+    raise DataError(f"{where}: {have} cannot feed a {train_config.head} model")
+  if not images and depends_on.get("sam_config") != json.loads(sam_config.to_json()):
     raise DataError(f"{where}: the cache was computed with another SAM than --weights")
   mode = (depends_on.get("preprocess") or {}).get("mode")
   if mode != train_config.variant:
     raise DataError(f"{where}: the cache is in {mode!r} mode but the model was trained as {train_config.variant!r}")
 
 
-def load_model(model_dir: Path, weights_dir: Path, encoder: bool):
-  """(sam, head, train_config); DataError or CheckpointError (both one line naming the path) when unusable."""
-  from autosam_jax.models.loading import load_sam, read_config
-  from autosam_jax.train.loop import load_head
+def read_train_config(model_dir: Path):
+  """The TrainConfig saved with a model, checked before anything slow is loaded."""
+  from autosam_jax.train.loop import TrainConfig
 
   if not Path(model_dir).is_dir():
     raise DataError(f"{model_dir}: no such model directory; give a run's final_model/ or best_model/")
+  config_file = Path(model_dir) / "train_config.json"
+  try:
+    values = json.loads(config_file.read_text())
+  except FileNotFoundError:
+    raise DataError(f"{config_file}: missing; give a run's final_model/ or best_model/ directory") from None
+  except (OSError, ValueError) as err:
+    raise DataError(f"{config_file}: unreadable ({type(err).__name__}: {err})") from None
+  if not isinstance(values, dict):
+    raise DataError(f"{config_file}: not a training config (a JSON object was expected)")
+  return TrainConfig.from_dict(values, source=str(config_file))
+
+
+def load_model(model_dir: Path, weights_dir: Path | None, encoder: bool):
+  """(sam, head, train_config); DataError or CheckpointError (both one line naming the path) when unusable.
+
+  A UNet needs no SAM: `weights_dir` is ignored for it and `sam` is None.
+  """
+  from autosam_jax.models.loading import load_sam, read_config
+  from autosam_jax.train.loop import load_head
+
+  train_config = read_train_config(model_dir)
+  if train_config.head == "unet":
+    head, train_config = load_head(model_dir, None)
+    return None, head, train_config
+  if weights_dir is None:
+    raise DataError(f"{model_dir}: a {train_config.head} head needs --weights (the converted SAM it was trained with)")
   read_config(weights_dir)  # fails fast, before the (slow) restore, on a directory that is not converted weights
   sam = load_sam(weights_dir)
   head, train_config = load_head(model_dir, sam)
@@ -156,6 +189,8 @@ def predict_volume(image: np.ndarray, spacing, sam, forward, config, batch_size:
   from autosam_jax.data.preprocess import encoder_input, preprocess_volume
 
   pre = preprocess_volume(image, spacing, None, config, name=name)
+  if sam is None:  # the UNet reads the model images themselves
+    return native_labels(forward(pre.images), pre.geometry)
   embeddings = []
   for start in range(0, len(pre.images), batch_size):
     chunk = pre.images[start:start + batch_size]
@@ -167,7 +202,7 @@ def predict_volume(image: np.ndarray, spacing, sam, forward, config, batch_size:
   return native_labels(logits, pre.geometry)
 
 
-def predict(model_dir: Path, weights_dir: Path, inputs: Path, output_dir: Path, *, cache_dir: Path | None = None,
+def predict(model_dir: Path, weights_dir: Path | None, inputs: Path, output_dir: Path, *, cache_dir: Path | None = None,
             batch_size: int = 4) -> list[Path]:
   """Writes one label map per input; returns the written paths. Raises DataError/CheckpointError before writing."""
   from autosam_jax.atomic import atomic_write_bytes
@@ -181,8 +216,9 @@ def predict(model_dir: Path, weights_dir: Path, inputs: Path, output_dir: Path, 
   collisions = [f for f in files if (output_dir / f.name).resolve() == f.resolve()]
   if collisions:
     raise DataError(f"{collisions[0]}: --output would overwrite this input; choose another output folder")
-  sam, head, train_config = load_model(Path(model_dir), Path(weights_dir), encoder=True)
-  config = preprocess_config_for(train_config, sam.config, cache_dir)
+  sam, head, train_config = load_model(Path(model_dir), None if weights_dir is None else Path(weights_dir),
+                                       encoder=True)
+  config = preprocess_config_for(train_config, None if sam is None else sam.config, cache_dir)
   # Reading every file now (and again below, to keep memory to one volume) so a bad one anywhere writes nothing.
   for path in files:
     volume = read_nifti(path)
@@ -200,7 +236,7 @@ def predict(model_dir: Path, weights_dir: Path, inputs: Path, output_dir: Path, 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--model", type=Path, required=True, help="a run's final_model/ or best_model/ directory")
-  parser.add_argument("--weights", type=Path, required=True, help="the converted SAM the model was trained with")
+  parser.add_argument("--weights", type=Path, help="the converted SAM the model was trained with (not for a UNet)")
   parser.add_argument("--input", type=Path, required=True, help="a NIfTI image, or a folder of them")
   parser.add_argument("--output", type=Path, required=True, help="folder for the label maps (same file names)")
   parser.add_argument("--cache", type=Path, help="the feature cache the model was trained on (its preprocessing)")

@@ -1,7 +1,6 @@
 """An image cache: the faithful model images and targets in the feature cache's on-disk format, for the UNet.
 
-  from autosam_jax.features.images import write_image_cache
-  write_image_cache("~/data/ACDC", "tfds/acdc", "cache/acdc_images_faithful")
+  autosam-jax image-cache --data ~/data/ACDC --tfds-dir ~/tensorflow_datasets --out cache/acdc_images_faithful
 
 Each item's "embedding" is the slice's model image (224, 224, 3) float32 in [0, 1] and its "target" the (224, 224)
 label map, so `FeatureCache` reads it and the training loop runs on it unchanged. Only clean slices (view 0) are
@@ -11,13 +10,17 @@ Rerunning after a kill finishes the job, as precompute does: whole shards are ke
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from autosam_jax.data.errors import DataError
+
+DESCRIPTION = __doc__
 
 
 def write_image_cache(source_dir: str | os.PathLike, tfds_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -60,3 +63,23 @@ def write_image_cache(source_dir: str | os.PathLike, tfds_dir: str | os.PathLike
     writer.write_shard(shard, np.stack(images), np.stack(targets), np.stack(valid))
   writer.finalize()
   return {"items": len(writer.items), "shards": writer.num_shards}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--data", type=Path, required=True, help="ACDC or nnU-Net NIfTI folder")
+  parser.add_argument("--tfds-dir", type=Path, default=Path("~/tensorflow_datasets"),
+                      help="where the TFDS slice dataset is built or found (default ~/tensorflow_datasets)")
+  parser.add_argument("--out", type=Path, required=True, help="cache directory (created, or finished if it exists)")
+  parser.add_argument("--shard-size", type=int, default=64, help="slices per shard file")
+
+
+def run(args: argparse.Namespace) -> int:
+  try:
+    if args.shard_size < 1:
+      raise DataError(f"--shard-size must be positive, got {args.shard_size}")
+    summary = write_image_cache(args.data, args.tfds_dir.expanduser(), args.out, shard_size=args.shard_size)
+  except DataError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  print(f"image cache {args.out}: {summary['items']} slices in {summary['shards']} shards")
+  return 0

@@ -310,13 +310,14 @@ class LinearHead(nnx.Module):
 
 
 def build_head(kind: HeadKind, num_classes: int, *, variant: Variant, sam: Sam | str | os.PathLike | None = None,
-               joint: bool = False, rngs: nnx.Rngs) -> nnx.Module:
+               joint: bool = False, cnn_top_channels: int = 64, rngs: nnx.Rngs) -> nnx.Module:
   """A segmentation head for SAM image embeddings.
 
   kind: "autosam" (section 1a), "cnn" or "linear" (section 1b). sam: a converted SAM (an NNX `Sam`, or the directory
   `weights_conversion` wrote) whose decoder initialises what the head takes from it; None gives random weights of
   the same architecture (SAM's default decoder sizes). joint: improved AutoSAM only, see `AutoSamHead`.
-  Only SAM's decoder parts are copied; the head keeps no reference to the image encoder.
+  cnn_top_channels: the CNN head's narrowest width (the official 64 gives its 1024-wide input block; smaller values
+  shrink every layer, e.g. for a CPU demo). Only SAM's decoder parts are copied; the head keeps no reference to the image encoder.
   """
   if kind not in HEAD_KINDS:
     raise ValueError(f"unknown head kind {kind!r}; choose one of {', '.join(HEAD_KINDS)}")
@@ -330,5 +331,5 @@ def build_head(kind: HeadKind, num_classes: int, *, variant: Variant, sam: Sam |
   embed_dim = sam.config.prompt_embed_dim if sam is not None else 256
   if kind == "cnn":
     # The official builder loads SAM with strict=False, which matches no key of this head: SAM only sets the width.
-    return CnnHead(num_classes, variant=variant, embed_dim=embed_dim, rngs=rngs)
+    return CnnHead(num_classes, variant=variant, embed_dim=embed_dim, top_channels=cnn_top_channels, rngs=rngs)
   return LinearHead(num_classes, variant=variant, sam=sam, embed_dim=embed_dim, rngs=rngs)

@@ -15,8 +15,9 @@ DESCRIPTION = """Train a prompt-free head on cached SAM embeddings.
 
 A config is a Python file whose get_config() returns training options (see autosam_jax.train.loop.TrainConfig);
 --set name=value overrides one. The UNet baseline (head "unet", see experiments/configs/unet_faithful.py) trains
-from scratch on an image cache (autosam_jax.features.images) and needs no --weights. Rerunning the same command after a kill resumes from the last checkpoint and ends
-with the same parameters. Writes OUT/config.json, metrics.jsonl, curves.png, checkpoints/, final_model/ (and
+from scratch on an image cache (autosam-jax image-cache) and needs no --weights; with --set
+init_encoder=PRETRAIN/encoder its encoder starts from SimCLR pretraining (autosam-jax pretrain-simclr). Rerunning the
+same command after a kill resumes from the last checkpoint and ends with the same parameters. Writes OUT/config.json, metrics.jsonl, curves.png, checkpoints/, final_model/ (and
 best_model/ in the improved variant)."""
 
 

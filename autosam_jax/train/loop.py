@@ -38,6 +38,26 @@ class TrainConfig:
   # caches (write_image_cache), where the "embedding" is the model image; SAM heads get augmented cached views instead.
   augment: str = "none"
   unet_base_channels: int = 64  # the official UNet's width; smaller only for quick tests
+  cnn_top_channels: int = 64  # the official CNN head's (its widest layer is 16x this); smaller only for quick runs
+  joint: bool = False  # improved AutoSAM only: all class tokens in one decoder pass (C times cheaper)
+  # UNet only: an encoder/ directory written by SimCLR pretraining (autosam-jax pretrain-simclr) to start the
+  # contracting path and center from; the decoder stays random, as in the official fine-tuning. "" = from scratch.
+  init_encoder: str = ""
+
+  def __post_init__(self):
+    from autosam_jax.data.errors import DataError
+
+    if self.head not in ("autosam", "cnn", "linear", "unet"):
+      raise DataError(f"training config: head must be autosam, cnn, linear or unet, got {self.head!r}")
+    if self.variant not in ("faithful", "improved"):
+      raise DataError(f"training config: variant must be 'faithful' or 'improved', got {self.variant!r}")
+    if self.joint and (self.head != "autosam" or self.variant != "improved"):
+      raise DataError("training config: joint decoding is an option of the improved AutoSAM head only "
+                      f"(head {self.head!r}, variant {self.variant!r})")
+    for name in ("epochs", "batch_size", "num_classes", "unet_base_channels", "cnn_top_channels"):
+      value = getattr(self, name)
+      if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+        raise DataError(f"training config: {name} must be positive, got {value}")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -227,7 +247,7 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
   if config.augment != "none" and cache.manifest["depends_on"].get("kind") != "images":
     from autosam_jax.data.errors import DataError
     raise DataError(f"{cache_dir}: augment {config.augment!r} transforms images, but this cache holds SAM embeddings; "
-                    "use an image cache (autosam_jax.features.images) or augment 'none'")
+                    "use an image cache (autosam-jax image-cache) or augment 'none'")
 
   head = head_factory()
   graphdef, params, frozen = nnx.split(head, nnx.Param, ...)
@@ -351,9 +371,17 @@ def build_model(config: TrainConfig, sam, *, rngs):
   """The model a config trains: a head on SAM embeddings (initialised from `sam`), or the UNet (no SAM needed)."""
   if config.head == "unet":
     from autosam_jax.models.unet import UNet
-    return UNet(config.num_classes, base_channels=config.unet_base_channels, rngs=rngs)
+    unet = UNet(config.num_classes, base_channels=config.unet_base_channels, rngs=rngs)
+    if config.init_encoder:
+      from autosam_jax.train.simclr import load_pretrained_encoder
+      load_pretrained_encoder(unet, config.init_encoder)
+    return unet
+  if config.init_encoder:
+    from autosam_jax.data.errors import DataError
+    raise DataError(f"init_encoder is for the UNet (head 'unet'), not for a {config.head} head")
   from autosam_jax.models.heads import build_head
-  return build_head(config.head, config.num_classes, variant=config.variant, sam=sam, rngs=rngs)
+  return build_head(config.head, config.num_classes, variant=config.variant, sam=sam, joint=config.joint,
+                    cnn_top_channels=config.cnn_top_channels, rngs=rngs)
 
 
 def load_head(model_dir: str | os.PathLike, sam) -> tuple[Any, TrainConfig]:
@@ -372,7 +400,9 @@ def load_head(model_dir: str | os.PathLike, sam) -> tuple[Any, TrainConfig]:
   if not config_file.is_file():
     raise DataError(f"{config_file}: missing; give a run's final_model/ or best_model/ directory")
   config = TrainConfig.from_dict(json.loads(config_file.read_text()), source=str(config_file))
-  abstract = nnx.eval_shape(lambda: build_model(config, sam, rngs=nnx.Rngs(0)))
+  # The architecture only: pretrained encoder weights (init_encoder) would be overwritten by the restore anyway.
+  shape_config = dataclasses.replace(config, init_encoder="")
+  abstract = nnx.eval_shape(lambda: build_model(shape_config, sam, rngs=nnx.Rngs(0)))
   graphdef, params, frozen = nnx.split(abstract, nnx.Param, ...)
   as_target = lambda state: jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
   try:

@@ -1,0 +1,538 @@
+"""SimCLR pretraining of the UNet encoder, the official SimCLR baseline (spec section 1d), and its CLI
+`autosam-jax pretrain-simclr`.
+
+The official `scripts/main_simclr.py` trains `GlobalConUnet`: the UNet's contracting path and center (`UNetEncoder`
+here) -> global average pool -> Linear 512 -> 512 -> Linear 512 -> 256, no nonlinearity between the two, with
+NT-Xent (cosine similarity, temperature 0.5) between two augmented views of every slice; Adam 3e-4 with L2 weight
+decay 1e-5; batch 8, 100 epochs. Fine-tuning (`main_baseline.py --saved_model_path`) copies only the encoder
+(`encoder.contr_*`, `encoder.center`) into the segmentation UNet and leaves its decoder random: `pretrain_simclr`
+writes exactly that encoder to OUT/encoder/ and `load_pretrained_encoder` puts it into a `UNet`.
+
+Where this differs from the official code, and why:
+- Two independent views (the fix of spec 6.21). The official `transform_contrast` augments one `data_dict` twice and
+  batchgenerators' intensity transforms work in place, so the first view also carries the second pass's intensity
+  changes and the views differ mainly by the second spatial transform. Here each view is the full pipeline applied to
+  the clean slice with its own key.
+- The official run keeps the model with the lowest NT-Xent on its validation loader; this one has no validation pass
+  and keeps the last epoch's encoder, as the supervised faithful runs keep their last epoch.
+- Slices are those of the given patients (all training patients of a split), not the official `tr_size` truncation of
+  `generate_contrast_dataset`.
+
+The train state is a plain pytree {"params", "opt_state", "step"}. Batches come from a numpy shuffle of
+(seed, epoch) and the augmentation key from (seed, step), so a checkpoint at each epoch's end is all a killed run
+needs to resume and end with the same parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import json
+import math
+import os
+import runpy
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from autosam_jax.data.augment import AugmentConfig, augment_batch
+from autosam_jax.data.errors import DataError
+from autosam_jax.models.heads import _torch_uniform
+from autosam_jax.models.unet import UNetEncoder
+
+SCHEDULES = ("faithful", "improved")
+AUGMENT_MODES = ("faithful", "improved")
+ENCODER_PARAMS = "params"
+ENCODER_CONFIG = "simclr_config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class SimclrConfig:
+  epochs: int = 100
+  batch_size: int = 8  # images per step; each gives two views, so NT-Xent sees 2 * batch_size samples
+  learning_rate: float = 3e-4
+  weight_decay: float = 1e-5  # L2 added to the gradient before Adam, as torch.optim.Adam(weight_decay=...) does
+  temperature: float = 0.5
+  # faithful: the official CosineAnnealingLR(T_max=iterations per epoch, eta_min=0) stepped once per epoch and only
+  # from the end of epoch `schedule_start_epoch` on (see `learning_rate_at`); improved: cosine to 0 over all steps.
+  schedule: str = "faithful"
+  schedule_start_epoch: int = 10
+  augment: str = "faithful"  # AugmentConfig.for_mode(...) for both views
+  seed: int = 0
+  unet_base_channels: int = 64  # the official width; smaller only for quick tests
+  projection_hidden: int = 512
+  projection_dim: int = 256
+
+  def __post_init__(self):
+    if self.schedule not in SCHEDULES:
+      raise DataError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+    if self.augment not in AUGMENT_MODES:
+      raise DataError(f"augment must be one of {list(AUGMENT_MODES)}, got {self.augment!r}")
+    for name in ("epochs", "batch_size", "unet_base_channels", "projection_hidden", "projection_dim"):
+      if getattr(self, name) < 1:
+        raise DataError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+    if not self.temperature > 0:
+      raise DataError(f"temperature must be positive, got {self.temperature!r}")
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any], source: str = "config") -> "SimclrConfig":
+    """Checks names and types first, so a typo in a config file or a --set is one line naming the option."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+      raise DataError(f"{source}: unknown SimCLR option(s) {unknown}; known: {sorted(fields)}")
+    defaults = cls()
+    for name, value in values.items():
+      expected = type(getattr(defaults, name))
+      # bool is an int to isinstance, but `epochs=True` is a mistake, not a number.
+      wrong = isinstance(value, bool) or not isinstance(value, expected)
+      if wrong and not (expected is float and isinstance(value, int) and not isinstance(value, bool)):
+        raise DataError(f"{source}: {name} must be {expected.__name__}, got {type(value).__name__} {value!r}")
+    values = {k: float(v) if isinstance(getattr(defaults, k), float) else v for k, v in values.items()}
+    return cls(**values)
+
+
+def learning_rate_at(config: SimclrConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
+  """The learning rate of the step numbered `step` (0-based), which lies in epoch `epoch`.
+
+  faithful: the official loop builds `CosineAnnealingLR(T_max=len(train_loader))`, i.e. T_max in iterations, but
+  calls `scheduler.step()` once per epoch and only at the end of epochs >= 10 (spec 6.22). So epochs 0..10 run at
+  the base rate, epoch e > 10 at base * (1 + cos(pi * (e - 10) / T_max)) / 2, and the decay over the whole run is
+  small (with ~170 iterations per epoch, 100 epochs end near 0.6 x base). PyTorch's cosine keeps going past T_max
+  (period 2 T_max, rising again); the closed form here does the same.
+  improved: base * (1 + cos(pi * step / total_steps)) / 2, updated every step.
+  """
+  if config.schedule == "faithful":
+    t = max(0, epoch - config.schedule_start_epoch)
+    return config.learning_rate * (1 + math.cos(math.pi * t / steps_per_epoch)) / 2
+  total = config.epochs * steps_per_epoch
+  return config.learning_rate * (1 + math.cos(math.pi * step / total)) / 2
+
+
+def _torch_linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear:
+  """nn.Linear as PyTorch initialises it: weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  init = lambda key, shape, dtype=None: _torch_uniform(key, shape, in_features)
+  return nnx.Linear(in_features, out_features, kernel_init=init, bias_init=init, rngs=rngs)
+
+
+class SimclrModel(nnx.Module):
+  """`GlobalConUnet`: UNetEncoder -> global average pool -> Linear 8f -> hidden -> Linear hidden -> dim.
+
+  The official MLP has no nonlinearity between its two Linear layers (so the projection is affine); kept as is.
+  Its first layer is hard-wired to 512 inputs, i.e. the center width 8f at f = 64; here it follows f.
+  """
+
+  def __init__(self, config: SimclrConfig, in_channels: int = 3, *, rngs: nnx.Rngs):
+    f = config.unet_base_channels
+    self.encoder = UNetEncoder(in_channels, f, rngs=rngs)
+    self.f1 = _torch_linear(8 * f, config.projection_hidden, rngs=rngs)
+    self.f2 = _torch_linear(config.projection_hidden, config.projection_dim, rngs=rngs)
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """(B, H, W, in_channels) -> projections (B, projection_dim)."""
+    features = self.encoder(images).mean(axis=(1, 2))
+    return self.f2(self.f1(features))
+
+
+def build_model(config: SimclrConfig, *, rngs: nnx.Rngs) -> SimclrModel:
+  """The SimCLR model of a config, initialised as a fresh PyTorch `GlobalConUnet` would be (in distribution)."""
+  return SimclrModel(config, rngs=rngs)
+
+
+def nt_xent_loss(z1, z2, temperature: float, weight=None):
+  """NT-Xent of paired projections z1, z2 (N, D): mean over the 2N anchors of -log softmax of the positive.
+
+  As the official `NTXentLoss` with cosine similarity: each of the 2N samples is an anchor whose positive is its
+  paired view and whose negatives are the other 2N - 2 samples (itself excluded); logits are cosine similarities
+  divided by `temperature`. `weight` (N,) marks real samples (> 0): a sample with weight 0 (a zero-padded row of the
+  last batch) is neither an anchor nor a negative, so padding does not change the loss; real anchors are averaged
+  with their weights (both views of a sample count).
+  """
+  n = z1.shape[0]
+  z = jnp.concatenate([z1, z2]).astype(jnp.float32)
+  # F.normalize's clamp (eps 1e-12 on the norm), written so that a zero row has a finite gradient.
+  z = z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), 1e-24))
+  logits = (z @ z.T) / temperature
+  weight = jnp.ones((n,), jnp.float32) if weight is None else jnp.asarray(weight, jnp.float32)
+  weight = jnp.concatenate([weight, weight])
+  index = jnp.arange(2 * n)
+  partner = (index + n) % (2 * n)
+  positive = logits[index, partner]
+  # Self and padding columns are left out of the softmax; the positive column stays (it is one of the "others").
+  candidates = (index[:, None] != index[None, :]) & (weight[None, :] > 0)
+  # A finite floor rather than -inf: a padding anchor's row stays finite, and where() passes no NaN gradient back.
+  normaliser = jax.nn.logsumexp(jnp.where(candidates, logits, -1e30), axis=1)
+  per_anchor = jnp.where(weight > 0, normaliser - positive, 0.0)
+  return jnp.sum(weight * per_anchor) / jnp.maximum(jnp.sum(weight), 1e-12)
+
+
+def _optimizer(config: SimclrConfig) -> optax.GradientTransformation:
+  """torch.optim.Adam(lr=1, weight_decay): the L2 term joins the gradient before the moments. The learning rate
+  multiplies the update in the step, so the schedule can change it without recompiling."""
+  return optax.chain(optax.add_decayed_weights(config.weight_decay), optax.scale_by_adam(), optax.scale(-1.0))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def initial_params(config: SimclrConfig) -> nnx.State:
+  """The model's parameters at init, drawn in one compiled program (layer by layer eagerly, the many small random
+  draws take several times longer on CPU); the same values as `build_model(config, rngs=nnx.Rngs(config.seed))`."""
+  return nnx.state(build_model(config, rngs=nnx.Rngs(config.seed)), nnx.Param)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnums=(0,))
+def train_step(state, batch, learning_rate, *, graphdef: nnx.GraphDef, config: SimclrConfig):
+  """One SimCLR step on a batch {"image" (B, H, W, C) clean slices, "weight" (B,)}; returns the new state (the old
+  one is donated) and {"loss", "finite"}. The graph and config are static, so every run with the same ones (a
+  resumption in the same process, a test) reuses one compiled program."""
+  images, weight = batch["image"], batch["weight"]
+  n = images.shape[0]
+  # Two independent views (spec 6.21 fixed): the whole pipeline applied to the clean slice twice, each time with its
+  # own key. augment_batch gives sample i of its batch the key split(key, 2n)[i], so one call on the batch stacked
+  # twice does this (view 1 of slice i draws from key i, view 2 from key n + i) and compiles the pipeline once.
+  # The key comes from (seed, step), so a resumed run draws the same views.
+  key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+  stacked = jnp.concatenate([images, images])
+  no_labels = jnp.zeros(stacked.shape[:3], jnp.int32)  # augment_batch moves labels too; these are unused
+  views, _ = augment_batch(key, stacked, no_labels, AugmentConfig.for_mode(config.augment))
+
+  def loss_fn(params):
+    # One forward pass over both views: InstanceNorm is per sample, so this equals the official two passes.
+    z = nnx.merge(graphdef, params)(views)
+    return nt_xent_loss(z[:n], z[n:], config.temperature, weight)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+  updates, opt_state = _optimizer(config).update(grads, state["opt_state"], state["params"])
+  updates = jax.tree.map(lambda u: u * learning_rate, updates)
+  params = optax.apply_updates(state["params"], updates)
+  finite = jnp.isfinite(loss) & jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, {"loss": loss, "finite": finite}
+
+
+def epoch_batches(indices: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+  """The cache indices of each batch of an epoch: a numpy permutation drawn from (seed, epoch), cut into batches
+  (the last one may be short; it is padded when loaded)."""
+  order = np.random.default_rng([seed, epoch]).permutation(len(indices))
+  shuffled = np.asarray(indices)[order]
+  return [shuffled[start:start + batch_size] for start in range(0, len(shuffled), batch_size)]
+
+
+def load_batch(cache, chunk: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+  """Images (batch_size, H, W, C) and weights (batch_size,); rows past the chunk are zero images of weight 0, so
+  every step has one shape and nothing recompiles."""
+  images = np.stack([np.asarray(cache[int(i)]["embedding"], np.float32) for i in chunk])
+  weight = np.ones(len(chunk), np.float32)
+  missing = batch_size - len(chunk)
+  if missing:
+    images = np.concatenate([images, np.zeros((missing, *images.shape[1:]), np.float32)])
+    weight = np.concatenate([weight, np.zeros(missing, np.float32)])
+  return {"image": images, "weight": weight}
+
+
+def plot_loss_curve(metrics_file: Path, png: Path) -> None:
+  """NT-Xent per step (faint) and its mean per epoch, against the epoch."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
+  epochs = [r for r in rows if r.get("kind") == "epoch"]
+  if not epochs:
+    return
+  steps = [r for r in rows if r.get("kind") == "step"]
+  steps_per_epoch = max(1, epochs[0]["step"])
+  fig, ax = plt.subplots(figsize=(6, 3.8))
+  if steps:
+    ax.plot([r["step"] / steps_per_epoch for r in steps], [r["loss"] for r in steps], alpha=0.3, lw=0.8,
+            label="step")
+  ax.plot([r["epoch"] + 1 for r in epochs], [r["train_loss"] for r in epochs], marker=".", label="epoch mean")
+  ax.set_xlabel("epochs completed"), ax.set_ylabel("NT-Xent loss"), ax.legend()
+  fig.tight_layout()
+  tmp = png.with_name(f".{png.name}.tmp.png")
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, png)
+
+
+def save_encoder(directory: Path, encoder_params: dict[str, Any], config: SimclrConfig) -> None:
+  """OUT/encoder/: the UNetEncoder's parameters (orbax, a pure dict) and the config, staged beside the target and
+  renamed into place, so a reader never sees half an encoder."""
+  import shutil
+  import tempfile
+
+  import orbax.checkpoint as ocp
+
+  from autosam_jax.atomic import atomic_write_json
+
+  directory = Path(directory).absolute()
+  staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(staging / ENCODER_PARAMS, encoder_params)
+    atomic_write_json(staging / ENCODER_CONFIG, config.to_dict())
+    if directory.exists():
+      shutil.rmtree(directory)
+    staging.rename(directory)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+
+
+def pretrain_simclr(config: SimclrConfig, cache_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                    patients: list[str], *, progress: bool = True, stop_after_steps: int | None = None
+                    ) -> dict[str, Any]:
+  """Pretrains (or resumes) the SimCLR model on the clean slices (view 0) of `patients` in an image cache.
+
+  Labels are never read. Writes OUT/config.json, metrics.jsonl (a row per step and per epoch), curves.png,
+  checkpoints/ (one per epoch) and, at the end, encoder/. `stop_after_steps` ends the run as if it had been killed
+  after that many steps (for tests of resumption). Returns timings, the step count, the encoder's directory and the
+  last epoch's row.
+  """
+  import concurrent.futures
+
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from autosam_jax.atomic import atomic_write_json
+  from autosam_jax.features.cache import FeatureCache
+  from autosam_jax.parallel import local_data_mesh
+  from autosam_jax.train.checkpointing import RunCheckpoints
+  from autosam_jax.train.loop import NonFiniteLossError
+
+  out_dir = Path(out_dir)
+  cache = FeatureCache(cache_dir)
+  if cache.manifest["depends_on"].get("kind") != "images":
+    raise DataError(f"{cache_dir}: SimCLR augments images, but this cache holds SAM embeddings; use an image cache "
+                    "(autosam-jax image-cache)")
+  patients = sorted(set(patients))
+  indices = cache.indices(patients, views=(0,))
+  if len(indices) == 0:
+    raise DataError(f"{cache_dir}: no cached slices of the patients {patients[:5]}")
+  mesh = local_data_mesh()
+  if config.batch_size % mesh.devices.size:
+    raise DataError(f"batch size {config.batch_size} is not a multiple of the {mesh.devices.size} devices")
+  out_dir.mkdir(parents=True, exist_ok=True)
+
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(config.seed))), nnx.Param)
+  params = initial_params(config)
+  replicated, data = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+  shard = lambda batch: jax.device_put(batch, data)
+  state = jax.device_put({"params": params, "opt_state": _optimizer(config).init(params), "step": np.int32(0)},
+                         replicated)
+  step_fn = functools.partial(train_step, graphdef=graphdef, config=config)
+
+  start_epoch = 0
+  checkpoints = RunCheckpoints(out_dir / "checkpoints")
+  metrics_file = out_dir / "metrics.jsonl"
+  if checkpoints.latest_step() is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    state, meta = checkpoints.restore(abstract)
+    if meta["config"] != config.to_dict() or meta["patients"] != patients:
+      checkpoints.close()
+      raise DataError(f"{out_dir}: holds a SimCLR run with another configuration or other patients; choose another "
+                      "--out")
+    start_epoch = meta["epoch"]
+    # Rows the killed run wrote after its checkpoint are dropped, so the file matches an uninterrupted run.
+    if metrics_file.exists():
+      kept = [l for l in metrics_file.read_text().splitlines() if l and json.loads(l)["step"] <= meta["step"]]
+      metrics_file.write_text("".join(k + "\n" for k in kept))
+  else:
+    atomic_write_json(out_dir / "config.json", config.to_dict())
+    metrics_file.write_text("")
+
+  steps_per_epoch = -(-len(indices) // config.batch_size)
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(total=config.epochs * steps_per_epoch, initial=int(state["step"]), unit="step", desc="SimCLR",
+               dynamic_ncols=True)
+  started = time.perf_counter()
+  last_row: dict[str, Any] = {}
+  # The next batch is read from the cache while the device runs the current step.
+  loader = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+  try:
+    with open(metrics_file, "a") as log:
+      for epoch in range(start_epoch, config.epochs):
+        batches = epoch_batches(indices, config.batch_size, config.seed, epoch)
+        pending = loader.submit(load_batch, cache, batches[0], config.batch_size)
+        losses = []
+        for b in range(len(batches)):
+          batch = pending.result()
+          if b + 1 < len(batches):
+            pending = loader.submit(load_batch, cache, batches[b + 1], config.batch_size)
+          learning_rate = learning_rate_at(config, epoch, int(state["step"]), steps_per_epoch)
+          state, metrics = step_fn(state, shard(batch), np.float32(learning_rate))
+          step = int(state["step"])
+          loss = float(metrics["loss"])
+          if not bool(metrics["finite"]):
+            raise NonFiniteLossError(f"non-finite SimCLR loss or gradient at step {step} (epoch {epoch}); lower the "
+                                     "learning rate or check the cache")
+          losses.append(loss)
+          log.write(json.dumps({"kind": "step", "step": step, "epoch": epoch, "loss": loss,
+                                "lr": learning_rate}) + "\n")
+          if bar is not None:
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}")
+          if stop_after_steps is not None and step >= stop_after_steps:
+            return {"stopped_at_step": step}
+        last_row = {"kind": "epoch", "step": int(state["step"]), "epoch": epoch, "train_loss": float(np.mean(losses)),
+                    "last_loss": losses[-1], "lr": learning_rate}
+        log.write(json.dumps(last_row) + "\n")
+        log.flush()
+        checkpoints.save(int(state["step"]), state, {"epoch": epoch + 1, "step": int(state["step"]),
+                                                     "config": config.to_dict(), "patients": patients})
+  finally:
+    loader.shutdown(wait=True)
+    checkpoints.close()
+    if bar is not None:
+      bar.close()
+  if not last_row:  # the run had already finished; its last epoch row is in the metrics
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+    last_row = next((r for r in reversed(rows) if r["kind"] == "epoch"), {})
+  encoder_params = jax.device_get(nnx.to_pure_dict(state["params"])["encoder"])
+  save_encoder(out_dir / "encoder", encoder_params, config)
+  plot_loss_curve(metrics_file, out_dir / "curves.png")
+  return {"seconds": time.perf_counter() - started, "steps": int(state["step"]), "slices": len(indices),
+          "encoder": str(out_dir / "encoder"), "last": last_row}
+
+
+def load_pretrained_encoder(unet, encoder_dir: str | os.PathLike):
+  """Copies a SimCLR encoder (OUT/encoder/ of `pretrain_simclr`) into `unet.encoder` in place; returns `unet`.
+
+  As the official fine-tuning (`load_checkpoint`, strict=False) does, only the contracting path and center change;
+  the decoder and head keep their random init. Every parameter must match in name and shape (orbax would restore a
+  mismatched shape silently), so another width is refused before anything is copied.
+  """
+  import orbax.checkpoint as ocp
+
+  encoder_dir = Path(encoder_dir).absolute()
+  params_dir, config_file = encoder_dir / ENCODER_PARAMS, encoder_dir / ENCODER_CONFIG
+  if not params_dir.is_dir() or not config_file.is_file():
+    raise DataError(f"{encoder_dir}: not a SimCLR encoder (needs {ENCODER_PARAMS}/ and {ENCODER_CONFIG}); give the "
+                    "encoder/ directory of an autosam-jax pretrain-simclr run")
+  try:
+    pretrained = SimclrConfig.from_dict(json.loads(config_file.read_text()), source=str(config_file))
+  except json.JSONDecodeError as err:
+    raise DataError(f"{config_file}: unreadable ({err})") from None
+  state = nnx.state(unet.encoder, nnx.Param)
+  wanted = nnx.to_pure_dict(state)
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(params_dir)
+  except Exception as err:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    raise DataError(f"{encoder_dir}: cannot read the encoder parameters: {reason}") from None
+
+  def flat(tree, prefix=()):
+    if isinstance(tree, dict):
+      return {k: v for key, sub in tree.items() for k, v in flat(sub, prefix + (str(key),)).items()}
+    return {"/".join(prefix): tree}
+
+  have, need = flat(restored), flat(wanted)
+  width = (f"it was pretrained with unet_base_channels {pretrained.unet_base_channels}; train the UNet with the same "
+           "width")
+  if set(have) != set(need):
+    missing, extra = sorted(set(need) - set(have)), sorted(set(have) - set(need))
+    raise DataError(f"{encoder_dir}: parameters do not match this UNet's encoder ({width}); missing {missing[:3]}, "
+                    f"unexpected {extra[:3]}")
+  for name in sorted(need):
+    if tuple(have[name].shape) != tuple(need[name].shape):
+      raise DataError(f"{encoder_dir}: {name} has shape {tuple(have[name].shape)} but this UNet's encoder needs "
+                      f"{tuple(need[name].shape)} ({width})")
+  nnx.replace_by_pure_dict(state, _as_arrays_like(restored, wanted))
+  nnx.update(unet.encoder, state)
+  return unet
+
+
+def _as_arrays_like(restored, wanted):
+  """`restored`'s arrays as JAX arrays in `wanted`'s dtypes (orbax may hand back numpy arrays)."""
+  if isinstance(wanted, dict):
+    return {k: _as_arrays_like(restored[k], v) for k, v in wanted.items()}
+  return jnp.asarray(restored, dtype=wanted.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line: autosam-jax pretrain-simclr
+
+DESCRIPTION = """Pretrain the UNet encoder with SimCLR (the official SimCLR baseline) on an image cache.
+
+  autosam-jax image-cache --data ~/data/ACDC --out cache/images_faithful
+  autosam-jax pretrain-simclr --config experiments/configs/simclr_pretrain.py --cache cache/images_faithful \\
+      --splits splits/cv5.json --fold cv5-seed0-fold0 --out runs/simclr_fold0
+  autosam-jax train --config experiments/configs/unet_faithful.py --cache cache/images_faithful \\
+      --splits splits/cv5.json --fold cv5-seed0-fold0 --tr-size 1 --out runs/unet_simclr_tr1 \\
+      --set init_encoder=runs/simclr_fold0/encoder
+
+Trains on the clean slices of every training patient of the split (labels unused). --config is optional (a Python
+file whose get_config() returns options of autosam_jax.train.simclr.SimclrConfig; the defaults are the official
+ones); --set name=value overrides one. Rerunning the same command after a kill resumes from the last epoch's
+checkpoint and ends with the same parameters. Writes OUT/config.json, metrics.jsonl, curves.png, checkpoints/ and
+encoder/ (what train's init_encoder loads)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--cache", type=Path, required=True, help="image cache (autosam-jax image-cache)")
+  parser.add_argument("--splits", type=Path, required=True, help="split file (autosam-jax make-splits)")
+  parser.add_argument("--fold", help="split name inside the file (default: the first)")
+  parser.add_argument("--out", type=Path, required=True, help="run directory (resumed if it exists)")
+  parser.add_argument("--config", type=Path, help="Python config file with get_config() (default: official options)")
+  parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a config option")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def load_config(path: Path | None, overrides: list[str]) -> SimclrConfig:
+  """Options from a config file's get_config() (or the defaults), then each NAME=VALUE override (a Python literal,
+  else the text)."""
+  values: dict[str, Any] = {}
+  source = "defaults"
+  if path is not None:
+    if not path.is_file():
+      raise DataError(f"{path}: no such config file")
+    try:
+      values = dict(runpy.run_path(str(path))["get_config"]())
+    except KeyError:
+      raise DataError(f"{path}: defines no get_config()") from None
+    source = str(path)
+  for override in overrides:
+    name, equals, text = override.partition("=")
+    if not equals or not name:
+      raise DataError(f"--set {override!r}: expected NAME=VALUE")
+    try:
+      values[name] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      values[name] = text
+  if overrides:
+    source += " with --set"
+  return SimclrConfig.from_dict(values, source=source)
+
+
+def run(args: argparse.Namespace) -> int:
+  from autosam_jax.data.splits import load_splits
+  from autosam_jax.train.loop import NonFiniteLossError
+
+  try:
+    config = load_config(args.config, args.set)
+    splits = load_splits(args.splits)
+    split = splits[0] if args.fold is None else next((s for s in splits if s.name == args.fold), None)
+    if split is None:
+      raise DataError(f"{args.splits}: no split named {args.fold!r}; it holds {[s.name for s in splits]}")
+    result = pretrain_simclr(config, args.cache, args.out, list(split.train), progress=not args.no_progress)
+  except DataError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  except NonFiniteLossError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 3
+  print(f"pretrained SimCLR on {result['slices']} slices of {len(split.train)} patient(s): {result['steps']} steps "
+        f"in {result['seconds']:.1f}s; encoder in {result['encoder']}; last epoch {result['last']}")
+  return 0

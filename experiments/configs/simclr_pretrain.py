@@ -1,0 +1,22 @@
+"""SimCLR pretraining of the UNet encoder (faithful): the official `main_simclr.py` options. Adam 3e-4 with L2 weight
+decay 1e-5, batch 8, 100 epochs, NT-Xent at temperature 0.5, the official cosine quirk (T_max in iterations, stepped
+once per epoch from epoch 10), the official augmentation for both views (drawn independently; spec 6.21).
+
+  autosam-jax image-cache --data ~/data/ACDC --out cache/images_faithful
+  autosam-jax pretrain-simclr --config experiments/configs/simclr_pretrain.py --cache cache/images_faithful \\
+      --splits splits/cv5.json --fold cv5-seed0-fold0 --out runs/simclr_fold0
+  autosam-jax train --config experiments/configs/unet_faithful.py --cache cache/images_faithful \\
+      --splits splits/cv5.json --fold cv5-seed0-fold0 --tr-size 1 --out runs/unet_simclr_tr1 \\
+      --set init_encoder=runs/simclr_fold0/encoder
+
+Pretraining uses every training patient of the fold (labels unused); fine-tuning then starts the UNet's encoder
+from runs/simclr_fold0/encoder and its decoder from random, as the official `main_baseline.py --saved_model_path`
+does. Use the same fold for both, so the test patients are never seen. `--set schedule=improved` gives a cosine
+over all steps instead.
+"""
+
+
+def get_config() -> dict:
+  return {"epochs": 100, "batch_size": 8, "learning_rate": 3e-4, "weight_decay": 1e-5, "temperature": 0.5,
+          "schedule": "faithful", "schedule_start_epoch": 10, "augment": "faithful", "unet_base_channels": 64,
+          "projection_hidden": 512, "projection_dim": 256}

@@ -1,0 +1,542 @@
+"""`autosam-jax sweep`: the paper's label-efficiency experiment, every cell of it, from one config.
+
+  autosam-jax sweep --config experiments/configs/sweep_paper.py --out sweeps/paper
+
+A cell is (method, encoder, tr_size, fold). The sweep converts the SAM weights (or reuses converted ones), builds the
+TFDS dataset, the split file and each feature cache once, then trains and evaluates every cell and writes
+  OUT/results.json      every cell: method, encoder, mode, tr_size, fold, per-class Dice and HD95 in both conventions
+  OUT/results.md        mean +- std over folds, one row per method (and encoder), one column per tr_size
+  OUT/dice_vs_labels.png  mean Dice against the number of labeled volumes, one line per method, std as error bars
+  OUT/cells/<cell>.json  one file per finished cell (a rerun skips these: rerunning after a kill resumes the sweep,
+                         and a cell killed mid-training resumes from its last checkpoint)
+  OUT/runs/...          each cell's run directory (metrics.jsonl, curves.png, final_model/, eval/ with predictions)
+
+Methods: autosam, cnn, linear (heads on cached SAM embeddings, one set per encoder), unet (from scratch on images),
+simclr (the UNet with its encoder pretrained by SimCLR on the fold's training images, labels unused, then fine-tuned),
+zero_shot_box and zero_shot_point (SAM with prompts from the ground truth; no training, so one cell per fold whose
+figure stands for every tr_size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import runpy
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autosam_jax.data.errors import DataError
+
+DESCRIPTION = __doc__
+HEAD_METHODS = ("autosam", "cnn", "linear")
+IMAGE_METHODS = ("unet", "simclr")
+ZERO_SHOT_METHODS = ("zero_shot_box", "zero_shot_point")
+METHODS = HEAD_METHODS + IMAGE_METHODS + ZERO_SHOT_METHODS
+LABELS = {"autosam": "AutoSAM", "cnn": "CNN head", "linear": "Linear head", "unet": "UNet (scratch)",
+          "simclr": "UNet (SimCLR)", "zero_shot_box": "SAM zero-shot, GT boxes",
+          "zero_shot_point": "SAM zero-shot, GT points"}
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+  data: str  # ACDC (or nnU-Net raw) folder
+  # encoder name -> SAM checkpoint (Meta .pth, Hugging Face safetensors) or a directory written by autosam-jax convert
+  encoders: dict[str, str] = dataclasses.field(default_factory=dict)
+  methods: tuple[str, ...] = ("autosam", "cnn", "linear", "unet")
+  mode: str = "faithful"  # faithful | improved (the SAM heads and zero-shot SAM; the UNet baselines are faithful)
+  tr_sizes: tuple[int, ...] = (1, 2, 5)
+  num_folds: int = 5
+  folds: tuple[int, ...] = ()  # which folds to run; () = all
+  split_seed: int = 0
+  splits: str = ""  # a split file to use instead of cross-validation folds made here
+  views: int = 0  # augmented views per training slice in the feature cache
+  dtype: str = "bf16"  # encoder matmuls and cache storage
+  encode_batch_size: int = 8
+  tfds_dir: str = ""  # default OUT/tfds
+  train: dict[str, Any] = dataclasses.field(default_factory=dict)  # TrainConfig overrides for every trained method
+  method_train: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # per method, after `train`
+  simclr: dict[str, Any] = dataclasses.field(default_factory=dict)  # SimclrConfig overrides
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any], source: str) -> "SweepConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+      raise DataError(f"{source}: unknown sweep option(s) {unknown}; known: {sorted(fields)}")
+    if "data" not in values:
+      raise DataError(f"{source}: the sweep config needs 'data' (the ACDC folder)")
+    values = dict(values)
+    for name in ("methods", "tr_sizes", "folds"):
+      if name in values:
+        if isinstance(values[name], (str, bytes)) or not hasattr(values[name], "__iter__"):
+          raise DataError(f"{source}: {name} must be a list, got {values[name]!r}")
+        values[name] = tuple(values[name])
+    config = cls(**values)
+    config.check(source)
+    return config
+
+  def check(self, source: str) -> None:
+    unknown = [m for m in self.methods if m not in METHODS]
+    if unknown or not self.methods:
+      raise DataError(f"{source}: unknown method(s) {unknown or '(none given)'}; choose from {list(METHODS)}")
+    if self.mode not in ("faithful", "improved"):
+      raise DataError(f"{source}: mode must be 'faithful' or 'improved', got {self.mode!r}")
+    needs_sam = [m for m in self.methods if m in HEAD_METHODS + ZERO_SHOT_METHODS]
+    if needs_sam and not self.encoders:
+      raise DataError(f"{source}: methods {needs_sam} need SAM weights; give encoders={{'vit_b': 'sam_vit_b.pth'}}")
+    if not self.tr_sizes or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in self.tr_sizes):
+      raise DataError(f"{source}: tr_sizes must be positive integers, got {list(self.tr_sizes)}")
+    if self.dtype not in ("bf16", "fp32"):
+      raise DataError(f"{source}: dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
+    for name, value in (("views", self.views), ("num_folds", self.num_folds),
+                        ("encode_batch_size", self.encode_batch_size)):
+      if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "views" else 1):
+        raise DataError(f"{source}: {name} must be a {'non-negative' if name == 'views' else 'positive'} integer, "
+                        f"got {value!r}")
+    bad = [m for m in self.method_train if m not in METHODS]
+    if bad:
+      raise DataError(f"{source}: method_train names unknown method(s) {bad}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  method: str
+  encoder: str  # "-" for the UNet baselines
+  tr_size: int  # 0 for zero-shot cells (no training)
+  fold: str
+
+  @property
+  def cell_id(self) -> str:
+    return f"{self.method}--{self.encoder}--tr{self.tr_size}--{self.fold}"
+
+  def run_dir(self, out: Path) -> Path:
+    tr = "no-training" if self.tr_size == 0 else f"tr{self.tr_size}"
+    return out / "runs" / self.method / self.encoder / self.fold / tr
+
+
+def load_sweep_config(path: Path, overrides: list[str] = ()) -> SweepConfig:
+  import ast
+
+  if not Path(path).is_file():
+    raise DataError(f"{path}: no such sweep config file")
+  try:
+    values = dict(runpy.run_path(str(path))["get_config"]())
+  except KeyError:
+    raise DataError(f"{path}: defines no get_config()") from None
+  for override in overrides:
+    name, sep, text = override.partition("=")
+    if not sep:
+      raise DataError(f"--set {override!r}: expected NAME=VALUE")
+    try:
+      values[name] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      values[name] = text
+  return SweepConfig.from_dict(values, source=str(path))
+
+
+def _train_config(method: str, config: SweepConfig):
+  """The TrainConfig of a method: its config file in experiments/configs, then the sweep's overrides."""
+  from autosam_jax.train.loop import TrainConfig
+
+  head = "unet" if method in IMAGE_METHODS else method
+  mode = "faithful" if head == "unet" else config.mode
+  values = dict(runpy.run_path(str(CONFIG_DIR / f"{head}_{mode}.py"))["get_config"]())
+  values.update(config.train)
+  values.update(config.method_train.get(method, {}))
+  return TrainConfig.from_dict(values, source=f"sweep config, method {method}")
+
+
+def _cells(config: SweepConfig, splits) -> list[Cell]:
+  cells = []
+  encoders = sorted(config.encoders)
+  for split in splits:
+    for method in config.methods:
+      if method in ZERO_SHOT_METHODS:
+        cells += [Cell(method, encoder, 0, split.name) for encoder in encoders]
+        continue
+      for encoder in (encoders if method in HEAD_METHODS else ["-"]):
+        cells += [Cell(method, encoder, tr_size, split.name) for tr_size in config.tr_sizes]
+  return cells
+
+
+def _say(message: str) -> None:
+  print(f"[sweep {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def prepare_weights(config: SweepConfig, out: Path) -> dict[str, Path]:
+  """Each encoder as a converted directory: given as one, or converted once into OUT/weights/<name>."""
+  from weights_conversion.convert import convert
+
+  converted = {}
+  for name, source in sorted(config.encoders.items()):
+    source_path = Path(source).expanduser()
+    if (source_path / "config.json").is_file() and (source_path / "params").is_dir():
+      converted[name] = source_path
+      continue
+    target = out / "weights" / name
+    if (target / "config.json").is_file():
+      recorded = json.loads((target / "conversion.json").read_text()).get("source")
+      if recorded != str(source_path.absolute()):
+        raise DataError(f"{target}: converted from {recorded}, not from {source_path}; remove it or use another --out")
+      converted[name] = target
+      continue
+    if not source_path.exists():
+      raise DataError(f"{source_path}: SAM checkpoint of encoder {name!r} not found")
+    _say(f"converting {name}: {source_path}")
+    convert(source_path, target)
+    converted[name] = target
+  return converted
+
+
+def prepare_splits(config: SweepConfig, out: Path, patients: list[str]):
+  """The folds to run and the split file they come from; checked (tr_sizes included) before anything is written.
+
+  Returns (splits, to_save): to_save is the full fold list to write to OUT/splits.json, or None when the file exists
+  (and matches) or the config names its own split file.
+  """
+  from autosam_jax.data.splits import cross_validation_splits, load_splits
+
+  to_save = None
+  if config.splits:
+    splits = load_splits(Path(config.splits).expanduser(), known_patients=patients)
+  else:
+    split_file = out / "splits.json"
+    made = cross_validation_splits(patients, config.num_folds, config.split_seed)
+    if split_file.exists():
+      splits = load_splits(split_file, known_patients=patients)
+      if [s.to_dict() for s in splits] != [s.to_dict() for s in made]:
+        raise DataError(f"{split_file}: differs from the folds this config makes (other data, seed or num_folds); "
+                        "use another --out")
+    else:
+      splits = to_save = made
+  if config.folds:
+    missing = [k for k in config.folds if not isinstance(k, int) or not 0 <= k < len(splits)]
+    if missing:
+      raise DataError(f"folds {missing} do not exist: the split file has {len(splits)} split(s)")
+    splits = [splits[k] for k in config.folds]
+  largest = max(config.tr_sizes)
+  for split in splits:
+    if any(m not in ZERO_SHOT_METHODS for m in config.methods):
+      split.labeled(largest)  # fails now, naming the split, rather than after hours of training
+  return splits, to_save
+
+
+def _summary_figures(report: dict[str, Any]) -> dict[str, Any]:
+  """Per convention: per-class and mean Dice and HD95 (None where undefined) from an evaluation report."""
+  figures = {}
+  for convention, part in report["summary"].items():
+    entry = {"units": part["units"]}
+    for metric in ("dice", "hd95"):
+      values = {name: cls[metric]["value"] for name, cls in part["classes"].items()}
+      values["mean"] = part["overall"][metric]["value"]
+      entry[metric] = values
+    figures[convention] = entry
+  return figures
+
+
+class Sweep:
+  """Runs the cells of a config in OUT, skipping finished ones."""
+
+  def __init__(self, config: SweepConfig, out: Path, progress: bool = True):
+    self.config, self.out, self.progress = config, Path(out), progress
+    self.tfds_dir = Path(config.tfds_dir).expanduser() if config.tfds_dir else self.out / "tfds"
+    self._checked_caches: set[str] = set()
+
+  # --- stages -------------------------------------------------------------------------------------------------------
+
+  def prepare(self) -> list[Cell]:
+    from autosam_jax.atomic import atomic_write_json
+    from autosam_jax.data.validate import validate
+
+    from autosam_jax.data.splits import save_splits
+
+    config_file = self.out / "sweep_config.json"
+    if config_file.exists():
+      previous = json.loads(config_file.read_text())
+      changed = sorted(k for k in set(previous) | set(self.config.to_dict())
+                       if _jsonable(previous.get(k)) != _jsonable(self.config.to_dict().get(k))
+                       and k not in ("methods", "tr_sizes", "folds", "encoders"))
+      if changed:
+        raise DataError(f"{config_file}: this sweep was run with other settings ({', '.join(changed)}); finished "
+                        "cells would not be comparable; use another --out")
+    self.data = Path(self.config.data).expanduser()
+    report = validate(self.data)
+    self.splits, to_save = prepare_splits(self.config, self.out, list(report.patient_ids))
+    # Everything checked: from here on the sweep writes.
+    self.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(config_file, self.config.to_dict())
+    if to_save is not None:
+      save_splits(to_save, self.out / "splits.json")
+    self.weights = prepare_weights(self.config, self.out) if self.config.encoders else {}
+    return _cells(self.config, self.splits)
+
+  def feature_cache(self, encoder: str) -> Path:
+    from autosam_jax.features.precompute import PrecomputeOptions, precompute
+
+    cache = self.out / "cache" / f"{encoder}-{self.config.mode}"
+    if encoder not in self._checked_caches:  # once per sweep: precompute checks the manifest, then finishes or skips
+      self._checked_caches.add(encoder)
+      if not _cache_complete(cache):
+        _say(f"encoding every slice with {encoder} into {cache}")
+      dtype = "bfloat16" if self.config.dtype == "bf16" else "float32"
+      options = PrecomputeOptions(mode=self.config.mode, views=self.config.views, dtype=dtype,
+                                  batch_size=self.config.encode_batch_size)
+      view_patients = {p for s in self.splits for p in s.train}
+      summary = precompute(self.data, self.weights[encoder], cache, tfds_dir=self.tfds_dir, options=options,
+                           view_patients=view_patients, progress=self.progress)
+      if summary["computed"]:
+        _say(f"{summary['items']} embeddings; {summary['computed']} computed at "
+             f"{summary['images_per_second']:.2f} images/s")
+    return cache
+
+  def image_cache(self) -> Path:
+    from autosam_jax.features.images import write_image_cache
+
+    cache = self.out / "cache" / "images-faithful"
+    if "images" not in self._checked_caches:
+      self._checked_caches.add("images")
+      if not _cache_complete(cache):
+        _say(f"writing the model images into {cache}")
+      write_image_cache(self.data, self.tfds_dir, cache)
+    return cache
+
+  def simclr_encoder(self, split) -> Path:
+    from autosam_jax.train.simclr import SimclrConfig, pretrain_simclr
+
+    run_dir = self.out / "runs" / "simclr-pretraining" / split.name
+    encoder_dir = run_dir / "encoder"
+    if not (encoder_dir / "simclr_config.json").is_file():
+      base = _train_config("simclr", self.config)
+      values = {"unet_base_channels": base.unet_base_channels, **self.config.simclr}
+      simclr_config = SimclrConfig.from_dict(values, source="sweep config, simclr")
+      _say(f"SimCLR pretraining on the {len(split.train)} training patients of {split.name}")
+      pretrain_simclr(simclr_config, self.image_cache(), run_dir, list(split.train), progress=self.progress)
+    return encoder_dir
+
+  def run_cell(self, cell: Cell) -> dict[str, Any]:
+    split = next(s for s in self.splits if s.name == cell.fold)
+    run_dir = cell.run_dir(self.out)
+    started = time.perf_counter()
+    if cell.method in ZERO_SHOT_METHODS:
+      from autosam_jax.evaluation.zero_shot import zero_shot
+
+      prompt = cell.method.rsplit("_", 1)[1]
+      result = zero_shot(self.weights[cell.encoder], self.data, self.tfds_dir, self._split_file(), run_dir / "eval",
+                         fold=split.name, prompt=prompt, mode=self.config.mode, progress=self.progress)
+      mode = self.config.mode
+    else:
+      result, mode = self._train_and_evaluate(cell, split, run_dir)
+    return {"method": cell.method, "encoder": cell.encoder, "mode": mode, "tr_size": cell.tr_size,
+            "fold": cell.fold, "test_patients": list(split.test), **_summary_figures(result["report"]),
+            "seconds": round(time.perf_counter() - started, 1), "run_dir": str(run_dir.relative_to(self.out))}
+
+  def _split_file(self) -> Path:
+    return Path(self.config.splits).expanduser() if self.config.splits else self.out / "splits.json"
+
+  def _train_and_evaluate(self, cell: Cell, split, run_dir: Path):
+    from flax import nnx
+
+    from autosam_jax.evaluation.evaluate import evaluate
+    from autosam_jax.models.loading import load_sam
+    from autosam_jax.train.loop import build_model, train
+
+    train_config = _train_config(cell.method, self.config)
+    if cell.method == "simclr":
+      train_config = dataclasses.replace(train_config, init_encoder=str(self.simclr_encoder(split).absolute()))
+    if cell.method in IMAGE_METHODS:
+      cache, weights = self.image_cache(), None
+    else:
+      cache, weights = self.feature_cache(cell.encoder), self.weights[cell.encoder]
+
+    def factory():
+      sam = load_sam(weights) if weights is not None else None
+      return build_model(train_config, sam, rngs=nnx.Rngs(train_config.seed))
+
+    labeled = split.labeled(cell.tr_size)
+    _say(f"training {cell.cell_id} on {len(labeled)} labeled patient(s)")
+    result = train(train_config, cache, factory, run_dir, labeled, list(split.val), progress=self.progress)
+    _say(f"evaluating {cell.cell_id} on {len(split.test)} test patient(s)")
+    evaluated = evaluate(Path(result["model"]), weights, cache, self.data, self.tfds_dir, self._split_file(),
+                         run_dir / "eval", fold=split.name)
+    return evaluated, train_config.variant
+
+  # --- the whole sweep ----------------------------------------------------------------------------------------------
+
+  def run(self, stop_after_cells: int | None = None) -> dict[str, Any]:
+    from autosam_jax.atomic import atomic_write_json
+
+    cells = self.prepare()
+    cells_dir = self.out / "cells"
+    done = sum((cells_dir / f"{c.cell_id}.json").is_file() for c in cells)
+    _say(f"{len(cells)} cells, {done} already finished; results in {self.out}")
+    ran = 0
+    for number, cell in enumerate(cells, 1):
+      cell_file = cells_dir / f"{cell.cell_id}.json"
+      if cell_file.is_file():
+        continue
+      if stop_after_cells is not None and ran >= stop_after_cells:
+        break
+      _say(f"cell {number}/{len(cells)}: {cell.cell_id}")
+      record = self.run_cell(cell)
+      atomic_write_json(cell_file, record)
+      ran += 1
+      mean = record.get("official", {}).get("dice", {}).get("mean")
+      _say(f"cell {cell.cell_id} done in {record['seconds']:.0f}s: mean Dice (official) "
+           f"{'n/a' if mean is None else f'{mean:.3f}'}")
+      self.write_results(cells)
+    return self.write_results(cells)
+
+  def write_results(self, cells: list[Cell]) -> dict[str, Any]:
+    from autosam_jax.atomic import atomic_write_bytes, atomic_write_json
+
+    records = []
+    for cell in cells:
+      cell_file = self.out / "cells" / f"{cell.cell_id}.json"
+      if cell_file.is_file():
+        records.append(json.loads(cell_file.read_text()))
+    results = {"config": self.config.to_dict(), "cells": records, "finished": len(records), "total": len(cells)}
+    atomic_write_json(self.out / "results.json", results)
+    table = results_table(records, self.config.tr_sizes)
+    atomic_write_bytes(self.out / "results.md", (table + "\n").encode())
+    if records:
+      plot_dice_vs_labels(records, self.config.tr_sizes, self.out / "dice_vs_labels.png")
+    return {"results": results, "table": table}
+
+
+def _jsonable(value: Any) -> Any:
+  return json.loads(json.dumps(value))
+
+
+def _cache_complete(cache: Path) -> bool:
+  manifest = cache / "manifest.json"
+  if not manifest.is_file():
+    return False
+  try:
+    return bool(json.loads(manifest.read_text()).get("complete"))
+  except ValueError:
+    return False
+
+
+def _row_key(record: dict[str, Any]) -> tuple[str, str]:
+  return record["method"], record["encoder"]
+
+
+def _row_label(method: str, encoder: str) -> str:
+  return LABELS.get(method, method) + ("" if encoder == "-" else f" ({encoder})")
+
+
+def aggregate_cells(records: list[dict[str, Any]], tr_sizes, convention: str = "official",
+                    metric: str = "dice") -> dict[tuple[str, str], dict[int, tuple[float, float, int]]]:
+  """(method, encoder) -> tr_size -> (mean, std over folds, folds). Zero-shot figures stand for every tr_size."""
+  rows: dict[tuple[str, str], dict[int, list[float]]] = {}
+  for record in records:
+    value = record.get(convention, {}).get(metric, {}).get("mean")
+    if value is None:
+      continue
+    sizes = tr_sizes if record["tr_size"] == 0 else [record["tr_size"]]
+    for size in sizes:
+      rows.setdefault(_row_key(record), {}).setdefault(size, []).append(value)
+  return {key: {size: (float(np.mean(v)), float(np.std(v)), len(v)) for size, v in by_size.items()}
+          for key, by_size in rows.items()}
+
+
+def results_table(records: list[dict[str, Any]], tr_sizes) -> str:
+  """Markdown: mean Dice (and HD95) +- std over folds, per method and tr_size, under both conventions."""
+  if not records:
+    return "No finished cells yet."
+  order = {m: i for i, m in enumerate(METHODS)}
+  sections = []
+  for convention, metric, title, digits in (
+      ("official", "dice", "Mean Dice, official convention (ED+ES volume on the model grid)", 3),
+      ("standard", "dice", "Mean Dice, standard convention (per frame, native grid)", 3),
+      ("official", "hd95", "Mean HD95, official convention (voxels of the model grid; 0 for an empty prediction)", 2),
+      ("standard", "hd95", "Mean HD95, standard convention (mm)", 2)):
+    rows = aggregate_cells(records, tr_sizes, convention, metric)
+    if not rows:
+      continue
+    lines = [f"### {title}", "", "| method | " + " | ".join(f"{t} labeled" for t in tr_sizes) + " |",
+             "|---|" + "---:|" * len(tr_sizes)]
+    for key in sorted(rows, key=lambda k: (order.get(k[0], 99), k[1])):
+      cells = []
+      for size in tr_sizes:
+        if size in rows[key]:
+          mean, std, n = rows[key][size]
+          cells.append(f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}")
+        else:
+          cells.append("–")
+      label = _row_label(*key) + (" †" if key[0] in ZERO_SHOT_METHODS else "")
+      lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    sections.append("\n".join(lines))
+  folds = sorted({r["fold"] for r in records})
+  notes = [f"Mean over the RV, MYO and LV classes; ± is the standard deviation over {len(folds)} fold(s) "
+           f"({', '.join(folds)}); a single figure means one fold."]
+  if any(r["method"] in ZERO_SHOT_METHODS for r in records):
+    notes.append("† no training: prompts from the ground truth (an oracle that also reveals which classes are "
+                 "present); the same figure stands in every column.")
+  return "\n\n".join(sections) + "\n\n" + "\n".join(notes)
+
+
+def plot_dice_vs_labels(records: list[dict[str, Any]], tr_sizes, png: Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = aggregate_cells(records, tr_sizes, "official", "dice")
+  order = {m: i for i, m in enumerate(METHODS)}
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for key in sorted(rows, key=lambda k: (order.get(k[0], 99), k[1])):
+    sizes = [s for s in tr_sizes if s in rows[key]]
+    means = [rows[key][s][0] for s in sizes]
+    stds = [rows[key][s][1] for s in sizes]
+    style = {"linestyle": "--"} if key[0] in ZERO_SHOT_METHODS else {"marker": "o"}
+    ax.errorbar(sizes, means, yerr=stds, capsize=3, label=_row_label(*key), **style)
+  if len(tr_sizes) > 1 and max(tr_sizes) / min(tr_sizes) >= 8:
+    ax.set_xscale("log")
+  ax.set_xticks(list(tr_sizes))
+  ax.set_xticklabels([str(t) for t in tr_sizes])
+  ax.set_xlabel("labeled training volumes (patients)")
+  ax.set_ylabel("mean Dice (RV, MYO, LV), official convention")
+  ax.set_ylim(0, 1)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="lower right")
+  fig.tight_layout()
+  tmp = png.with_name(f".{png.name}.tmp.png")
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, png)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--config", type=Path, required=True, help="sweep config: a Python file with get_config()")
+  parser.add_argument("--out", type=Path, required=True, help="output folder (rerun the same command to resume)")
+  parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a sweep option")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+
+
+def run(args: argparse.Namespace) -> int:
+  from autosam_jax.models.loading import CheckpointError
+  from autosam_jax.train.loop import NonFiniteLossError
+  from weights_conversion.convert import ConversionError
+
+  try:
+    config = load_sweep_config(args.config, args.set)
+    result = Sweep(config, args.out, progress=not args.no_progress).run()
+  except (DataError, CheckpointError, ConversionError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  except NonFiniteLossError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 3
+  print(result["table"])
+  print(f"\nwrote {args.out / 'results.json'}, results.md and dice_vs_labels.png")
+  return 0

@@ -1,0 +1,116 @@
+"""The label-efficiency sweep through its CLI: a tiny SAM, a head, the UNet and zero-shot SAM, tr_size 1 and 2, one
+fold; killed after its first finished cell and rerun, it redoes nothing that was finished."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_CONFIGS
+
+NAME = "dim64-win5-pad"
+METHODS = ["linear", "unet", "zero_shot_box"]
+
+
+def _config_file(root: Path, checkpoint: Path) -> Path:
+  values = {"data": str(root / "acdc"), "encoders": {"tiny": str(checkpoint)}, "methods": METHODS,
+            "mode": "faithful", "tr_sizes": [1, 2], "num_folds": 2, "folds": [0], "dtype": "fp32",
+            "train": {"epochs": 2, "learning_rate": 5e-3, "plateau_start_epoch": 1},
+            "method_train": {"unet": {"unet_base_channels": 8}}}
+  path = root / "sweep_config.py"
+  path.write_text(f"def get_config():\n  return {values!r}\n")
+  return path
+
+
+@pytest.fixture(scope="module")
+def setup(meta_checkpoints, tmp_path_factory):
+  from autosam_jax.data.synthetic import write_synthetic_acdc
+
+  root = tmp_path_factory.mktemp("sweep")
+  _, checkpoint = meta_checkpoints(NAME, TINY_CONFIGS[NAME])
+  write_synthetic_acdc(root / "acdc", 4, seed=5)
+  return root, _config_file(root, checkpoint)
+
+
+def _sweep_command(config: Path, out: Path) -> list[str]:
+  return [sys.executable, "-m", "autosam_jax.cli", "sweep", "--config", str(config), "--out", str(out),
+          "--no-progress"]
+
+
+def _environment() -> dict[str, str]:
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def test_sweep_killed_after_a_cell_resumes_without_redoing_it(setup):
+  root, config = setup
+  out = root / "out"
+  process = subprocess.Popen(_sweep_command(config, out), env=_environment(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+  cells_dir = out / "cells"
+  deadline = time.time() + 400
+  while time.time() < deadline and process.poll() is None and not list(cells_dir.glob("*.json")):
+    time.sleep(0.2)
+  assert process.poll() is None, f"the sweep ended before it could be killed: {process.stderr.read()[-2000:]}"
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  finished = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in cells_dir.glob("*.json")}
+  assert 1 <= len(finished) < 5
+  first = json.loads(next(iter(finished.values()))[1])
+  first_metrics = out / first["run_dir"] / "metrics.jsonl"
+  first_metrics_state = (first_metrics.stat().st_mtime_ns, first_metrics.read_text()) if first_metrics.exists() else None
+
+  done = subprocess.run(_sweep_command(config, out), env=_environment(), capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  # Finished cells are skipped, untouched, and so are their runs.
+  for name, (mtime, text) in finished.items():
+    assert (cells_dir / name).stat().st_mtime_ns == mtime and (cells_dir / name).read_text() == text
+  if first_metrics_state is not None:
+    assert (first_metrics.stat().st_mtime_ns, first_metrics.read_text()) == first_metrics_state
+  assert f"{len(finished)} already finished" in done.stdout
+
+  results = json.loads((out / "results.json").read_text())
+  assert results["finished"] == results["total"] == 5  # linear x 2, unet x 2, zero-shot x 1
+  cells = {(c["method"], c["tr_size"]) for c in results["cells"]}
+  assert cells == {("linear", 1), ("linear", 2), ("unet", 1), ("unet", 2), ("zero_shot_box", 0)}
+  for cell in results["cells"]:
+    assert cell["fold"] == "cv2-seed0-fold0" and cell["mode"] == "faithful"
+    for convention in ("official", "standard"):
+      assert set(cell[convention]["dice"]) == {"RV", "MYO", "LV", "mean"}
+      assert set(cell[convention]["hd95"]) == {"RV", "MYO", "LV", "mean"}
+      assert 0 <= cell[convention]["dice"]["mean"] <= 1
+    # each figure is the one its own evaluation wrote
+    report = json.loads((out / cell["run_dir"] / "eval" / "metrics.json").read_text())
+    assert cell["official"]["dice"]["mean"] == report["summary"]["official"]["overall"]["dice"]["value"]
+
+  table = (out / "results.md").read_text()
+  assert "| method | 1 labeled | 2 labeled |" in table
+  for row in ("| Linear head (tiny) |", "| UNet (scratch) |", "| SAM zero-shot, GT boxes (tiny) † |"):
+    assert row in table
+  assert (out / "dice_vs_labels.png").stat().st_size > 1000
+  assert not list(out.rglob("*.partial-*")) and not list(out.rglob(".*.tmp*"))
+
+
+def test_sweep_refuses_a_changed_config_and_bad_options(setup, capsys):
+  from autosam_jax.cli import main
+
+  root, config = setup
+  out = root / "refused"
+  out.mkdir()
+  (out / "sweep_config.json").write_text(json.dumps({"data": "elsewhere", "mode": "improved"}))
+  assert main(["sweep", "--config", str(config), "--out", str(out)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "other settings" in err[0] and "data" in err[0] and "mode" in err[0]
+
+  for override, words in ((["--set", "methods=['autosam', 'resnet']"], "unknown method"),
+                          (["--set", "tr_sizes=[1, 9]"], "tr_size 9 is larger than the training set"),
+                          (["--set", "colour=1"], "unknown sweep option")):
+    fresh = root / f"bad-{len(words)}"
+    assert main(["sweep", "--config", str(config), "--out", str(fresh), *override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not (fresh / "cells").exists() and not (fresh / "runs").exists()
