@@ -28,15 +28,15 @@ import numpy as np
 from autosam_jax.data.errors import DataError
 
 DESCRIPTION = __doc__
-# A small SAM: a 256 encoder input gives a 16 x 16 embedding grid of 128 channels, so the heads' 4x upsampled output
-# is 64 x 64 (the real models: 1024 input, 64 x 64 grid of 256 channels, 256 x 256 output).
-DEMO_SAM = dict(image_size=256, patch_size=16, encoder_embed_dim=96, encoder_depth=2, encoder_num_heads=4,
+# A small SAM: 8-pixel patches on a 256 encoder input give a 32 x 32 embedding grid of 128 channels, so the heads' 4x
+# upsampled output is 128 x 128 (the real models: 1024 input, 64 x 64 grid of 256 channels, 256 x 256 output).
+DEMO_SAM = dict(image_size=256, patch_size=8, encoder_embed_dim=96, encoder_depth=2, encoder_num_heads=4,
                 encoder_mlp_dim=192, encoder_global_attn_indexes=(1,), window_size=8, prompt_embed_dim=128,
                 decoder_mlp_dim=512)
 PATIENTS = 10
-DEMO_TRAIN = {"epochs": 20, "learning_rate": 1e-3, "plateau_start_epoch": 5}
+DEMO_TRAIN = {"epochs": 15, "learning_rate": 1e-3, "plateau_start_epoch": 5}
 # Narrower CNN head and UNet than the official ones (their full widths take seconds per step on a CPU).
-METHOD_TRAIN = {"cnn": {"cnn_top_channels": 16}, "unet": {"unet_base_channels": 16}}
+METHOD_TRAIN = {"cnn": {"cnn_top_channels": 8}, "unet": {"unet_base_channels": 8}}
 
 
 def write_random_sam(out_dir: Path, seed: int = 0) -> Path:
@@ -122,13 +122,13 @@ def demo(out: Path, checkpoint: Path | None = None, epochs: int = DEMO_TRAIN["ep
   import jax
 
   started = time.perf_counter()
+  if checkpoint is not None and not Path(checkpoint).exists():
+    raise DataError(f"{checkpoint}: SAM checkpoint not found")
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
   # Cells of one method share their compiled steps (same shapes): compiled once, then read from this cache.
   jax.config.update("jax_compilation_cache_dir", str((out / ".jax-cache").absolute()))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  if checkpoint is not None and not Path(checkpoint).exists():
-    raise DataError(f"{checkpoint}: SAM checkpoint not found")
   if not (out / "data").is_dir():
     _say(f"writing {PATIENTS} synthetic patients in ACDC's layout to {out / 'data'}")
     write_synthetic_acdc(out / "data", PATIENTS, seed=seed)

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import os
-import runpy
 import sys
 import time
 from pathlib import Path
@@ -125,32 +124,19 @@ class Cell:
 
 
 def load_sweep_config(path: Path, overrides: list[str] = ()) -> SweepConfig:
-  import ast
+  from autosam_jax.config_files import apply_overrides, read_config_file
 
-  if not Path(path).is_file():
-    raise DataError(f"{path}: no such sweep config file")
-  try:
-    values = dict(runpy.run_path(str(path))["get_config"]())
-  except KeyError:
-    raise DataError(f"{path}: defines no get_config()") from None
-  for override in overrides:
-    name, sep, text = override.partition("=")
-    if not sep:
-      raise DataError(f"--set {override!r}: expected NAME=VALUE")
-    try:
-      values[name] = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      values[name] = text
-  return SweepConfig.from_dict(values, source=str(path))
+  return SweepConfig.from_dict(apply_overrides(read_config_file(path), list(overrides)), source=str(path))
 
 
 def _train_config(method: str, config: SweepConfig):
   """The TrainConfig of a method: its config file in experiments/configs, then the sweep's overrides."""
+  from autosam_jax.config_files import read_config_file
   from autosam_jax.train.loop import TrainConfig
 
   head = "unet" if method in IMAGE_METHODS else method
   mode = "faithful" if head == "unet" else config.mode
-  values = dict(runpy.run_path(str(CONFIG_DIR / f"{head}_{mode}.py"))["get_config"]())
+  values = read_config_file(CONFIG_DIR / f"{head}_{mode}.py")
   values.update(config.train)
   values.update(config.method_train.get(method, {}))
   return TrainConfig.from_dict(values, source=f"sweep config, method {method}")

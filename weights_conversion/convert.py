@@ -241,7 +241,11 @@ def convert_state(state: dict[str, np.ndarray], path: Path, model_type: str | No
       raise ConversionError(f"{path}: not a {model_type} checkpoint: {_short_list(differ, 4)}; "
                             "leave out --model-type to convert whatever architecture it holds")
 
-  expected_shapes = _abstract_params(config)
+  try:
+    expected_shapes = _abstract_params(config)
+  except ValueError as err:  # e.g. a --decoder-num-heads that does not divide the attention width
+    given = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items() if k.endswith("num_heads"))
+    raise ConversionError(f"{path}: {err}" + (f" (given {given})" if given else "")) from None
   missing = sorted(".".join(p) for p in expected_shapes if p not in params)
   if missing:
     raise ConversionError(f"{path}: {len(missing)} parameter(s) of the model are not in the checkpoint: "

@@ -112,8 +112,11 @@ def evaluate(model_dir: Path, weights_dir: Path | None, cache_dir: Path, source_
   cache = FeatureCache(cache_dir)
   depends_on = cache.manifest["depends_on"]
   _, head, train_config = load_model(Path(model_dir), None if weights_dir is None else Path(weights_dir), encoder=False)
-  sam_config = None if train_config.head == "unet" else read_config(weights_dir)
-  check_cache_matches(depends_on, train_config, sam_config, str(Path(cache_dir) / "manifest.json"))
+  sam_config = digest = None
+  if train_config.head != "unet":
+    from autosam_jax.features.precompute import weights_digest
+    sam_config, digest = read_config(weights_dir), weights_digest(Path(weights_dir))
+  check_cache_matches(depends_on, train_config, sam_config, str(Path(cache_dir) / "manifest.json"), digest)
   preprocess_config = preprocess_config_from_manifest(depends_on)
   volumes, fingerprint = load_volumes(Path(source_dir), Path(tfds_dir))
   if depends_on.get("dataset_fingerprint") not in (None, fingerprint):

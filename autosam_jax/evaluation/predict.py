@@ -88,7 +88,7 @@ def label_nifti_bytes(labels: np.ndarray, affine: np.ndarray, header=None, compr
   return gzip.compress(data, compresslevel=6, mtime=0) if compressed else data
 
 
-def preprocess_config_for(train_config, sam_config, cache_dir: Path | None):
+def preprocess_config_for(train_config, sam_config, cache_dir: Path | None, weights_digest: str | None = None):
   """The PreprocessConfig the model was trained with (from the cache's manifest when given, else rebuilt)."""
   from autosam_jax.data.preprocess import PreprocessConfig
 
@@ -104,7 +104,7 @@ def preprocess_config_for(train_config, sam_config, cache_dir: Path | None):
     raise DataError(f"{manifest_file}: missing; --cache must be a feature cache (autosam-jax precompute)") from None
   except (OSError, ValueError, KeyError, TypeError) as err:
     raise DataError(f"{manifest_file}: unreadable cache manifest ({type(err).__name__}: {err})") from None
-  check_cache_matches(depends_on, train_config, sam_config, str(manifest_file))
+  check_cache_matches(depends_on, train_config, sam_config, str(manifest_file), weights_digest)
   return preprocess_config_from_manifest(depends_on)
 
 
@@ -115,7 +115,8 @@ def preprocess_config_from_manifest(depends_on: dict[str, Any]):
   return PreprocessConfig.from_dict(depends_on["preprocess"])
 
 
-def check_cache_matches(depends_on: dict[str, Any], train_config, sam_config, where: str) -> None:
+def check_cache_matches(depends_on: dict[str, Any], train_config, sam_config, where: str,
+                        weights_digest: str | None = None) -> None:
   """A cache made with another SAM or in another mode than the model would silently give wrong predictions; an image
   cache feeds only the UNet, and a SAM feature cache only the heads."""
   images = depends_on.get("kind") == "images"
@@ -124,6 +125,9 @@ def check_cache_matches(depends_on: dict[str, Any], train_config, sam_config, wh
     raise DataError(f"{where}: {have} cannot feed a {train_config.head} model")
   if not images and depends_on.get("sam_config") != json.loads(sam_config.to_json()):
     raise DataError(f"{where}: the cache was computed with another SAM than --weights")
+  if not images and weights_digest and depends_on.get("weights_sha256") not in (None, "", weights_digest):
+    raise DataError(f"{where}: the cache was computed from other SAM weights than --weights (same architecture, "
+                    "other checkpoint)")
   mode = (depends_on.get("preprocess") or {}).get("mode")
   if mode != train_config.variant:
     raise DataError(f"{where}: the cache is in {mode!r} mode but the model was trained as {train_config.variant!r}")
@@ -218,7 +222,11 @@ def predict(model_dir: Path, weights_dir: Path | None, inputs: Path, output_dir:
     raise DataError(f"{collisions[0]}: --output would overwrite this input; choose another output folder")
   sam, head, train_config = load_model(Path(model_dir), None if weights_dir is None else Path(weights_dir),
                                        encoder=True)
-  config = preprocess_config_for(train_config, None if sam is None else sam.config, cache_dir)
+  digest = None
+  if sam is not None and cache_dir is not None:
+    from autosam_jax.features.precompute import weights_digest
+    digest = weights_digest(Path(weights_dir))
+  config = preprocess_config_for(train_config, None if sam is None else sam.config, cache_dir, digest)
   # Reading every file now (and again below, to keep memory to one volume) so a bad one anywhere writes nothing.
   for path in files:
     volume = read_nifti(path)

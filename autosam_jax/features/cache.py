@@ -185,6 +185,14 @@ class FeatureCache:
       self._arrays[shard] = tuple(arrays)
     return self._arrays[shard]
 
+  def check_files(self) -> None:
+    """Every shard's files are present (no reading, no hashing): a damaged cache is refused before a run starts."""
+    shard_dir = self.cache_dir / "shards"
+    for shard in range(-(-len(self.items) // self.shard_size)):
+      for name in [f"{shard:05d}.done"] + [f"{shard:05d}.{part}.npy" for part in _PARTS]:
+        if not (shard_dir / name).is_file():
+          raise DataError(f"{shard_dir / name}: missing; the cache is damaged, rerun precompute into a new directory")
+
   def verify(self) -> None:
     """Reads and checks every shard now (otherwise each is checked on first access)."""
     for shard in range(-(-len(self.items) // self.shard_size)):

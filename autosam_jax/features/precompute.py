@@ -69,7 +69,7 @@ def work_items(volumes, view_patients: set[str], views: int) -> list[dict[str, A
   return items
 
 
-def _weights_digest(weights_dir: Path) -> str:
+def weights_digest(weights_dir: Path) -> str:
   info = weights_dir / "conversion.json"
   if info.is_file():
     return json.loads(info.read_text()).get("source_sha256", "")
@@ -172,22 +172,23 @@ def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | P
   if unknown:
     raise DataError(f"{source_dir}: patients {unknown[:5]} of the split file are not in the dataset")
   items = work_items(volumes, view_patients, options.views)
-  depends_on = {"weights_sha256": _weights_digest(weights_dir), "sam_config": json.loads(config.to_json()),
+  depends_on = {"weights_sha256": weights_digest(weights_dir), "sam_config": json.loads(config.to_json()),
                 "preprocess": preprocess_config.to_dict(), "dataset_fingerprint": fingerprint,
                 "views": options.views, "view_patients": sorted(view_patients), "seed": options.seed,
                 "augment": augment_config.to_dict() if options.views else None, "dtype": options.dtype}
-  if process != 0:
-    barrier("autosam_jax.precompute.cache_opened")  # process 0 checks the manifest and clears temporary files first
-  writer = CacheWriter(out_dir, depends_on, items, options.shard_size, options.dtype, clean_up=process == 0)
-  if process == 0:
-    barrier("autosam_jax.precompute.cache_opened")
-  todo = [s for s in range(writer.num_shards) if s % num_processes == process and not writer.shard_done(s)]
+  # The weights are loaded before the cache directory is created: unusable weights leave nothing behind.
   mesh = local_data_mesh()
   devices = mesh.devices.ravel()
   batch_size = -(-options.batch_size // len(devices)) * len(devices)
   encoder_dtype = jnp.bfloat16 if options.dtype == "bfloat16" else None
   sam = load_sam(weights_dir, encoder_dtype=encoder_dtype,
                  sharding=NamedSharding(mesh, PartitionSpec()))
+  if process != 0:
+    barrier("autosam_jax.precompute.cache_opened")  # process 0 checks the manifest and clears temporary files first
+  writer = CacheWriter(out_dir, depends_on, items, options.shard_size, options.dtype, clean_up=process == 0)
+  if process == 0:
+    barrier("autosam_jax.precompute.cache_opened")
+  todo = [s for s in range(writer.num_shards) if s % num_processes == process and not writer.shard_done(s)]
   graphdef, state = nnx.split(sam.image_encoder)
   data_sharding = NamedSharding(mesh, PartitionSpec("data"))
 
@@ -263,6 +264,10 @@ def run(args: argparse.Namespace) -> int:
   options = PrecomputeOptions(mode=args.mode, views=args.views, dtype="bfloat16" if args.dtype == "bf16" else "float32",
                               batch_size=args.batch_size, seed=args.seed, shard_size=args.shard_size)
   try:
+    for option, value, least in (("--batch-size", args.batch_size, 1), ("--shard-size", args.shard_size, 1),
+                                 ("--views", args.views, 0)):
+      if value < least:
+        raise DataError(f"{option} must be {'positive' if least else 'zero or more'}, got {value}")
     view_patients = None
     if args.splits is not None:
       from autosam_jax.data.splits import load_splits

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ast
-import runpy
 import sys
 from pathlib import Path
 
@@ -34,21 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_config(path: Path, overrides: list[str]):
-  from autosam_jax.data.errors import DataError
+  from autosam_jax.config_files import apply_overrides, read_config_file
   from autosam_jax.train.loop import TrainConfig
 
-  if not path.is_file():
-    raise DataError(f"{path}: no such config file")
-  try:
-    values = dict(runpy.run_path(str(path))["get_config"]())
-  except KeyError:
-    raise DataError(f"{path}: defines no get_config()") from None
-  for override in overrides:
-    name, _, text = override.partition("=")
-    try:
-      values[name] = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      values[name] = text
+  values = apply_overrides(read_config_file(path), overrides)
   return TrainConfig.from_dict(values, source=str(path))
 
 

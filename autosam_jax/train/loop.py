@@ -9,6 +9,7 @@ zero-weight samples so every step has the same shape and nothing recompiles.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -230,8 +231,8 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
   from autosam_jax.train.schedules import ReduceLROnPlateau
 
   out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
   cache = FeatureCache(cache_dir)
+  cache.check_files()
   views = int(cache.manifest["depends_on"].get("views", 0))
   labeled = sorted({(it["case_id"], it["slice_index"]) for it in cache.items
                     if it["patient_id"] in set(labeled_patients) and it["view"] == 0})
@@ -262,6 +263,8 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
   frozen = jax.device_put(frozen, replicated)
   train_step, eval_step = make_steps(graphdef, tx, mesh, config.augment, config.seed)
 
+  # Everything checked: from here on the run writes.
+  out_dir.mkdir(parents=True, exist_ok=True)
   mode = "min" if config.scheduler == "plateau_train_loss" else "max"
   plateau = ReduceLROnPlateau(mode=mode)
   start_epoch, iterator_state, best = 0, None, {"score": -math.inf, "epoch": -1}
@@ -291,7 +294,8 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
                dynamic_ncols=True)
   started = time.perf_counter()
   last_metrics: dict[str, Any] = {}
-  with open(metrics_file, "a") as log:
+  # The bar is closed however the loop ends, so an error message is not printed on the bar's line.
+  with open(metrics_file, "a") as log, (contextlib.closing(bar) if bar is not None else contextlib.nullcontext()):
     for epoch in range(start_epoch, config.epochs):
       indices = epoch_indices(views_of_slices, config.seed, epoch)
       iterator = _batches(cache, indices, config, epoch, iterator_state)
@@ -333,8 +337,6 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
       checkpoints.save(int(state["step"]), state, {"epoch": epoch + 1, "iterator_state": None, "best": best,
                                                    "plateau": plateau.state_dict(), "config": config.to_dict(),
                                                    "step": int(state["step"])})
-  if bar is not None:
-    bar.close()
   checkpoints.close()
   save_model(out_dir / "final_model", state["params"], frozen, config)
   plot_curves(metrics_file, out_dir / "curves.png")

@@ -26,13 +26,11 @@ needs to resume and end with the same parameters as an uninterrupted one.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import functools
 import json
 import math
 import os
-import runpy
 import sys
 import time
 from pathlib import Path
@@ -493,27 +491,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_config(path: Path | None, overrides: list[str]) -> SimclrConfig:
   """Options from a config file's get_config() (or the defaults), then each NAME=VALUE override (a Python literal,
   else the text)."""
-  values: dict[str, Any] = {}
-  source = "defaults"
-  if path is not None:
-    if not path.is_file():
-      raise DataError(f"{path}: no such config file")
-    try:
-      values = dict(runpy.run_path(str(path))["get_config"]())
-    except KeyError:
-      raise DataError(f"{path}: defines no get_config()") from None
-    source = str(path)
-  for override in overrides:
-    name, equals, text = override.partition("=")
-    if not equals or not name:
-      raise DataError(f"--set {override!r}: expected NAME=VALUE")
-    try:
-      values[name] = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      values[name] = text
+  from autosam_jax.config_files import apply_overrides, read_config_file
+
+  values = read_config_file(path) if path is not None else {}
+  source = str(path) if path is not None else "defaults"
   if overrides:
     source += " with --set"
-  return SimclrConfig.from_dict(values, source=source)
+  return SimclrConfig.from_dict(apply_overrides(values, overrides), source=source)
 
 
 def run(args: argparse.Namespace) -> int:
