@@ -53,6 +53,18 @@ class SliceIndex:
     return np.asarray(sorted(chosen, key=lambda i: (self.case_ids[i], self.slice_indices[i])), np.int64)
 
 
+def _shuffle_seed(seed: int, epoch: int) -> int:
+  return int(np.random.default_rng([seed, epoch]).integers(2**31))
+
+
+def epoch_order(indices: Sequence[int], *, seed: int, epoch: int) -> np.ndarray:
+  """`indices` in the order a shuffled `slice_dataset(source, indices, seed=seed, epoch=epoch)` visits them."""
+  import grain
+
+  dataset = grain.MapDataset.source(np.asarray(indices, np.int64)).shuffle(seed=_shuffle_seed(seed, epoch))
+  return np.asarray([dataset[i] for i in range(len(dataset))], np.int64)
+
+
 def slice_dataset(source: Sequence[dict], indices: Sequence[int], *, batch_size: int, seed: int, epoch: int = 0,
                   shuffle: bool = True, transform: Callable[[dict], dict] | None = None, drop_remainder: bool = False):
   """A grain IterDataset over one epoch of `source[indices]` in batches, shuffled from (seed, epoch).
@@ -65,7 +77,7 @@ def slice_dataset(source: Sequence[dict], indices: Sequence[int], *, batch_size:
 
   dataset = grain.MapDataset.source(np.asarray(indices, np.int64))
   if shuffle:
-    dataset = dataset.shuffle(seed=int(np.random.default_rng([seed, epoch]).integers(2**31)))
+    dataset = dataset.shuffle(seed=_shuffle_seed(seed, epoch))
   dataset = dataset.map(lambda record: source[int(record)])
   if transform is not None:
     dataset = dataset.map(transform)

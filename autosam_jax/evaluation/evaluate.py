@@ -12,6 +12,9 @@ Every slice of each test patient's ED and ES frames is predicted from its cached
   standard: each frame mapped back to its native grid against the native label volume, HD95 in mm.
 Writes OUT/metrics.json (per patient and frame, both conventions, and their means), OUT/metrics.md (the summary table)
 and OUT/predictions/<case_id>.nii.gz (native-grid label maps with the source volume's affine).
+
+Under jax.distributed (--coordinator/--num-processes/--process-id, or JAX's environment variables) each process
+predicts and scores every P-th test patient on its own first device; process 0 writes metrics.json and metrics.md.
 """
 
 from __future__ import annotations
@@ -95,6 +98,8 @@ def _cached_cases(cache, patient_id: str, volumes: dict[str, Any]) -> dict[str, 
 def evaluate(model_dir: Path, weights_dir: Path | None, cache_dir: Path, source_dir: Path, tfds_dir: Path, splits_file: Path,
              out_dir: Path, *, fold: str | None = None, batch_size: int = 8) -> dict[str, Any]:
   """Predicts and scores the split's test patients; writes OUT/metrics.json, metrics.md and predictions/."""
+  import jax
+
   from autosam_jax.atomic import atomic_write_bytes, atomic_write_json
   from autosam_jax.data.splits import load_splits
   from autosam_jax.evaluation.predict import (check_cache_matches, label_nifti_bytes, load_model, make_head_forward,
@@ -102,7 +107,9 @@ def evaluate(model_dir: Path, weights_dir: Path | None, cache_dir: Path, source_
   from autosam_jax.features.cache import FeatureCache
   from autosam_jax.features.precompute import load_volumes
   from autosam_jax.models.loading import read_config
+  from autosam_jax.parallel import all_gather_objects, barrier
 
+  process, num_processes = jax.process_index(), jax.process_count()
   splits = load_splits(splits_file)
   split = splits[0] if fold is None else next((s for s in splits if s.name == fold), None)
   if split is None:
@@ -118,15 +125,20 @@ def evaluate(model_dir: Path, weights_dir: Path | None, cache_dir: Path, source_
     sam_config, digest = read_config(weights_dir), weights_digest(Path(weights_dir))
   check_cache_matches(depends_on, train_config, sam_config, str(Path(cache_dir) / "manifest.json"), digest)
   preprocess_config = preprocess_config_from_manifest(depends_on)
+  if process != 0:
+    barrier("autosam_jax.evaluate.dataset_built")  # process 0 builds the TFDS dataset if needed, then the others
   volumes, fingerprint = load_volumes(Path(source_dir), Path(tfds_dir))
+  if process == 0:
+    barrier("autosam_jax.evaluate.dataset_built")
   if depends_on.get("dataset_fingerprint") not in (None, fingerprint):
     raise DataError(f"{cache_dir}: the cache was computed from other data than {source_dir}")
   forward = make_head_forward(head, preprocess_config.target_size, batch_size)
 
-  patients: dict[str, Any] = {}
-  official_results, standard_results = [], []
+  for patient_id in split.test:  # every process checks the whole split before any writes
+    _cached_cases(cache, patient_id, volumes)
+  scores: dict[str, tuple[VolumeResult, dict[str, tuple[str, VolumeResult]]]] = {}
   predictions_dir = Path(out_dir) / "predictions"
-  for patient_id in split.test:
+  for patient_id in split.test[process::num_processes]:
     cases = _cached_cases(cache, patient_id, volumes)
     logits, targets = {}, {}
     for case_id, indices in cases.items():
@@ -136,19 +148,28 @@ def evaluate(model_dir: Path, weights_dir: Path | None, cache_dir: Path, source_
     score = score_patient(patient_id, logits, targets, volumes, preprocess_config)
     for case_id, labels in score.native.items():
       atomic_write_bytes(predictions_dir / f"{case_id}.nii.gz", label_nifti_bytes(labels, volumes[case_id].affine))
-    official_results.append(score.official)
-    standard_results += list(score.standard.values())
+    scores[patient_id] = (score.official, {case_id: (volumes[case_id].frame, result)
+                                           for case_id, result in score.standard.items()})
+  for part in all_gather_objects(scores):  # in a single process: this process's scores
+    scores.update(part)
+  patients: dict[str, Any] = {}
+  official_results, standard_results = [], []
+  for patient_id in split.test:
+    official, standard = scores[patient_id]
+    official_results.append(official)
+    standard_results += [result for _, result in standard.values()]
     patients[patient_id] = {
-        "official": score.official.to_dict(),
-        "standard": {case_id: {"frame": volumes[case_id].frame, **result.to_dict()}
-                     for case_id, result in score.standard.items()}}
+        "official": official.to_dict(),
+        "standard": {case_id: {"frame": frame, **result.to_dict()} for case_id, (frame, result) in standard.items()}}
   summary = summarize(official_results + standard_results)
   report = {"model": str(model_dir), "cache": str(cache_dir), "data": str(source_dir), "split": split.name,
             "test_patients": list(split.test), "train_config": train_config.to_dict(),
             "preprocess": preprocess_config.to_dict(), "summary": summary, "patients": patients}
-  atomic_write_json(Path(out_dir) / "metrics.json", report)
   table = summary_table(summary)
-  atomic_write_bytes(Path(out_dir) / "metrics.md", (table + "\n").encode())
+  if process == 0:
+    atomic_write_json(Path(out_dir) / "metrics.json", report)
+    atomic_write_bytes(Path(out_dir) / "metrics.md", (table + "\n").encode())
+  barrier("autosam_jax.evaluate.written")
   return {"report": report, "table": table}
 
 
@@ -196,11 +217,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--fold", help="split name inside the file (default: the first)")
   parser.add_argument("--out", type=Path, required=True, help="output folder")
   parser.add_argument("--batch-size", type=int, default=8, help="slices per head call (default 8)")
+  from autosam_jax import parallel
+  parallel.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+  from autosam_jax import parallel
   from autosam_jax.models.loading import CheckpointError
 
+  parallel.initialize(args)
   try:
     if args.batch_size < 1:
       raise DataError(f"--batch-size must be positive, got {args.batch_size}")
@@ -209,6 +234,9 @@ def run(args: argparse.Namespace) -> int:
   except (DataError, CheckpointError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
-  print(result["table"])
-  print(f"wrote {Path(args.out) / 'metrics.json'}, metrics.md and predictions/")
+  import jax
+
+  if jax.process_index() == 0:
+    print(result["table"])
+    print(f"wrote {Path(args.out) / 'metrics.json'}, metrics.md and predictions/")
   return 0

@@ -37,7 +37,7 @@ def load_sam(path: str | os.PathLike, *, encoder_dtype=None, sharding: jax.shard
   """Builds the NNX `Sam` described by `path/config.json` and fills it from the orbax checkpoint `path/params`.
 
   encoder_dtype: compute dtype of the image encoder (e.g. jnp.bfloat16); parameters stay float32.
-  sharding: where the parameters go (default: the first device, i.e. replicated use on one device).
+  sharding: where the parameters go (default: this process's first device, i.e. replicated use on one device).
   """
   import orbax.checkpoint as ocp
 
@@ -45,7 +45,7 @@ def load_sam(path: str | os.PathLike, *, encoder_dtype=None, sharding: jax.shard
   config = read_config(path)
   abstract = nnx.eval_shape(lambda: Sam(config, encoder_dtype=encoder_dtype, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
-  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding),
                         _str_keys(nnx.to_pure_dict(state)))
   params_dir = path / "params"

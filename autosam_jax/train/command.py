@@ -16,7 +16,11 @@ A config is a Python file whose get_config() returns training options (see autos
 from scratch on an image cache (autosam-jax image-cache) and needs no --weights; with --set
 init_encoder=PRETRAIN/encoder its encoder starts from SimCLR pretraining (autosam-jax pretrain-simclr). Rerunning the
 same command after a kill resumes from the last checkpoint and ends with the same parameters. Writes OUT/config.json, metrics.jsonl, curves.png, checkpoints/, final_model/ (and
-best_model/ in the improved variant)."""
+best_model/ in the improved variant).
+
+Several processes (jax.distributed: --coordinator/--num-processes/--process-id, or JAX's environment variables) train
+one model together: the batch is split over every process's devices, with the same batches and results (to
+round-off) as one process with as many devices. All processes need the same files, OUT included."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--out", type=Path, required=True, help="run directory (resumed if it exists)")
   parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a config option")
   parser.add_argument("--debug-nans", action="store_true", help="switch on JAX's NaN checking (slow)")
+  from autosam_jax import parallel
+  parallel.add_arguments(parser)
 
 
 def load_config(path: Path, overrides: list[str]):
@@ -42,11 +48,13 @@ def load_config(path: Path, overrides: list[str]):
 def run(args: argparse.Namespace) -> int:
   import jax
 
+  from autosam_jax import parallel
   from autosam_jax.data.errors import DataError
   from autosam_jax.data.splits import load_splits
   from autosam_jax.models.loading import CheckpointError
   from autosam_jax.train.loop import NonFiniteLossError, train
 
+  parallel.initialize(args)
   if args.debug_nans:
     jax.config.update("jax_debug_nans", True)
   try:
@@ -73,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
   except NonFiniteLossError as err:
     print(f"error: {err}", file=sys.stderr)
     return 3
-  print(f"trained {config.head} ({config.variant}) on {len(labeled)} patient(s): {result['steps']} steps in "
-        f"{result['seconds']:.1f}s; model in {result['model']}; last epoch {result['last']}")
+  if jax.process_index() == 0:
+    print(f"trained {config.head} ({config.variant}) on {len(labeled)} patient(s): {result['steps']} steps in "
+          f"{result['seconds']:.1f}s; model in {result['model']}; last epoch {result['last']}")
   return 0

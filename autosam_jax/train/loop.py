@@ -1,6 +1,10 @@
 """Training a head on cached embeddings: jit-compiled step with donated state, batch sharded over the "data" mesh,
 orbax checkpoints for exact resumption, metrics to JSONL and curves to PNG.
 
+Under jax.distributed (parallel.initialize) the mesh spans every process's devices: each process loads only its rows
+of every global batch, whose composition does not depend on the number of processes; the parameters are replicated,
+checkpoints and models are saved by all processes together, and process 0 alone writes metrics and curves.
+
 The train state is a plain pytree {"params", "opt_state", "step"}; the head's frozen parts and graph stay outside it.
 Each epoch, every labeled slice is seen once, through one of its cached views (view 0 is the clean slice) drawn
 from (seed, epoch); batches come from a grain pipeline shuffled from (seed, epoch), the last one padded with
@@ -82,11 +86,40 @@ class NonFiniteLossError(RuntimeError):
   pass
 
 
-def _batches(cache, indices: np.ndarray, config: TrainConfig, epoch: int, iterator_state=None):
-  from autosam_jax.data.loader import slice_dataset
+_FIELDS = ("embedding", "target", "valid")
 
-  dataset = slice_dataset(cache, indices, batch_size=config.batch_size, seed=config.seed, epoch=epoch)
-  iterator = iter(dataset)
+
+def _example(cache, padding: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
+  """The fields training needs of cache item `index`; `padding` (a zero-weight example) for index -1."""
+  if index < 0:
+    return padding
+  item = cache[index]
+  return {k: item[k] for k in _FIELDS}
+
+
+def _padding(cache, index: int) -> dict[str, np.ndarray]:
+  return {k: np.zeros_like(v) for k, v in _example(cache, {}, index).items()}
+
+
+def local_indices(order: np.ndarray, batch_size: int, rows: tuple[int, int]) -> np.ndarray:
+  """Rows [lo, hi) of each global batch of `batch_size` taken in `order` (-1 past its end), batch after batch."""
+  steps = -(-len(order) // batch_size)
+  padded = np.full(steps * batch_size, -1, np.int64)
+  padded[:len(order)] = order
+  return padded.reshape(steps, batch_size)[:, rows[0]:rows[1]].ravel()
+
+
+def _batches(cache, indices: np.ndarray, config: TrainConfig, epoch: int, rows: tuple[int, int], iterator_state=None):
+  """A grain iterator over this process's rows of the epoch's global batches: the order of a shuffled slice_dataset
+  from (seed, epoch), the last batch padded with zero-weight examples."""
+  import grain
+
+  from autosam_jax.data.loader import epoch_order
+
+  local = local_indices(epoch_order(indices, seed=config.seed, epoch=epoch), config.batch_size, rows)
+  padding = _padding(cache, int(indices[0]))
+  dataset = grain.MapDataset.source(local).map(lambda i: _example(cache, padding, int(i))).batch(rows[1] - rows[0])
+  iterator = iter(dataset.to_iter_dataset())
   if iterator_state is not None:
     iterator.set_state(iterator_state)
   return iterator
@@ -170,15 +203,20 @@ def make_steps(graphdef, tx, mesh, augment: str = "none", seed: int = 0):
   return jax.jit(train_step, donate_argnums=(0,)), jax.jit(eval_step)
 
 
-def validate(eval_step, params, frozen, cache, indices, batch_size: int, shard) -> dict[str, float]:
-  """Validation loss and pixel-aggregated Dice per foreground class over the given (clean) cache items."""
+def validate(eval_step, params, frozen, cache, indices, batch_size: int, rows: tuple[int, int],
+             put) -> dict[str, float]:
+  """Validation loss and pixel-aggregated Dice per foreground class over the given (clean) cache items.
+
+  Each process loads rows [lo, hi) of every batch; `put` makes the global batch of the processes' parts."""
   if len(indices) == 0:
     return {}
+  padding = _padding(cache, int(indices[0]))
   losses, intersection, total = [], 0.0, 0.0
   for start in range(0, len(indices), batch_size):
-    chunk = [cache[int(i)] for i in indices[start:start + batch_size]]
-    batch = to_batch({k: np.stack([c[k] for c in chunk]) for k in ("embedding", "target", "valid")}, batch_size)
-    loss, inter, tot = eval_step(params, frozen, shard(batch))
+    local = local_indices(indices[start:start + batch_size], batch_size, rows)
+    chunk = [_example(cache, padding, int(i)) for i in local]
+    batch = to_batch({k: np.stack([c[k] for c in chunk]) for k in _FIELDS}, rows[1] - rows[0])
+    loss, inter, tot = eval_step(params, frozen, put(batch))
     losses.append(float(loss))
     intersection, total = intersection + np.asarray(inter), total + np.asarray(tot)
   dice = 2 * intersection[1:] / np.maximum(total[1:], 1e-9)
@@ -226,7 +264,7 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
 
   from autosam_jax.atomic import atomic_write_json
   from autosam_jax.features.cache import FeatureCache
-  from autosam_jax.parallel import local_data_mesh
+  from autosam_jax.parallel import all_gather_objects, barrier, data_mesh, local_rows, replicate
   from autosam_jax.train.checkpointing import RunCheckpoints
   from autosam_jax.train.schedules import ReduceLROnPlateau
 
@@ -253,14 +291,17 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
   head = head_factory()
   graphdef, params, frozen = nnx.split(head, nnx.Param, ...)
   tx = optax.adam(1.0)  # the learning rate multiplies the update in the step, so the plateau can change it
-  mesh = local_data_mesh()
+  mesh = data_mesh()
   if config.batch_size % len(mesh.devices.ravel()):
     from autosam_jax.data.errors import DataError
     raise DataError(f"batch size {config.batch_size} is not a multiple of the {mesh.devices.size} devices")
   replicated, data = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
-  shard = lambda batch: jax.device_put(batch, data)
-  state = jax.device_put({"params": params, "opt_state": tx.init(params), "step": np.int32(0)}, replicated)
-  frozen = jax.device_put(frozen, replicated)
+  rows = local_rows(data, config.batch_size)  # this process's rows of every global batch
+  put = lambda batch: {k: jax.make_array_from_process_local_data(data, v, (config.batch_size, *v.shape[1:]))
+                       for k, v in batch.items()}
+  main = jax.process_index() == 0  # writes metrics, config and curves
+  state = replicate({"params": params, "opt_state": tx.init(params), "step": np.int32(0)}, replicated)
+  frozen = replicate(frozen, replicated)
   train_step, eval_step = make_steps(graphdef, tx, mesh, config.augment, config.seed)
 
   # Everything checked: from here on the run writes.
@@ -279,31 +320,33 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
       from autosam_jax.data.errors import DataError
       raise DataError(f"{out_dir}: holds a run with another configuration; choose another --out")
     # Metrics written after the checkpoint by the killed run are dropped, so the file matches an uninterrupted run.
-    if metrics_file.exists():
+    if main and metrics_file.exists():
       kept = [l for l in metrics_file.read_text().splitlines() if l and json.loads(l)["step"] <= meta["step"]]
       metrics_file.write_text("".join(k + "\n" for k in kept))
-  else:
+  elif main:
     atomic_write_json(out_dir / "config.json", config.to_dict())
     metrics_file.write_text("")
+  barrier("autosam_jax.train.started")
 
   steps_per_epoch = -(-len(labeled) // config.batch_size)
   bar = None
-  if progress:
+  if progress and main:
     from tqdm import tqdm
     bar = tqdm(total=config.epochs * steps_per_epoch, initial=int(state["step"]), unit="step", desc="training",
                dynamic_ncols=True)
   started = time.perf_counter()
   last_metrics: dict[str, Any] = {}
   # The bar is closed however the loop ends, so an error message is not printed on the bar's line.
-  with open(metrics_file, "a") as log, (contextlib.closing(bar) if bar is not None else contextlib.nullcontext()):
+  with (open(metrics_file, "a") if main else open(os.devnull, "w")) as log, \
+       (contextlib.closing(bar) if bar is not None else contextlib.nullcontext()):
     for epoch in range(start_epoch, config.epochs):
       indices = epoch_indices(views_of_slices, config.seed, epoch)
-      iterator = _batches(cache, indices, config, epoch, iterator_state)
+      iterator = _batches(cache, indices, config, epoch, rows, iterator_state)
       iterator_state = None
       learning_rate = np.float32(config.learning_rate * plateau.scale)
       step_metrics = None
       for examples in iterator:
-        state, step_metrics = train_step(state, frozen, shard(to_batch(examples, config.batch_size)), learning_rate)
+        state, step_metrics = train_step(state, frozen, put(to_batch(examples, rows[1] - rows[0])), learning_rate)
         step = int(state["step"])
         if not bool(step_metrics["finite"]):
           raise NonFiniteLossError(f"non-finite loss or gradient at step {step} (epoch {epoch}); lower the learning "
@@ -321,7 +364,8 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
           return {"stopped_at_step": step}
       row = {"kind": "epoch", "step": int(state["step"]), "epoch": epoch, "train_loss": float(step_metrics["loss"]),
              "lr": float(learning_rate), **validate(eval_step, state["params"], frozen, cache, val_indices,
-                                                     config.batch_size, shard)}
+                                                     config.batch_size, rows, put)}
+      row = all_gather_objects(row)[0]  # every process takes the same scheduler and best-model decisions
       if config.scheduler == "plateau_train_loss":
         if epoch >= config.plateau_start_epoch:
           plateau.step(row["train_loss"])
@@ -339,33 +383,49 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
                                                    "step": int(state["step"])})
   checkpoints.close()
   save_model(out_dir / "final_model", state["params"], frozen, config)
-  plot_curves(metrics_file, out_dir / "curves.png")
+  if main:
+    plot_curves(metrics_file, out_dir / "curves.png")
   model = "best_model" if config.variant == "improved" and (out_dir / "best_model").exists() else "final_model"
   return {"seconds": time.perf_counter() - started, "steps": int(state["step"]), "model": str(out_dir / model),
           "best": best, "last": last_metrics}
 
 
 def save_model(directory: Path, params, frozen, config: TrainConfig) -> None:
-  """The trained head: its parameters and frozen parts as an orbax checkpoint, plus the training config."""
+  """The trained head: its parameters and frozen parts as an orbax checkpoint, plus the training config.
+
+  Under jax.distributed every process calls it (orbax saves collectively); process 0 puts the result in place."""
   import shutil
   import tempfile
 
+  import jax
   import orbax.checkpoint as ocp
   from flax import nnx
 
   from autosam_jax.atomic import atomic_write_json
+  from autosam_jax.parallel import barrier
 
   directory = Path(directory).absolute()
-  staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+  main = jax.process_index() == 0
+  if jax.process_count() == 1:
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+  else:  # one staging directory all processes know, left over only by a killed run
+    staging = directory.parent / f".{directory.name}.partial-shared"
+    if main:
+      shutil.rmtree(staging, ignore_errors=True)
+      staging.mkdir()
+    barrier("autosam_jax.save_model.staging")
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(staging / "state", {"params": nnx.to_pure_dict(params), "frozen": nnx.to_pure_dict(frozen)})
-    atomic_write_json(staging / "train_config.json", config.to_dict())
-    if directory.exists():
-      shutil.rmtree(directory)
-    staging.rename(directory)
+    if main:
+      atomic_write_json(staging / "train_config.json", config.to_dict())
+      if directory.exists():
+        shutil.rmtree(directory)
+      staging.rename(directory)
+    barrier("autosam_jax.save_model.done")
   except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
+    if main:
+      shutil.rmtree(staging, ignore_errors=True)
     raise
 
 
@@ -406,7 +466,9 @@ def load_head(model_dir: str | os.PathLike, sam) -> tuple[Any, TrainConfig]:
   shape_config = dataclasses.replace(config, init_encoder="")
   abstract = nnx.eval_shape(lambda: build_model(shape_config, sam, rngs=nnx.Rngs(0)))
   graphdef, params, frozen = nnx.split(abstract, nnx.Param, ...)
-  as_target = lambda state: jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's, also under jax.distributed
+  as_target = lambda state: jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device),
+                                         nnx.to_pure_dict(state))
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       restored = checkpointer.restore(model_dir / "state", {"params": as_target(params), "frozen": as_target(frozen)})

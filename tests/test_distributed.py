@@ -1,0 +1,197 @@
+"""Several processes under jax.distributed on localhost: 2 processes x 2 CPU devices give the same feature cache,
+training losses and parameters (to round-off) as 1 process x 4 devices, training resumed from a mid-epoch checkpoint
+by both processes included, and the same evaluation."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EPOCHS, BATCH_SIZE, STOP_AT, CHECKPOINT_EVERY = 2, 4, 3, 2
+TIMEOUT_S = 240
+
+# One Python process runs a whole pipeline, as `autosam-jax` commands: precompute, train (in the 2-process run first
+# stopped after STOP_AT steps through the Python API, then resumed by the command) and evaluate.
+DRIVER = """
+import json, sys
+sys.path.insert(0, REPO)
+from pathlib import Path
+from autosam_jax.cli import main
+
+a = json.loads(sys.argv[1])
+flags = a["flags"]
+assert main(["precompute", "--data", a["acdc"], "--tfds-dir", a["tfds"], "--weights", a["weights"], "--out",
+             a["cache"], "--dtype", "fp32", "--batch-size", "4", "--shard-size", "16", *flags]) == 0
+import jax
+assert (jax.process_count(), jax.device_count()) == (a["processes"], 4), (jax.process_count(), jax.device_count())
+train = ["train", "--config", a["config"], "--cache", a["cache"], "--weights", a["weights"], "--splits",
+         a["splits"], "--tr-size", "1", "--out", a["run"], *[f"--set={s}" for s in a["sets"]], *flags]
+if a["stop_at"]:
+  from flax import nnx
+  from autosam_jax.data.splits import load_splits
+  from autosam_jax.models.loading import load_sam
+  from autosam_jax.train.command import load_config
+  from autosam_jax.train.loop import build_model, train as train_loop
+  config = load_config(Path(a["config"]), a["sets"])
+  split = load_splits(Path(a["splits"]))[0]
+  head = lambda: build_model(config, load_sam(a["weights"]), rngs=nnx.Rngs(config.seed))
+  stopped = train_loop(config, a["cache"], head, a["run"], split.labeled(1), list(split.val), progress=False,
+                       stop_after_steps=a["stop_at"])
+  assert stopped == {"stopped_at_step": a["stop_at"]}, stopped
+  steps = sorted(int(p.name) for p in Path(a["run"], "checkpoints").iterdir() if p.name.isdigit())
+  assert steps and steps[-1] < a["stop_at"], steps
+  started = Path(a["run"], "config.json").stat()
+assert main(train) == 0
+if a["stop_at"]:  # resumed, not restarted: a fresh start rewrites config.json
+  assert Path(a["run"], "config.json").stat().st_ino == started.st_ino
+assert main(["evaluate", "--model", a["eval_model"], "--weights", a["weights"], "--cache", a["eval_cache"], "--data",
+             a["acdc"], "--tfds-dir", a["tfds"], "--splits", a["splits"], "--out", a["eval"], *flags]) == 0
+print("driver done", jax.process_index())
+""".replace("REPO", repr(str(REPO_ROOT)))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _launch(arguments: list[dict], devices: int, extra_env: list[dict], jax_cache: Path) -> list[str]:
+  """Runs one driver per argument dict at once; their outputs. A run past TIMEOUT_S (a hang) fails the test."""
+  processes = []
+  for args, env in zip(arguments, extra_env):
+    # The compilation cache spares the resumed training its recompilation.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAX_COMPILATION_CACHE_DIR": str(jax_cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **env}
+    processes.append(subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(args)], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+  deadline, outputs = time.time() + TIMEOUT_S, []
+  try:
+    for process in processes:
+      outputs.append(process.communicate(timeout=max(1, deadline - time.time()))[0])
+  except subprocess.TimeoutExpired:
+    for process in processes:
+      process.kill()
+    tails = [(p.communicate()[0] or "")[-3000:] for p in processes]
+    pytest.fail(f"a run did not finish in {TIMEOUT_S}s (hang?); output tails: {tails}")
+  assert [p.returncode for p in processes] == [0] * len(processes), [o[-4000:] for o in outputs]
+  return outputs
+
+
+def _rows(run_dir: Path, kind: str) -> list[dict]:
+  rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+  return [r for r in rows if r["kind"] == kind]
+
+
+def _params(model_dir: Path, weights: str) -> list[np.ndarray]:
+  """A model saved from 4 devices, loaded on this process's one device."""
+  import jax
+  from flax import nnx
+
+  from autosam_jax.models.loading import load_sam
+  from autosam_jax.train.loop import load_head
+
+  head, _ = load_head(model_dir, load_sam(weights))
+  return [np.asarray(x) for x in jax.tree.leaves(nnx.state(head, nnx.Param))]
+
+
+def _cache(cache_dir: Path) -> list[dict]:
+  from autosam_jax.features.cache import FeatureCache
+
+  cache = FeatureCache(cache_dir)
+  return [cache[i] for i in range(len(cache))]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_weights, tmp_path_factory):
+  from autosam_jax.data.splits import Split
+  from autosam_jax.data.synthetic import write_synthetic_acdc
+
+  from flax import nnx
+
+  from autosam_jax.models.loading import load_sam
+  from autosam_jax.train.command import load_config
+  from autosam_jax.train.loop import build_model, save_model
+
+  root = tmp_path_factory.mktemp("distributed")
+  write_synthetic_acdc(root / "acdc", 4, seed=11)
+  Split(name="s", seed=0, train=("patient001",), val=("patient002",),
+        test=("patient003", "patient004")).to_json(root / "split.json")
+  common = {"acdc": str(root / "acdc"), "tfds": str(root / "tfds"), "weights": str(tiny_weights),
+            "splits": str(root / "split.json"), "config": str(REPO_ROOT / "experiments/configs/linear_faithful.py"),
+            "sets": [f"epochs={EPOCHS}", f"batch_size={BATCH_SIZE}", "learning_rate=0.005",
+                     f"checkpoint_every_steps={CHECKPOINT_EVERY}", "plateau_start_epoch=1"],
+            "eval_model": str(root / "eval_model"), "eval_cache": str(root / "one" / "cache")}
+  # Both runs evaluate one untrained head, whose predictions hold every class (the briefly trained ones are empty).
+  config = load_config(Path(common["config"]), common["sets"])
+  _, params, frozen = nnx.split(build_model(config, load_sam(tiny_weights), rngs=nnx.Rngs(2)), nnx.Param, ...)
+  save_model(root / "eval_model", params, frozen, config)
+  one = {**common, "flags": [], "processes": 1, "stop_at": 0,
+         **{k: str(root / "one" / k) for k in ("cache", "run", "eval")}}
+  single_output = _launch([one], 4, [{}], root / "jax_cache")
+  port = _free_port()
+  two = []
+  for i in range(2):
+    paths = {k: str(root / "two" / k) for k in ("cache", "run", "eval")}
+    # Process 0 takes the flags, process 1 JAX's environment variables.
+    flags = ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", "0"] if i == 0 else []
+    two.append({**common, **paths, "flags": flags, "processes": 2, "stop_at": STOP_AT})
+  env = [{}, {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}]
+  outputs = _launch(two, 2, env, root / "jax_cache")
+  return {"one": root / "one", "two": root / "two", "outputs": [single_output[0], *outputs], "weights": tiny_weights}
+
+
+def test_two_processes_write_the_same_cache_as_one_with_four_devices(runs):
+  assert all("on 2 device(s) x 2 process(es)" in o for o in runs["outputs"][1:]), runs["outputs"]
+  assert "on 4 device(s) x 1 process(es)" in runs["outputs"][0]
+  expected, got = _cache(runs["one"] / "cache"), _cache(runs["two"] / "cache")
+  assert len(got) == len(expected) > 0
+  for a, b in zip(expected, got):
+    assert (a["case_id"], a["slice_index"], a["view"]) == (b["case_id"], b["slice_index"], b["view"])
+    np.testing.assert_allclose(a["embedding"], b["embedding"], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(a["target"], b["target"])
+
+
+def test_two_processes_train_as_one_with_four_devices(runs):
+  one, two = runs["one"] / "run", runs["two"] / "run"
+  steps_one, steps_two = _rows(one, "step"), _rows(two, "step")
+  assert STOP_AT < len(steps_one) // EPOCHS, "the stop must fall inside the first epoch, after a checkpoint"
+  assert [r["step"] for r in steps_two] == [r["step"] for r in steps_one] == list(range(1, len(steps_one) + 1))
+  np.testing.assert_allclose([r["loss"] for r in steps_two], [r["loss"] for r in steps_one], rtol=1e-5, atol=1e-6)
+  epochs_one, epochs_two = _rows(one, "epoch"), _rows(two, "epoch")
+  assert len(epochs_one) == len(epochs_two) == EPOCHS
+  for a, b in zip(epochs_one, epochs_two):
+    assert a.keys() == b.keys() and "val_dice" in a and (a["step"], a["epoch"]) == (b["step"], b["epoch"])
+    numbers = [k for k in a if k != "kind"]
+    np.testing.assert_allclose([b[k] for k in numbers], [a[k] for k in numbers], rtol=1e-5, atol=1e-6)
+  expected, got = _params(one / "final_model", runs["weights"]), _params(two / "final_model", runs["weights"])
+  assert len(expected) == len(got) > 0
+  for a, b in zip(expected, got):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  assert (two / "curves.png").is_file() and (two / "config.json").is_file()
+  assert not list(runs["two"].glob("run/.*partial*"))
+  # The trained model prints once (process 0), the resumed run's summary included.
+  assert sum("trained linear (faithful)" in o for o in runs["outputs"][1:]) == 1
+
+
+def test_two_processes_evaluate_as_one(runs):
+  import nibabel as nib
+
+  one, two = runs["one"] / "eval", runs["two"] / "eval"
+  report = json.loads((one / "metrics.json").read_text())
+  assert json.loads((two / "metrics.json").read_text()) == report
+  assert list(report["patients"]) == ["patient003", "patient004"]  # one for each process
+  assert all(report["summary"]["official"]["classes"][c]["hd95"]["value"] > 0 for c in ("RV", "MYO", "LV"))
+  assert (two / "metrics.md").read_text() == (one / "metrics.md").read_text()
+  files = sorted(p.name for p in (one / "predictions").iterdir())
+  assert files and sorted(p.name for p in (two / "predictions").iterdir()) == files
+  for name in files:
+    np.testing.assert_array_equal(np.asarray(nib.load(two / "predictions" / name).dataobj),
+                                  np.asarray(nib.load(one / "predictions" / name).dataobj))
