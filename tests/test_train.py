@@ -111,6 +111,28 @@ def test_resume_after_interruption_ends_with_the_same_params(setup, uninterrupte
   assert _losses(out) == _losses(uninterrupted[0])
 
 
+def test_validation_every_n_epochs_keeps_the_training_and_resumes(setup, uninterrupted, tmp_path):
+  import dataclasses
+
+  config = dataclasses.replace(CONFIG, eval_every_epochs=2)
+  steps_per_epoch = uninterrupted[1]["steps"] // CONFIG.epochs
+  out = tmp_path / "sparse"
+  # killed in the second epoch, before its first epoch checkpoint (after epoch 1): the rerun starts from scratch
+  assert _run(setup, out, config, stop_after_steps=steps_per_epoch + 1) == {"stopped_at_step": steps_per_epoch + 1}
+  assert not (out / "checkpoints").exists() or not any(p.name.isdigit() for p in (out / "checkpoints").iterdir())
+  _run(setup, out, config)
+  rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+  epochs = [r for r in rows if r["kind"] == "epoch"]
+  assert [r["epoch"] for r in epochs] == [0, 1, 2]
+  assert ["val_dice" in r for r in epochs] == [False, True, True]  # every 2nd epoch, and the last
+  checkpoints = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+  assert checkpoints[-1] == 3 * steps_per_epoch and 1 * steps_per_epoch not in checkpoints
+  # validating less often changes nothing in the training itself (faithful: plateau on the training loss)
+  assert _losses(out) == _losses(uninterrupted[0])
+  for a, b in zip(_final_params(uninterrupted[0]), _final_params(out)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_non_finite_loss_stops_with_the_step(setup, tmp_path):
   import jax
   import jax.numpy as jnp

@@ -39,6 +39,9 @@ class TrainConfig:
   plateau_start_epoch: int = 10
   seed: int = 0
   checkpoint_every_steps: int = 0  # 0: at the end of every epoch only
+  # Validate and write the epoch checkpoint every N epochs and after the last one (1: every epoch, as the official
+  # code validates). Larger only for quick runs: the plateau on validation Dice then counts validations, not epochs.
+  eval_every_epochs: int = 1
   # none | faithful | improved: augment_batch applied to each training batch inside the train step. Only for image
   # caches (write_image_cache), where the "embedding" is the model image; SAM heads get augmented cached views instead.
   augment: str = "none"
@@ -59,7 +62,7 @@ class TrainConfig:
     if self.joint and (self.head != "autosam" or self.variant != "improved"):
       raise DataError("training config: joint decoding is an option of the improved AutoSAM head only "
                       f"(head {self.head!r}, variant {self.variant!r})")
-    for name in ("epochs", "batch_size", "num_classes", "unet_base_channels", "cnn_top_channels"):
+    for name in ("epochs", "batch_size", "num_classes", "unet_base_channels", "cnn_top_channels", "eval_every_epochs"):
       value = getattr(self, name)
       if isinstance(value, int) and not isinstance(value, bool) and value < 1:
         raise DataError(f"training config: {name} must be positive, got {value}")
@@ -362,9 +365,11 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
                                          "plateau": plateau.state_dict(), "config": config.to_dict(), "step": step})
         if stop_after_steps is not None and step >= stop_after_steps:
           return {"stopped_at_step": step}
+      evaluated = (epoch + 1) % config.eval_every_epochs == 0 or epoch == config.epochs - 1
       row = {"kind": "epoch", "step": int(state["step"]), "epoch": epoch, "train_loss": float(step_metrics["loss"]),
-             "lr": float(learning_rate), **validate(eval_step, state["params"], frozen, cache, val_indices,
-                                                     config.batch_size, rows, put)}
+             "lr": float(learning_rate)}
+      if evaluated:
+        row.update(validate(eval_step, state["params"], frozen, cache, val_indices, config.batch_size, rows, put))
       row = all_gather_objects(row)[0]  # every process takes the same scheduler and best-model decisions
       if config.scheduler == "plateau_train_loss":
         if epoch >= config.plateau_start_epoch:
@@ -378,9 +383,10 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
       log.write(json.dumps(row) + "\n")
       log.flush()
       last_metrics = row
-      checkpoints.save(int(state["step"]), state, {"epoch": epoch + 1, "iterator_state": None, "best": best,
-                                                   "plateau": plateau.state_dict(), "config": config.to_dict(),
-                                                   "step": int(state["step"])})
+      if evaluated:
+        checkpoints.save(int(state["step"]), state, {"epoch": epoch + 1, "iterator_state": None, "best": best,
+                                                     "plateau": plateau.state_dict(), "config": config.to_dict(),
+                                                     "step": int(state["step"])})
   checkpoints.close()
   save_model(out_dir / "final_model", state["params"], frozen, config)
   if main:
