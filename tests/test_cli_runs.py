@@ -1,5 +1,5 @@
-"""Whole runs through the `autosam-jax` command on tiny synthetic data: faithful heads trained, killed with SIGKILL
-after a mid-epoch checkpoint and resumed; the improved mode from precompute to predict; the UNet without SAM; and
+"""Whole runs through the `autosam-jax` command on tiny synthetic data: the faithful heads and the UNet trained,
+killed with SIGKILL after a mid-epoch checkpoint and resumed; the improved mode from precompute to predict; the UNet without SAM; and
 model/cache mismatches refused before anything is written."""
 
 import json
@@ -93,14 +93,17 @@ def _assert_same_geometry(prediction_file: Path, source_file: Path, header_copie
 # Faithful heads: trained, killed after a mid-epoch checkpoint, rerun
 
 
-HEADS = {"autosam": [], "cnn": ["--set", "cnn_top_channels=8"]}
+HEADS = {"autosam": [], "cnn": ["--set", "cnn_top_channels=8"], "linear": [], "unet": ["--set", "unet_base_channels=8"]}
 
 
 def _train_args(data, head: str, out: Path) -> list[str]:
   # A step checkpoint one step into the second epoch, so the kill lands where the data iterator's state matters.
   every = data["steps_per_epoch"] + 1
-  return ["train", "--config", str(CONFIGS / f"{head}_faithful.py"), "--cache", str(data["cache"]), "--weights",
-          str(data["weights"]), "--splits", str(data["splits"]), "--tr-size", "1", "--out", str(out),
+  # the UNet trains on images (with the official augmentation in the step) and needs no SAM
+  inputs = (["--cache", str(data["image_cache"])] if head == "unet" else
+            ["--cache", str(data["cache"]), "--weights", str(data["weights"])])
+  return ["train", "--config", str(CONFIGS / f"{head}_faithful.py"), *inputs,
+          "--splits", str(data["splits"]), "--tr-size", "1", "--out", str(out),
           "--set", f"epochs={EPOCHS}", "--set", f"batch_size={BATCH_SIZE}", "--set", f"checkpoint_every_steps={every}",
           *HEADS[head]]
 
@@ -116,7 +119,9 @@ def _train_command(data, head: str, out: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("head", sorted(HEADS))
-def test_faithful_head_trains_and_resumes_bit_identically_after_sigkill(data, head, tmp_path):
+def test_faithful_head_trains_and_resumes_bit_identically_after_sigkill(data, head, tmp_path, request):
+  if head == "unet":
+    data = {**data, "image_cache": request.getfixturevalue("image_cache")}
   spe = data["steps_per_epoch"]
   reference = tmp_path / "reference"
   done = _train_command(data, head, reference)
@@ -241,10 +246,15 @@ def test_improved_mode_end_to_end(data, improved, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def unet(data):
-  root = data["root"]
-  cache = root / "cache_images"
+def image_cache(data):
+  cache = data["root"] / "cache_images"
   assert _main(["image-cache", "--data", data["acdc"], "--tfds-dir", data["tfds"], "--out", cache]) == 0
+  return cache
+
+
+@pytest.fixture(scope="module")
+def unet(data, image_cache):
+  root, cache = data["root"], image_cache
   out = root / "run_unet"
   assert _main(["train", "--config", CONFIGS / "unet_faithful.py", "--cache", cache, "--splits", data["splits"],
                 "--tr-size", "1", "--out", out, "--set", "unet_base_channels=8", "--set", "epochs=1",
