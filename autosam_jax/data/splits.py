@@ -325,3 +325,12 @@ def run(args) -> int:
     print(f"{split.name}: train {len(split.train)}, val {len(split.val)}, test {len(split.test)}")
   print(f"wrote {args.out}")
   return 0
+
+
+def select_split(path: str | os.PathLike, name: str | None = None) -> Split:
+  """The split called `name` in a split file (the first when None); an unknown name is an error listing the names."""
+  splits = load_splits(path)
+  split = splits[0] if name is None else next((s for s in splits if s.name == name), None)
+  if split is None:
+    raise DataError(f"{path}: no split named {name!r}; it holds {[s.name for s in splits]}")
+  return split

@@ -101,7 +101,7 @@ def evaluate(model_dir: Path, weights_dir: Path | None, cache_dir: Path, source_
   import jax
 
   from autosam_jax.atomic import atomic_write_bytes, atomic_write_json
-  from autosam_jax.data.splits import load_splits
+  from autosam_jax.data.splits import select_split
   from autosam_jax.evaluation.predict import (check_cache_matches, label_nifti_bytes, load_model, make_head_forward,
                                              preprocess_config_from_manifest)
   from autosam_jax.features.cache import FeatureCache
@@ -110,10 +110,7 @@ def evaluate(model_dir: Path, weights_dir: Path | None, cache_dir: Path, source_
   from autosam_jax.parallel import all_gather_objects, barrier
 
   process, num_processes = jax.process_index(), jax.process_count()
-  splits = load_splits(splits_file)
-  split = splits[0] if fold is None else next((s for s in splits if s.name == fold), None)
-  if split is None:
-    raise DataError(f"{splits_file}: no split named {fold!r}; it holds {[s.name for s in splits]}")
+  split = select_split(splits_file, fold)
   if not split.test:
     raise DataError(f"{splits_file}: split {split.name!r} has no test patients")
   cache = FeatureCache(cache_dir)

@@ -117,6 +117,17 @@ def combine_masks(logits: np.ndarray) -> np.ndarray:
 # SAM on a volume's slices
 
 
+def check_options(mode: str, prompt: str, batch_size: int, flags: bool = False) -> None:
+  """Refuses an unknown mode or prompt and a batch size below 1, naming the option (as a command-line flag)."""
+  name = (lambda option: f"--{option.replace('_', '-')}") if flags else (lambda option: option.replace("_", " "))
+  if mode not in MODES:
+    raise DataError(f"{name('mode')} must be one of {MODES}, got {mode!r}")
+  if prompt not in PROMPTS:
+    raise DataError(f"{name('prompt')} must be one of {PROMPTS}, got {prompt!r}")
+  if batch_size < 1:
+    raise DataError(f"{name('batch_size')} must be positive, got {batch_size}")
+
+
 @dataclasses.dataclass
 class VolumeSegmentation:
   """One volume segmented slice by slice.
@@ -148,12 +159,7 @@ class ZeroShotSegmenter:
     import jax.numpy as jnp
     from flax import nnx
 
-    if mode not in MODES:
-      raise DataError(f"mode must be one of {MODES}, got {mode!r}")
-    if prompt not in PROMPTS:
-      raise DataError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
-    if batch_size < 1:
-      raise DataError(f"batch size must be positive, got {batch_size}")
+    check_options(mode, prompt, batch_size)
     self.mode, self.prompt, self.batch_size = mode, prompt, batch_size
     self.config = sam.config
     graphdef, self._state = nnx.split(sam)
@@ -251,16 +257,6 @@ class ZeroShotSegmenter:
 # The command
 
 
-def _select_split(splits_file: Path, fold: str | None):
-  from autosam_jax.data.splits import load_splits
-
-  splits = load_splits(splits_file)
-  split = splits[0] if fold is None else next((s for s in splits if s.name == fold), None)
-  if split is None:
-    raise DataError(f"{splits_file}: no split named {fold!r}; it holds {[s.name for s in splits]}")
-  return split
-
-
 def zero_shot(weights_dir: str | Path, source_dir: str | Path, tfds_dir: str | Path, splits_file: str | Path,
               out_dir: str | Path, *, fold: str | None = None, prompt: str = "box", mode: str = "faithful",
               batch_size: int = 4, progress: bool = True) -> dict[str, Any]:
@@ -275,17 +271,13 @@ def zero_shot(weights_dir: str | Path, source_dir: str | Path, tfds_dir: str | P
   from autosam_jax.evaluation.metrics import summarize
   from autosam_jax.evaluation.predict import label_nifti_bytes
   from autosam_jax.features.precompute import load_volumes
+  from autosam_jax.data.splits import select_split
   from autosam_jax.models.loading import load_sam, read_config
 
-  if prompt not in PROMPTS:
-    raise DataError(f"--prompt must be one of {PROMPTS}, got {prompt!r}")
-  if mode not in MODES:
-    raise DataError(f"--mode must be one of {MODES}, got {mode!r}")
-  if batch_size < 1:
-    raise DataError(f"--batch-size must be positive, got {batch_size}")
+  check_options(mode, prompt, batch_size, flags=True)
   weights_dir, source_dir, splits_file, out_dir = Path(weights_dir), Path(source_dir), Path(splits_file), Path(out_dir)
   read_config(weights_dir)  # fails fast, before the dataset build, on a directory that is not converted weights
-  split = _select_split(splits_file, fold)
+  split = select_split(splits_file, fold)
   volumes, fingerprint = load_volumes(source_dir, Path(tfds_dir))
   cases: dict[str, list[str]] = {}
   for case_id, volume in volumes.items():

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
   from autosam_jax import parallel
   from autosam_jax.data.errors import DataError
-  from autosam_jax.data.splits import load_splits
+  from autosam_jax.data.splits import select_split
   from autosam_jax.models.loading import CheckpointError
   from autosam_jax.train.loop import NonFiniteLossError, train
 
@@ -59,10 +59,7 @@ def run(args: argparse.Namespace) -> int:
     jax.config.update("jax_debug_nans", True)
   try:
     config = load_config(args.config, args.set)
-    splits = load_splits(args.splits)
-    split = splits[0] if args.fold is None else next((s for s in splits if s.name == args.fold), None)
-    if split is None:
-      raise DataError(f"{args.splits}: no split named {args.fold!r}; it holds {[s.name for s in splits]}")
+    split = select_split(args.splits, args.fold)
     labeled = split.labeled(args.tr_size)
     if config.head != "unet" and args.weights is None:
       raise DataError(f"--weights is needed to initialise a {config.head} head from SAM")

@@ -501,15 +501,12 @@ def load_config(path: Path | None, overrides: list[str]) -> SimclrConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-  from autosam_jax.data.splits import load_splits
+  from autosam_jax.data.splits import select_split
   from autosam_jax.train.loop import NonFiniteLossError
 
   try:
     config = load_config(args.config, args.set)
-    splits = load_splits(args.splits)
-    split = splits[0] if args.fold is None else next((s for s in splits if s.name == args.fold), None)
-    if split is None:
-      raise DataError(f"{args.splits}: no split named {args.fold!r}; it holds {[s.name for s in splits]}")
+    split = select_split(args.splits, args.fold)
     result = pretrain_simclr(config, args.cache, args.out, list(split.train), progress=not args.no_progress)
   except DataError as err:
     print(f"error: {err}", file=sys.stderr)
