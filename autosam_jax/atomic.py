@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,3 +32,59 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, data: Any, indent: int | None = 1) -> Path:
   return atomic_write_bytes(path, (json.dumps(data, indent=indent) + "\n").encode())
+
+
+def remove_stale_staging(target: Path) -> None:
+  """Deletes what a killed writer of the folder `target` left beside it: `.NAME.partial-PID-*` (an unfinished
+  output) and `.NAME.old-PID` (the previous output, moved aside while being replaced), for processes no longer
+  alive. If the kill came after the old output was moved aside but before the new one was in place, the old one is
+  put back."""
+  from autosam_jax.faults import pid_alive
+
+  target = Path(target)
+  for path in sorted(target.parent.glob(f".{target.name}.*-*")):
+    match = re.fullmatch(rf"\.{re.escape(target.name)}\.(partial|old)-(\d+)(-.*)?", path.name)
+    if match is None or pid_alive(int(match.group(2))):
+      continue
+    if match.group(1) == "old" and not target.exists():
+      path.rename(target)
+    else:
+      shutil.rmtree(path, ignore_errors=True)
+
+
+def staging_dir(target: Path) -> Path:
+  """A new empty folder `.NAME.partial-PID-RANDOM` beside `target`, to be filled and renamed to `target`; what
+  killed writers of `target` left there is deleted first."""
+  target = Path(target)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  remove_stale_staging(target)
+  # mkdir, not mkdtemp: mkdtemp's private 0700 mode would stay on the renamed output folder.
+  staging = target.parent / f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+  staging.mkdir()
+  return staging
+
+
+def remove_settled(path: Path, attempts: int = 20) -> None:
+  """Deletes a folder that a failed orbax save may still be adding to: after a write error, tensorstore's pending
+  operations can create directories for a moment after the error is raised."""
+  for _ in range(attempts):
+    shutil.rmtree(path, ignore_errors=True)
+    time.sleep(0.05)
+    if not path.exists():
+      return
+
+
+def replace_dir(staging: Path, target: Path, kill_point_name: str | None = None) -> None:
+  """Renames the finished `staging` folder to `target`. An existing `target` is first renamed aside to
+  `.NAME.old-PID` and deleted after; a kill in between leaves it there, and `remove_stale_staging` puts it back."""
+  target = Path(target)
+  if not target.exists():
+    Path(staging).rename(target)
+    return
+  old = target.with_name(f".{target.name}.old-{os.getpid()}")
+  target.rename(old)
+  if kill_point_name:
+    from autosam_jax.faults import kill_point
+    kill_point(kill_point_name)
+  Path(staging).rename(target)
+  shutil.rmtree(old)

@@ -40,8 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  from autosam_jax.faults import run_command
+
   args = build_parser().parse_args(argv)
-  return args.run(args)
+  return run_command(args.run, args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import os
+import sys
 
 # Tests run on the CPU; keep XLA from grabbing every core's worth of threads for tiny models.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -56,3 +57,12 @@ def tiny_weights(meta_checkpoints, tmp_path_factory):
   _, checkpoint = meta_checkpoints(name, TINY_CONFIGS[name])
   weights, _ = convert(checkpoint, tmp_path_factory.mktemp("tiny_weights") / "converted")
   return weights
+
+
+def limited_file_size(limit: int) -> list[str]:
+  """A command prefix: the command runs with files limited to `limit` bytes, so a write past it fails with EFBIG
+  as on a full disk (SIGXFSZ is ignored, which exec keeps). A wrapper rather than preexec_fn: no fork of a
+  process with JAX's threads running."""
+  code = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+          f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); os.execv(sys.executable, sys.argv[1:])")
+  return [sys.executable, "-c", code]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from autosam_jax.train.loop import NonFiniteLossError, TrainConfig, train
+from tests.conftest import limited_file_size
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = TrainConfig(head="linear", variant="faithful", epochs=3, batch_size=4, learning_rate=5e-3,
@@ -209,7 +210,19 @@ def test_sigkill_mid_epoch_then_rerun_gives_the_same_params(setup, tmp_path):
   process.send_signal(signal.SIGKILL)
   process.wait()
   assert not (killed / "final_model").exists()
+  # Rerun on a "full disk" (files limited to 200 kB; the head's checkpoint is ~1 MB): one line, exit code 4, and the
+  # checkpoint the kill left stays the latest one.
+  latest = max(int(p.name) for p in (killed / "checkpoints").glob("*") if p.name.isdigit())
+  full = subprocess.run([*limited_file_size(200_000), *command(killed)], env=env, capture_output=True, text=True,
+                        timeout=600)
+  lines = full.stderr.strip().splitlines()  # the progress bar and orbax's warnings come before it
+  assert full.returncode == 4 and lines[-1].startswith("error: disk full while writing"), full.stderr[-3000:]
+  assert "Traceback" not in full.stderr, full.stderr[-3000:]
+  assert max(int(p.name) for p in (killed / "checkpoints").glob("*") if p.name.isdigit()) == latest
+  assert not (killed / "final_model").exists()
   assert subprocess.run(command(killed), env=env, capture_output=True, timeout=600).returncode == 0
   for a, b in zip(_final_params(reference), _final_params(killed)):
     np.testing.assert_array_equal(a, b)
   assert _losses(killed) == _losses(reference)
+  leftovers = [p.name for p in killed.rglob("*") if p.name.startswith(".") or "tmp" in p.name]
+  assert not leftovers, leftovers

@@ -48,4 +48,6 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m weights_conversion", description=DESCRIPTION,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   add_arguments(parser)
-  return run(parser.parse_args(argv))
+  from autosam_jax.faults import run_command
+
+  return run_command(run, parser.parse_args(argv))

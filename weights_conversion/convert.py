@@ -13,13 +13,13 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from autosam_jax.atomic import remove_settled, remove_stale_staging, replace_dir, staging_dir
+from autosam_jax.faults import kill_point
 from autosam_jax.models.config import PRESETS, SamConfig, infer_config
 from weights_conversion.tables import LAYOUTS, TABLES, hf_mlp_layer_names
 
@@ -289,23 +289,21 @@ def write_converted(out_dir: Path, config: SamConfig, params: dict[tuple[str, ..
   if out_dir.exists() and not overwrite:
     raise ConversionError(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
   out_dir.parent.mkdir(parents=True, exist_ok=True)
-  staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+  staging = staging_dir(out_dir)
   try:
     (staging / "config.json").write_text(config.to_json() + "\n")
     (staging / "conversion.json").write_text(json.dumps(info, indent=2) + "\n")
+    kill_point("convert.config_staged")
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(staging / "params", nest(params))
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    if out_dir.exists():
-      old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-      out_dir.rename(old)
-      staging.rename(out_dir)
-      shutil.rmtree(old)
-    else:
-      staging.rename(out_dir)
+    try:
+      checkpointer.save(staging / "params", nest(params))
+      checkpointer.wait_until_finished()
+    finally:
+      checkpointer.close()
+    kill_point("convert.params_staged")
+    replace_dir(staging, out_dir, kill_point_name="convert.old_moved_aside")
   except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
+    remove_settled(staging)
     raise
   return out_dir
 
@@ -320,6 +318,8 @@ def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, model_typ
   out_dir = Path(out_dir)
   if model_type is not None and model_type not in PRESETS:
     raise ConversionError(f"unknown --model-type {model_type!r}; choose one of {sorted(PRESETS)}")
+  if out_dir.parent.is_dir():
+    remove_stale_staging(out_dir.absolute())
   if out_dir.exists() and not overwrite:
     raise ConversionError(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
   state, hf_config = read_checkpoint(checkpoint)

@@ -16,6 +16,7 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 
 from autosam_jax.data.errors import DataError
+from autosam_jax.faults import kill_point
 from autosam_jax.data.slices import slice_features, volume_to_examples
 
 LABELS = {0: "background", 1: "RV", 2: "MYO", 3: "LV"}
@@ -37,8 +38,10 @@ def case_examples(cases, allowed_labels):
   for case in cases:
     image = read_nifti(case.image_path)
     label = read_label(case.label_path, set(allowed_labels))
-    yield from volume_to_examples(case.case_id, case.patient_id, case.frame or "", image.data, label.data,
-                                  image.spacing, image.affine)
+    for example in volume_to_examples(case.case_id, case.patient_id, case.frame or "", image.data, label.data,
+                                      image.spacing, image.affine):
+      kill_point("build.example")
+      yield example
 
 
 def source_fingerprint(cases) -> str:
@@ -101,13 +104,29 @@ def build_acdc(source_dir: str | os.PathLike, data_dir: str | os.PathLike) -> Ac
 
 
 def prepare(builder, source_dir: Path, fingerprint: str):
-  """download_and_prepare, refusing to reuse a build made from other source files."""
+  """download_and_prepare, refusing to reuse a build made from other source files.
+
+  TFDS writes into `DATA_DIR/NAME/incomplete.*` and renames the finished build into place; a killed build leaves
+  that folder behind. Builds hold an exclusive lock on `DATA_DIR/NAME` (released by the kernel however the process
+  ends), so a build that gets the lock knows every `incomplete.*` there is stale and deletes it first."""
+  import fcntl
+  import shutil
+
   data_path = Path(builder.data_dir)
-  if (data_path / "dataset_info.json").exists():
-    built_from = builder.info.metadata.get("source_fingerprint")
-    if built_from != fingerprint:
-      raise DataError(f"{data_path}: was built from other source files than {source_dir}; delete it or choose "
-                      "another --data-dir")
+  dataset_dir = data_path.parent
+  dataset_dir.mkdir(parents=True, exist_ok=True)
+  lock = os.open(dataset_dir, os.O_RDONLY)
+  try:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    for stale in dataset_dir.glob("incomplete.*"):
+      shutil.rmtree(stale, ignore_errors=True)
+    if (data_path / "dataset_info.json").exists():
+      built_from = builder.info.metadata.get("source_fingerprint")
+      if built_from != fingerprint:
+        raise DataError(f"{data_path}: was built from other source files than {source_dir}; delete it or choose "
+                        "another --data-dir")
+      return builder
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(source_dir)))
     return builder
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(source_dir)))
-  return builder
+  finally:
+    os.close(lock)

@@ -15,7 +15,8 @@ class RunCheckpoints:
     import orbax.checkpoint as ocp
 
     self.directory = Path(directory).absolute()
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True,
+                                           cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
@@ -23,7 +24,6 @@ class RunCheckpoints:
 
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                      meta=ocp.args.JsonSave(meta)))
-    self.manager.wait_until_finished()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

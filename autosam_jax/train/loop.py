@@ -401,19 +401,18 @@ def save_model(directory: Path, params, frozen, config: TrainConfig) -> None:
 
   Under jax.distributed every process calls it (orbax saves collectively); process 0 puts the result in place."""
   import shutil
-  import tempfile
 
   import jax
   import orbax.checkpoint as ocp
   from flax import nnx
 
-  from autosam_jax.atomic import atomic_write_json
+  from autosam_jax.atomic import atomic_write_json, remove_settled, replace_dir, staging_dir
   from autosam_jax.parallel import barrier
 
   directory = Path(directory).absolute()
   main = jax.process_index() == 0
   if jax.process_count() == 1:
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    staging = staging_dir(directory)
   else:  # one staging directory all processes know, left over only by a killed run
     staging = directory.parent / f".{directory.name}.partial-shared"
     if main:
@@ -425,13 +424,11 @@ def save_model(directory: Path, params, frozen, config: TrainConfig) -> None:
       checkpointer.save(staging / "state", {"params": nnx.to_pure_dict(params), "frozen": nnx.to_pure_dict(frozen)})
     if main:
       atomic_write_json(staging / "train_config.json", config.to_dict())
-      if directory.exists():
-        shutil.rmtree(directory)
-      staging.rename(directory)
+      replace_dir(staging, directory)
     barrier("autosam_jax.save_model.done")
   except BaseException:
     if main:
-      shutil.rmtree(staging, ignore_errors=True)
+      remove_settled(staging)
     raise
 
 

@@ -1,0 +1,103 @@
+"""Kill points and disk-full handling.
+
+Kill points are named places in the writing code where a fault test makes the process die exactly as a SIGKILL from
+outside would, so the test can choose in advance where a run is interrupted:
+
+  AUTOSAM_JAX_KILL_AT=convert.params_staged autosam-jax convert ...      # dies at the first hit
+  AUTOSAM_JAX_KILL_AT=build.example:40 autosam-jax build-dataset ...     # dies at the 40th hit
+
+Unset (always, outside tests), `kill_point` costs one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+
+ENV = "AUTOSAM_JAX_KILL_AT"
+_hits: dict[str, int] = {}
+
+# errno values meaning "the disk (or the quota, or the file-size limit) is full"
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
+def kill_point(name: str) -> None:
+  spec = os.environ.get(ENV)
+  if not spec:
+    return
+  target, _, count = spec.partition(":")
+  if target != name:
+    return
+  _hits[name] = _hits.get(name, 0) + 1
+  if _hits[name] >= int(count or 1):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def disk_full(err: BaseException) -> str | None:
+  """If `err` (or an exception it was raised from) says the disk is full, one line saying so; else None.
+
+  Python's own writes raise OSError with ENOSPC/EDQUOT/EFBIG; tensorstore (under orbax) and TFDS wrap the same
+  failure in their own exceptions, so their messages are searched too."""
+  seen = set()
+  while err is not None and id(err) not in seen:
+    seen.add(id(err))
+    if isinstance(err, OSError) and err.errno in DISK_FULL:
+      where = f"{err.filename}: " if err.filename else ""
+      return f"{where}{err.strerror or os.strerror(err.errno)}"
+    text = str(err)
+    for marker in _DISK_FULL_TEXT:
+      if marker in text:
+        paths = re.findall(r'"(/[^"]+)"', text)  # tensorstore quotes the file it failed to write last
+        return f"{paths[-1]}: {marker}" if paths else marker
+    err = err.__cause__ or err.__context__
+  return None
+
+
+DISK_FULL_EXIT = 4
+
+
+def run_command(run, args) -> int:
+  """`run(args)`, with a full disk reported as one line and exit code 4 instead of a traceback.
+
+  When a write fails, orbax logs the tensorstore error (which the one line repeats) and its other pending writes
+  finish against a closed event loop, each printing an "Event loop is closed" traceback; both are silenced here."""
+  import logging
+  import sys
+
+  class DropDiskFull(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+      if record.exc_info and record.exc_info[1] is not None and disk_full(record.exc_info[1]):
+        return False
+      return not any(marker in record.getMessage() for marker in _DISK_FULL_TEXT)
+
+  def unraisable(info) -> None:
+    if not (isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value)):
+      sys.__unraisablehook__(info)
+
+  absl_log, log_filter = logging.getLogger("absl"), DropDiskFull()
+  absl_log.addFilter(log_filter)
+  sys.unraisablehook = unraisable  # kept to the end: the noise comes at interpreter shutdown too
+  try:
+    return run(args)
+  except Exception as err:  # noqa: BLE001 - only a full disk becomes a message; anything else propagates
+    problem = disk_full(err)
+    if problem is None:
+      raise
+    print(f"error: disk full while writing: {problem}; free some space (or write elsewhere) and rerun: finished "
+          "work is kept and the rerun goes on from it", file=sys.stderr)
+    return DISK_FULL_EXIT
+  finally:
+    absl_log.removeFilter(log_filter)
+
+
+def pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, owned by someone else
+    return True
+  return True
