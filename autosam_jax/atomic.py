@@ -88,3 +88,17 @@ def replace_dir(staging: Path, target: Path, kill_point_name: str | None = None)
     kill_point(kill_point_name)
   Path(staging).rename(target)
   shutil.rmtree(old)
+
+
+def write_dir(target: str | os.PathLike, fill, kill_point_name: str | None = None) -> Path:
+  """Writes the folder `target` whole or not at all: `fill(staging)` fills a staging folder beside it, which is then
+  renamed into place (`replace_dir`); if `fill` fails, the staging folder is deleted and the old `target` kept."""
+  target = Path(target).absolute()
+  staging = staging_dir(target)
+  try:
+    fill(staging)
+    replace_dir(staging, target, kill_point_name)
+  except BaseException:
+    remove_settled(staging)
+    raise
+  return target

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from autosam_jax.atomic import remove_settled, remove_stale_staging, replace_dir, staging_dir
+from autosam_jax.atomic import remove_stale_staging, write_dir
 from autosam_jax.faults import kill_point
 from autosam_jax.models.config import PRESETS, SamConfig, infer_config
 from weights_conversion.tables import LAYOUTS, TABLES, hf_mlp_layer_names
@@ -288,23 +288,15 @@ def write_converted(out_dir: Path, config: SamConfig, params: dict[tuple[str, ..
   out_dir = Path(out_dir).absolute()
   if out_dir.exists() and not overwrite:
     raise ConversionError(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  staging = staging_dir(out_dir)
-  try:
+  def fill(staging: Path) -> None:
     (staging / "config.json").write_text(config.to_json() + "\n")
     (staging / "conversion.json").write_text(json.dumps(info, indent=2) + "\n")
     kill_point("convert.config_staged")
-    checkpointer = ocp.StandardCheckpointer()
-    try:
+    with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(staging / "params", nest(params))
-      checkpointer.wait_until_finished()
-    finally:
-      checkpointer.close()
     kill_point("convert.params_staged")
-    replace_dir(staging, out_dir, kill_point_name="convert.old_moved_aside")
-  except BaseException:
-    remove_settled(staging)
-    raise
+
+  write_dir(out_dir, fill, kill_point_name="convert.old_moved_aside")
   return out_dir
 
 

@@ -266,25 +266,16 @@ def plot_loss_curve(metrics_file: Path, png: Path) -> None:
 def save_encoder(directory: Path, encoder_params: dict[str, Any], config: SimclrConfig) -> None:
   """OUT/encoder/: the UNetEncoder's parameters (orbax, a pure dict) and the config, staged beside the target and
   renamed into place, so a reader never sees half an encoder."""
-  import shutil
-  import tempfile
-
   import orbax.checkpoint as ocp
 
-  from autosam_jax.atomic import atomic_write_json
+  from autosam_jax.atomic import atomic_write_json, write_dir
 
-  directory = Path(directory).absolute()
-  staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
-  try:
+  def fill(staging: Path) -> None:
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(staging / ENCODER_PARAMS, encoder_params)
     atomic_write_json(staging / ENCODER_CONFIG, config.to_dict())
-    if directory.exists():
-      shutil.rmtree(directory)
-    staging.rename(directory)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
+
+  write_dir(directory, fill)
 
 
 def pretrain_simclr(config: SimclrConfig, cache_dir: str | os.PathLike, out_dir: str | os.PathLike,
