@@ -285,3 +285,33 @@ def test_unet_matches_official_torch_architecture():
   with torch.no_grad():
     expected = torch_forward(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy().transpose(0, 2, 3, 1)
   np.testing.assert_allclose(apply(unet, jnp.asarray(images)), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("in_features,kernel_size", [(64, 3), (96, 5), (8, 3), (16, 1)])
+def test_same_conv_equals_xla_convolution_with_gradients(in_features, kernel_size):
+  """The CPU matmul lowering of SameConv (im2col for wide inputs, a plain matmul for 1x1) against XLA's convolution
+  with the same parameters: outputs and the gradients for input, kernel and bias."""
+  from autosam_jax.models.heads import torch_conv
+  from autosam_jax.models.layers import SameConv
+
+  conv = torch_conv(in_features, 24, kernel_size, rngs=nnx.Rngs(0))
+  assert isinstance(conv, SameConv)
+  x = jax.random.normal(jax.random.key(1), (2, 9, 7, in_features))
+  pad = (kernel_size - 1) // 2
+
+  def reference(x, kernel, bias):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+
+  graphdef, state = nnx.split(conv)
+
+  def ours(x, kernel, bias):
+    params = nnx.State({"kernel": nnx.Param(kernel), "bias": nnx.Param(bias)})
+    return nnx.merge(graphdef, params)(x)
+
+  args = (x, state["kernel"].get_value(), state["bias"].get_value())
+  weights = jax.random.normal(jax.random.key(2), (2, 9, 7, 24))
+  loss = lambda f: (lambda *a: jnp.sum(jnp.tanh(f(*a)) * weights))
+  np.testing.assert_allclose(ours(*args), reference(*args), rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.grad(loss(ours), argnums=(0, 1, 2))(*args), jax.grad(loss(reference), argnums=(0, 1, 2))(*args)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from autosam_jax.models.config import SamConfig
-from autosam_jax.models.layers import MLP, ConvTranspose2x2, layer_norm
+from autosam_jax.models.layers import MLP, ConvTranspose2x2, SameConv, layer_norm
 from autosam_jax.models.mask_decoder import OutputUpscaling
 from autosam_jax.models.prompt_encoder import PositionEmbeddingRandom
 from autosam_jax.models.sam import Sam
@@ -69,11 +69,13 @@ def _torch_uniform(key: Array, shape: tuple[int, ...], fan_in: int) -> Array:
   return jax.random.uniform(key, (int(np.prod(shape)),), jnp.float32, -bound, bound).reshape(shape)
 
 
-def torch_conv(in_features: int, out_features: int, kernel_size: int, *, rngs: nnx.Rngs) -> nnx.Conv:
-  """Conv k x k, stride 1, zero padding (k - 1) / 2, with bias, initialised as PyTorch's `nn.Conv2d`."""
+def torch_conv(in_features: int, out_features: int, kernel_size: int, *, rngs: nnx.Rngs) -> SameConv:
+  """Conv k x k (k odd), stride 1, zero padding (k - 1) / 2, with bias, initialised as PyTorch's `nn.Conv2d`."""
+  if kernel_size % 2 != 1:
+    raise ValueError(f"kernel size {kernel_size}: only odd sizes keep the resolution with symmetric padding")
   fan_in = in_features * kernel_size * kernel_size
   pad = (kernel_size - 1) // 2
-  return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), padding=((pad, pad), (pad, pad)),
+  return SameConv(in_features, out_features, (kernel_size, kernel_size), padding=((pad, pad), (pad, pad)),
                   kernel_init=lambda key, shape, dtype=None: _torch_uniform(key, shape, fan_in),
                   bias_init=lambda key, shape, dtype=None: _torch_uniform(key, shape, fan_in), rngs=rngs)
 
