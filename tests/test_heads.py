@@ -287,13 +287,15 @@ def test_unet_matches_official_torch_architecture():
   np.testing.assert_allclose(apply(unet, jnp.asarray(images)), expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("in_features,kernel_size", [(64, 3), (96, 5), (8, 3), (16, 1)])
-def test_same_conv_equals_xla_convolution_with_gradients(in_features, kernel_size):
-  """The CPU matmul lowering of SameConv (im2col for wide inputs, a plain matmul for 1x1) against XLA's convolution
-  with the same parameters: outputs and the gradients for input, kernel and bias."""
+@pytest.mark.parametrize("in_features,kernel_size,lowered", [(64, 3, True), (40, 5, True), (16, 1, True),
+                                                             (64, 3, False)])
+def test_same_conv_equals_xla_convolution_with_gradients(in_features, kernel_size, lowered, monkeypatch):
+  """The CPU matmul lowering of SameConv (im2col for wide inputs, a plain matmul for wide 1x1) against XLA's
+  convolution with the same parameters: outputs and the gradients for input, kernel and bias."""
   from autosam_jax.models.heads import torch_conv
   from autosam_jax.models.layers import SameConv
 
+  monkeypatch.setattr(SameConv, "gemm_min_macs", 0 if lowered else float("inf"))
   conv = torch_conv(in_features, 24, kernel_size, rngs=nnx.Rngs(0))
   assert isinstance(conv, SameConv)
   x = jax.random.normal(jax.random.key(1), (2, 9, 7, in_features))

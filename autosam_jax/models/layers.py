@@ -86,20 +86,21 @@ class ConvTranspose2x2(nnx.Module):
 class SameConv(nnx.Conv):
   """Stride-1 k x k convolution with (k - 1) / 2 zero padding; nnx.Conv's parameters (kernel (k, k, in, out), bias).
 
-  On CPU, 1 x 1 convolutions are computed as a matmul, and k x k ones with at least `gemm_min_channels` input
-  channels as one matmul over the k * k shifted copies of the input (im2col): there XLA's convolutions, above all the kernel-gradient one, run up to 2x slower than
-  its GEMM (measured on a 2-core Xeon: a 3x3 1024 -> 1024 conv at 16x16, batch 4, forward and backward, 0.51 s as a
-  convolution, 0.36 s as im2col, 0.35 s in PyTorch). For thin inputs (the UNet's first levels) and on GPU/TPU,
-  nnx.Conv's own convolution is faster and is used.
+  On CPU, a convolution of at least `gemm_min_macs` multiply-adds is computed as a matmul (1 x 1) or as one matmul
+  over the k * k shifted copies of the input (im2col): there XLA's convolutions, above all the kernel-gradient one,
+  run up to 2x slower than its GEMM (on a 2-core Xeon, a 3x3 1024 -> 1024 conv at 16x16, batch 4, forward and
+  backward: 0.51 s as a convolution, 0.36 s as im2col, 0.35 s in PyTorch). Smaller convolutions (all of the demo's
+  UNet, whose train step im2col made 8-13% slower) and every convolution on GPU/TPU use nnx.Conv's own.
   """
 
-  gemm_min_channels = 64
+  gemm_min_macs = 5e8
 
   def __call__(self, inputs: Array) -> Array:
     kh, kw = self.kernel_size
-    if jax.default_backend() != "cpu" or ((kh, kw) != (1, 1) and self.in_features < self.gemm_min_channels):
-      return super().__call__(inputs)
     b, h, w, c = inputs.shape
+    macs = b * h * w * kh * kw * c * self.out_features
+    if jax.default_backend() != "cpu" or macs < self.gemm_min_macs:
+      return super().__call__(inputs)
     dtype = self.dtype or inputs.dtype
     x = jnp.pad(inputs.astype(dtype), ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)))
     columns = jnp.concatenate([x[:, i:i + h, j:j + w] for i in range(kh) for j in range(kw)], axis=-1)
