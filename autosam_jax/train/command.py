@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--out", type=Path, required=True, help="run directory (resumed if it exists)")
   parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a config option")
   parser.add_argument("--debug-nans", action="store_true", help="switch on JAX's NaN checking (slow)")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs, batch jobs)")
   from autosam_jax import parallel
   parallel.add_arguments(parser)
 
@@ -71,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
       sam = load_sam(args.weights) if config.head != "unet" else None  # the UNet is trained from scratch
       return build_model(config, sam, rngs=nnx.Rngs(config.seed))
 
-    result = train(config, args.cache, head_factory, args.out, labeled, list(split.val))
+    result = train(config, args.cache, head_factory, args.out, labeled, list(split.val),
+                   progress=not args.no_progress)
   except (DataError, CheckpointError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
