@@ -25,7 +25,7 @@ TINY = SamConfig(image_size=256, encoder_embed_dim=192, encoder_depth=4, encoder
                  encoder_global_attn_indexes=(1, 3), window_size=7)
 
 
-def _median_seconds(fn, repeats: int) -> tuple[float, float]:
+def median_seconds(fn, repeats: int) -> tuple[float, float]:
   start = time.perf_counter()
   fn()
   warmup = time.perf_counter() - start
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
   if not args.skip_torch:
     with torch.inference_mode():
       reference = encoder(x_torch).numpy().transpose(0, 2, 3, 1)
-      seconds, warmup = _median_seconds(lambda: encoder(x_torch), args.repeats)
+      seconds, warmup = median_seconds(lambda: encoder(x_torch), args.repeats)
     rows.append(("segment-anything (PyTorch) fp32", seconds, warmup, 0.0))
 
   for dtype_name in [d for d in args.dtypes.split(",") if d]:
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
       return nnx.merge(graphdef, state)(images)
 
     x_jax = jnp.asarray(x)
-    seconds, warmup = _median_seconds(lambda: encode(state, x_jax).block_until_ready(), args.repeats)
+    seconds, warmup = median_seconds(lambda: encode(state, x_jax).block_until_ready(), args.repeats)
     embeddings = np.asarray(encode(state, x_jax))
     diff = float("nan")
     if reference is not None:

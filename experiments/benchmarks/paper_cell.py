@@ -127,19 +127,6 @@ def time_official(args, torch_sam, n_train: int, n_val: int) -> list[float]:
 ACDC_SLICES_PER_PATIENT = 19  # 1,902 ED+ES slices over ACDC's 100 training patients
 
 
-def _median_seconds(fn, repeats: int) -> tuple[float, float]:
-  """(median of `repeats` timed calls, the untimed-in-the-median first call's seconds)."""
-  start = time.perf_counter()
-  fn()
-  first = time.perf_counter() - start
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), first
-
-
 def composed(args) -> int:
   """The paper cell for a full-size SAM, composed from per-image and per-step times measured here."""
   import resource
@@ -154,6 +141,7 @@ def composed(args) -> int:
   from autosam_jax.models.heads import build_head
   from autosam_jax.train.checkpointing import RunCheckpoints
   from experiments.benchmarks import torch_heads
+  from experiments.benchmarks.encoder_throughput import median_seconds
   from experiments.benchmarks.head_step import our_steps
   from weights_conversion.meta_reference import build_meta_sam
   from weights_conversion.parity import sam_from_torch
@@ -172,12 +160,12 @@ def composed(args) -> int:
   encoder = torch_sam.image_encoder.eval()
   x_torch = torch.from_numpy(image.transpose(0, 3, 1, 2).copy())
   with torch.inference_mode():
-    torch_encoder, _ = _median_seconds(lambda: encoder(x_torch), args.repeats)
+    torch_encoder, _ = median_seconds(lambda: encoder(x_torch), args.repeats)
   sam = sam_from_torch(torch_sam, encoder_dtype=jnp.bfloat16)
   graphdef, state = nnx.split(sam.image_encoder)
   encode = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images))
   x_jax = jnp.asarray(image)
-  our_encoder, our_compile = _median_seconds(lambda: encode(state, x_jax).block_until_ready(), args.repeats)
+  our_encoder, our_compile = median_seconds(lambda: encode(state, x_jax).block_until_ready(), args.repeats)
   print(f"encoder, s/image: PyTorch fp32 {torch_encoder:.2f}, ours bf16 {our_encoder:.2f} (first call, compilation "
         f"included: {our_compile:.1f})")
 
@@ -189,13 +177,13 @@ def composed(args) -> int:
   torch.manual_seed(0)
   reference = torch_heads.build(args.head, num_classes, "faithful")
   torch_train, torch_eval = torch_heads.make_train_step(reference), torch_heads.make_eval_step(reference)
-  times = {"torch_train": _median_seconds(lambda: torch_train(x_emb, y_torch), args.repeats)[0]}
+  times = {"torch_train": median_seconds(lambda: torch_train(x_emb, y_torch), args.repeats)[0]}
   reference.eval()
-  times["torch_eval"] = _median_seconds(lambda: torch_eval(x_emb, y_torch), args.repeats)[0]
+  times["torch_eval"] = median_seconds(lambda: torch_eval(x_emb, y_torch), args.repeats)[0]
   head = build_head(args.head, num_classes, variant="faithful", rngs=nnx.Rngs(0))
   our_train, our_eval = our_steps(head)
-  times["our_train"] = _median_seconds(lambda: our_train(batch), args.repeats)[0]
-  times["our_eval"] = _median_seconds(lambda: our_eval(batch), args.repeats)[0]
+  times["our_train"] = median_seconds(lambda: our_train(batch), args.repeats)[0]
+  times["our_eval"] = median_seconds(lambda: our_eval(batch), args.repeats)[0]
   # a fresh head: the train steps above donated the first one's arrays
   _, params, _ = nnx.split(build_head(args.head, num_classes, variant="faithful", rngs=nnx.Rngs(1)), nnx.Param, ...)
   import optax
@@ -203,7 +191,7 @@ def composed(args) -> int:
   with tempfile.TemporaryDirectory() as tmp:
     checkpoints = RunCheckpoints(Path(tmp) / "checkpoints")
     step = iter(range(1, 1000))
-    times["our_checkpoint"] = _median_seconds(lambda: checkpoints.save(next(step), run_state, {"epoch": 0}),
+    times["our_checkpoint"] = median_seconds(lambda: checkpoints.save(next(step), run_state, {"epoch": 0}),
                                               args.repeats)[0]
     checkpoints.close()
   print("head, s per batch of 4: " + ", ".join(f"{k} {v:.3f}" for k, v in times.items()))
