@@ -62,8 +62,9 @@ DISK_FULL_EXIT = 4
 def run_command(run, args) -> int:
   """`run(args)`, with a full disk reported as one line and exit code 4 instead of a traceback.
 
-  When a write fails, orbax logs the tensorstore error (which the one line repeats) and its other pending writes
-  finish against a closed event loop, each printing an "Event loop is closed" traceback; both are silenced here."""
+  When a write fails, orbax logs the tensorstore error (which the one line repeats), asyncio logs each failed write
+  task, and orbax's other pending writes finish against a closed event loop, each printing an "Event loop is closed"
+  traceback; log records about a full disk and those tracebacks are silenced for the rest of the process."""
   import logging
   import sys
 
@@ -77,9 +78,10 @@ def run_command(run, args) -> int:
     if not (isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value)):
       sys.__unraisablehook__(info)
 
-  absl_log, log_filter = logging.getLogger("absl"), DropDiskFull()
-  absl_log.addFilter(log_filter)
-  sys.unraisablehook = unraisable  # kept to the end: the noise comes at interpreter shutdown too
+  # Kept to the end of the process: some of the noise comes at interpreter shutdown.
+  for name in ("absl", "asyncio"):  # asyncio: "Task exception was never retrieved" for each failed write
+    logging.getLogger(name).addFilter(DropDiskFull())
+  sys.unraisablehook = unraisable
   try:
     return run(args)
   except Exception as err:  # noqa: BLE001 - only a full disk becomes a message; anything else propagates
@@ -89,8 +91,6 @@ def run_command(run, args) -> int:
     print(f"error: disk full while writing: {problem}; free some space (or write elsewhere) and rerun: finished "
           "work is kept and the rerun goes on from it", file=sys.stderr)
     return DISK_FULL_EXIT
-  finally:
-    absl_log.removeFilter(log_filter)
 
 
 def pid_alive(pid: int) -> bool:

@@ -288,7 +288,7 @@ def test_unet_matches_official_torch_architecture():
 
 
 @pytest.mark.parametrize("in_features,kernel_size,lowered", [(64, 3, True), (40, 5, True), (16, 1, True),
-                                                             (64, 3, False)])
+                                                             (64, 3, False)])  # False: XLA's own convolution
 def test_same_conv_equals_xla_convolution_with_gradients(in_features, kernel_size, lowered, monkeypatch):
   """The CPU matmul lowering of SameConv (im2col for wide inputs, a plain matmul for wide 1x1) against XLA's
   convolution with the same parameters: outputs and the gradients for input, kernel and bias."""
@@ -314,6 +314,7 @@ def test_same_conv_equals_xla_convolution_with_gradients(in_features, kernel_siz
   args = (x, state["kernel"].get_value(), state["bias"].get_value())
   weights = jax.random.normal(jax.random.key(2), (2, 9, 7, 24))
   loss = lambda f: (lambda *a: jnp.sum(jnp.tanh(f(*a)) * weights))
-  np.testing.assert_allclose(ours(*args), reference(*args), rtol=1e-5, atol=1e-5)
-  for got, want in zip(jax.grad(loss(ours), argnums=(0, 1, 2))(*args), jax.grad(loss(reference), argnums=(0, 1, 2))(*args)):
+  np.testing.assert_allclose(jax.jit(ours)(*args), jax.jit(reference)(*args), rtol=1e-5, atol=1e-5)
+  gradients = lambda f: jax.jit(jax.grad(loss(f), argnums=(0, 1, 2)))(*args)
+  for got, want in zip(gradients(ours), gradients(reference)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
