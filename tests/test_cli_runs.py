@@ -1,5 +1,6 @@
 """Whole runs through the `autosam-jax` command on tiny synthetic data: the faithful heads and the UNet trained,
-killed with SIGKILL after a mid-epoch checkpoint and resumed; the improved mode from precompute to predict; the UNet without SAM; and
+killed with SIGKILL after a mid-epoch checkpoint and resumed (the linear head also through a rerun on a full disk);
+the improved mode from precompute to predict; the UNet without SAM; and
 model/cache mismatches refused before anything is written."""
 
 import json
@@ -16,6 +17,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+
+from tests.conftest import limited_file_size
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "experiments" / "configs"
@@ -157,6 +160,17 @@ def test_faithful_head_trains_and_resumes_bit_identically_after_sigkill(data, he
   assert mid_epoch is not None and process.returncode == -signal.SIGKILL
   assert not (killed / "final_model").exists()
 
+  if head == "linear":
+    # Rerun on a "full disk" (files limited to 200 kB; this head's checkpoint is ~1 MB): it resumes, its first
+    # checkpoint write fails, and it stops with one line and exit code 4, the kill's checkpoint still the latest.
+    full = subprocess.run([*limited_file_size(200_000), sys.executable, "-m", "autosam_jax.cli",
+                           *_train_args(data, head, killed)], env=data["env"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300)
+    lines = full.stderr.strip().splitlines()  # the progress bar comes before it
+    assert full.returncode == 4 and lines[-1].startswith("error: disk full while writing"), full.stderr[-3000:]
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert _checkpoint_steps(killed)[-1] == mid_epoch and not (killed / "final_model").exists()
+
   rerun = _train_command(data, head, killed)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f"trained {head} (faithful)" in rerun.stdout
@@ -169,6 +183,8 @@ def test_faithful_head_trains_and_resumes_bit_identically_after_sigkill(data, he
   for a, b in zip(ours, theirs):
     np.testing.assert_array_equal(a, b)
   assert _rows(killed) == rows
+  leftovers = [p.name for p in killed.rglob("*") if p.name.startswith(".") or "tmp" in p.name]
+  assert not leftovers, leftovers
 
 
 # ---------------------------------------------------------------------------------------------------------------------

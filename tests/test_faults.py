@@ -2,8 +2,9 @@
 rerun that must end with the uninterrupted output and no temporary files; a full disk (a file-size limit, so the
 kernel fails the write) must give one line, exit code 4 and keep the previous output.
 
-Training, precompute, the sweep and SimCLR have their kill tests beside their other tests (test_train.py,
-test_features.py, test_sweep.py, test_simclr.py); training's includes a full disk on a resumed run."""
+Training, precompute, the sweep and SimCLR have their kill tests beside their other tests (test_cli_runs.py,
+test_train.py, test_features.py, test_sweep.py, test_simclr.py); test_cli_runs.py's linear head also reruns on a
+full disk."""
 
 import json
 import os

@@ -20,7 +20,7 @@ METHODS = ["linear", "unet", "zero_shot_box"]
 def _config_file(root: Path, checkpoint: Path) -> Path:
   values = {"data": str(root / "acdc"), "encoders": {"tiny": str(checkpoint)}, "methods": METHODS,
             "mode": "faithful", "tr_sizes": [1, 2], "num_folds": 2, "folds": [0], "dtype": "fp32",
-            "train": {"epochs": 2, "learning_rate": 5e-3, "plateau_start_epoch": 1},
+            "train": {"epochs": 1, "learning_rate": 5e-3, "plateau_start_epoch": 1},
             "method_train": {"unet": {"unet_base_channels": 8}}}
   path = root / "sweep_config.py"
   path.write_text(f"def get_config():\n  return {values!r}\n")
