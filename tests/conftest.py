@@ -3,6 +3,13 @@ import sys
 
 # Tests run on the CPU; keep XLA from grabbing every core's worth of threads for tiny models.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests run the same programs again in subprocesses (a reference run, the killed run, its rerun): they share
+# compiled programs of at least a second's compile time through one persistent cache for the whole session.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import tempfile
+
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="autosam-jax-test-jit-cache-")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import numpy as np
 import pytest
@@ -66,3 +73,12 @@ def limited_file_size(limit: int) -> list[str]:
   code = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
           f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); os.execv(sys.executable, sys.argv[1:])")
   return [sys.executable, "-c", code]
+
+
+def pytest_sessionfinish(session, exitstatus):
+  """Deletes the session's compilation cache (only the one this conftest made)."""
+  import shutil
+
+  cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
+  if os.path.basename(cache).startswith("autosam-jax-test-jit-cache-"):
+    shutil.rmtree(cache, ignore_errors=True)
