@@ -57,6 +57,7 @@ def disk_full(err: BaseException) -> str | None:
 
 
 DISK_FULL_EXIT = 4
+_quiet = False  # run_command's noise filters are installed
 
 
 def run_command(run, args) -> int:
@@ -78,10 +79,12 @@ def run_command(run, args) -> int:
     if not (isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value)):
       sys.__unraisablehook__(info)
 
-  # Kept to the end of the process: some of the noise comes at interpreter shutdown.
-  for name in ("absl", "asyncio"):  # asyncio: "Task exception was never retrieved" for each failed write
-    logging.getLogger(name).addFilter(DropDiskFull())
-  sys.unraisablehook = unraisable
+  global _quiet
+  if not _quiet:  # once per process, kept to its end: some of the noise comes at interpreter shutdown
+    for name in ("absl", "asyncio"):  # asyncio: "Task exception was never retrieved" for each failed write
+      logging.getLogger(name).addFilter(DropDiskFull())
+    sys.unraisablehook = unraisable
+    _quiet = True
   try:
     return run(args)
   except Exception as err:  # noqa: BLE001 - only a full disk becomes a message; anything else propagates

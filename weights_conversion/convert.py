@@ -291,7 +291,6 @@ def write_converted(out_dir: Path, config: SamConfig, params: dict[tuple[str, ..
   def fill(staging: Path) -> None:
     (staging / "config.json").write_text(config.to_json() + "\n")
     (staging / "conversion.json").write_text(json.dumps(info, indent=2) + "\n")
-    kill_point("convert.config_staged")
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(staging / "params", nest(params))
     kill_point("convert.params_staged")
