@@ -65,9 +65,11 @@ def run_command(run, args) -> int:
 
   When a write fails, orbax logs the tensorstore error (which the one line repeats), asyncio logs each failed write
   task, and orbax's other pending writes finish against a closed event loop, each printing an "Event loop is closed"
-  traceback; log records about a full disk and those tracebacks are silenced for the rest of the process."""
+  traceback (or are never awaited, a warning at shutdown); log records about a full disk and that noise are silenced
+  for the rest of the process."""
   import logging
   import sys
+  import warnings
 
   class DropDiskFull(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
@@ -91,6 +93,8 @@ def run_command(run, args) -> int:
     problem = disk_full(err)
     if problem is None:
       raise
+    # orbax's write coroutines that never ran are collected at interpreter shutdown, each with a RuntimeWarning
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
     print(f"error: disk full while writing: {problem}; free some space (or write elsewhere) and rerun: finished "
           "work is kept and the rerun goes on from it", file=sys.stderr)
     return DISK_FULL_EXIT
