@@ -58,6 +58,9 @@ class SweepConfig:
   views: int = 0  # augmented views per training slice in the feature cache
   dtype: str = "bf16"  # encoder matmuls and cache storage
   encode_batch_size: int = 8
+  # The UNet baselines' model images: image_size x image_size pixels of image_spacing mm (official: 224 at 1.25 mm)
+  image_size: int = 224
+  image_spacing: float = 1.25
   tfds_dir: str = ""  # default OUT/tfds
   train: dict[str, Any] = dataclasses.field(default_factory=dict)  # TrainConfig overrides for every trained method
   method_train: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # per method, after `train`
@@ -102,6 +105,13 @@ class SweepConfig:
       if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "views" else 1):
         raise DataError(f"{source}: {name} must be a {'non-negative' if name == 'views' else 'positive'} integer, "
                         f"got {value!r}")
+    if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 16 \
+        or self.image_size % 16:
+      raise DataError(f"{source}: image_size must be a positive multiple of 16 pixels (the UNet halves it four "
+                      f"times), got {self.image_size!r}")
+    if isinstance(self.image_spacing, bool) or not isinstance(self.image_spacing, (int, float)) \
+        or not self.image_spacing > 0:
+      raise DataError(f"{source}: image_spacing must be a positive number of mm, got {self.image_spacing!r}")
     bad = [m for m in self.method_train if m not in METHODS]
     if bad:
       raise DataError(f"{source}: method_train names unknown method(s) {bad}")
@@ -237,6 +247,7 @@ class Sweep:
     self.config, self.out, self.progress = config, Path(out), progress
     self.tfds_dir = Path(config.tfds_dir).expanduser() if config.tfds_dir else self.out / "tfds"
     self._checked_caches: set[str] = set()
+    self._volumes = None  # load_volumes(data, tfds_dir), read once for every cell's evaluation
 
   # --- stages -------------------------------------------------------------------------------------------------------
 
@@ -248,7 +259,9 @@ class Sweep:
 
     config_file = self.out / "sweep_config.json"
     if config_file.exists():
-      previous = json.loads(config_file.read_text())
+      # options added since a sweep was started count as their defaults
+      defaults = {f.name: f.default for f in dataclasses.fields(SweepConfig) if f.default is not dataclasses.MISSING}
+      previous = {**defaults, **json.loads(config_file.read_text())}
       changed = sorted(k for k in set(previous) | set(self.config.to_dict())
                        if _jsonable(previous.get(k)) != _jsonable(self.config.to_dict().get(k))
                        and k not in ("methods", "tr_sizes", "folds", "encoders"))
@@ -288,12 +301,14 @@ class Sweep:
   def image_cache(self) -> Path:
     from autosam_jax.features.images import write_image_cache
 
-    cache = self.out / "cache" / "images-faithful"
+    size, spacing = self.config.image_size, self.config.image_spacing
+    official = (size, spacing) == (224, 1.25)
+    cache = self.out / "cache" / ("images-faithful" if official else f"images-faithful-{size}px-{spacing:g}mm")
     if "images" not in self._checked_caches:
       self._checked_caches.add("images")
       if not _cache_complete(cache):
         _say(f"writing the model images into {cache}")
-      write_image_cache(self.data, self.tfds_dir, cache)
+      write_image_cache(self.data, self.tfds_dir, cache, slice_size=size, spacing=float(spacing))
     return cache
 
   def simclr_encoder(self, split) -> Path:
@@ -352,8 +367,11 @@ class Sweep:
     _say(f"training {cell.cell_id} on {len(labeled)} labeled patient(s)")
     result = train(train_config, cache, factory, run_dir, labeled, list(split.val), progress=self.progress)
     _say(f"evaluating {cell.cell_id} on {len(split.test)} test patient(s)")
+    if self._volumes is None:
+      from autosam_jax.features.precompute import load_volumes
+      self._volumes = load_volumes(self.data, self.tfds_dir)
     evaluated = evaluate(Path(result["model"]), weights, cache, self.data, self.tfds_dir, self._split_file(),
-                         run_dir / "eval", fold=split.name)
+                         run_dir / "eval", fold=split.name, volumes=self._volumes)
     return evaluated, train_config.variant
 
   # --- the whole sweep ----------------------------------------------------------------------------------------------

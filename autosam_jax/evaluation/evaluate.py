@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -96,8 +95,10 @@ def _cached_cases(cache, patient_id: str, volumes: dict[str, Any]) -> dict[str, 
 
 
 def evaluate(model_dir: Path, weights_dir: Path | None, cache_dir: Path, source_dir: Path, tfds_dir: Path, splits_file: Path,
-             out_dir: Path, *, fold: str | None = None, batch_size: int = 8) -> dict[str, Any]:
-  """Predicts and scores the split's test patients; writes OUT/metrics.json, metrics.md and predictions/."""
+             out_dir: Path, *, fold: str | None = None, batch_size: int = 8, volumes=None) -> dict[str, Any]:
+  """Predicts and scores the split's test patients; writes OUT/metrics.json, metrics.md and predictions/.
+
+  volumes: `load_volumes(source_dir, tfds_dir)` when the caller already has it (a sweep evaluates many cells)."""
   import jax
 
   from autosam_jax.atomic import atomic_write_bytes, atomic_write_json
@@ -122,11 +123,13 @@ def evaluate(model_dir: Path, weights_dir: Path | None, cache_dir: Path, source_
     sam_config, digest = read_config(weights_dir), weights_digest(Path(weights_dir))
   check_cache_matches(depends_on, train_config, sam_config, str(Path(cache_dir) / "manifest.json"), digest)
   preprocess_config = preprocess_config_from_manifest(depends_on)
-  if process != 0:
-    barrier("autosam_jax.evaluate.dataset_built")  # process 0 builds the TFDS dataset if needed, then the others
-  volumes, fingerprint = load_volumes(Path(source_dir), Path(tfds_dir))
-  if process == 0:
-    barrier("autosam_jax.evaluate.dataset_built")
+  if volumes is None:
+    if process != 0:
+      barrier("autosam_jax.evaluate.dataset_built")  # process 0 builds the TFDS dataset if needed, then the others
+    volumes = load_volumes(Path(source_dir), Path(tfds_dir))
+    if process == 0:
+      barrier("autosam_jax.evaluate.dataset_built")
+  volumes, fingerprint = volumes
   if depends_on.get("dataset_fingerprint") not in (None, fingerprint):
     raise DataError(f"{cache_dir}: the cache was computed from other data than {source_dir}")
   forward = make_head_forward(head, preprocess_config.target_size, batch_size)

@@ -88,10 +88,24 @@ def label_nifti_bytes(labels: np.ndarray, affine: np.ndarray, header=None, compr
   return gzip.compress(data, compresslevel=6, mtime=0) if compressed else data
 
 
-def preprocess_config_for(train_config, sam_config, cache_dir: Path | None, weights_digest: str | None = None):
-  """The PreprocessConfig the model was trained with (from the cache's manifest when given, else rebuilt)."""
+def preprocess_config_for(train_config, sam_config, cache_dir: Path | None, weights_digest: str | None = None,
+                          model_dir: Path | None = None):
+  """The PreprocessConfig the model was trained with: from the cache's manifest when given, else from the model's
+  preprocess.json (written since models record it), else rebuilt from the defaults."""
   from autosam_jax.data.preprocess import PreprocessConfig
 
+  saved = None if model_dir is None else Path(model_dir) / "preprocess.json"
+  if cache_dir is None and saved is not None and saved.is_file():
+    try:
+      config = PreprocessConfig.from_dict(json.loads(saved.read_text()))
+    except (OSError, ValueError, TypeError, DataError) as err:
+      raise DataError(f"{saved}: unusable preprocessing record ({err}); retrain, or give --cache") from None
+    if config.mode != train_config.variant:
+      raise DataError(f"{saved}: records {config.mode} preprocessing for a {train_config.variant} model")
+    if sam_config is not None and config.encoder_size != sam_config.image_size:
+      raise DataError(f"{saved}: the model was trained with a {config.encoder_size}-pixel encoder input, but the "
+                      f"given SAM takes {sam_config.image_size}; give the weights it was trained with")
+    return config
   if cache_dir is None:
     if sam_config is None:  # the UNet: faithful model images, no encoder
       return PreprocessConfig(mode=train_config.variant)
@@ -226,7 +240,7 @@ def predict(model_dir: Path, weights_dir: Path | None, inputs: Path, output_dir:
   if sam is not None and cache_dir is not None:
     from autosam_jax.features.precompute import weights_digest
     digest = weights_digest(Path(weights_dir))
-  config = preprocess_config_for(train_config, None if sam is None else sam.config, cache_dir, digest)
+  config = preprocess_config_for(train_config, None if sam is None else sam.config, cache_dir, digest, Path(model_dir))
   # Reading every file now (and again below, to keep memory to one volume) so a bad one anywhere writes nothing.
   for path in files:
     volume = read_nifti(path)

@@ -24,16 +24,22 @@ DESCRIPTION = __doc__
 
 
 def write_image_cache(source_dir: str | os.PathLike, tfds_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                      mode: str = "faithful", shard_size: int = 64) -> dict[str, Any]:
-  """Writes (or finishes) the image cache of a dataset folder; returns a summary (items, shards)."""
+                      mode: str = "faithful", shard_size: int = 64, *, slice_size: int = 224,
+                      spacing: float = 1.25) -> dict[str, Any]:
+  """Writes (or finishes) the image cache of a dataset folder; returns a summary (items, shards).
+
+  slice_size, spacing: the model grid, slice_size x slice_size pixels of `spacing` mm (the official 224 at 1.25 mm;
+  e.g. 112 at 2.5 mm covers the same field of view with a quarter of the pixels)."""
   from autosam_jax.data.preprocess import PreprocessConfig, preprocess_volume
   from autosam_jax.features.cache import CacheWriter
   from autosam_jax.features.precompute import load_volumes, work_items
 
   # Improved-mode model images keep each volume's native grid, so slices differ in shape and cannot share shards.
   if mode != "faithful":
-    raise DataError(f"image cache: only the faithful mode (fixed 224 x 224 slices) is supported, got {mode!r}")
-  preprocess_config = PreprocessConfig(mode=mode)
+    raise DataError(f"image cache: only the faithful mode (fixed-size square slices) is supported, got {mode!r}")
+  if isinstance(spacing, bool) or not isinstance(spacing, (int, float)) or not spacing > 0:
+    raise DataError(f"image cache: the spacing must be a positive number of mm, got {spacing!r}")
+  preprocess_config = PreprocessConfig(mode=mode, target_spacing=(spacing, spacing), slice_size=slice_size)
   volumes, fingerprint = load_volumes(Path(source_dir), Path(tfds_dir))
   items = work_items(volumes, set(), 0)
   depends_on = {"kind": "images", "preprocess": preprocess_config.to_dict(), "dataset_fingerprint": fingerprint,
@@ -71,13 +77,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="where the TFDS slice dataset is built or found (default ~/tensorflow_datasets)")
   parser.add_argument("--out", type=Path, required=True, help="cache directory (created, or finished if it exists)")
   parser.add_argument("--shard-size", type=int, default=64, help="slices per shard file")
+  parser.add_argument("--slice-size", type=int, default=224, help="model grid side in pixels (default 224, official)")
+  parser.add_argument("--spacing", type=float, default=1.25,
+                      help="model grid pixel size in mm (default 1.25, official; 2.5 with --slice-size 112 keeps the "
+                           "field of view at a quarter of the pixels)")
 
 
 def run(args: argparse.Namespace) -> int:
   try:
     if args.shard_size < 1:
       raise DataError(f"--shard-size must be positive, got {args.shard_size}")
-    summary = write_image_cache(args.data, args.tfds_dir.expanduser(), args.out, shard_size=args.shard_size)
+    summary = write_image_cache(args.data, args.tfds_dir.expanduser(), args.out, shard_size=args.shard_size,
+                                slice_size=args.slice_size, spacing=args.spacing)
   except DataError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2

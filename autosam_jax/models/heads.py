@@ -65,8 +65,16 @@ def _check_variant(variant: str) -> None:
 # U(-1/sqrt(fan_in), 1/sqrt(fan_in)); new layers of the official heads start from it.
 def _torch_uniform(key: Array, shape: tuple[int, ...], fan_in: int) -> Array:
   bound = 1.0 / np.sqrt(fan_in)
-  # Drawn flat: partitionable threefry compiles several times slower for a 4-D shape than for the same count in 1-D.
-  return jax.random.uniform(key, (int(np.prod(shape)),), jnp.float32, -bound, bound).reshape(shape)
+  try:
+    words = np.asarray(jax.random.key_data(key)).ravel().tolist()
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    # Traced (nnx.eval_shape, jit): drawn by XLA; flat, because partitionable threefry compiles several times slower
+    # for a 4-D shape than for the same count in 1-D.
+    return jax.random.uniform(key, (int(np.prod(shape)),), jnp.float32, -bound, bound).reshape(shape)
+  # A concrete key: drawn on the host from the key's bits. XLA would compile one sampler per layer shape (~30 ms
+  # each, seconds per head); the draw is as reproducible, a pure function of the key.
+  values = np.random.default_rng(words).uniform(-bound, bound, int(np.prod(shape))).astype(np.float32)
+  return jnp.asarray(values.reshape(shape))
 
 
 def torch_conv(in_features: int, out_features: int, kernel_size: int, *, rngs: nnx.Rngs) -> SameConv:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -33,6 +34,12 @@ def _str_keys(tree):
   return {str(k): _str_keys(v) if isinstance(v, dict) else v for k, v in tree.items()}
 
 
+@functools.lru_cache(maxsize=8)
+def _sam_skeleton(config: SamConfig, encoder_dtype):
+  """The graph and abstract state of a `Sam` (tracing its construction takes ~1 s for vit_b: done once per config)."""
+  return nnx.split(nnx.eval_shape(lambda: Sam(config, encoder_dtype=encoder_dtype, rngs=nnx.Rngs(0))))
+
+
 def load_sam(path: str | os.PathLike, *, encoder_dtype=None, sharding: jax.sharding.Sharding | None = None) -> Sam:
   """Builds the NNX `Sam` described by `path/config.json` and fills it from the orbax checkpoint `path/params`.
 
@@ -43,8 +50,8 @@ def load_sam(path: str | os.PathLike, *, encoder_dtype=None, sharding: jax.shard
 
   path = Path(path).absolute()
   config = read_config(path)
-  abstract = nnx.eval_shape(lambda: Sam(config, encoder_dtype=encoder_dtype, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
+  graphdef, skeleton = _sam_skeleton(config, encoder_dtype)
+  state = jax.tree.map(lambda leaf: leaf, skeleton)  # a fresh State to fill; the cached one stays abstract
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding),
                         _str_keys(nnx.to_pure_dict(state)))

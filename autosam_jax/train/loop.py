@@ -275,6 +275,7 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
   cache = FeatureCache(cache_dir)
   cache.check_files()
   views = int(cache.manifest["depends_on"].get("views", 0))
+  preprocess = cache.manifest["depends_on"].get("preprocess")  # saved with the model, for predict
   labeled = sorted({(it["case_id"], it["slice_index"]) for it in cache.items
                     if it["patient_id"] in set(labeled_patients) and it["view"] == 0})
   if not labeled:
@@ -379,7 +380,7 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
       if "val_dice" in row and row["val_dice"] > best["score"]:
         best = {"score": row["val_dice"], "epoch": epoch}
         if config.variant == "improved":
-          save_model(out_dir / "best_model", state["params"], frozen, config)
+          save_model(out_dir / "best_model", state["params"], frozen, config, preprocess)
       log.write(json.dumps(row) + "\n")
       log.flush()
       last_metrics = row
@@ -388,7 +389,7 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
                                                      "plateau": plateau.state_dict(), "config": config.to_dict(),
                                                      "step": int(state["step"])})
   checkpoints.close()
-  save_model(out_dir / "final_model", state["params"], frozen, config)
+  save_model(out_dir / "final_model", state["params"], frozen, config, preprocess)
   if main:
     plot_curves(metrics_file, out_dir / "curves.png")
   model = "best_model" if config.variant == "improved" and (out_dir / "best_model").exists() else "final_model"
@@ -396,8 +397,9 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
           "best": best, "last": last_metrics}
 
 
-def save_model(directory: Path, params, frozen, config: TrainConfig) -> None:
-  """The trained head: its parameters and frozen parts as an orbax checkpoint, plus the training config.
+def save_model(directory: Path, params, frozen, config: TrainConfig, preprocess: dict[str, Any] | None = None) -> None:
+  """The trained head: its parameters and frozen parts as an orbax checkpoint, plus the training config and (when
+  given) the preprocessing of the cache it was trained on (preprocess.json), so `predict` maps new scans the same way.
 
   Under jax.distributed every process calls it (orbax saves collectively); process 0 puts the result in place."""
   import shutil
@@ -424,6 +426,8 @@ def save_model(directory: Path, params, frozen, config: TrainConfig) -> None:
       checkpointer.save(staging / "state", {"params": nnx.to_pure_dict(params), "frozen": nnx.to_pure_dict(frozen)})
     if main:
       atomic_write_json(staging / "train_config.json", config.to_dict())
+      if preprocess is not None:
+        atomic_write_json(staging / "preprocess.json", preprocess)
       replace_dir(staging, directory)
     barrier("autosam_jax.save_model.done")
   except BaseException:
