@@ -175,3 +175,37 @@ def test_evaluate_reports_bad_inputs_in_one_line(run, tmp_path, capsys):
   args = _evaluate_args(run, tmp_path / "eval")
   args[args.index("--splits") + 1] = str(tmp_path / "missing.json")
   _assert_refused(capsys, args, "missing.json", tmp_path / "eval")
+
+
+def test_predict_maps_scans_onto_the_grid_the_model_was_trained_on(phantom, tmp_path):
+  """A model saved with preprocess.json (here a random UNet on 112 x 112 slices of 2.5 mm): `predict` without a cache
+  resamples each scan onto that grid, not onto the official 224 x 224 of 1.25 mm."""
+  from flax import nnx
+
+  from autosam_jax.cli import main
+  from autosam_jax.data.nifti import read_nifti
+  from autosam_jax.data.preprocess import PreprocessConfig
+  from autosam_jax.evaluation.predict import make_head_forward, predict_volume
+  from autosam_jax.models.unet import UNet
+  from autosam_jax.train.loop import load_head, save_model
+
+  config = TrainConfig(head="unet", variant="faithful", unet_base_channels=4)
+  coarse = PreprocessConfig(mode="faithful", target_spacing=(2.5, 2.5), slice_size=112)
+  unet = UNet(4, base_channels=4, rngs=nnx.Rngs(3))
+  # Random weights give one class everywhere; without the bias and with a larger 1x1 head the labels follow the image.
+  unet.head.bias.set_value(np.zeros(unet.head.bias.shape, np.float32))
+  unet.head.kernel.set_value(np.asarray(unet.head.kernel.get_value()) * 30)
+  _, params, frozen = nnx.split(unet, nnx.Param, ...)
+  save_model(tmp_path / "unet", params, frozen, config, coarse.to_dict())
+  assert main(["predict", "--model", str(tmp_path / "unet"), "--input", str(phantom), "--output",
+               str(tmp_path / "out")]) == 0
+  predicted = np.asarray(nib.load(tmp_path / "out" / phantom.name).dataobj)
+
+  head, _ = load_head(tmp_path / "unet", None)
+  volume = read_nifti(phantom)
+  expected = {}
+  for grid in (coarse, PreprocessConfig(mode="faithful")):
+    forward = make_head_forward(head, grid.target_size, 4)
+    expected[grid.slice_size] = predict_volume(volume.data, volume.spacing, None, forward, grid, 4, str(phantom))
+  assert len(np.unique(expected[112])) > 1 and not np.array_equal(expected[112], expected[224])
+  np.testing.assert_array_equal(predicted, expected[112])

@@ -21,7 +21,7 @@ def _config_file(root: Path, checkpoint: Path) -> Path:
   values = {"data": str(root / "acdc"), "encoders": {"tiny": str(checkpoint)}, "methods": METHODS,
             "mode": "faithful", "tr_sizes": [1, 2], "num_folds": 2, "folds": [0], "dtype": "fp32",
             "train": {"epochs": 1, "learning_rate": 5e-3, "plateau_start_epoch": 1},
-            "method_train": {"unet": {"unet_base_channels": 8}}}
+            "method_train": {"unet": {"unet_base_channels": 8}}, "image_size": 112, "image_spacing": 2.5}
   path = root / "sweep_config.py"
   path.write_text(f"def get_config():\n  return {values!r}\n")
   return path
@@ -94,6 +94,12 @@ def test_sweep_killed_after_a_cell_resumes_without_redoing_it(setup):
   assert (out / "dice_vs_labels.png").stat().st_size > 1000
   assert not list(out.rglob("*.partial-*")) and not list(out.rglob(".*.tmp*"))
 
+  # The UNet baselines ran on the configured grid (112 x 112 of 2.5 mm), and their models record it for `predict`.
+  assert (out / "cache" / "images-faithful-112px-2.5mm" / "manifest.json").is_file()
+  unet = next(c for c in results["cells"] if c["method"] == "unet" and c["tr_size"] == 2)
+  recorded = json.loads((out / unet["run_dir"] / "final_model" / "preprocess.json").read_text())
+  assert (recorded["slice_size"], recorded["target_spacing"]) == (112, [2.5, 2.5])
+
 
 def test_sweep_refuses_a_changed_config_and_bad_options(setup, capsys):
   from autosam_jax.cli import main
@@ -106,10 +112,12 @@ def test_sweep_refuses_a_changed_config_and_bad_options(setup, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "other settings" in err[0] and "data" in err[0] and "mode" in err[0]
 
-  for override, words in ((["--set", "methods=['autosam', 'resnet']"], "unknown method"),
-                          (["--set", "tr_sizes=[1, 9]"], "tr_size 9 is larger than the training set"),
-                          (["--set", "colour=1"], "unknown sweep option")):
-    fresh = root / f"bad-{len(words)}"
+  for number, (override, words) in enumerate((
+      (["--set", "methods=['autosam', 'resnet']"], "unknown method"),
+      (["--set", "tr_sizes=[1, 9]"], "tr_size 9 is larger than the training set"),
+      (["--set", "image_size=100"], "multiple of 16"),
+      (["--set", "colour=1"], "unknown sweep option"))):
+    fresh = root / f"bad-{number}"
     assert main(["sweep", "--config", str(config), "--out", str(fresh), *override]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
