@@ -173,8 +173,8 @@ def test_two_processes_train_as_one_with_four_devices(runs):
     np.testing.assert_allclose([b[k] for k in numbers], [a[k] for k in numbers], rtol=1e-5, atol=1e-6)
   expected, got = _params(one / "final_model", runs["weights"]), _params(two / "final_model", runs["weights"])
   assert len(expected) == len(got) > 0
-  for a, b in zip(expected, got):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  for a, b in zip(expected, got):  # round-off of the reduction order reaches ~2e-6; a wrong batch moves ~lr = 5e-3
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
   assert (two / "curves.png").is_file() and (two / "config.json").is_file()
   assert not list(runs["two"].glob("run/.*partial*"))
   # The trained model prints once (process 0), the resumed run's summary included.
