@@ -7,9 +7,10 @@
 Writes synthetic cardiac MRI phantoms in ACDC's file layout (OUT/data), a small SAM with random weights in the
 converted format (OUT/weights/demo-sam), then runs the label-efficiency sweep on one cross-validation fold:
 AutoSAM, CNN and linear heads on the cached embeddings (improved protocol by default) and the UNet from scratch
-(the official recipe on a 112 x 112 grid of 2.5 mm), each with 1 and 2 labeled patients and a short schedule. It prints the results table and writes OUT/results.json, results.md,
-dice_vs_labels.png, OUT/overlays/*.png (predictions drawn over test images) and each cell's NIfTI predictions under
-OUT/runs/<method>/.../eval/predictions/. Rerunning resumes: finished cells are kept.
+(the official recipe on a 112 x 112 grid of 2.5 mm), each with 1 and 2 labeled patients and a short schedule. It
+prints the results table and writes OUT/results.json, results.md, dice_vs_labels.png, OUT/overlays/*.png
+(predictions drawn over test images) and each cell's NIfTI predictions under OUT/runs/<method>/.../eval/predictions/.
+Rerunning resumes: finished cells are kept.
 
 With random encoder weights the SAM heads learn from features that carry no pretrained knowledge; how close they get
 to the UNet on the phantoms is what the demo shows (README: "The demo"), not what SAM does on real scans.
@@ -44,7 +45,7 @@ UNET_EPOCHS = 45  # from 1 labeled phantom the UNet is still improving at 30 epo
 METHOD_TRAIN = {"cnn": {"cnn_top_channels": 8}, "unet": {"unet_base_channels": 8}}
 IMPROVED_TRAIN = {"autosam": {"joint": True}}
 # The UNet's model images: 112 x 112 pixels of 2.5 mm, the official field of view (224 of 1.25 mm) at a quarter of
-# the pixels (its steps take 4x less time; the heads' grid in the improved mode is 64 x 64).
+# the pixels (its steps take about 3.5x less time; the heads' grid in the improved mode is 64 x 64).
 IMAGE_GRID = {"image_size": 112, "image_spacing": 2.5}
 
 
