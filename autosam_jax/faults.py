@@ -66,7 +66,7 @@ def run_command(run, args) -> int:
   When a write fails, orbax logs the tensorstore error (which the one line repeats), asyncio logs each failed write
   task, and orbax's other pending writes finish against a closed event loop, each printing an "Event loop is closed"
   traceback (or are never awaited, a warning at shutdown); log records about a full disk and that noise are silenced
-  for the rest of the process."""
+  for the rest of the process, as are the tracebacks of orbax's read coroutines closed after a failed restore."""
   import logging
   import sys
   import warnings
@@ -78,8 +78,16 @@ def run_command(run, args) -> int:
       return not any(marker in record.getMessage() for marker in _DISK_FULL_TEXT)
 
   def unraisable(info) -> None:
-    if not (isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value)):
-      sys.__unraisablehook__(info)
+    if isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value):
+      return
+    # After a failed restore (a checkpoint of another architecture: already reported in one line), orbax's pending
+    # read coroutines are closed when collected, and each turns the GeneratorExit into an exception of its own.
+    code = getattr(info.object, "cr_code", None)
+    closed = info.exc_value is not None and isinstance(info.exc_value.__cause__ or info.exc_value.__context__,
+                                                       GeneratorExit)
+    if code is not None and "orbax" in code.co_filename and closed:
+      return
+    sys.__unraisablehook__(info)
 
   global _quiet
   if not _quiet:  # once per process, kept to its end: some of the noise comes at interpreter shutdown
