@@ -57,7 +57,31 @@ def disk_full(err: BaseException) -> str | None:
 
 
 DISK_FULL_EXIT = 4
-_quiet = False  # run_command's noise filters are installed
+_quiet = False  # run_command's log filters are installed
+
+
+def _unraisable(info) -> None:
+  """sys.unraisablehook of the commands: drops the noise of orbax's aborted work, passes everything else on."""
+  import sys
+
+  if isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value):
+    return
+  # After a failed restore (a checkpoint of another architecture: already reported in one line), orbax's pending
+  # read coroutines are closed when collected, and each turns the GeneratorExit into an exception of its own.
+  code = getattr(info.object, "cr_code", None)
+  closed = info.exc_value is not None and isinstance(info.exc_value.__cause__ or info.exc_value.__context__,
+                                                     GeneratorExit)
+  if code is not None and "orbax" in code.co_filename and closed:
+    return
+  sys.__unraisablehook__(info)
+
+
+def collect_aborted_work() -> None:
+  """Collects, now, what a failed orbax restore left unfinished (its read coroutines), so their tracebacks meet the
+  commands' hook here rather than surface later, after the error line or inside whatever runs next."""
+  import gc
+
+  gc.collect()
 
 
 def run_command(run, args) -> int:
@@ -77,24 +101,12 @@ def run_command(run, args) -> int:
         return False
       return not any(marker in record.getMessage() for marker in _DISK_FULL_TEXT)
 
-  def unraisable(info) -> None:
-    if isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value):
-      return
-    # After a failed restore (a checkpoint of another architecture: already reported in one line), orbax's pending
-    # read coroutines are closed when collected, and each turns the GeneratorExit into an exception of its own.
-    code = getattr(info.object, "cr_code", None)
-    closed = info.exc_value is not None and isinstance(info.exc_value.__cause__ or info.exc_value.__context__,
-                                                       GeneratorExit)
-    if code is not None and "orbax" in code.co_filename and closed:
-      return
-    sys.__unraisablehook__(info)
-
   global _quiet
   if not _quiet:  # once per process, kept to its end: some of the noise comes at interpreter shutdown
     for name in ("absl", "asyncio"):  # asyncio: "Task exception was never retrieved" for each failed write
       logging.getLogger(name).addFilter(DropDiskFull())
-    sys.unraisablehook = unraisable
     _quiet = True
+  sys.unraisablehook = _unraisable  # again on every call: a host process (a test runner) may have swapped it
   try:
     return run(args)
   except Exception as err:  # noqa: BLE001 - only a full disk becomes a message; anything else propagates

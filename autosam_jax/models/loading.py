@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
+from autosam_jax.faults import collect_aborted_work
 from autosam_jax.models.config import SamConfig
 from autosam_jax.models.sam import Sam
 
@@ -63,6 +64,10 @@ def load_sam(path: str | os.PathLike, *, encoder_dtype=None, sharding: jax.shard
       restored = checkpointer.restore(params_dir, target)
   except Exception as err:
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    raise CheckpointError(f"{params_dir}: cannot be restored for the architecture in config.json: {reason}") from None
+  else:
+    reason = None
+  if reason is not None:
+    collect_aborted_work()
+    raise CheckpointError(f"{params_dir}: cannot be restored for the architecture in config.json: {reason}")
   nnx.replace_by_pure_dict(state, restored)
   return nnx.merge(graphdef, state)

@@ -481,7 +481,12 @@ def load_head(model_dir: str | os.PathLike, sam) -> tuple[Any, TrainConfig]:
       restored = checkpointer.restore(model_dir / "state", {"params": as_target(params), "frozen": as_target(frozen)})
   except Exception as err:
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    raise DataError(f"{model_dir}: cannot be restored as a {config.head} head for this SAM: {reason}") from None
+  else:
+    reason = None
+  if reason is not None:
+    from autosam_jax.faults import collect_aborted_work
+    collect_aborted_work()
+    raise DataError(f"{model_dir}: cannot be restored as a {config.head} head for this SAM: {reason}")
   nnx.replace_by_pure_dict(params, restored["params"])
   nnx.replace_by_pure_dict(frozen, restored["frozen"])
   return nnx.merge(graphdef, params, frozen), config

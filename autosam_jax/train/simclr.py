@@ -420,7 +420,12 @@ def load_pretrained_encoder(unet, encoder_dir: str | os.PathLike):
       restored = checkpointer.restore(params_dir)
   except Exception as err:
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    raise DataError(f"{encoder_dir}: cannot read the encoder parameters: {reason}") from None
+  else:
+    reason = None
+  if reason is not None:
+    from autosam_jax.faults import collect_aborted_work
+    collect_aborted_work()
+    raise DataError(f"{encoder_dir}: cannot read the encoder parameters: {reason}")
 
   def flat(tree, prefix=()):
     if isinstance(tree, dict):
