@@ -76,12 +76,20 @@ def _unraisable(info) -> None:
   sys.__unraisablehook__(info)
 
 
-def collect_aborted_work() -> None:
-  """Collects, now, what a failed orbax restore left unfinished (its read coroutines), so their tracebacks meet the
-  commands' hook here rather than surface later, after the error line or inside whatever runs next."""
+def restore_or_raise(restore, error):
+  """`restore()`, or `error(reason)` raised with the first line of what went wrong.
+
+  Before raising, what the failed orbax restore left unfinished (its read coroutines) is collected, so their
+  tracebacks meet the commands' hook here rather than surface later, after the error line or inside whatever runs
+  next."""
   import gc
 
+  try:
+    return restore()
+  except Exception as err:  # noqa: BLE001 - any failure of the restore is the file's problem, in one line
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
   gc.collect()
+  raise error(reason)
 
 
 def run_command(run, args) -> int:

@@ -37,8 +37,6 @@ def write_image_cache(source_dir: str | os.PathLike, tfds_dir: str | os.PathLike
   # Improved-mode model images keep each volume's native grid, so slices differ in shape and cannot share shards.
   if mode != "faithful":
     raise DataError(f"image cache: only the faithful mode (fixed-size square slices) is supported, got {mode!r}")
-  if isinstance(spacing, bool) or not isinstance(spacing, (int, float)) or not spacing > 0:
-    raise DataError(f"image cache: the spacing must be a positive number of mm, got {spacing!r}")
   preprocess_config = PreprocessConfig(mode=mode, target_spacing=(spacing, spacing), slice_size=slice_size)
   volumes, fingerprint = load_volumes(Path(source_dir), Path(tfds_dir))
   items = work_items(volumes, set(), 0)

@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from autosam_jax.faults import collect_aborted_work
+from autosam_jax.faults import restore_or_raise
 from autosam_jax.models.config import SamConfig
 from autosam_jax.models.sam import Sam
 
@@ -59,15 +59,11 @@ def load_sam(path: str | os.PathLike, *, encoder_dtype=None, sharding: jax.shard
   params_dir = path / "params"
   if not params_dir.is_dir():
     raise CheckpointError(f"{params_dir}: missing; the directory was not written by the weight converter")
-  try:
+  def restore():
     with ocp.StandardCheckpointer() as checkpointer:
-      restored = checkpointer.restore(params_dir, target)
-  except Exception as err:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-  else:
-    reason = None
-  if reason is not None:
-    collect_aborted_work()
-    raise CheckpointError(f"{params_dir}: cannot be restored for the architecture in config.json: {reason}")
+      return checkpointer.restore(params_dir, target)
+
+  restored = restore_or_raise(restore, lambda reason: CheckpointError(
+      f"{params_dir}: cannot be restored for the architecture in config.json: {reason}"))
   nnx.replace_by_pure_dict(state, restored)
   return nnx.merge(graphdef, state)

@@ -463,6 +463,7 @@ def load_head(model_dir: str | os.PathLike, sam) -> tuple[Any, TrainConfig]:
   from flax import nnx
 
   from autosam_jax.data.errors import DataError
+  from autosam_jax.faults import restore_or_raise
 
   model_dir = Path(model_dir).absolute()
   config_file = model_dir / "train_config.json"
@@ -476,17 +477,12 @@ def load_head(model_dir: str | os.PathLike, sam) -> tuple[Any, TrainConfig]:
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's, also under jax.distributed
   as_target = lambda state: jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device),
                                          nnx.to_pure_dict(state))
-  try:
+  def restore():
     with ocp.StandardCheckpointer() as checkpointer:
-      restored = checkpointer.restore(model_dir / "state", {"params": as_target(params), "frozen": as_target(frozen)})
-  except Exception as err:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-  else:
-    reason = None
-  if reason is not None:
-    from autosam_jax.faults import collect_aborted_work
-    collect_aborted_work()
-    raise DataError(f"{model_dir}: cannot be restored as a {config.head} head for this SAM: {reason}")
+      return checkpointer.restore(model_dir / "state", {"params": as_target(params), "frozen": as_target(frozen)})
+
+  restored = restore_or_raise(restore, lambda reason: DataError(
+      f"{model_dir}: cannot be restored as a {config.head} head for this SAM: {reason}"))
   nnx.replace_by_pure_dict(params, restored["params"])
   nnx.replace_by_pure_dict(frozen, restored["frozen"])
   return nnx.merge(graphdef, params, frozen), config

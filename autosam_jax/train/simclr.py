@@ -404,6 +404,8 @@ def load_pretrained_encoder(unet, encoder_dir: str | os.PathLike):
   """
   import orbax.checkpoint as ocp
 
+  from autosam_jax.faults import restore_or_raise
+
   encoder_dir = Path(encoder_dir).absolute()
   params_dir, config_file = encoder_dir / ENCODER_PARAMS, encoder_dir / ENCODER_CONFIG
   if not params_dir.is_dir() or not config_file.is_file():
@@ -415,17 +417,13 @@ def load_pretrained_encoder(unet, encoder_dir: str | os.PathLike):
     raise DataError(f"{config_file}: unreadable ({err})") from None
   state = nnx.state(unet.encoder, nnx.Param)
   wanted = nnx.to_pure_dict(state)
-  try:
+
+  def restore():
     with ocp.StandardCheckpointer() as checkpointer:
-      restored = checkpointer.restore(params_dir)
-  except Exception as err:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-  else:
-    reason = None
-  if reason is not None:
-    from autosam_jax.faults import collect_aborted_work
-    collect_aborted_work()
-    raise DataError(f"{encoder_dir}: cannot read the encoder parameters: {reason}")
+      return checkpointer.restore(params_dir)
+
+  restored = restore_or_raise(restore, lambda reason: DataError(
+      f"{encoder_dir}: cannot read the encoder parameters: {reason}"))
 
   def flat(tree, prefix=()):
     if isinstance(tree, dict):
