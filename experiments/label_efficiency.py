@@ -4,7 +4,8 @@
 
 A cell is (method, encoder, tr_size, fold). The sweep converts the SAM weights (or reuses converted ones), builds the
 TFDS dataset, the split file and each feature cache once, then trains and evaluates every cell and writes
-  OUT/results.json      every cell: method, encoder, mode, tr_size, fold, per-class Dice and HD95 in both conventions
+  OUT/results.json      the dataset's label table, and every cell: method, encoder, mode, tr_size, fold, per-class
+                        Dice and HD95 in both conventions (the dataset's classes, by name)
   OUT/results.md        mean +- std over folds, one row per method (and encoder), one column per tr_size
   OUT/dice_vs_labels.png  mean Dice against the number of labeled volumes, one line per method, std as error bars
   OUT/cells/<cell>.json  one file per finished cell (a rerun skips these: rerunning after a kill resumes the sweep,
@@ -26,7 +27,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -270,6 +271,8 @@ class Sweep:
                         "cells would not be comparable; use another --out")
     self.data = Path(self.config.data).expanduser()
     report = validate(self.data)
+    self.labels = report.label_table  # the dataset's classes name every table, plot and mean
+    self.frames = sorted({case.frame for case in report.cases if case.frame})
     self.splits, to_save = prepare_splits(self.config, self.out, list(report.patient_ids))
     # Everything checked: from here on the sweep writes.
     self.out.mkdir(parents=True, exist_ok=True)
@@ -359,9 +362,9 @@ class Sweep:
     else:
       cache, weights = self.feature_cache(cell.encoder), self.weights[cell.encoder]
 
-    def factory():
+    def factory(config):
       sam = load_sam(weights) if weights is not None else None
-      return build_model(train_config, sam, rngs=nnx.Rngs(train_config.seed))
+      return build_model(config, sam, rngs=nnx.Rngs(config.seed))
 
     labeled = split.labeled(cell.tr_size)
     _say(f"training {cell.cell_id} on {len(labeled)} labeled patient(s)")
@@ -408,12 +411,14 @@ class Sweep:
       cell_file = self.out / "cells" / f"{cell.cell_id}.json"
       if cell_file.is_file():
         records.append(json.loads(cell_file.read_text()))
-    results = {"config": self.config.to_dict(), "cells": records, "finished": len(records), "total": len(cells)}
+    labels = self.labels
+    results = {"config": self.config.to_dict(), "labels": labels.to_dict(), "classes": labels.foreground_names,
+               "cells": records, "finished": len(records), "total": len(cells)}
     atomic_write_json(self.out / "results.json", results)
-    table = results_table(records, self.config.tr_sizes)
+    table = results_table(records, self.config.tr_sizes, labels.foreground_names, self.frames)
     atomic_write_bytes(self.out / "results.md", (table + "\n").encode())
     if records:
-      plot_dice_vs_labels(records, self.config.tr_sizes, self.out / "dice_vs_labels.png")
+      plot_dice_vs_labels(records, self.config.tr_sizes, self.out / "dice_vs_labels.png", labels.foreground_names)
     return {"results": results, "table": table}
 
 
@@ -454,15 +459,24 @@ def aggregate_cells(records: list[dict[str, Any]], tr_sizes, convention: str = "
           for key, by_size in rows.items()}
 
 
-def results_table(records: list[dict[str, Any]], tr_sizes) -> str:
-  """Markdown: mean Dice (and HD95) +- std over folds, per method and tr_size, under both conventions."""
+def _names(class_names: Sequence[str]) -> str:
+  names = list(class_names)
+  return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def results_table(records: list[dict[str, Any]], tr_sizes, class_names: Sequence[str], frames: Sequence[str] = ()) -> str:
+  """Markdown: mean Dice (and HD95) +- std over folds, per method and tr_size, under both conventions; the means
+  are over the dataset's foreground classes (`class_names`). `frames`: the frame names of a dataset whose patients
+  have several (ACDC's ED and ES), which the official convention stacks into one volume per patient."""
   if not records:
     return "No finished cells yet."
+  official_volume = f"{'+'.join(frames)} volume" if frames else "one volume per case"
+  case = "frame" if frames else "case"
   order = {m: i for i, m in enumerate(METHODS)}
   sections = []
   for convention, metric, title, digits in (
-      ("official", "dice", "Mean Dice, official convention (ED+ES volume on the model grid)", 3),
-      ("standard", "dice", "Mean Dice, standard convention (per frame, native grid)", 3),
+      ("official", "dice", f"Mean Dice, official convention ({official_volume} on the model grid)", 3),
+      ("standard", "dice", f"Mean Dice, standard convention (per {case}, native grid)", 3),
       ("official", "hd95", "Mean HD95, official convention (voxels of the model grid; 0 for an empty prediction)", 2),
       ("standard", "hd95", "Mean HD95, standard convention (mm)", 2)):
     rows = aggregate_cells(records, tr_sizes, convention, metric)
@@ -482,7 +496,7 @@ def results_table(records: list[dict[str, Any]], tr_sizes) -> str:
       lines.append(f"| {label} | " + " | ".join(cells) + " |")
     sections.append("\n".join(lines))
   folds = sorted({r["fold"] for r in records})
-  notes = [f"Mean over the RV, MYO and LV classes; ± is the standard deviation over {len(folds)} fold(s) "
+  notes = [f"Mean over the {_names(class_names)} classes; ± is the standard deviation over {len(folds)} fold(s) "
            f"({', '.join(folds)}); a single figure means one fold."]
   if any(r["method"] in ZERO_SHOT_METHODS for r in records):
     notes.append("† no training: prompts from the ground truth (an oracle that also reveals which classes are "
@@ -490,7 +504,7 @@ def results_table(records: list[dict[str, Any]], tr_sizes) -> str:
   return "\n\n".join(sections) + "\n\n" + "\n".join(notes)
 
 
-def plot_dice_vs_labels(records: list[dict[str, Any]], tr_sizes, png: Path) -> None:
+def plot_dice_vs_labels(records: list[dict[str, Any]], tr_sizes, png: Path, class_names: Sequence[str]) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -509,7 +523,7 @@ def plot_dice_vs_labels(records: list[dict[str, Any]], tr_sizes, png: Path) -> N
   ax.set_xticks(list(tr_sizes))
   ax.set_xticklabels([str(t) for t in tr_sizes])
   ax.set_xlabel("labeled training volumes (patients)")
-  ax.set_ylabel("mean Dice (RV, MYO, LV), official convention")
+  ax.set_ylabel(f"mean Dice ({', '.join(class_names)}), official convention")
   ax.set_ylim(0, 1)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, loc="lower right")

@@ -54,8 +54,8 @@ def world(tiny_weights, other_weights, meta_checkpoints, tmp_path_factory):
   Split(name="s", seed=0, train=("patient001",), val=("patient002",), test=("patient003",)).to_json(root / "split.json")
   precompute(root / "acdc", tiny_weights, root / "cache", tfds_dir=root / "tfds", progress=False,
              options=PrecomputeOptions(views=0, dtype="float32", shard_size=32))
-  make = lambda: build_head(HEAD.head, HEAD.num_classes, variant=HEAD.variant, sam=load_sam(tiny_weights),
-                            rngs=nnx.Rngs(HEAD.seed))
+  make = lambda config: build_head(config.head, config.num_classes, variant=config.variant,
+                                  sam=load_sam(tiny_weights), rngs=nnx.Rngs(config.seed))
   run = train(HEAD, root / "cache", make, root / "run", ["patient001"], [], progress=False)
   source = nib.load(root / "acdc" / "patient003" / "patient003_frame01.nii.gz")
   (root / "images").mkdir()

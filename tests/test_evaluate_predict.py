@@ -33,8 +33,8 @@ def run(meta_checkpoints, tmp_path_factory):
   split.to_json(root / "split.json")
   precompute(root / "acdc", weights, root / "cache", tfds_dir=root / "tfds", progress=False,
              options=PrecomputeOptions(views=0, dtype="float32", shard_size=32))
-  make = lambda: build_head(CONFIG.head, CONFIG.num_classes, variant=CONFIG.variant, sam=load_sam(weights),
-                            rngs=nnx.Rngs(CONFIG.seed))
+  make = lambda config: build_head(config.head, config.num_classes, variant=config.variant, sam=load_sam(weights),
+                                  rngs=nnx.Rngs(config.seed))
   result = train(CONFIG, root / "cache", make, root / "run", ["patient001"], [], progress=False)
   return {"root": root, "weights": weights, "model": result["model"]}
 

@@ -17,6 +17,8 @@ from autosam_jax.evaluation.metrics import (BOTH_EMPTY, OFFICIAL, OK, PRED_EMPTY
                                             hd95_medpy, hd95_official, hd95_standard, summarize, surface,
                                             surface_distances)
 
+CLASSES = {1: "RV", 2: "MYO", 3: "LV"}  # the phantoms' foreground; the metrics take any table
+
 # (shape, spacing in the arrays' axis order, smoothing sigma): short-axis-like 3D with thick slices last, and 2D.
 GRIDS = {
   "3d": ((40, 36, 8), (1.4, 1.4, 8.0), (3.0, 3.0, 1.0)),
@@ -204,7 +206,7 @@ def test_official_evaluation_matches_paper_test_acdc():
   patients[1][1][patients[1][1] == 3] = 0
   patients[2][0][patients[2][0] == 2] = 0
   patients[2][1][patients[2][1] == 2] = 0
-  results = [evaluate_volume(pred, true, convention=OFFICIAL, case_id=f"p{i}") for i, (pred, true) in
+  results = [evaluate_volume(pred, true, classes=CLASSES, convention=OFFICIAL, case_id=f"p{i}") for i, (pred, true) in
              enumerate(patients)]
   summary = summarize(results)[OFFICIAL]
 
@@ -237,7 +239,7 @@ def test_standard_evaluation_summary_and_json():
   frames[0][0][frames[0][0] == 1] = 0  # RV missed: Dice 0 counted, HD95 left out
   frames[1][1][frames[1][1] == 3] = 0  # LV absent from the truth: both left out
   names = [f"patient{i // 2}_{frame}" for i, frame in enumerate(["ED", "ES"] * 2)]
-  results = [evaluate_volume(pred, true, spacing, convention=STANDARD, case_id=name)
+  results = [evaluate_volume(pred, true, spacing, classes=CLASSES, convention=STANDARD, case_id=name)
              for name, (pred, true) in zip(names, frames)]
   for r, (pred, true) in zip(results, frames):
     assert list(r.labels.items()) == [("RV", 1), ("MYO", 2), ("LV", 3)]
@@ -269,7 +271,7 @@ def test_standard_evaluation_summary_and_json():
   json.dumps(summary, allow_nan=False)
 
   # Both conventions side by side stay apart.
-  both = summarize(results + [evaluate_volume(*frames[2], convention=OFFICIAL)])
+  both = summarize(results + [evaluate_volume(*frames[2], classes=CLASSES, convention=OFFICIAL)])
   assert both[STANDARD] == s and both[OFFICIAL]["n_cases"] == 1
 
 
@@ -282,10 +284,10 @@ def test_input_checks():
   with pytest.raises(ValueError, match="positive"):
     hd95_standard(np.ones((4, 4)), np.ones((4, 4)), (1.0, 0.0))
   with pytest.raises(ValueError, match="voxels"):
-    evaluate_volume(a, a, (1.0, 1.0), convention=OFFICIAL)
+    evaluate_volume(a, a, (1.0, 1.0), classes={1: "x"}, convention=OFFICIAL)
   with pytest.raises(ValueError, match="spacing"):
-    evaluate_volume(a, a, convention=STANDARD)
+    evaluate_volume(a, a, classes={1: "x"}, convention=STANDARD)
   with pytest.raises(ValueError, match="convention"):
-    evaluate_volume(a, a, convention="paper")
+    evaluate_volume(a, a, classes={1: "x"}, convention="paper")
   with pytest.raises(ValueError, match="status"):
     MetricValue(1.0, "empty")

@@ -34,7 +34,7 @@ def setup(tiny_weights, tmp_path_factory):
 
 
 def _factory(setup, config):
-  def make():
+  def make(config=config):
     from flax import nnx
 
     from autosam_jax import load_sam
@@ -138,8 +138,8 @@ def test_non_finite_loss_stops_with_the_step(setup, tmp_path):
   import jax.numpy as jnp
   from flax import nnx
 
-  def poisoned():
-    graphdef, params, rest = nnx.split(_factory(setup, CONFIG)(), nnx.Param, ...)
+  def poisoned(resolved):
+    graphdef, params, rest = nnx.split(_factory(setup, CONFIG)(resolved), nnx.Param, ...)
     return nnx.merge(graphdef, jax.tree.map(lambda x: x * jnp.nan, params), rest)
 
   with pytest.raises(NonFiniteLossError, match="step 1 "):

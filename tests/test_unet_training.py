@@ -32,7 +32,7 @@ def test_unet_trains_on_an_image_cache_with_augmentation(tmp_path):
   split = Split(name="s", seed=0, train=("patient001",), val=("patient002",), test=("patient003",))
 
   out = tmp_path / "run"
-  result = train(CONFIG, tmp_path / "cache", lambda: build_model(CONFIG, None, rngs=nnx.Rngs(CONFIG.seed)), out,
+  result = train(CONFIG, tmp_path / "cache", lambda config: build_model(config, None, rngs=nnx.Rngs(config.seed)), out,
                  split.labeled(1), list(split.val), progress=False)
   rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
   epochs = [r for r in rows if r["kind"] == "epoch"]

@@ -174,7 +174,7 @@ def test_faithful_matches_meta_as_the_official_script_runs_it(models, volume, pr
   config = PreprocessConfig(mode="faithful", encoder_size=SIZE)
   pre = preprocess_volume(image, spacing, labels, config)
   picked = _pick_slices(pre.targets.transpose(1, 2, 0))
-  result = zs.ZeroShotSegmenter(sam, mode="faithful", prompt=prompt, batch_size=4).segment(*_slices(pre, labels,
+  result = zs.ZeroShotSegmenter(sam, classes=(1, 2, 3), mode="faithful", prompt=prompt, batch_size=4).segment(*_slices(pre, labels,
                                                                                                     picked))
   assert result.target_logits.shape == (2, 224, 224, 3) and result.native_labels.shape == (*labels.shape[:2], 2)
   for i, z in enumerate(picked):
@@ -201,7 +201,7 @@ def test_improved_matches_meta_on_the_normalised_native_image(models, volume):
   pre = preprocess_volume(image, spacing, labels, config)
   assert max(pre.geometry.model_shape) == SIZE and min(pre.geometry.model_shape) < SIZE  # padding is exercised
   picked = _pick_slices(labels)
-  result = zs.ZeroShotSegmenter(sam, mode="improved", prompt="box", batch_size=4).segment(*_slices(pre, labels,
+  result = zs.ZeroShotSegmenter(sam, classes=(1, 2, 3), mode="improved", prompt="box", batch_size=4).segment(*_slices(pre, labels,
                                                                                                    picked))
   assert result.target_logits.shape == (2, *pre.geometry.target_shape, 3)
   for i, z in enumerate(picked):
@@ -241,13 +241,23 @@ def test_point_of_a_ring_lies_on_the_ring():
 def test_slice_prompts_and_combination():
   labels = np.zeros((10, 10), np.uint8)
   labels[1:4, 1:4] = 3
-  prompts, present = zs.slice_prompts(labels, "box")
+  prompts, present = zs.slice_prompts(labels, "box", (1, 2, 3))
   assert present.tolist() == [False, False, True] and prompts.shape == (3, 4)
   np.testing.assert_array_equal(prompts[2], [0, 0, 4, 4])
   logits = np.full((2, 2, 3), -1.0)
   logits[0, 0] = [0.5, 2.0, -np.inf]  # RV and MYO overlap: the lower class wins
   logits[0, 1, 2] = 1e-6
-  np.testing.assert_array_equal(zs.combine_masks(logits), [[1, 3], [0, 0]])
+  np.testing.assert_array_equal(zs.combine_masks(logits, (1, 2, 3)), [[1, 3], [0, 0]])
+  # Another dataset's classes: two of them, one prompt slot each, labels written as its own values.
+  two = np.zeros((10, 10), np.uint8)
+  two[5:8, 2:6] = 2
+  prompts, present = zs.slice_prompts(two, "box", (1, 2))
+  assert present.tolist() == [False, True] and prompts.shape == (2, 4)
+  np.testing.assert_array_equal(prompts[1], [1, 4, 6, 8])
+  np.testing.assert_array_equal(zs.combine_masks(np.stack([np.full((2, 2), -1.0), np.full((2, 2), 3.0)], -1), (1, 2)),
+                                [[2, 2], [2, 2]])
+  with pytest.raises(ValueError, match="2 mask channels for 3 classes"):
+    zs.combine_masks(np.zeros((2, 2, 2)), (1, 2, 3))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

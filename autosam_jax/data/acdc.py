@@ -16,10 +16,10 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 
 from autosam_jax.data.errors import DataError
+from autosam_jax.data.labels import ACDC_TABLE
 from autosam_jax.faults import kill_point
 from autosam_jax.data.slices import slice_features, volume_to_examples
 
-LABELS = {0: "background", 1: "RV", 2: "MYO", 3: "LV"}
 
 _INSTRUCTIONS = """\
 ACDC cannot be downloaded automatically: its terms require registration.
@@ -69,7 +69,7 @@ class Acdc(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self, description=self.__class__.__doc__, features=slice_features(),
         homepage="https://www.creatis.insa-lyon.fr/Challenge/acdc/",
-        metadata=tfds.core.MetadataDict(class_names=[LABELS[i] for i in sorted(LABELS)]))
+        metadata=tfds.core.MetadataDict(class_names=list(ACDC_TABLE.names), labels=ACDC_TABLE.to_dict()))
 
   def _split_generators(self, dl_manager):
     reports = validated_acdc_parts(Path(dl_manager.manual_dir))
@@ -77,7 +77,7 @@ class Acdc(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(report.cases) for split, report in reports.items()}
 
   def _generate_examples(self, cases):
-    yield from case_examples(cases, LABELS)
+    yield from case_examples(cases, ACDC_TABLE.values)
 
 
 def validated_acdc_parts(root: Path) -> dict:

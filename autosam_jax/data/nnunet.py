@@ -2,14 +2,14 @@
 
   builder = build_nnunet(source_dir="nnUNet_raw/Dataset027_ACDC", data_dir="~/tensorflow_datasets")
 
-Single-channel images only (SAM takes one gray image replicated to RGB). Class names come from dataset.json's
-"labels". Patients are as `autosam_jax.data.validate` reads them from case ids (`X_ED`/`X_ES`/`X_frameNN` are
+Single-channel images only (SAM takes one gray image replicated to RGB). The classes are dataset.json's "labels"
+(nnU-Net v2 {name: value} or v1 {"value": name}), recorded as the dataset's label table in its metadata
+(`labels`: {name: value}; `autosam_jax.data.labels`). Patients are as `autosam_jax.data.validate` reads them from case ids (`X_ED`/`X_ES`/`X_frameNN` are
 frames of patient X; any other case is its own patient), so a patient's frames never straddle a split.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -42,11 +42,12 @@ class NnunetRaw(tfds.core.GeneratorBasedBuilder):
     from autosam_jax.data.validate import validate_nnunet
 
     source = Path(dl_manager.manual_dir)
-    report = validate_nnunet(source)
-    labels = json.loads((source / "dataset.json").read_text())["labels"]
-    self.info.metadata["class_names"] = [name for name, _ in sorted(labels.items(), key=lambda kv: int(kv[1]))]
+    report = validate_nnunet(source)  # parses dataset.json's labels, v1 or v2, into one table
+    table = report.label_table
+    self.info.metadata["class_names"] = list(table.names)
+    self.info.metadata["labels"] = table.to_dict()
     self.info.metadata["source_fingerprint"] = source_fingerprint(report.cases)
-    return {"train": self._generate_examples(report.cases, sorted(int(v) for v in labels.values()))}
+    return {"train": self._generate_examples(report.cases, table.values)}
 
   def _generate_examples(self, cases, allowed_labels):
     yield from case_examples(cases, allowed_labels)

@@ -28,13 +28,14 @@ from typing import Any
 import numpy as np
 
 from autosam_jax.data.errors import DataError
+from autosam_jax.data.labels import ACDC_TABLE, LabelTable
 from autosam_jax.data.nifti import NiftiVolume, read_label, read_nifti
 
 DESCRIPTION = """Check an ACDC folder (patientNNN/ or training/patientNNN/) or an nnU-Net raw dataset (dataset.json,
 imagesTr/, labelsTr/): every labeled frame's files, shapes, spacing, orientation, finite voxels and label values.
 Prints a summary and warnings; the first problem is one line naming the file, and exit code 2."""
 
-ACDC_LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
+ACDC_LABELS = ACDC_TABLE.to_dict()
 SPACING_RELATIVE_TOLERANCE = 1e-3
 # Affines are stored as float32 in the header; differences far above that rounding mean a different grid.
 AFFINE_RTOL, AFFINE_ATOL_MM = 1e-5, 1e-3
@@ -71,6 +72,10 @@ class ValidationReport:
   cases: list[Case]
   warnings: list[str] = dataclasses.field(default_factory=list)
   dataset_json: dict[str, Any] | None = None
+
+  @property
+  def label_table(self) -> LabelTable:
+    return LabelTable(tuple(name for name, _ in sorted(self.labels.items(), key=lambda item: item[1])))
 
   @property
   def patient_ids(self) -> list[str]:
@@ -225,21 +230,7 @@ def _read_dataset_json(path: Path) -> dict[str, Any]:
 
 
 def _nnunet_labels(path: Path, dataset: dict[str, Any]) -> dict[str, int]:
-  labels = dataset.get("labels")
-  if not isinstance(labels, dict) or not labels:
-    raise DataError(f"{path}: no 'labels' object; add e.g. \"labels\": {{\"background\": 0, \"LV\": 1}}")
-  if all(isinstance(value, int) and not isinstance(value, bool) for value in labels.values()):
-    named = dict(labels)  # nnU-Net v2: name -> value
-  elif all(isinstance(key, str) and key.isdigit() for key in labels):
-    named = {str(name): int(value) for value, name in labels.items()}  # v1: "value" -> name
-  elif any(isinstance(value, list) for value in labels.values()):
-    raise DataError(f"{path}: region-based labels (lists of values) are not supported; give each label one integer")
-  else:
-    raise DataError(f"{path}: 'labels' must map names to integers (v2) or \"0\", \"1\", ... to names (v1)")
-  bad = [value for value in named.values() if not 0 <= value <= 255]
-  if bad:
-    raise DataError(f"{path}: label values {bad} are outside 0..255; renumber the labels")
-  return named
+  return LabelTable.from_dataset_json(path, dataset.get("labels")).to_dict()
 
 
 def _nnunet_num_channels(path: Path, dataset: dict[str, Any], warnings: list[str]) -> int:

@@ -6,8 +6,9 @@
   autosam-jax evaluate --model runs/unet_tr1/final_model --cache cache/images_faithful --data ~/data/ACDC \\
       --splits splits/cv5.json --fold cv5-seed0-fold0 --out runs/unet_tr1/eval      (a UNet: its image cache, no SAM)
 
-Every slice of each test patient's ED and ES frames is predicted from its cached clean embedding (view 0), then scored
-  official: the patient's ED+ES slices stacked into one volume on the target grid (224 x 224 in faithful mode; the
+Every slice of each test patient's cases (ACDC: its ED and ES frames) is predicted from its cached clean embedding
+(view 0), then scored on the dataset's own classes (its label table, which model, cache and data must share)
+  official: the patient's slices (ACDC: ED+ES) stacked into one volume on the target grid (224 x 224 in faithful mode; the
     valid part of the 256 grid in improved mode) against the cache's targets, HD95 in voxels (the paper's numbers);
   standard: each frame mapped back to its native grid against the native label volume, HD95 in mm.
 Writes OUT/metrics.json (per patient and frame, both conventions, and their means), OUT/metrics.md (the summary table)
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from autosam_jax.data.errors import DataError
-from autosam_jax.evaluation.metrics import ACDC_CLASSES, VolumeResult, evaluate_volume, summarize
+from autosam_jax.evaluation.metrics import VolumeResult, evaluate_volume, summarize
 
 DESCRIPTION = __doc__
 
@@ -41,9 +42,9 @@ class PatientScore:
 
 
 def score_patient(patient_id: str, predictions: dict[str, np.ndarray], targets: dict[str, np.ndarray],
-                  volumes: dict[str, Any], preprocess_config,
+                  volumes: dict[str, Any], preprocess_config, classes: dict[int, str],
                   native_predictions: dict[str, np.ndarray] | None = None) -> PatientScore:
-  """Scores one patient from its frames' target-grid predictions.
+  """Scores one patient from its frames' target-grid predictions, on the dataset's classes ({value: name}).
 
   predictions: per case, (Z, T, T, C) logits or (Z, T, T) labels on the target grid; targets: per case, the cache's
   (Z, T, T) targets. The official stack is every frame's slices in case order (ED before ES in ACDC's naming).
@@ -67,9 +68,9 @@ def score_patient(patient_id: str, predictions: dict[str, np.ndarray], targets: 
         else np.asarray(native_predictions[case_id], np.uint8)
     native[case_id] = pred_native
     standard[case_id] = evaluate_volume(pred_native, volume.label, tuple(float(s) for s in volume.spacing),
-                                        convention="standard", case_id=case_id)
-  official = evaluate_volume(np.concatenate(official_pred), np.concatenate(official_true), convention="official",
-                             case_id=patient_id)
+                                        classes=classes, convention="standard", case_id=case_id)
+  official = evaluate_volume(np.concatenate(official_pred), np.concatenate(official_true), classes=classes,
+                             convention="official", case_id=patient_id)
   return PatientScore(official, standard, native)
 
 
@@ -98,7 +99,8 @@ def evaluate(model_dir: Path, weights_dir: Path | None, cache_dir: Path, source_
              out_dir: Path, *, fold: str | None = None, batch_size: int = 8, volumes=None) -> dict[str, Any]:
   """Predicts and scores the split's test patients; writes OUT/metrics.json, metrics.md and predictions/.
 
-  volumes: `load_volumes(source_dir, tfds_dir)` when the caller already has it (a sweep evaluates many cells)."""
+  volumes: `load_volumes(source_dir, tfds_dir)` when the caller already has it (a sweep evaluates many cells).
+  The model, the cache and the dataset must share one label table; the scores are over exactly its classes."""
   import jax
 
   from autosam_jax.atomic import atomic_write_bytes, atomic_write_json
@@ -109,6 +111,7 @@ def evaluate(model_dir: Path, weights_dir: Path | None, cache_dir: Path, source_
   from autosam_jax.features.precompute import load_volumes
   from autosam_jax.models.loading import read_config
   from autosam_jax.parallel import all_gather_objects, barrier
+  from autosam_jax.train.loop import cache_label_table, read_model_record
 
   process, num_processes = jax.process_index(), jax.process_count()
   split = select_split(splits_file, fold)
@@ -116,6 +119,9 @@ def evaluate(model_dir: Path, weights_dir: Path | None, cache_dir: Path, source_
     raise DataError(f"{splits_file}: split {split.name!r} has no test patients")
   cache = FeatureCache(cache_dir)
   depends_on = cache.manifest["depends_on"]
+  labels = read_model_record(model_dir)["labels"]  # before the slow loads: a model of other classes fails fast
+  cache_labels = cache_label_table(cache)
+  labels.check_same(cache_labels, model_dir, "the model", f"the cache {cache_dir}")
   _, head, train_config = load_model(Path(model_dir), None if weights_dir is None else Path(weights_dir), encoder=False)
   sam_config = digest = None
   if train_config.head != "unet":
@@ -129,9 +135,12 @@ def evaluate(model_dir: Path, weights_dir: Path | None, cache_dir: Path, source_
     volumes = load_volumes(Path(source_dir), Path(tfds_dir))
     if process == 0:
       barrier("autosam_jax.evaluate.dataset_built")
-  volumes, fingerprint = volumes
+  volumes, fingerprint, data_labels = volumes
   if depends_on.get("dataset_fingerprint") not in (None, fingerprint):
     raise DataError(f"{cache_dir}: the cache was computed from other data than {source_dir}")
+  labels.check_same(data_labels, model_dir, "the model", f"the dataset {source_dir}")
+  classes = labels.foreground
+  frames = sorted({v.frame for v in volumes.values() if v.frame})
   forward = make_head_forward(head, preprocess_config.target_size, batch_size)
 
   for patient_id in split.test:  # every process checks the whole split before any writes
@@ -145,7 +154,7 @@ def evaluate(model_dir: Path, weights_dir: Path | None, cache_dir: Path, source_
       items = [cache[i] for i in indices]
       logits[case_id] = forward(np.stack([np.asarray(it["embedding"], np.float32) for it in items]))
       targets[case_id] = np.stack([it["target"] for it in items])
-    score = score_patient(patient_id, logits, targets, volumes, preprocess_config)
+    score = score_patient(patient_id, logits, targets, volumes, preprocess_config, classes)
     for case_id, labels in score.native.items():
       atomic_write_bytes(predictions_dir / f"{case_id}.nii.gz", label_nifti_bytes(labels, volumes[case_id].affine))
     scores[patient_id] = (score.official, {case_id: (volumes[case_id].frame, result)
@@ -163,9 +172,10 @@ def evaluate(model_dir: Path, weights_dir: Path | None, cache_dir: Path, source_
         "standard": {case_id: {"frame": frame, **result.to_dict()} for case_id, (frame, result) in standard.items()}}
   summary = summarize(official_results + standard_results)
   report = {"model": str(model_dir), "cache": str(cache_dir), "data": str(source_dir), "split": split.name,
-            "test_patients": list(split.test), "train_config": train_config.to_dict(),
-            "preprocess": preprocess_config.to_dict(), "summary": summary, "patients": patients}
-  table = summary_table(summary)
+            "test_patients": list(split.test), "labels": labels.to_dict(), "classes": labels.foreground_names,
+            "train_config": train_config.to_dict(), "preprocess": preprocess_config.to_dict(), "summary": summary,
+            "patients": patients}
+  table = summary_table(summary, labels.foreground_names, frames)
   if process == 0:
     atomic_write_json(Path(out_dir) / "metrics.json", report)
     atomic_write_bytes(Path(out_dir) / "metrics.md", (table + "\n").encode())
@@ -177,8 +187,9 @@ def _fmt(value: float | None, digits: int) -> str:
   return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def summary_table(summary: dict[str, Any]) -> str:
-  """Markdown table: rows RV, MYO, LV and their mean; Dice and HD95 under each convention."""
+def summary_table(summary: dict[str, Any], class_names: list[str], frames: list[str] = ()) -> str:
+  """Markdown table: a row per class of the dataset (`class_names`, its foreground) and their mean; Dice and HD95
+  under each convention. `frames`: the frame names when patients have several (ACDC's ED, ES), else empty."""
   official, standard = summary.get("official"), summary.get("standard")
   columns = []
   if official:
@@ -186,7 +197,7 @@ def summary_table(summary: dict[str, Any]) -> str:
   if standard:
     columns += [("standard", "dice", "Dice (standard)"), ("standard", "hd95", f"HD95 (standard, {standard['units']})")]
   lines = ["| class | " + " | ".join(c[2] for c in columns) + " |", "|---|" + "---:|" * len(columns)]
-  for name in list(ACDC_CLASSES.values()) + ["mean"]:
+  for name in list(class_names) + ["mean"]:
     cells = []
     for convention, metric, _ in columns:
       part = summary[convention]
@@ -194,14 +205,17 @@ def summary_table(summary: dict[str, Any]) -> str:
       cells.append(_fmt(entry.get("value"), 4 if metric == "dice" else 2))
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   notes = []
+  stacked = f"each one volume of its {'+'.join(frames)} slices" if frames else "each case one volume"
+  unit = "frame" if frames else "case"
   if official:
-    notes.append(f"official: mean over {official['n_cases']} patient(s), each one volume of its ED+ES slices on the "
+    notes.append(f"official: mean over {official['n_cases']} {'patient' if frames else 'case'}(s), {stacked} on the "
                  "model's target grid; HD95 in voxels of that grid (medpy), Dice 1 / HD95 0 for empty masks.")
   if standard:
     excluded = {m: standard["overall"][m]["n_excluded"] for m in ("dice", "hd95")}
-    notes.append(f"standard: mean over {standard['n_cases']} frame(s) (ED and ES apart) on the native grid; HD95 in "
+    apart = f" ({' and '.join(frames)} apart)" if frames else ""
+    notes.append(f"standard: mean over {standard['n_cases']} {unit}(s){apart} on the native grid; HD95 in "
                  f"mm (MONAI); values undefined for empty masks left out (Dice: {excluded['dice']}, HD95: "
-                 f"{excluded['hd95']} class-frame values).")
+                 f"{excluded['hd95']} class-{unit} values).")
   return "\n".join(lines) + "\n\n" + "\n".join(notes)
 
 

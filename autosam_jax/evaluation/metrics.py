@@ -40,7 +40,6 @@ TRUE_EMPTY = "true_empty"
 STATUSES = (OK, BOTH_EMPTY, PRED_EMPTY, TRUE_EMPTY)
 
 METRICS = ("dice", "hd95")
-ACDC_CLASSES: dict[int, str] = {1: "RV", 2: "MYO", 3: "LV"}
 
 SpacingLike = float | Sequence[float] | None
 
@@ -297,10 +296,12 @@ class VolumeResult:
     )
 
 
-def evaluate_volume(pred_labels: Any, true_labels: Any, spacing: SpacingLike = None,
-                    classes: Mapping[int, str] = ACDC_CLASSES, *, convention: Convention,
-                    case_id: str | None = None) -> VolumeResult:
+def evaluate_volume(pred_labels: Any, true_labels: Any, spacing: SpacingLike = None, *,
+                    classes: Mapping[int, str], convention: Convention, case_id: str | None = None) -> VolumeResult:
   """Per-class Dice and HD95 of a predicted label volume against the true one.
+
+  classes: {label value: name} of exactly the classes to score, the dataset's foreground
+    (`LabelTable.foreground`); there is no default, so no dataset is scored with another one's classes.
 
   official: pass the patient's ED and ES slices stacked along one axis on the 224 grid (as the paper's `test()` does)
     and no spacing: HD95 is in voxels of whatever grid the arrays are on.

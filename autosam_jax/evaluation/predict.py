@@ -171,16 +171,31 @@ def load_model(model_dir: Path, weights_dir: Path | None, encoder: bool):
   A UNet needs no SAM: `weights_dir` is ignored for it and `sam` is None.
   """
   from autosam_jax.models.loading import load_sam, read_config
-  from autosam_jax.train.loop import load_head
+  from autosam_jax.train.loop import load_head, read_model_record
 
   train_config = read_train_config(model_dir)
+  record = read_model_record(model_dir)
+  if record["labels"].num_classes != train_config.num_classes:
+    raise DataError(f"{Path(model_dir) / 'model.json'}: records {record['labels'].num_classes} classes but "
+                    f"train_config.json {train_config.num_classes}; the model directory is damaged, train it again")
   if train_config.head == "unet":
     head, train_config = load_head(model_dir, None)
     return None, head, train_config
   if weights_dir is None:
     raise DataError(f"{model_dir}: a {train_config.head} head needs --weights (the converted SAM it was trained with)")
   read_config(weights_dir)  # fails fast, before the (slow) restore, on a directory that is not converted weights
-  sam = load_sam(weights_dir)
+  if record.get("weights_sha256"):
+    from autosam_jax.features.precompute import weights_digest
+    if weights_digest(Path(weights_dir)) not in ("", record["weights_sha256"]):
+      raise DataError(f"{weights_dir}: other SAM weights than the ones {model_dir} was trained on (their SHA-256 "
+                      "differs); give the converted weights the model's cache was computed with")
+  # The encoder in the dtype the training embeddings were computed in: a head trained on bf16 features is applied to
+  # bf16 features, not to slightly different fp32 ones.
+  encoder_dtype = None
+  if record.get("encoder_dtype") == "bfloat16":
+    import jax.numpy as jnp
+    encoder_dtype = jnp.bfloat16
+  sam = load_sam(weights_dir, encoder_dtype=encoder_dtype)
   head, train_config = load_head(model_dir, sam)
   if not encoder:
     sam = None

@@ -3,15 +3,15 @@
   autosam-jax zero-shot --weights weights/vit_b --data ~/data/ACDC --tfds-dir ~/tensorflow_datasets \\
       --splits splits/cv5.json --fold cv5-seed0-fold0 --prompt box --mode improved --out runs/sam_zero_shot_box
 
-The paper's zero-shot baseline (`scripts/inference.py`): for every slice of each test patient's ED and ES frames, one
-prompt per foreground class present in the ground-truth slice (RV 1, MYO 2, LV 3), all of a slice's prompts decoded
-in one SAM call with multimask_output=False. The prompts come from the labels, so this is an oracle: it also tells
+The paper's zero-shot baseline (`scripts/inference.py`): for every slice of each test patient's cases (ACDC: its ED
+and ES frames), one prompt per foreground class of the dataset (its label table; ACDC: RV 1, MYO 2, LV 3) present in
+the ground-truth slice, all of a slice's prompts decoded in one SAM call with multimask_output=False. The prompts come from the labels, so this is an oracle: it also tells
 SAM which classes are in the slice.
   --prompt box: the class's tight bounding box with a 1-pixel margin (as the official `get_box`), clipped to the image.
   --prompt point: one positive point, the class pixel nearest the class's centre of mass (the official point-prompt
     script is a broken stub, so this variant is ours).
 Each mask is its logits > 0; a pixel that no class mask covers is background, and one that several cover goes to the
-lowest class index (the official argmax over [background, RV, MYO, LV] with 0/1 masks).
+lowest class value (the official argmax over [background, class 1, class 2, ...] with 0/1 masks).
 
 --mode faithful: the official pipeline, normalisation bug included (spec 6.5): the 224 x 224 model image in [0, 1]
   is upsampled bilinearly to the encoder size and then normalised with SAM's pixel mean/std, which are on the 0..255
@@ -21,8 +21,8 @@ lowest class index (the official argmax over [background, RV, MYO, LV] with 0/1 
   encoder size keeping its aspect ratio, SAM's normalisation, zero padding: what SAM was trained on, so this is the
   fair comparison. Prompts are computed on the native label slice and scaled into the resized frame.
 
-Scored as `autosam-jax evaluate` scores a head: official (ED+ES stacked on the target grid, HD95 in voxels) and
-standard (per frame on the native grid, HD95 in mm). Writes OUT/metrics.json, OUT/metrics.md and
+Scored as `autosam-jax evaluate` scores a head, on the dataset's classes: official (a patient's frames, ACDC's ED+ES,
+stacked on the target grid, HD95 in voxels) and standard (per case on the native grid, HD95 in mm). Writes OUT/metrics.json, OUT/metrics.md and
 OUT/predictions/<case_id>.nii.gz (native-grid label maps with the source volume's affine), only once every patient is
 done, so a failure leaves OUT untouched.
 """
@@ -44,7 +44,6 @@ from autosam_jax.data.errors import DataError
 DESCRIPTION = __doc__
 PROMPTS = ("box", "point")
 MODES = ("faithful", "improved")
-FOREGROUND_CLASSES = (1, 2, 3)  # RV, MYO, LV: one prompt slot each, in this order
 BOX_MARGIN = 1
 
 
@@ -84,32 +83,35 @@ def point_prompt(mask: np.ndarray) -> np.ndarray:
   return np.array([cols[nearest], rows[nearest]], np.float32)
 
 
-def slice_prompts(labels: np.ndarray, prompt: str) -> tuple[np.ndarray, np.ndarray]:
-  """One prompt slot per foreground class of a 2D label slice: (prompts, present).
+def slice_prompts(labels: np.ndarray, prompt: str, classes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+  """One prompt slot per foreground class (`classes`, the dataset's label values) of a 2D label slice.
 
-  prompts: (3, 4) boxes or (3, 2) points in the label's pixel frame; present: (3,) bool. Absent classes get a dummy
+  (prompts, present): (K, 4) boxes or (K, 2) points in the label's pixel frame for K classes; present: (K,) bool.
+  Absent classes get a dummy
   prompt, so every slice decodes the same number of prompt sets (one compilation); SAM decodes prompt sets
   independently, and the dummies' masks are discarded.
   """
   make = box_prompt if prompt == "box" else point_prompt
-  present = np.array([np.any(labels == c) for c in FOREGROUND_CLASSES])
-  prompts = np.zeros((len(FOREGROUND_CLASSES), 4 if prompt == "box" else 2), np.float32)
-  for k, c in enumerate(FOREGROUND_CLASSES):
+  present = np.array([np.any(labels == c) for c in classes])
+  prompts = np.zeros((len(classes), 4 if prompt == "box" else 2), np.float32)
+  for k, c in enumerate(classes):
     if present[k]:
       prompts[k] = make(labels == c)
   return prompts, present
 
 
-def combine_masks(logits: np.ndarray) -> np.ndarray:
-  """(..., H, W, 3) per-class mask logits (-inf for unprompted classes) -> (..., H, W) uint8 labels.
+def combine_masks(logits: np.ndarray, classes: tuple[int, ...]) -> np.ndarray:
+  """(..., H, W, K) per-class mask logits (-inf for unprompted classes) -> (..., H, W) uint8 labels `classes`.
 
   Masks are logits > 0; uncovered pixels are background and overlaps go to the lowest class, as the official argmax
-  over [background, RV, MYO, LV] 0/1 masks resolves them.
+  over [background, class 1, class 2, ...] 0/1 masks resolves them.
   """
   masks = np.asarray(logits) > 0
+  if masks.shape[-1] != len(classes):
+    raise ValueError(f"{masks.shape[-1]} mask channels for {len(classes)} classes {classes}")
   labels = np.zeros(masks.shape[:-1], np.uint8)
-  for k in reversed(range(len(FOREGROUND_CLASSES))):
-    labels[masks[..., k]] = FOREGROUND_CLASSES[k]
+  for k in reversed(range(len(classes))):
+    labels[masks[..., k]] = classes[k]
   return labels
 
 
@@ -132,10 +134,10 @@ def check_options(mode: str, prompt: str, batch_size: int, flags: bool = False) 
 class VolumeSegmentation:
   """One volume segmented slice by slice.
 
-  target_logits: (Z, T, T, 3) per-class mask logits on the target grid (faithful: 224; improved: SAM's low-resolution
-  output, which is the improved target grid), -inf where the class was not prompted. native_logits: (Z, rows, cols, 3)
-  the same mapped by SAM's `postprocess_masks` to the native slice. present: (Z, 3) the prompted classes. prompts:
-  (Z, 3, 4) or (Z, 3, 2) in the encoder's input frame. target_labels: (Z, T, T) and native_labels: (X, Y, Z), uint8.
+  For K foreground classes: target_logits: (Z, T, T, K) per-class mask logits on the target grid (faithful: 224;
+  improved: SAM's low-resolution output, which is the improved target grid), -inf where the class was not prompted.
+  native_logits: (Z, rows, cols, K) the same mapped by SAM's `postprocess_masks` to the native slice. present: (Z, K)
+  the prompted classes. prompts: (Z, K, 4) or (Z, K, 2) in the encoder's input frame. target_labels: (Z, T, T) and native_labels: (X, Y, Z), uint8.
   """
 
   target_logits: np.ndarray
@@ -150,20 +152,24 @@ class ZeroShotSegmenter:
   """SAM with ground-truth prompts, batched over slices.
 
   The encoder runs on `batch_size` slices at a time, the last batch padded by repeating its last slice, so it is
-  compiled once; the decoder takes every slice's three prompt slots as one flat batch of prompt sets, also compiled
+  compiled once; the decoder takes every slice's K prompt slots as one flat batch of prompt sets, also compiled
   once; only the resize back to a volume's native grid is compiled per native shape.
   """
 
-  def __init__(self, sam, *, mode: str = "faithful", prompt: str = "box", batch_size: int = 4):
+  def __init__(self, sam, *, classes: tuple[int, ...], mode: str = "faithful", prompt: str = "box",
+               batch_size: int = 4):
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     check_options(mode, prompt, batch_size)
     self.mode, self.prompt, self.batch_size = mode, prompt, batch_size
+    self.classes = tuple(int(c) for c in classes)  # one prompt slot per foreground class of the dataset
+    if not self.classes:
+      raise ValueError("zero-shot segmentation needs at least one foreground class")
     self.config = sam.config
     graphdef, self._state = nnx.split(sam)
-    slots = len(FOREGROUND_CLASSES)
+    slots = len(self.classes)
 
     @functools.partial(jax.jit, static_argnames=("normalise",))
     def encode(state, images, normalise):
@@ -217,7 +223,7 @@ class ZeroShotSegmenter:
     prompt_labels = pre.targets if self.mode == "faithful" else np.asarray(native_labels).transpose(2, 0, 1)
     if prompt_labels is None or tuple(prompt_labels.shape[1:]) != prompt_grid:
       raise ValueError(f"prompts need labels on the {prompt_grid} grid")
-    prompts, present = zip(*(slice_prompts(labels, self.prompt) for labels in prompt_labels))
+    prompts, present = zip(*(slice_prompts(labels, self.prompt, self.classes) for labels in prompt_labels))
     # The resize into the encoder frame: `ResizeLongestSide.apply_boxes/apply_coords` when the resize is
     # ResizeLongestSide's (always in faithful mode; improved mode keeps the physical aspect ratio, so with square
     # pixels it is the same).
@@ -248,9 +254,9 @@ class ZeroShotSegmenter:
     absent = ~present[:, None, None, :]
     target_logits = np.where(absent, -np.inf, np.concatenate(target_logits)).astype(np.float32)
     native_logits = np.where(absent, -np.inf, np.concatenate(native_logits)).astype(np.float32)
-    native = np.ascontiguousarray(combine_masks(native_logits).transpose(1, 2, 0))
+    native = np.ascontiguousarray(combine_masks(native_logits, self.classes).transpose(1, 2, 0))
     return VolumeSegmentation(target_logits, native_logits, present, prompts.astype(np.float32),
-                              combine_masks(target_logits), native)
+                              combine_masks(target_logits, self.classes), native)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -278,7 +284,9 @@ def zero_shot(weights_dir: str | Path, source_dir: str | Path, tfds_dir: str | P
   weights_dir, source_dir, splits_file, out_dir = Path(weights_dir), Path(source_dir), Path(splits_file), Path(out_dir)
   read_config(weights_dir)  # fails fast, before the dataset build, on a directory that is not converted weights
   split = select_split(splits_file, fold)
-  volumes, fingerprint = load_volumes(source_dir, Path(tfds_dir))
+  volumes, fingerprint, table = load_volumes(source_dir, Path(tfds_dir))
+  classes = table.foreground
+  frames = sorted({v.frame for v in volumes.values() if v.frame})
   cases: dict[str, list[str]] = {}
   for case_id, volume in volumes.items():
     cases.setdefault(volume.patient_id, []).append(case_id)
@@ -289,7 +297,7 @@ def zero_shot(weights_dir: str | Path, source_dir: str | Path, tfds_dir: str | P
   sam = load_sam(weights_dir)
   config = PreprocessConfig(mode=mode, encoder_size=sam.config.image_size,
                             head_size=4 * sam.config.image_embedding_size)
-  segmenter = ZeroShotSegmenter(sam, mode=mode, prompt=prompt, batch_size=batch_size)
+  segmenter = ZeroShotSegmenter(sam, classes=tuple(classes), mode=mode, prompt=prompt, batch_size=batch_size)
 
   bar = None
   if progress:
@@ -307,7 +315,7 @@ def zero_shot(weights_dir: str | Path, source_dir: str | Path, tfds_dir: str | P
         result = segmenter.segment(pre, volume.label, on_batch=None if bar is None else bar.update)
         target_labels[case_id], native[case_id] = result.target_labels, result.native_labels
         targets[case_id] = pre.targets
-      score = score_patient(patient_id, target_labels, targets, volumes, config, native_predictions=native)
+      score = score_patient(patient_id, target_labels, targets, volumes, config, classes, native_predictions=native)
       predictions.update(score.native)
       official_results.append(score.official)
       standard_results += list(score.standard.values())
@@ -322,16 +330,17 @@ def zero_shot(weights_dir: str | Path, source_dir: str | Path, tfds_dir: str | P
   summary = summarize(official_results + standard_results)
   report = {"method": "sam_zero_shot", "prompt": prompt, "mode": mode, "prompt_source": "ground truth",
             "weights": str(weights_dir), "data": str(source_dir), "dataset_fingerprint": fingerprint,
-            "split": split.name, "test_patients": list(split.test), "sam_config": json.loads(sam.config.to_json()),
+            "split": split.name, "test_patients": list(split.test), "labels": table.to_dict(),
+            "classes": table.foreground_names, "sam_config": json.loads(sam.config.to_json()),
             "preprocess": config.to_dict(), "summary": summary, "patients": patients}
   for case_id, labels in predictions.items():
     atomic_write_bytes(out_dir / "predictions" / f"{case_id}.nii.gz",
                        label_nifti_bytes(labels, volumes[case_id].affine))
   atomic_write_json(out_dir / "metrics.json", report)
-  table = summary_table(summary)
+  summary_md = summary_table(summary, table.foreground_names, frames)
   heading = f"SAM zero-shot, {prompt} prompts from the ground truth, {mode} mode, split {split.name}"
-  atomic_write_bytes(out_dir / "metrics.md", f"{heading}\n\n{table}\n".encode())
-  return {"report": report, "table": table}
+  atomic_write_bytes(out_dir / "metrics.md", f"{heading}\n\n{summary_md}\n".encode())
+  return {"report": report, "table": summary_md}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

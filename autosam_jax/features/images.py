@@ -38,10 +38,10 @@ def write_image_cache(source_dir: str | os.PathLike, tfds_dir: str | os.PathLike
   if mode != "faithful":
     raise DataError(f"image cache: only the faithful mode (fixed-size square slices) is supported, got {mode!r}")
   preprocess_config = PreprocessConfig(mode=mode, target_spacing=(spacing, spacing), slice_size=slice_size)
-  volumes, fingerprint = load_volumes(Path(source_dir), Path(tfds_dir))
+  volumes, fingerprint, labels = load_volumes(Path(source_dir), Path(tfds_dir))
   items = work_items(volumes, set(), 0)
   depends_on = {"kind": "images", "preprocess": preprocess_config.to_dict(), "dataset_fingerprint": fingerprint,
-                "views": 0, "view_patients": []}
+                "views": 0, "view_patients": [], "labels": labels.to_dict()}
   writer = CacheWriter(out_dir, depends_on, items, shard_size, "float32")
   preprocessed: dict[str, Any] = {}  # one volume at a time: items are in (case, slice) order
 

@@ -23,7 +23,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -44,9 +44,16 @@ def _text(value: Any) -> str:
   return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def load_volumes(source_dir: Path, tfds_dir: Path):
-  """Builds (or reuses) the TFDS dataset of the source folder and returns its volumes by case, and its fingerprint."""
+class LoadedDataset(NamedTuple):
+  volumes: dict[str, Any]  # case id -> autosam_jax.data.slices.Volume
+  fingerprint: str  # SHA-256 of the source files
+  labels: Any  # autosam_jax.data.labels.LabelTable
+
+
+def load_volumes(source_dir: Path, tfds_dir: Path) -> LoadedDataset:
+  """Builds (or reuses) the TFDS dataset of the source folder: its volumes by case, fingerprint and label table."""
   from autosam_jax.data.build import build
+  from autosam_jax.data.labels import LabelTable
   from autosam_jax.data.slices import assemble_volumes
   from autosam_jax.data.validate import validate
 
@@ -56,7 +63,8 @@ def load_volumes(source_dir: Path, tfds_dir: Path):
   for split in builder.info.splits:
     source = builder.as_data_source(split=split)
     volumes.update(assemble_volumes(source[i] for i in range(len(source))))
-  return dict(sorted(volumes.items())), builder.info.metadata["source_fingerprint"]
+  labels = LabelTable.from_dict(builder.info.metadata.get("labels"), f"{builder.data_dir} (dataset metadata)")
+  return LoadedDataset(dict(sorted(volumes.items())), builder.info.metadata["source_fingerprint"], labels)
 
 
 def work_items(volumes, view_patients: set[str], views: int) -> list[dict[str, Any]]:
@@ -164,7 +172,7 @@ def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | P
   process, num_processes = jax.process_index(), jax.process_count()
   if process != 0:
     barrier("autosam_jax.precompute.dataset_built")  # process 0 builds the TFDS dataset; the others then read it
-  volumes, fingerprint = load_volumes(source_dir, Path(tfds_dir))
+  volumes, fingerprint, labels = load_volumes(source_dir, Path(tfds_dir))
   if process == 0:
     barrier("autosam_jax.precompute.dataset_built")
   view_patients = set(view_patients or ()) if options.views else set()
@@ -175,7 +183,8 @@ def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | P
   depends_on = {"weights_sha256": weights_digest(weights_dir), "sam_config": json.loads(config.to_json()),
                 "preprocess": preprocess_config.to_dict(), "dataset_fingerprint": fingerprint,
                 "views": options.views, "view_patients": sorted(view_patients), "seed": options.seed,
-                "augment": augment_config.to_dict() if options.views else None, "dtype": options.dtype}
+                "augment": augment_config.to_dict() if options.views else None, "dtype": options.dtype,
+                "labels": labels.to_dict()}
   # The weights are loaded before the cache directory is created: unusable weights leave nothing behind.
   mesh = local_data_mesh()
   devices = mesh.devices.ravel()

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from autosam_jax.models.loading import load_sam
     from autosam_jax.train.loop import build_model
 
-    def head_factory():
+    def head_factory(config):  # num_classes filled in from the cache's label table
       from flax import nnx
       sam = load_sam(args.weights) if config.head != "unet" else None  # the UNet is trained from scratch
       return build_model(config, sam, rngs=nnx.Rngs(config.seed))

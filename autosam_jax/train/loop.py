@@ -29,7 +29,9 @@ import numpy as np
 class TrainConfig:
   head: str = "autosam"  # autosam | cnn | linear (on SAM embeddings) | unet (on images, from scratch)
   variant: str = "faithful"  # faithful | improved
-  num_classes: int = 4
+  # Background included; 0 (the default): the dataset's, from the cache's label table. A value that disagrees with
+  # the data is refused (naming both) rather than training extra outputs or failing on labels beyond them.
+  num_classes: int = 0
   epochs: int = 120
   batch_size: int = 4
   learning_rate: float = 5e-4
@@ -64,8 +66,11 @@ class TrainConfig:
                       f"(head {self.head!r}, variant {self.variant!r})")
     for name in ("epochs", "batch_size", "num_classes", "unet_base_channels", "cnn_top_channels", "eval_every_epochs"):
       value = getattr(self, name)
-      if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+      if isinstance(value, int) and not isinstance(value, bool) and value < (0 if name == "num_classes" else 1):
         raise DataError(f"training config: {name} must be positive, got {value}")
+    if self.num_classes == 1:
+      raise DataError("training config: num_classes counts the background too, so it is at least 2; leave it out to "
+                      "take the dataset's")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -252,12 +257,37 @@ def plot_curves(metrics_file: Path, png: Path) -> None:
   os.replace(tmp, png)
 
 
-def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Callable[[], Any], out_dir: str | os.PathLike,
+def cache_label_table(cache):
+  """The label table a cache (`FeatureCache`) records; caches written before tables existed are refused."""
+  from autosam_jax.data.errors import DataError
+  from autosam_jax.data.labels import table_of_record
+
+  where = cache.cache_dir / "manifest.json"
+  table = table_of_record(cache.manifest["depends_on"], "labels", where)
+  if table is None:
+    raise DataError(f"{where}: records no label table (a cache from an older version); compute the cache again "
+                    "into a new directory")
+  return table
+
+
+def resolve_config(config: TrainConfig, labels, where: str) -> TrainConfig:
+  """The config with num_classes taken from the dataset's label table; a config that disagrees is an error."""
+  if config.num_classes and config.num_classes != labels.num_classes:
+    from autosam_jax.data.errors import DataError
+    raise DataError(f"{where}: num_classes is {config.num_classes} in the training config but the data has "
+                    f"{labels.num_classes} classes ({labels.describe()}); leave num_classes out of the config (it "
+                    "comes from the data)")
+  return dataclasses.replace(config, num_classes=labels.num_classes)
+
+
+def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Callable[[TrainConfig], Any],
+          out_dir: str | os.PathLike,
           labeled_patients: list[str], val_patients: list[str], *, progress: bool = True,
           stop_after_steps: int | None = None) -> dict[str, Any]:
   """Trains (or resumes) a head in OUT_DIR; returns the final metrics and where the model is.
 
-  `head_factory()` builds the NNX head (initialised, e.g. from SAM). `stop_after_steps` ends the run early as if
+  `head_factory(config)` builds the NNX head (initialised, e.g. from SAM) for the config with the dataset's
+  num_classes filled in (`resolve_config`). `stop_after_steps` ends the run early as if
   it had been killed after that many steps (for tests of resumption).
   """
   import jax
@@ -274,8 +304,16 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
   out_dir = Path(out_dir)
   cache = FeatureCache(cache_dir)
   cache.check_files()
+  labels = cache_label_table(cache)
+  config = resolve_config(config, labels, str(Path(cache_dir)))
   views = int(cache.manifest["depends_on"].get("views", 0))
-  preprocess = cache.manifest["depends_on"].get("preprocess")  # saved with the model, for predict
+  depends_on = cache.manifest["depends_on"]
+  preprocess = depends_on.get("preprocess")  # saved with the model, for predict
+  # What the model's inputs were made from, saved with it so evaluate and predict use exactly the same: the classes,
+  # and for SAM heads the encoder's dtype and weights.
+  record = {"labels": labels.to_dict(), "input": "images" if depends_on.get("kind") == "images" else "sam_embeddings",
+            "encoder_dtype": depends_on.get("dtype"), "weights_sha256": depends_on.get("weights_sha256"),
+            "dataset_fingerprint": depends_on.get("dataset_fingerprint")}
   labeled = sorted({(it["case_id"], it["slice_index"]) for it in cache.items
                     if it["patient_id"] in set(labeled_patients) and it["view"] == 0})
   if not labeled:
@@ -292,7 +330,7 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
     raise DataError(f"{cache_dir}: augment {config.augment!r} transforms images, but this cache holds SAM embeddings; "
                     "use an image cache (autosam-jax image-cache) or augment 'none'")
 
-  head = head_factory()
+  head = head_factory(config)
   graphdef, params, frozen = nnx.split(head, nnx.Param, ...)
   tx = optax.adam(1.0)  # the learning rate multiplies the update in the step, so the plateau can change it
   mesh = data_mesh()
@@ -380,7 +418,7 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
       if "val_dice" in row and row["val_dice"] > best["score"]:
         best = {"score": row["val_dice"], "epoch": epoch}
         if config.variant == "improved":
-          save_model(out_dir / "best_model", state["params"], frozen, config, preprocess)
+          save_model(out_dir / "best_model", state["params"], frozen, config, preprocess, record)
       log.write(json.dumps(row) + "\n")
       log.flush()
       last_metrics = row
@@ -389,7 +427,7 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
                                                      "plateau": plateau.state_dict(), "config": config.to_dict(),
                                                      "step": int(state["step"])})
   checkpoints.close()
-  save_model(out_dir / "final_model", state["params"], frozen, config, preprocess)
+  save_model(out_dir / "final_model", state["params"], frozen, config, preprocess, record)
   if main:
     plot_curves(metrics_file, out_dir / "curves.png")
   model = "best_model" if config.variant == "improved" and (out_dir / "best_model").exists() else "final_model"
@@ -397,9 +435,11 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
           "best": best, "last": last_metrics}
 
 
-def save_model(directory: Path, params, frozen, config: TrainConfig, preprocess: dict[str, Any] | None = None) -> None:
+def save_model(directory: Path, params, frozen, config: TrainConfig, preprocess: dict[str, Any] | None = None,
+               record: dict[str, Any] | None = None) -> None:
   """The trained head: its parameters and frozen parts as an orbax checkpoint, plus the training config and (when
-  given) the preprocessing of the cache it was trained on (preprocess.json), so `predict` maps new scans the same way.
+  given) the preprocessing of the cache it was trained on (preprocess.json), so `predict` maps new scans the same way,
+  and what its inputs were made from (model.json: the label table, the encoder dtype and weights digest).
 
   Under jax.distributed every process calls it (orbax saves collectively); process 0 puts the result in place."""
   import shutil
@@ -428,6 +468,8 @@ def save_model(directory: Path, params, frozen, config: TrainConfig, preprocess:
       atomic_write_json(staging / "train_config.json", config.to_dict())
       if preprocess is not None:
         atomic_write_json(staging / "preprocess.json", preprocess)
+      if record is not None:
+        atomic_write_json(staging / "model.json", record)
       replace_dir(staging, directory)
     barrier("autosam_jax.save_model.done")
   except BaseException:
@@ -486,3 +528,28 @@ def load_head(model_dir: str | os.PathLike, sam) -> tuple[Any, TrainConfig]:
   nnx.replace_by_pure_dict(params, restored["params"])
   nnx.replace_by_pure_dict(frozen, restored["frozen"])
   return nnx.merge(graphdef, params, frozen), config
+
+
+def read_model_record(model_dir: str | os.PathLike) -> dict[str, Any]:
+  """model.json of a saved model, with its label table parsed ("labels" becomes a LabelTable); DataError if absent
+  (a model saved before models recorded their classes) or unreadable."""
+  from autosam_jax.data.errors import DataError
+  from autosam_jax.data.labels import LabelTable
+
+  if not Path(model_dir).is_dir():
+    raise DataError(f"{model_dir}: no such model directory; give a run's final_model/ or best_model/")
+  if not (Path(model_dir) / "train_config.json").is_file():
+    raise DataError(f"{Path(model_dir) / 'train_config.json'}: missing; give a run's final_model/ or best_model/ "
+                    "directory")
+  path = Path(model_dir) / "model.json"
+  if not path.is_file():
+    raise DataError(f"{path}: missing (a model saved by an older version records no classes); train it again")
+  try:
+    record = json.loads(path.read_text())
+  except (OSError, ValueError) as err:
+    raise DataError(f"{path}: unreadable ({type(err).__name__}: {err}); train the model again") from None
+  if not isinstance(record, dict):
+    raise DataError(f"{path}: not a model record (a JSON object was expected); train the model again")
+  record = dict(record)
+  record["labels"] = LabelTable.from_dict(record.get("labels"), f"{path} (labels)")
+  return record
