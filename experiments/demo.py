@@ -118,8 +118,9 @@ def sweep_config(out: Path, checkpoint: Path | None, epochs: int | None = None,
           "method_train": method_train, **IMAGE_GRID}
 
 
-def draw_overlays(out: Path, records: list[dict[str, Any]], tr_size: int) -> list[Path]:
-  """One PNG per test frame: the middle slice, its ground truth, and each method's prediction at `tr_size`."""
+def draw_overlays(out: Path, records: list[dict[str, Any]], tr_size: int, labels: dict[str, int]) -> list[Path]:
+  """One PNG per test frame: the middle slice, its ground truth, and each method's prediction at `tr_size`, coloured
+  by the dataset's classes (`labels`, {name: value}) with their names in a legend."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -128,7 +129,11 @@ def draw_overlays(out: Path, records: list[dict[str, Any]], tr_size: int) -> lis
   from autosam_jax.atomic import atomic_write_bytes
   from autosam_jax.data.nifti import read_nifti
 
-  colours = ListedColormap([(0, 0, 0, 0), (0.9, 0.2, 0.2, 0.55), (0.2, 0.8, 0.3, 0.55), (0.2, 0.4, 1.0, 0.55)])
+  from matplotlib.patches import Patch
+
+  names = [name for name, _ in sorted(labels.items(), key=lambda item: item[1])]
+  palette = [(*plt.get_cmap("tab10")(k % 10)[:3], 0.55) for k in range(len(names) - 1)]
+  colours = ListedColormap([(0, 0, 0, 0), *palette])
   chosen = [r for r in records if r["tr_size"] == tr_size]
   if not chosen:
     return []
@@ -148,11 +153,13 @@ def draw_overlays(out: Path, records: list[dict[str, Any]], tr_size: int) -> lis
     axes[0].set_title(f"{case_id}, slice {z}", fontsize=8)
     for ax, (title, labels) in zip(axes[1:], panels):
       ax.imshow(image[:, :, z].T, cmap="gray")
-      ax.imshow(np.asarray(labels).T, cmap=colours, vmin=0, vmax=3, interpolation="nearest")
+      ax.imshow(np.asarray(labels).T, cmap=colours, vmin=0, vmax=len(names) - 1, interpolation="nearest")
       ax.set_title(title, fontsize=8)
     for ax in axes:
       ax.axis("off")
-    fig.tight_layout()
+    fig.legend(handles=[Patch(color=colour, label=name) for colour, name in zip(palette, names[1:])],
+               loc="lower center", ncol=len(palette), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     png = out / "overlays" / f"{case_id}.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     tmp = png.with_name(f".{png.name}.tmp.png")
@@ -189,7 +196,7 @@ def demo(out: Path, checkpoint: Path | None = None, epochs: int | None = None, p
   atomic_write_json(out / "demo_config.json", values)
   config = SweepConfig.from_dict(values, source=str(out / "demo_config.json"))
   result = Sweep(config, out, progress=progress).run()
-  overlays = draw_overlays(out, result["results"]["cells"], max(config.tr_sizes))
+  overlays = draw_overlays(out, result["results"]["cells"], max(config.tr_sizes), result["results"]["labels"])
   return {**result, "overlays": overlays, "seconds": time.perf_counter() - started}
 
 
