@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from autosam_jax.data.errors import DataError
+from autosam_jax.data.splits import DEFAULT_VAL_PATIENTS, parse_val_patients
 
 DESCRIPTION = __doc__
 HEAD_METHODS = ("autosam", "cnn", "linear")
@@ -55,6 +56,9 @@ class SweepConfig:
   num_folds: int = 5
   folds: tuple[int, ...] = ()  # which folds to run; () = all
   split_seed: int = 0
+  # validation patients of each fold made here: a count (e.g. 1) or a fraction of the patients (at least one where the
+  # dataset allows it), as make-splits --val-patients; the improved variant needs at least one
+  val_patients: int | float = DEFAULT_VAL_PATIENTS
   splits: str = ""  # a split file to use instead of cross-validation folds made here
   views: int = 0  # augmented views per training slice in the feature cache
   dtype: str = "bf16"  # encoder matmuls and cache storage
@@ -84,6 +88,8 @@ class SweepConfig:
         if isinstance(values[name], (str, bytes)) or not hasattr(values[name], "__iter__"):
           raise DataError(f"{source}: {name} must be a list, got {values[name]!r}")
         values[name] = tuple(values[name])
+    if "val_patients" in values:  # "1" and 1 are the same setting (a rerun compares the recorded config)
+      values["val_patients"] = parse_val_patients(values["val_patients"], f"{source}: val_patients")
     config = cls(**values)
     config.check(source)
     return config
@@ -101,6 +107,7 @@ class SweepConfig:
       raise DataError(f"{source}: tr_sizes must be positive integers, got {list(self.tr_sizes)}")
     if self.dtype not in ("bf16", "fp32"):
       raise DataError(f"{source}: dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
+    parse_val_patients(self.val_patients, f"{source}: val_patients")
     for name, value in (("views", self.views), ("num_folds", self.num_folds),
                         ("encode_batch_size", self.encode_batch_size)):
       if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "views" else 1):
@@ -201,19 +208,19 @@ def prepare_splits(config: SweepConfig, out: Path, patients: list[str]):
   Returns (splits, to_save): to_save is the full fold list to write to OUT/splits.json, or None when the file exists
   (and matches) or the config names its own split file.
   """
-  from autosam_jax.data.splits import cross_validation_splits, load_splits
+  from autosam_jax.data.splits import cross_validation_splits, load_splits, require_validation_patients
 
   to_save = None
   if config.splits:
     splits = load_splits(Path(config.splits).expanduser(), known_patients=patients)
   else:
     split_file = out / "splits.json"
-    made = cross_validation_splits(patients, config.num_folds, config.split_seed)
+    made = cross_validation_splits(patients, config.num_folds, config.split_seed, config.val_patients)
     if split_file.exists():
       splits = load_splits(split_file, known_patients=patients)
       if [s.to_dict() for s in splits] != [s.to_dict() for s in made]:
-        raise DataError(f"{split_file}: differs from the folds this config makes (other data, seed or num_folds); "
-                        "use another --out")
+        raise DataError(f"{split_file}: differs from the folds this config makes (other data, seed, num_folds or "
+                        "val_patients); use another --out")
     else:
       splits = to_save = made
   if config.folds:
@@ -225,6 +232,16 @@ def prepare_splits(config: SweepConfig, out: Path, patients: list[str]):
   for split in splits:
     if any(m not in ZERO_SHOT_METHODS for m in config.methods):
       split.labeled(largest)  # fails now, naming the split, rather than after hours of training
+  # The improved variant's plateau and best model need validation patients in every fold it trains on (zero-shot
+  # cells train nothing; the UNet baselines are faithful unless method_train says otherwise).
+  improved = [m for m in config.methods
+              if m not in ZERO_SHOT_METHODS and _train_config(m, config).variant == "improved"]
+  if improved:
+    source = Path(config.splits).expanduser() if config.splits else out / "splits.json"
+    fix = ("make the split file with --val-patients 1 (or more)" if config.splits else
+           "set val_patients to 1 (or more) in the sweep config")
+    for split in splits:
+      require_validation_patients(split, source, f"{fix} (methods {', '.join(improved)} train in the improved variant)")
   return splits, to_save
 
 

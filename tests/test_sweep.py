@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from autosam_jax.data.errors import DataError
 from tests.conftest import TINY_CONFIGS
 
 NAME = "dim64-win5-pad"
@@ -20,6 +21,8 @@ METHODS = ["linear", "unet", "zero_shot_box"]
 def _config_file(root: Path, checkpoint: Path) -> Path:
   values = {"data": str(root / "acdc"), "encoders": {"tiny": str(checkpoint)}, "methods": METHODS,
             "mode": "faithful", "tr_sizes": [1, 2], "num_folds": 2, "folds": [0], "dtype": "fp32",
+            # the faithful protocol validates on nothing it needs, and tr_size 2 needs both non-test patients
+            "val_patients": 0,
             "train": {"epochs": 1, "learning_rate": 5e-3, "plateau_start_epoch": 1},
             "method_train": {"unet": {"unet_base_channels": 8}}, "image_size": 112, "image_spacing": 2.5}
   path = root / "sweep_config.py"
@@ -116,9 +119,49 @@ def test_sweep_refuses_a_changed_config_and_bad_options(setup, capsys):
       (["--set", "methods=['autosam', 'resnet']"], "unknown method"),
       (["--set", "tr_sizes=[1, 9]"], "tr_size 9 is larger than the training set"),
       (["--set", "image_size=100"], "multiple of 16"),
+      (["--set", "val_patients=1.5"], "val_patients: 1.5 is neither a count nor a fraction"),
+      (["--set", "mode=improved"], "split cv2-seed0-fold0 of"),  # the linear head's improved variant needs validation
       (["--set", "colour=1"], "unknown sweep option"))):
     fresh = root / f"bad-{number}"
     assert main(["sweep", "--config", str(config), "--out", str(fresh), *override]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
     assert not (fresh / "cells").exists() and not (fresh / "runs").exists()
+
+
+def test_improved_methods_need_validation_patients_and_zero_shot_does_not(tmp_path):
+  from experiments.label_efficiency import SweepConfig, prepare_splits
+
+  patients = [f"patient{i:03d}" for i in range(1, 7)]
+  improved = {"data": "acdc", "encoders": {"tiny": "sam.pth"}, "mode": "improved", "tr_sizes": [1], "num_folds": 5}
+  splits, _ = prepare_splits(SweepConfig.from_dict(improved | {"methods": ["linear"]}, "c.py"), tmp_path, patients)
+  assert [len(s.val) for s in splits] == [1] * 5  # the default share keeps one on six patients
+  none = improved | {"val_patients": 0}
+  with pytest.raises(DataError) as info:
+    prepare_splits(SweepConfig.from_dict(none | {"methods": ["linear", "unet", "zero_shot_box"]}, "c.py"), tmp_path,
+                   patients)
+  message = str(info.value)
+  assert message.startswith(f"split cv5-seed0-fold0 of {tmp_path / 'splits.json'} has no validation patients")
+  assert "set val_patients to 1 (or more)" in message and "(methods linear train in the improved variant)" in message
+  assert not list(tmp_path.iterdir())  # refused before anything was written
+  # zero-shot cells train nothing and the UNet baselines train faithfully: no validation needed
+  splits, _ = prepare_splits(SweepConfig.from_dict(none | {"methods": ["unet", "simclr", "zero_shot_point"]}, "c.py"),
+                             tmp_path, patients)
+  assert [len(s.val) for s in splits] == [0] * 5
+  # a split file of the config's own: the fix is to remake it
+  from autosam_jax.data.splits import Split
+  own = Split(name="mine", seed=None, train=patients[:4], val=[], test=patients[4:]).to_json(tmp_path / "own.json")
+  with pytest.raises(DataError, match=rf"split mine of {own} has no .* make the split file with --val-patients 1"):
+    prepare_splits(SweepConfig.from_dict(improved | {"methods": ["autosam"], "splits": str(own)}, "c.py"), tmp_path,
+                   patients)
+
+
+@pytest.mark.parametrize("value,stored", [(1, 1), ("2", 2), (0.3, 0.3), ("0.15", 0.15)])
+def test_val_patients_option_of_the_sweep(value, stored):
+  from experiments.label_efficiency import SweepConfig
+
+  config = SweepConfig.from_dict({"data": "acdc", "methods": ["unet"], "val_patients": value}, "c.py")
+  assert config.val_patients == stored and type(config.val_patients) is type(stored)
+  assert SweepConfig.from_dict({"data": "acdc", "methods": ["unet"]}, "c.py").val_patients == 0.15
+  with pytest.raises(DataError, match=r"^c.py: val_patients: -1 is a negative count"):
+    SweepConfig.from_dict({"data": "acdc", "methods": ["unet"], "val_patients": -1}, "c.py")

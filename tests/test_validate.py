@@ -211,21 +211,66 @@ def test_label_spacing_mismatch(acdc, capsys):
   assert_rejected(acdc, path, capsys, "voxel spacing")
 
 
-def test_label_affine_mismatch_is_a_warning(acdc, capsys):
+def _flip_axis_0(data, affine, zooms):
+  # the same box in space, walked the other way along axis 0: voxel 0 of the label lies on the image's last voxel
+  affine[:3, 3] += affine[:3, 0] * (data.shape[0] - 1)
+  affine[:3, 0] *= -1
+  return data, affine, zooms
+
+
+def _swap_axes_0_1(data, affine, zooms):  # both in-plane axes have the same spacing, so only the affine tells
+  affine[:, [0, 1]] = affine[:, [1, 0]]
+  return data, affine, zooms
+
+
+def _shift_origin(data, affine, zooms):  # 2.5 mm, more than a voxel in-plane
+  affine[:3, 3] += 2.5
+  return data, affine, zooms
+
+
+def _rotate_2_degrees(data, affine, zooms):  # about the volume's first voxel, in scanner space
+  angle = np.deg2rad(2.0)
+  rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+  affine[:3, :3] = rotation @ affine[:3, :3]
+  return data, affine, zooms
+
+
+@pytest.mark.parametrize("transform,kind", [(_flip_axis_0, "voxel axis 0 is flipped"),
+                                            (_swap_axes_0_1, "axes are swapped"), (_shift_origin, "shifted by"),
+                                            (_rotate_2_degrees, "rotated")])
+def test_label_on_another_grid_is_refused(acdc, capsys, transform, kind):
+  path = label_of(acdc)
+  resave(path, transform)
+  message = assert_rejected(acdc, path, capsys, "affine does not match image", image_of(acdc).name, kind,
+                            "resample it onto the image")
+  assert float(message.split("lands ")[1].split(" voxels")[0]) > 0.5
+
+
+def test_sub_voxel_affine_noise_is_a_warning(acdc, capsys):
   path = label_of(acdc)
 
-  def shift_origin(data, affine, zooms):
-    affine[:3, 3] += 2.5
+  def jitter(data, affine, zooms):  # 0.2 mm and a little rotation noise: well below a voxel (over 1 mm here)
+    affine[:3, 3] += 0.2
+    affine[:3, :3] *= 1 + 1e-5
     return data, affine, zooms
 
-  resave(path, shift_origin)
+  resave(path, jitter)
   report = validate(acdc)
   assert len(report.cases) == 4
   assert len(report.warnings) == 1 and str(path) in report.warnings[0] and "affine" in report.warnings[0]
   assert "\n" not in report.warnings[0]
+  moved = float(report.warnings[0].split("moves ")[1].split(" voxel")[0])
+  assert 0.05 < moved < 0.5
   code, captured = run_cli(acdc, capsys)
   assert code == 0
   assert captured.err.startswith("warning: ") and str(path) in captured.err
+
+
+def test_float32_rounding_of_the_affine_is_no_warning(acdc):
+  path = label_of(acdc)
+  resave(path, lambda data, affine, zooms: (data, affine + 1e-6 * np.sign(affine), zooms))
+  assert read_label(path, range(4)).affine.tolist() != read_nifti(image_of(acdc)).affine.tolist()  # header changed
+  assert validate(acdc).warnings == []
 
 
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf])

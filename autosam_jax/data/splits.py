@@ -9,6 +9,11 @@ Every split is made at the patient level (both frames of a patient land in the s
 - `cross_validation_splits`: disjoint test folds that partition the patients (the fix for the official overlap), each
   with a validation part carved from the rest.
 
+Both take the validation part as `val_patients`: a count (an int >= 0) or a fraction of all N patients (a float in
+(0, 1); default 0.15, the official share). A fraction keeps at least one validation patient whenever train and test
+can still keep one each: int(0.15 N) is 0 below 7 patients, and the improved protocol (plateau and best model on
+validation Dice) needs one; `require_validation_patients` refuses a split without them for it.
+
 `Split.train` keeps the seeded order, and `Split.labeled(k)` is its first k patients, so the labeled sets are nested
 (k=1 within k=2 within ...), as `tr_size` is in the official code.
 
@@ -237,42 +242,94 @@ def _shuffled(ids: Sequence[str], rng: np.random.Generator) -> list[str]:
   return [ids[i] for i in rng.permutation(len(ids))]
 
 
-def official_split(patient_ids: Iterable[str], seed: int) -> Split:
+DEFAULT_VAL_PATIENTS = 0.15  # the official validation share
+_VAL_PATIENTS_FIX = ("give a count (a whole number >= 0, e.g. 1) or a fraction of the patients (between 0 and 1, "
+                     "e.g. 0.15)")
+
+
+def parse_val_patients(value: Any, where: str = "val_patients") -> int | float:
+  """A validation count (int >= 0) or fraction (float in (0, 1)), from a number or from text such as "1" or "0.15";
+  anything else is a DataError starting with `where` (the option), so the CLI and the sweep name their own option."""
+  if isinstance(value, str):
+    text = value.strip()
+    try:
+      value = int(text)
+    except ValueError:
+      try:
+        value = float(text)
+      except ValueError:
+        raise DataError(f"{where}: {value!r} is not a number; {_VAL_PATIENTS_FIX}") from None
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    if value < 0:
+      raise DataError(f"{where}: {value} is a negative count; {_VAL_PATIENTS_FIX}")
+    return int(value)
+  if isinstance(value, (float, np.floating)):
+    if not 0 < value < 1:
+      raise DataError(f"{where}: {value!r} is neither a count nor a fraction in (0, 1); {_VAL_PATIENTS_FIX}")
+    return float(value)
+  raise DataError(f"{where}: {value!r} is not a number; {_VAL_PATIENTS_FIX}")
+
+
+def _num_val(val_patients: int | float, num_patients: int, room: int) -> int:
+  """How many validation patients `val_patients` means for `num_patients`, where `room` is the most that still leaves
+  train and test one patient each: a count as given, a fraction int(fraction * N) (the official expression) but at
+  least one when there is room (int(0.15 N) is 0 below 7 patients)."""
+  val_patients = parse_val_patients(val_patients)
+  if isinstance(val_patients, int):
+    return val_patients
+  return max(int(val_patients * num_patients), min(1, room))
+
+
+def require_validation_patients(split: Split, source: str | os.PathLike,
+                                fix: str = "make the splits with --val-patients 1 (or more)") -> None:
+  """Refuses a split with no validation patients for the improved protocol, before anything is written: without them
+  its plateau never steps and no best model is saved, so the run would quietly be another protocol. `source` (the
+  split file) and `fix` go into the one-line message."""
+  if not split.val:
+    raise DataError(f"split {split.name} of {source} has no validation patients, which the improved protocol needs "
+                    f"(plateau and best model on validation Dice); {fix}")
+
+
+def official_split(patient_ids: Iterable[str], seed: int, val_patients: int | float = DEFAULT_VAL_PATIENTS) -> Split:
   """The official 70/15/15 protocol from one seeded shuffle: train int(0.7 N), val int(0.15 N), test the rest.
 
-  The sizes use the official float expressions (so N=90 gives 62 train, as the official code would), and val may
-  be empty for very small N.
+  The sizes use the official float expressions (so N=90 gives 62 train, as the official code would). `val_patients`
+  (count or fraction, see the module docstring) sets the validation part; where int(0.7 N) training patients and
+  the validation part would leave no test patient, train shrinks so that test keeps one (3 patients: 1/1/1).
   """
   seed = _check_seed(seed)
   ids = _sorted_unique(patient_ids)
   n = len(ids)
-  num_train, num_val = int(0.7 * n), int(0.15 * n)
-  if num_train < 1 or n - num_train - num_val < 1:
+  if n < 2:
     raise DataError(f"the official split needs at least 2 patients for non-empty train and test parts, got {n}")
+  num_val = _num_val(val_patients, n, room=n - 2)
+  if num_val > n - 2:
+    raise DataError(f"the official split of {n} patients has no room for {num_val} validation patient(s) besides a "
+                    "training and a test patient; lower val_patients (--val-patients)")
+  num_train = min(int(0.7 * n), n - num_val - 1)
   order = _shuffled(ids, np.random.default_rng(seed))
   return Split(name=f"official-seed{seed}", seed=seed, train=order[:num_train],
                val=order[num_train:num_train + num_val], test=order[num_train + num_val:])
 
 
 def cross_validation_splits(patient_ids: Iterable[str], num_folds: int = 5, seed: int = 0,
-                            val_fraction: float = 0.15) -> list[Split]:
+                            val_patients: int | float = DEFAULT_VAL_PATIENTS) -> list[Split]:
   """`num_folds` splits whose test parts are disjoint and together cover every patient.
 
   Test folds come from one seeded shuffle (sizes differ by at most one). From each fold's remaining patients,
-  int(val_fraction * N) of all N patients (15 of 100, as in the official protocol) go to validation, chosen by a
-  shuffle seeded with (seed, fold); the rest, in that shuffled order, is the training part that `labeled` takes
-  prefixes of. All folds record `seed`; fold k's inner shuffle is `np.random.default_rng([seed, k])`.
+  `val_patients` go to validation (a count, or a fraction of all N patients: int(0.15 N), 15 of 100 as in the
+  official protocol, but at least one when every fold has room for it), chosen by a shuffle seeded with (seed, fold);
+  the rest, in that shuffled order, is the training part that `labeled` takes prefixes of. Every fold has the same
+  number of validation patients. All folds record `seed`; fold k's inner shuffle is `np.random.default_rng([seed, k])`.
   """
   seed = _check_seed(seed)
   ids = _sorted_unique(patient_ids)
   n = len(ids)
   if isinstance(num_folds, bool) or not isinstance(num_folds, (int, np.integer)) or not 2 <= num_folds <= n:
     raise DataError(f"num_folds must be an integer from 2 to the number of patients ({n}), got {num_folds!r}")
-  if not 0 <= val_fraction < 1:
-    raise DataError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-  num_val = int(val_fraction * n)
   order = _shuffled(ids, np.random.default_rng(seed))
   folds = np.array_split(np.arange(n), num_folds)
+  num_val = _num_val(val_patients, n, room=n - max(len(fold) for fold in folds) - 1)
   splits = []
   for k, fold in enumerate(folds):
     test = [order[i] for i in fold]
@@ -280,7 +337,7 @@ def cross_validation_splits(patient_ids: Iterable[str], num_folds: int = 5, seed
     rest = _shuffled([p for p in order if p not in in_test], np.random.default_rng([seed, k]))
     if len(rest) - num_val < 1:
       raise DataError(f"fold {k} has {len(rest)} non-test patients, too few for {num_val} validation patients "
-                      "and a training part; lower val_fraction or num_folds")
+                      "and a training part; lower val_patients (--val-patients) or the number of folds")
     splits.append(Split(name=f"cv{num_folds}-seed{seed}-fold{k}", seed=seed, train=rest[num_val:],
                         val=rest[:num_val], test=test))
   return splits
@@ -293,6 +350,7 @@ DESCRIPTION = """Write patient-level splits of a NIfTI dataset to JSON.
 
 official: one 70/15/15 train/val/test split (the paper's protocol, with the seed recorded).
 cv: K folds whose test parts partition the patients, each with a validation part carved from its training part.
+--val-patients sets the validation part (default 0.15 of the patients, at least one where the dataset allows it).
 tr_size k always means the first k patients of a split's seeded training order, so smaller sets nest in larger."""
 
 
@@ -303,6 +361,11 @@ def add_arguments(parser) -> None:
   parser.add_argument("--protocol", choices=["official", "cv"], default="cv")
   parser.add_argument("--folds", type=int, default=5, help="folds for --protocol cv (default 5)")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--val-patients", default=str(DEFAULT_VAL_PATIENTS), metavar="COUNT|FRACTION",
+                      help="validation patients: a count (e.g. 1; 0 for none) or a fraction of all patients (e.g. "
+                      "0.15, the default, the official share); a fraction keeps at least one validation patient "
+                      "whenever train and test still keep one each (int(0.15 N) is 0 below 7 patients), because "
+                      "the improved protocol's plateau and best model need validation Dice")
   parser.add_argument("--out", type=_Path, required=True, help="JSON file to write")
 
 
@@ -312,11 +375,12 @@ def run(args) -> int:
   from autosam_jax.data.validate import validate
 
   try:
+    val_patients = parse_val_patients(args.val_patients, "--val-patients")  # before reading the dataset
     patients = validate(args.data_dir).patient_ids
     if args.protocol == "official":
-      splits = [official_split(patients, args.seed)]
+      splits = [official_split(patients, args.seed, val_patients)]
     else:
-      splits = cross_validation_splits(patients, args.folds, args.seed)
+      splits = cross_validation_splits(patients, args.folds, args.seed, val_patients)
     save_splits(splits, args.out)
   except DataError as err:
     print(f"error: {err}", file=sys.stderr)

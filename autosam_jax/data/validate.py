@@ -37,8 +37,11 @@ Prints a summary and warnings; the first problem is one line naming the file, an
 
 ACDC_LABELS = ACDC_TABLE.to_dict()
 SPACING_RELATIVE_TOLERANCE = 1e-3
-# Affines are stored as float32 in the header; differences far above that rounding mean a different grid.
-AFFINE_RTOL, AFFINE_ATOL_MM = 1e-5, 1e-3
+# Image and label affines are compared where they matter: where each puts the corners of the voxel grid, in image
+# voxels. Below AFFINE_NOISE_VOXELS the difference is float32 rounding of the header; up to AFFINE_MAX_VOXELS (half a
+# voxel, so every label voxel still lands on its own image voxel) it is header noise and only warned about; beyond that
+# the label lies on another grid (flipped, axes swapped, shifted or rotated), and using it would train on wrong masks.
+AFFINE_NOISE_VOXELS, AFFINE_MAX_VOXELS = 1e-3, 0.5
 
 _ACDC_PATIENT_DIR = re.compile(r"patient\d+")
 _NNUNET_CHANNEL_FILE = re.compile(r"(?P<case>.+)_(?P<channel>\d{4})")
@@ -111,10 +114,38 @@ def _check_pair(image: NiftiVolume, label: NiftiVolume, warnings: list[str]) -> 
     raise DataError(f"{label.path}: voxel spacing {tuple(round(s, 6) for s in label.spacing)} mm differs from image "
                     f"{image.path.name} spacing {tuple(round(s, 6) for s in image.spacing)} mm; fix the header "
                     "(pixdim) or resample the label onto the image")
-  if not np.allclose(label.affine, image.affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL_MM):
-    largest = float(np.abs(label.affine - image.affine).max())
-    warnings.append(f"{label.path}: affine differs from image {image.path.name} (largest difference {largest:.3g}); "
-                    "the voxel grids match, so the label is used as is, but check the files' orientation")
+  # The label's voxel grid in image voxel coordinates; an element-wise comparison of the affines would mix mm and
+  # direction cosines and could not tell rounding from a flip.
+  try:
+    label_to_image = np.linalg.inv(image.affine) @ label.affine
+  except np.linalg.LinAlgError:
+    raise DataError(f"{image.path}: the affine (sform/qform) is not invertible; fix the image header") from None
+  corners = np.array([[i, j, k, 1.0] for i in (0, image.shape[0] - 1) for j in (0, image.shape[1] - 1)
+                      for k in (0, image.shape[2] - 1)])
+  moved = float(np.abs((corners @ label_to_image.T - corners)[:, :3]).max())
+  if moved <= AFFINE_NOISE_VOXELS:
+    return
+  if moved <= AFFINE_MAX_VOXELS:
+    warnings.append(f"{label.path}: affine differs slightly from image {image.path.name} (a corner of the voxel grid "
+                    f"moves {moved:.3g} voxel); below half a voxel this is header noise and the label is used as is")
+    return
+  linear = label_to_image[:3, :3]
+  signed_permutation = np.round(linear)
+  if np.allclose(linear, signed_permutation, atol=1e-2) and (np.abs(signed_permutation).sum(axis=0) == 1).all() \
+      and (np.abs(signed_permutation).sum(axis=1) == 1).all():
+    if (np.abs(np.diag(signed_permutation)) != 1).any():
+      kind = "its voxel axes are swapped"
+    elif (np.diag(signed_permutation) < 0).any():
+      flipped = [str(a) for a in np.flatnonzero(np.diag(signed_permutation) < 0)]
+      kind = (f"voxel axis {flipped[0]} is flipped" if len(flipped) == 1 else
+              f"voxel axes {', '.join(flipped)} are flipped")
+    else:
+      kind = f"it is shifted by {tuple(round(float(t), 2) for t in label_to_image[:3, 3])} voxels"
+  else:
+    kind = "it is rotated or scaled"
+  raise DataError(f"{label.path}: affine does not match image {image.path.name}: {kind}, so a corner of the voxel "
+                  f"grid lands {moved:.3g} voxels away; the label must lie on the image's grid: save it with the "
+                  "image's affine (sform and qform) if only the header is wrong, else resample it onto the image")
 
 
 def _parse_value(text: str) -> Any:

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
   from autosam_jax import parallel
   from autosam_jax.data.errors import DataError
-  from autosam_jax.data.splits import select_split
+  from autosam_jax.data.splits import require_validation_patients, select_split
   from autosam_jax.models.loading import CheckpointError
   from autosam_jax.train.loop import NonFiniteLossError, train
 
@@ -62,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     split = select_split(args.splits, args.fold)
     labeled = split.labeled(args.tr_size)
+    if config.variant == "improved":  # its plateau and best model need validation Dice: refuse before writing
+      require_validation_patients(split, args.splits)
     if config.head != "unet" and args.weights is None:
       raise DataError(f"--weights is needed to initialise a {config.head} head from SAM")
     from autosam_jax.models.loading import load_sam
