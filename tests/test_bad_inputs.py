@@ -432,7 +432,8 @@ def weights_without_params_to_zero_shot(world, tmp_path):
 def weights_of_another_sam_to_predict(world, tmp_path):
   argv = _predict(world, world.phantom, tmp_path / "out")
   argv[argv.index("--weights") + 1] = world.other_weights
-  return Refusal(argv, world.model.name, [tmp_path / "out"], ("cannot be restored",))
+  # The model records the digest of the weights its cache was computed with: refused before any restore.
+  return Refusal(argv, world.model.name, [tmp_path / "out"], ("other SAM weights", "SHA-256"))
 
 
 def run_directory_instead_of_model_to_predict(world, tmp_path):
