@@ -42,6 +42,23 @@ def _nifti_cases(root):
   return cases
 
 
+def _canonical(data, image):
+  """The phantom in canonical slicing order, by nibabel: reoriented to RAS, then its slice axis (thick, stored last)
+  moved last again."""
+  from nibabel.orientations import apply_orientation, io_orientation
+
+  ornt = io_orientation(image.affine)
+  return np.moveaxis(apply_orientation(data, ornt), int(ornt[2, 0]), -1)
+
+
+def _canonical_spacing(image):
+  from nibabel.orientations import io_orientation
+
+  ornt = io_orientation(image.affine)
+  zooms = image.header.get_zooms()[:3]
+  return [zooms[int(np.flatnonzero(ornt[:, 0] == w)[0])] for w in range(3) if w != ornt[2, 0]] + [zooms[2]]
+
+
 def test_built_without_tensorflow(acdc_built):
   assert "tensorflow" not in sys.modules
 
@@ -62,12 +79,16 @@ def test_volumes_reassemble_with_their_geometry(acdc_built, acdc_source):
   assert len(volumes) == len(files)
   for volume in volumes.values():
     frame_file = [k for k in files if k.startswith(volume.patient_id)]
-    matches = [k for k in frame_file if np.array_equal(files[k][1].get_fdata().astype(np.uint8), volume.label)]
+    matches = [k for k in frame_file
+               if np.array_equal(_canonical(files[k][1].get_fdata().astype(np.uint8), files[k][1]), volume.label)]
     assert len(matches) == 1, volume.case_id
     image, label = files[matches[0]]
-    np.testing.assert_array_equal(volume.image, image.get_fdata(dtype=np.float32))
+    # sliced in the canonical order; affine and shape those of the stored file, to which the labels map back
+    np.testing.assert_array_equal(volume.image, _canonical(image.get_fdata(dtype=np.float32), image))
     np.testing.assert_allclose(volume.affine, image.affine)
-    np.testing.assert_allclose(volume.spacing, image.header.get_zooms()[:3], rtol=1e-6)
+    assert volume.stored_shape == image.shape
+    np.testing.assert_array_equal(volume.to_stored(volume.label), np.asarray(label.dataobj))
+    np.testing.assert_allclose(volume.spacing, _canonical_spacing(image), rtol=1e-6)
     assert set(np.unique(volume.label)) <= {0, 1, 2, 3}
 
 
@@ -128,10 +149,10 @@ def test_nnunet_builder(tmp_path):
   for label_file in labels:
     case = label_file.name.replace(".nii.gz", "")
     label = nib.load(label_file)
-    np.testing.assert_array_equal(volumes[case].label, label.get_fdata().astype(np.uint8))
+    np.testing.assert_array_equal(volumes[case].label, _canonical(label.get_fdata().astype(np.uint8), label))
     np.testing.assert_allclose(volumes[case].affine, label.affine)
     image = nib.load(source / "imagesTr" / f"{case}_0000.nii.gz")
-    np.testing.assert_array_equal(volumes[case].image, image.get_fdata(dtype=np.float32))
+    np.testing.assert_array_equal(volumes[case].image, _canonical(image.get_fdata(dtype=np.float32), image))
 
 
 def test_grain_loader_order_and_resume(acdc_built):

@@ -93,11 +93,11 @@ def test_ground_truth_scores_perfectly(run):
   root = run["root"]
   cache = FeatureCache(root / "cache")
   config = preprocess_config_from_manifest(cache.manifest["depends_on"])
-  volumes, _ = load_volumes(root / "acdc", root / "tfds")
+  volumes, _, table = load_volumes(root / "acdc", root / "tfds")
   cases = _cached_cases(cache, "patient003", volumes)
   targets = {case: np.stack([cache[i]["target"] for i in indices]) for case, indices in cases.items()}
   natives = {case: volumes[case].label for case in cases}
-  exact = score_patient("patient003", targets, targets, volumes, config, native_predictions=natives)
+  exact = score_patient("patient003", targets, targets, volumes, config, table.foreground, native_predictions=natives)
   assert exact.official.shape[0] == sum(v.shape[2] for v in natives.values())
   checked = 0
   for result in [exact.official, *exact.standard.values()]:
@@ -107,7 +107,7 @@ def test_ground_truth_scores_perfectly(run):
         checked += 1
   assert checked == 9  # every class present in the patient and in each frame
   # through to_native: the 224 targets are a resampling of the native labels, so close but not exact
-  mapped = score_patient("patient003", targets, targets, volumes, config)
+  mapped = score_patient("patient003", targets, targets, volumes, config, table.foreground)
   for case, result in mapped.standard.items():
     assert mapped.native[case].shape == volumes[case].label.shape
     assert result.mean("dice").value > 0.85, (case, result.to_dict()["mean"])
@@ -183,29 +183,33 @@ def test_predict_maps_scans_onto_the_grid_the_model_was_trained_on(phantom, tmp_
   from flax import nnx
 
   from autosam_jax.cli import main
+  from autosam_jax.data.labels import ACDC_TABLE
   from autosam_jax.data.nifti import read_nifti
+  from autosam_jax.data.orientation import choose_orientation
   from autosam_jax.data.preprocess import PreprocessConfig
   from autosam_jax.evaluation.predict import make_head_forward, predict_volume
   from autosam_jax.models.unet import UNet
   from autosam_jax.train.loop import load_head, save_model
 
-  config = TrainConfig(head="unet", variant="faithful", unet_base_channels=4)
+  config = TrainConfig(head="unet", variant="faithful", unet_base_channels=4, num_classes=4)
   coarse = PreprocessConfig(mode="faithful", target_spacing=(2.5, 2.5), slice_size=112)
   unet = UNet(4, base_channels=4, rngs=nnx.Rngs(3))
   # Random weights give one class everywhere; without the bias and with a larger 1x1 head the labels follow the image.
   unet.head.bias.set_value(np.zeros(unet.head.bias.shape, np.float32))
   unet.head.kernel.set_value(np.asarray(unet.head.kernel.get_value()) * 30)
   _, params, frozen = nnx.split(unet, nnx.Param, ...)
-  save_model(tmp_path / "unet", params, frozen, config, coarse.to_dict())
+  save_model(tmp_path / "unet", params, frozen, config, coarse.to_dict(), {"labels": ACDC_TABLE.to_dict()})
   assert main(["predict", "--model", str(tmp_path / "unet"), "--input", str(phantom), "--output",
                str(tmp_path / "out")]) == 0
   predicted = np.asarray(nib.load(tmp_path / "out" / phantom.name).dataobj)
 
   head, _ = load_head(tmp_path / "unet", None)
   volume = read_nifti(phantom)
+  orientation = choose_orientation(volume.affine, volume.spacing)  # predict slices in the canonical order
   expected = {}
   for grid in (coarse, PreprocessConfig(mode="faithful")):
     forward = make_head_forward(head, grid.target_size, 4)
-    expected[grid.slice_size] = predict_volume(volume.data, volume.spacing, None, forward, grid, 4, str(phantom))
+    expected[grid.slice_size] = predict_volume(volume.data, volume.spacing, None, forward, grid, 4, str(phantom),
+                                               orientation=orientation)
   assert len(np.unique(expected[112])) > 1 and not np.array_equal(expected[112], expected[224])
   np.testing.assert_array_equal(predicted, expected[112])

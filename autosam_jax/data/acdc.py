@@ -32,14 +32,20 @@ ACDC cannot be downloaded automatically: its terms require registration.
 
 
 def case_examples(cases, allowed_labels):
-  """Slice examples of validated cases (`autosam_jax.data.validate.Case`)."""
+  """Slice examples of validated cases (`autosam_jax.data.validate.Case`), each cut along its through-plane axis in
+  the canonical voxel order chosen from the image's geometry (`autosam_jax.data.orientation`)."""
   from autosam_jax.data.nifti import read_label, read_nifti
+  from autosam_jax.data.orientation import choose_orientation
 
   for case in cases:
     image = read_nifti(case.image_path)
     label = read_label(case.label_path, set(allowed_labels))
+    try:
+      orientation = choose_orientation(image.affine, image.spacing)
+    except ValueError as err:
+      raise DataError(f"{case.image_path}: {err}; fix the affine (sform/qform) in the header") from None
     for example in volume_to_examples(case.case_id, case.patient_id, case.frame or "", image.data, label.data,
-                                      image.spacing, image.affine):
+                                      image.spacing, image.affine, orientation):
       kill_point("build.example")
       yield example
 
@@ -61,8 +67,10 @@ def source_fingerprint(cases) -> str:
 class Acdc(tfds.core.GeneratorBasedBuilder):
   """ACDC cine-MRI, ED and ES frames, as 2D short-axis slices with labels 0 bg, 1 RV, 2 MYO, 3 LV."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "2D slices of the ED and ES frames with geometry for reassembly."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "2D slices of the ED and ES frames with geometry for reassembly.",
+                   "1.1.0": "Slices along the through-plane axis of a canonical voxel order chosen from the geometry, "
+                            "with the orientation recorded; spacing in canonical order."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
 
   def _info(self) -> tfds.core.DatasetInfo:

@@ -41,6 +41,8 @@ def _load(path: Path, as_float: bool) -> tuple[nib.Nifti1Image, np.ndarray]:
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
       raise DataError(f"{path}: is a {type(image).__name__}, not NIfTI; convert it to .nii.gz")
     data = image.get_fdata(dtype=np.float32) if as_float else np.asanyarray(image.dataobj)
+    if path.name.endswith(".gz"):
+      _check_gzip_stream(path)
   except DataError:
     raise
   # nibabel and the gzip/zlib layers raise many unrelated types for a bad file (OSError, EOFError, zlib.error,
@@ -52,6 +54,16 @@ def _load(path: Path, as_float: bool) -> tuple[nib.Nifti1Image, np.ndarray]:
     raise DataError(f"{path}: cannot read NIfTI ({kind}: {_one_line(err)}); the file is truncated or corrupt, copy or "
                     "export it again") from err
   return image, data
+
+
+def _check_gzip_stream(path: Path) -> None:
+  """Reads the whole gzip stream to its end, where gzip checks the CRC and length of the data. nibabel reads only the
+  bytes the header asks for, so damaged deflate data can decode into wrong voxels without an error."""
+  import gzip
+
+  with gzip.open(path, "rb") as stream:
+    while stream.read(1 << 24):
+      pass
 
 
 def _as_3d(path: Path, data: np.ndarray) -> np.ndarray:

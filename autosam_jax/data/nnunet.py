@@ -30,8 +30,10 @@ def _dataset_name(source_dir: Path) -> str:
 class NnunetRaw(tfds.core.GeneratorBasedBuilder):
   """2D slices of an nnU-Net raw dataset's training cases, labels as declared in its dataset.json."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "2D slices with geometry for reassembly."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "2D slices with geometry for reassembly.",
+                   "1.1.0": "Slices along the through-plane axis of a canonical voxel order chosen from the geometry, "
+                            "with the orientation recorded; spacing in canonical order."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the nnU-Net raw dataset folder (holding dataset.json) as the source directory."
 
   def _info(self) -> tfds.core.DatasetInfo:

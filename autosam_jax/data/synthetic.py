@@ -77,13 +77,30 @@ class PhantomPatient:
   spacing: tuple[float, float, float]  # mm, (x, y, z)
 
 
+# The left ventricle's long axis in scanner (RAS) coordinates, base to apex: towards the patient's left, anterior and
+# inferior, so short-axis planes are double-oblique, as cardiac MRI plans them.
+LONG_AXIS_RAS = (-0.6, 0.5, -0.6)
+MAX_TILT_DEGREES = 15.0  # patients' hearts differ in orientation, but their short-axis planes stay alike
+
+
+def _axis_rotation(axis: np.ndarray, angle: float) -> np.ndarray:
+  axis = np.asarray(axis, np.float64) / np.linalg.norm(axis)
+  k = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+  return np.eye(3) + np.sin(angle) * k + (1.0 - np.cos(angle)) * (k @ k)
+
+
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
-  """A uniformly random proper rotation: scanner short-axis planes are oblique in every direction."""
-  q, r = np.linalg.qr(rng.standard_normal((3, 3)))
-  q = q * np.sign(np.diag(r))
-  if np.linalg.det(q) < 0:
-    q[:, 0] = -q[:, 0]
-  return q
+  """A short-axis frame (columns: in-plane x, in-plane y, slice normal): the long axis `LONG_AXIS_RAS` tilted by up to
+  MAX_TILT_DEGREES in a random direction, with a random in-plane rotation. Planes are oblique in every scanner
+  direction, and alike across patients, as the short-axis planes of one cardiac dataset are."""
+  normal = np.asarray(LONG_AXIS_RAS, np.float64) / np.linalg.norm(LONG_AXIS_RAS)
+  first = np.cross(normal, [0.0, 0.0, 1.0])
+  first /= np.linalg.norm(first)
+  frame = np.stack([first, np.cross(normal, first), normal], axis=1)
+  frame = _axis_rotation(normal, float(rng.uniform(-np.pi, np.pi))) @ frame
+  tilt_axis = np.cross(normal, rng.standard_normal(3))
+  tilt = _axis_rotation(tilt_axis, np.deg2rad(float(rng.uniform(0.0, MAX_TILT_DEGREES))))
+  return tilt @ frame
 
 
 def _inside_ellipse(u2: np.ndarray, v2: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -214,6 +214,26 @@ def _check_folder(data_dir: Path) -> None:
                     "dataset (dataset.json, imagesTr/, labelsTr/)")
 
 
+def _check_planes(root: Path, cases: list[Case], warnings: list[str]) -> None:
+  """Warns when the cases are acquired in different planes (slice planes far apart in world space): slices
+  are cut along each case's own through-plane axis, so a model trained on the majority's plane sees the others' rarely.
+  Only headers are read (the volumes were checked already)."""
+  import nibabel as nib
+
+  from autosam_jax.data.orientation import choose_orientation, plane_disagreement, slice_normal
+
+  normals = {}
+  for case in cases:
+    affine = nib.load(str(case.image_path)).affine
+    try:
+      normals[case.case_id] = slice_normal(affine, choose_orientation(affine, case.spacing))
+    except ValueError as err:
+      raise DataError(f"{case.image_path}: {err}; fix the affine (sform/qform) in the header") from None
+  warning = plane_disagreement(normals)
+  if warning:
+    warnings.append(f"{root}: {warning}")
+
+
 def validate_acdc(data_dir: str | Path) -> ValidationReport:
   """Checks an ACDC folder (patients in `data_dir` or `data_dir/training`); raises `DataError` at the first problem."""
   data_dir = Path(data_dir)
@@ -241,6 +261,7 @@ def validate_acdc(data_dir: str | Path) -> ValidationReport:
       cases.append(Case(case_id=stem, patient_id=patient_id, frame=frame, frame_number=frame_number,
                         image_path=image_path, label_path=label_path, shape=image.shape, spacing=image.spacing,
                         info=dict(info)))
+  _check_planes(root, cases, warnings)
   return ValidationReport(layout="acdc", root=root, labels=dict(ACDC_LABELS), cases=cases, warnings=warnings)
 
 
@@ -354,6 +375,7 @@ def validate_nnunet(data_dir: str | Path) -> ValidationReport:
                     "cases; update numTraining")
   if num_channels > 1:
     warnings.append(f"{dataset_json_path}: {num_channels} channels declared; AutoSAM uses channel 0000 only")
+  _check_planes(data_dir, cases, warnings)
   return ValidationReport(layout="nnunet", root=data_dir, labels=labels, cases=cases, warnings=warnings,
                           dataset_json=dataset)
 

@@ -12,7 +12,7 @@ Every slice of each test patient's cases (ACDC: its ED and ES frames) is predict
     valid part of the 256 grid in improved mode) against the cache's targets, HD95 in voxels (the paper's numbers);
   standard: each frame mapped back to its native grid against the native label volume, HD95 in mm.
 Writes OUT/metrics.json (per patient and frame, both conventions, and their means), OUT/metrics.md (the summary table)
-and OUT/predictions/<case_id>.nii.gz (native-grid label maps with the source volume's affine).
+and OUT/predictions/<case_id>.nii.gz (native-grid label maps in the source file's voxel order, with its affine).
 
 Under jax.distributed (--coordinator/--num-processes/--process-id, or JAX's environment variables) each process
 predicts and scores every P-th test patient on its own first device; process 0 writes metrics.json and metrics.md.
@@ -155,8 +155,10 @@ def evaluate(model_dir: Path, weights_dir: Path | None, cache_dir: Path, source_
       logits[case_id] = forward(np.stack([np.asarray(it["embedding"], np.float32) for it in items]))
       targets[case_id] = np.stack([it["target"] for it in items])
     score = score_patient(patient_id, logits, targets, volumes, preprocess_config, classes)
-    for case_id, labels in score.native.items():
-      atomic_write_bytes(predictions_dir / f"{case_id}.nii.gz", label_nifti_bytes(labels, volumes[case_id].affine))
+    for case_id, predicted in score.native.items():
+      volume = volumes[case_id]  # scored in canonical order, written in the file's own voxel order and affine
+      atomic_write_bytes(predictions_dir / f"{case_id}.nii.gz",
+                         label_nifti_bytes(volume.to_stored(predicted), volume.affine))
     scores[patient_id] = (score.official, {case_id: (volumes[case_id].frame, result)
                                            for case_id, result in score.standard.items()})
   for part in all_gather_objects(scores):  # in a single process: this process's scores

@@ -4,8 +4,13 @@
   autosam-jax predict --model runs/unet_tr1/final_model --input scans/ --output labels/    (a UNet: no SAM)
 
 Each input (a .nii/.nii.gz file, or every such file in a folder) gets a uint8 label map of the same shape, affine and
-header under the same name in --output. The preprocessing is the one the model was trained with: taken from the
-feature cache's manifest with --cache, otherwise rebuilt from the training variant and the SAM config (the model
+header in --output: nnU-Net-style images CASE_0000.nii.gz give CASE.nii.gz (the input's file ending kept, as nnU-Net's
+tools pair files by case name and ending), any other image STEM.nii or STEM.nii.gz gives STEM.nii.gz. A folder's
+CASE_0000, CASE_0001, ... files are one case; the models take one gray image, so a case with several channels is
+refused rather than predicted from channel 0 alone. Every scan is sliced along its through-plane axis in the
+canonical voxel order chosen from its own header (`autosam_jax.data.orientation`), as the training data was, and the
+labels are mapped back to the file's voxel order. The preprocessing is the one the model was trained with: taken from
+the feature cache's manifest with --cache, otherwise rebuilt from the training variant and the SAM config (the model
 directory holds only train_config.json, and those two determine it). Every input is read and checked, and the model
 loaded, before anything is written, so a bad input or model leaves --output untouched; each output is written under a
 temporary name and renamed into place.
@@ -14,8 +19,10 @@ temporary name and renamed into place.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +33,8 @@ from autosam_jax.data.errors import DataError
 
 DESCRIPTION = __doc__
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+CHANNEL_NAME = re.compile(r"(?P<case>.+)_(?P<channel>\d{4})")  # nnU-Net's CASE_0000
+MAX_CHANNELS = 3
 
 
 def make_head_forward(head, target_size: int, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -215,8 +224,67 @@ def input_files(path: Path) -> list[Path]:
   return [path]
 
 
-def predict_volume(image: np.ndarray, spacing, sam, forward, config, batch_size: int, name: str) -> np.ndarray:
-  """(X, Y, Z) image -> (X, Y, Z) uint8 labels on the same grid."""
+@dataclasses.dataclass(frozen=True)
+class InputCase:
+  """One scan to segment: its image file (nnU-Net: channel _0000) and the name of the label map it gives."""
+  path: Path
+  output_name: str
+
+
+def _split_suffix(name: str) -> tuple[str, str]:
+  suffix = next(s for s in NIFTI_SUFFIXES if name.endswith(s))
+  return name[:-len(suffix)], suffix
+
+
+def input_cases(files: list[Path]) -> list[InputCase]:
+  """Groups nnU-Net channel files (CASE_0000, CASE_0001, ...) into cases and names every output; DataError for a
+  gap in a case's channels, a case with several channels, or two inputs that would write one output name."""
+  plain: list[InputCase] = []
+  channels: dict[tuple[Path, str], dict[int, Path]] = {}
+  for path in files:
+    stem, suffix = _split_suffix(path.name)
+    match = CHANNEL_NAME.fullmatch(stem)
+    if match is None:
+      plain.append(InputCase(path, f"{stem}.nii.gz"))
+    else:
+      channels.setdefault((path.parent, match["case"]), {})[int(match["channel"])] = path
+  grouped = []
+  for (folder, case), found in channels.items():
+    suffix = _split_suffix(found[min(found)].name)[1]
+    present = ", ".join(f"_{c:04d}" for c in sorted(found))
+    missing = sorted(set(range(max(found) + 1)) - set(found))
+    if missing:
+      raise DataError(f"{folder / f'{case}_{missing[0]:04d}{suffix}'}: missing channel of case {case} (found "
+                      f"{present}); nnU-Net numbers a case's channels _0000, _0001, ... without gaps, add the file or "
+                      "remove the others")
+    if len(found) > MAX_CHANNELS:
+      raise DataError(f"{found[MAX_CHANNELS]}: case {case} has {len(found)} channels ({present}); at most "
+                      f"{MAX_CHANNELS} are supported and the model takes one gray image, give only the _0000 file")
+    if len(found) > 1:
+      raise DataError(f"{found[1]}: case {case} has {len(found)} channels ({present}) but the model was trained on one "
+                      "channel (_0000); give only the _0000 file (e.g. in a folder of its own)")
+    grouped.append(InputCase(found[0], f"{case}{suffix}"))
+  cases = sorted(plain + grouped, key=lambda c: c.path)
+  by_name: dict[str, InputCase] = {}
+  for case in cases:
+    other = by_name.setdefault(case.output_name, case)
+    if other is not case:
+      raise DataError(f"{case.path}: would write {case.output_name}, as {other.path} does; rename one of them or "
+                      "predict them into separate output folders")
+  return cases
+
+
+def predict_volume(image: np.ndarray, spacing, sam, forward, config, batch_size: int, name: str,
+                   orientation=None) -> np.ndarray:
+  """(X, Y, Z) image -> (X, Y, Z) uint8 labels on the same grid, slicing along the last axis.
+
+  With an `Orientation` (`autosam_jax.data.orientation`), `image` and `spacing` are in the stored voxel order: the
+  volume is sliced in its canonical order, as the training data was, and the labels come back in the stored order.
+  """
+  if orientation is not None:
+    labels = predict_volume(orientation.to_canonical(image), orientation.canonical_spacing(spacing), sam, forward,
+                            config, batch_size, name)
+    return np.ascontiguousarray(orientation.to_stored(labels))
   import jax.numpy as jnp
 
   from autosam_jax.data.preprocess import encoder_input, preprocess_volume
@@ -240,15 +308,27 @@ def predict(model_dir: Path, weights_dir: Path | None, inputs: Path, output_dir:
   """Writes one label map per input; returns the written paths. Raises DataError/CheckpointError before writing."""
   from autosam_jax.atomic import atomic_write_bytes
   from autosam_jax.data.nifti import read_nifti
+  from autosam_jax.data.orientation import choose_orientation
   from autosam_jax.data.preprocess import preprocess_volume
 
   if batch_size < 1:
     raise DataError(f"--batch-size must be positive, got {batch_size}")
   files = input_files(Path(inputs))
+  cases = input_cases(files)
   output_dir = Path(output_dir)
-  collisions = [f for f in files if (output_dir / f.name).resolve() == f.resolve()]
+  inputs_by_path = {f.resolve(): f for f in files}
+  collisions = [inputs_by_path[(output_dir / c.output_name).resolve()] for c in cases
+                if (output_dir / c.output_name).resolve() in inputs_by_path]
   if collisions:
     raise DataError(f"{collisions[0]}: --output would overwrite this input; choose another output folder")
+
+  def read(path: Path):
+    volume = read_nifti(path)
+    try:
+      return volume, choose_orientation(volume.affine, volume.spacing)
+    except ValueError as err:
+      raise DataError(f"{path}: {err}; fix the affine (sform/qform) in the header") from None
+
   sam, head, train_config = load_model(Path(model_dir), None if weights_dir is None else Path(weights_dir),
                                        encoder=True)
   digest = None
@@ -257,16 +337,18 @@ def predict(model_dir: Path, weights_dir: Path | None, inputs: Path, output_dir:
     digest = weights_digest(Path(weights_dir))
   config = preprocess_config_for(train_config, None if sam is None else sam.config, cache_dir, digest, Path(model_dir))
   # Reading every file now (and again below, to keep memory to one volume) so a bad one anywhere writes nothing.
-  for path in files:
-    volume = read_nifti(path)
-    preprocess_volume(volume.data[:, :, :1], volume.spacing, None, config, name=str(path))
+  for case in cases:
+    volume, orientation = read(case.path)
+    preprocess_volume(orientation.to_canonical(volume.data)[:, :, :1], orientation.canonical_spacing(volume.spacing),
+                      None, config, name=str(case.path))
   forward = make_head_forward(head, config.target_size, batch_size)
   written = []
-  for path in files:
-    volume = read_nifti(path)
-    labels = predict_volume(volume.data, volume.spacing, sam, forward, config, batch_size, str(path))
-    out = output_dir / path.name
-    atomic_write_bytes(out, label_nifti_bytes(labels, volume.affine, volume.header, path.name.endswith(".gz")))
+  for case in cases:
+    volume, orientation = read(case.path)
+    labels = predict_volume(volume.data, volume.spacing, sam, forward, config, batch_size, str(case.path),
+                            orientation=orientation)
+    out = output_dir / case.output_name
+    atomic_write_bytes(out, label_nifti_bytes(labels, volume.affine, volume.header, out.name.endswith(".gz")))
     written.append(out)
   return written
 
@@ -275,7 +357,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--model", type=Path, required=True, help="a run's final_model/ or best_model/ directory")
   parser.add_argument("--weights", type=Path, help="the converted SAM the model was trained with (not for a UNet)")
   parser.add_argument("--input", type=Path, required=True, help="a NIfTI image, or a folder of them")
-  parser.add_argument("--output", type=Path, required=True, help="folder for the label maps (same file names)")
+  parser.add_argument("--output", type=Path, required=True,
+                      help="folder for the label maps (STEM.nii.gz; nnU-Net's CASE_0000.nii.gz gives CASE.nii.gz)")
   parser.add_argument("--cache", type=Path, help="the feature cache the model was trained on (its preprocessing)")
   parser.add_argument("--batch-size", type=int, default=4, help="slices per encoder call (default 4)")
 

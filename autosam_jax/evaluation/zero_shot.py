@@ -335,7 +335,7 @@ def zero_shot(weights_dir: str | Path, source_dir: str | Path, tfds_dir: str | P
             "preprocess": config.to_dict(), "summary": summary, "patients": patients}
   for case_id, labels in predictions.items():
     atomic_write_bytes(out_dir / "predictions" / f"{case_id}.nii.gz",
-                       label_nifti_bytes(labels, volumes[case_id].affine))
+                       label_nifti_bytes(volumes[case_id].to_stored(labels), volumes[case_id].affine))
   atomic_write_json(out_dir / "metrics.json", report)
   summary_md = summary_table(summary, table.foreground_names, frames)
   heading = f"SAM zero-shot, {prompt} prompts from the ground truth, {mode} mode, split {split.name}"

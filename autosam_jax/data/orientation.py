@@ -1,0 +1,205 @@
+"""The canonical voxel order slices are taken in, chosen from a scan's world geometry rather than its array layout.
+
+A NIfTI file may store one acquisition in any voxel order: short-axis slices along axis 2 of one export are along
+axis 0 of another, and an axis may run right-to-left in one and left-to-right in the next. A 2D model only sees the
+planes it is given, so slicing `volume[:, :, k]` of the stored array would segment some scans in a plane it never saw.
+`choose_orientation` finds, from the affine and the voxel spacing alone, a pure permutation and flip of the stored
+axes (no resampling, so every voxel keeps its value) into one canonical order:
+
+- the last canonical axis (the slice axis) is the acquisition's through-plane axis: the voxel axis whose spacing is
+  clearly the largest (at least THICK_SLICE_RATIO times the second largest, as in 1.5 x 1.5 x 10 mm cine MRI);
+  with (near-)isotropic voxels, the voxel axis closest to the scanner's superior-inferior direction (axial slices);
+- the two in-plane axes follow the world axes they are closest to, R/L before A/P before S/I;
+- every canonical axis points towards + world (RAS+), flipping stored axes where needed.
+
+Which voxel axis is closest to which world axis is nibabel's `io_orientation`, which also assigns oblique affines
+uniquely. The same world content stored in any of the 48 voxel orders therefore gives one canonical array, and an
+axial RAS-stored volume is left as it is. `Orientation.to_stored` undoes the mapping exactly, so predictions made on
+the canonical array are written in the file's own voxel order, with its own affine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+THICK_SLICE_RATIO = 1.5
+WORLD_LETTERS = ("R", "A", "S")  # the + direction of world axes x, y, z (RAS+)
+WORLD_AXES = ("R/L", "A/P", "S/I")
+PLANES = ("sagittal", "coronal", "axial")  # the plane whose slices are stacked along world x, y, z
+
+
+@dataclasses.dataclass(frozen=True)
+class Orientation:
+  """Stored voxel order -> canonical voxel order: canonical axis i is stored axis `axes[i]`, reversed where
+  `flips[i]`, and runs along world axis `world[i]` (0 x R, 1 y A, 2 z S) towards +."""
+  axes: tuple[int, int, int] = (0, 1, 2)
+  flips: tuple[bool, bool, bool] = (False, False, False)
+  world: tuple[int, int, int] = (0, 1, 2)
+
+  def __post_init__(self):
+    object.__setattr__(self, "axes", tuple(int(a) for a in self.axes))
+    object.__setattr__(self, "flips", tuple(bool(f) for f in self.flips))
+    object.__setattr__(self, "world", tuple(int(w) for w in self.world))
+    if sorted(self.axes) != [0, 1, 2] or sorted(self.world) != [0, 1, 2] or len(self.flips) != 3:
+      raise ValueError(f"not an orientation: axes {self.axes}, flips {self.flips}, world {self.world}")
+    if self.world[0] > self.world[1]:
+      raise ValueError(f"in-plane axes must follow world order (R/L, A/P, S/I), got world {self.world}")
+
+  @property
+  def is_identity(self) -> bool:
+    return self.axes == (0, 1, 2) and not any(self.flips)
+
+  @property
+  def slice_axis(self) -> int:
+    """The stored axis the slices are taken along."""
+    return self.axes[2]
+
+  @property
+  def slice_world_axis(self) -> int:
+    """The world axis (0 R/L, 1 A/P, 2 S/I) closest to the through-plane direction."""
+    return self.world[2]
+
+  def _flip(self, array: np.ndarray) -> np.ndarray:
+    return array[tuple(slice(None, None, -1) if f else slice(None) for f in self.flips)]
+
+  def to_canonical(self, array: np.ndarray) -> np.ndarray:
+    """The stored array (first 3 axes in stored voxel order, any further axes kept) in canonical order; a view."""
+    array = np.asarray(array)
+    if array.ndim < 3:
+      raise ValueError(f"need at least 3 axes to reorient, got shape {array.shape}")
+    return self._flip(np.transpose(array, self.axes + tuple(range(3, array.ndim))))
+
+  def to_stored(self, array: np.ndarray) -> np.ndarray:
+    """The exact inverse of `to_canonical`: a canonical-order array back in the stored voxel order; a view."""
+    array = np.asarray(array)
+    if array.ndim < 3:
+      raise ValueError(f"need at least 3 axes to reorient, got shape {array.shape}")
+    inverse = tuple(int(a) for a in np.argsort(self.axes))
+    return np.transpose(self._flip(array), inverse + tuple(range(3, array.ndim)))
+
+  def canonical_shape(self, stored_shape: Sequence[int]) -> tuple[int, int, int]:
+    return tuple(int(stored_shape[a]) for a in self.axes)
+
+  def stored_shape(self, canonical_shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = [0, 0, 0]
+    for i, axis in enumerate(self.axes):
+      shape[axis] = int(canonical_shape[i])
+    return tuple(shape)
+
+  def canonical_spacing(self, stored_spacing: Sequence[float]) -> tuple[float, float, float]:
+    return tuple(float(stored_spacing[a]) for a in self.axes)
+
+  def canonical_affine(self, stored_affine: np.ndarray, stored_shape: Sequence[int]) -> np.ndarray:
+    """The affine of the canonical voxel grid: the same world position for every voxel as in the stored file."""
+    canonical_to_stored = np.zeros((4, 4))
+    canonical_to_stored[3, 3] = 1.0
+    for i, (axis, flip) in enumerate(zip(self.axes, self.flips)):
+      canonical_to_stored[axis, i] = -1.0 if flip else 1.0
+      canonical_to_stored[axis, 3] = int(stored_shape[axis]) - 1 if flip else 0.0
+    return np.asarray(stored_affine, np.float64) @ canonical_to_stored
+
+  def to_array(self) -> np.ndarray:
+    """(3, 3) int32, a row per canonical axis: [stored axis, flipped (0/1), world axis]; the form slice examples
+    record."""
+    return np.array([[a, int(f), w] for a, f, w in zip(self.axes, self.flips, self.world)], np.int32)
+
+  @classmethod
+  def from_array(cls, array: Any) -> Orientation:
+    rows = np.asarray(array).astype(int).reshape(3, 3)
+    return cls(axes=tuple(rows[:, 0]), flips=tuple(rows[:, 1] != 0), world=tuple(rows[:, 2]))
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"axes": list(self.axes), "flips": list(self.flips), "world": list(self.world)}
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> Orientation:
+    return cls(axes=tuple(values["axes"]), flips=tuple(values["flips"]), world=tuple(values["world"]))
+
+  def describe(self) -> str:
+    """One line for logs and records, e.g. "slices along stored axis 2 (S, axial), in-plane axes 0 (R), 1 (A)"."""
+    letters = [WORLD_LETTERS[w] for w in self.world]
+    text = (f"slices along stored axis {self.axes[2]} ({letters[2]}, {PLANES[self.world[2]]}), in-plane axes "
+            f"{self.axes[0]} ({letters[0]}), {self.axes[1]} ({letters[1]})")
+    flipped = [str(self.axes[i]) for i in range(3) if self.flips[i]]
+    if flipped:
+      text += f"; stored axis {', '.join(flipped)} reversed" if len(flipped) == 1 else \
+          f"; stored axes {', '.join(flipped)} reversed"
+    return text
+
+
+IDENTITY = Orientation()
+
+
+def voxel_world_axes(affine: np.ndarray) -> np.ndarray:
+  """nibabel's `io_orientation`: per voxel axis, [closest world axis, +1/-1]; ValueError for a degenerate affine."""
+  from nibabel.orientations import io_orientation
+
+  affine = np.asarray(affine, np.float64)
+  if affine.shape != (4, 4) or not np.isfinite(affine).all():
+    raise ValueError(f"affine must be a finite 4x4 matrix, got {affine.tolist()}")
+  ornt = io_orientation(affine)
+  if not np.isfinite(ornt).all():
+    raise ValueError("the affine does not give every voxel axis a direction (a zero or collinear column)")
+  return ornt.astype(int)
+
+
+def through_plane_axis(spacing: Sequence[float], ornt: np.ndarray) -> int:
+  """The stored voxel axis slices are stacked along: the clearly thickest one, else the one closest to S/I."""
+  spacing = [float(s) for s in spacing]
+  if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
+    raise ValueError(f"voxel spacing must be three positive numbers, got {tuple(spacing)}")
+  order = np.argsort(spacing, kind="stable")
+  if spacing[order[2]] >= THICK_SLICE_RATIO * spacing[order[1]]:
+    return int(order[2])
+  return int(np.flatnonzero(ornt[:, 0] == 2)[0])
+
+
+def choose_orientation(affine: np.ndarray, spacing: Sequence[float]) -> Orientation:
+  """The canonical order of a volume with this affine (voxel -> world mm) and voxel spacing (mm per stored axis)."""
+  ornt = voxel_world_axes(affine)
+  slice_axis = through_plane_axis(spacing, ornt)
+  in_plane = sorted((a for a in range(3) if a != slice_axis), key=lambda a: ornt[a, 0])
+  axes = (*in_plane, slice_axis)
+  return Orientation(axes=axes, flips=tuple(bool(ornt[a, 1] < 0) for a in axes),
+                     world=tuple(int(ornt[a, 0]) for a in axes))
+
+
+PLANE_ANGLE_DEGREES = 45.0  # slice planes further apart than this are different acquisition planes
+
+
+def slice_normal(affine: np.ndarray, orientation: Orientation) -> np.ndarray:
+  """The unit world direction the slices are stacked along (the normal of the in-plane axes' plane)."""
+  columns = np.asarray(affine, np.float64)[:3, :3]
+  normal = np.cross(columns[:, orientation.axes[0]], columns[:, orientation.axes[1]])
+  return normal / np.linalg.norm(normal)
+
+
+def plane_disagreement(normals: Mapping[str, np.ndarray], limit: int = 5) -> str | None:
+  """A warning naming the cases when their slice planes (`normals`: {case id: world unit normal}) fall into more than
+  one group of planes within PLANE_ANGLE_DEGREES of each other (e.g. axial and coronal scans in one dataset), else
+  None: a 2D model learns the planes of the majority and segments the others in planes it rarely saw. Oblique planes
+  that differ by a few degrees (one anatomical view, such as a cardiac short axis, planned per patient) agree."""
+  limit_cos = np.cos(np.deg2rad(PLANE_ANGLE_DEGREES))
+  groups: list[tuple[np.ndarray, list[str]]] = []
+  for case_id, normal in normals.items():
+    normal = np.asarray(normal, np.float64)
+    for reference, members in groups:
+      if abs(float(reference @ normal)) >= limit_cos:
+        members.append(str(case_id))
+        break
+    else:
+      groups.append((normal, [str(case_id)]))
+  if len(groups) < 2:
+    return None
+  groups.sort(key=lambda group: -len(group[1]))
+  parts = []
+  for reference, cases in groups:
+    axis = int(np.argmax(np.abs(reference)))
+    shown = ", ".join(sorted(cases)[:limit]) + (" ..." if len(cases) > limit else "")
+    parts.append(f"{len(cases)} with slices stacked along {WORLD_AXES[axis]} ({PLANES[axis]}-like: {shown})")
+  return (f"cases are cut in planes more than {PLANE_ANGLE_DEGREES:g} degrees apart: " + "; ".join(parts) +
+          "; a 2D model trained on one plane segments the others poorly: keep one acquisition plane per dataset")
