@@ -118,7 +118,8 @@ def sweep_config(out: Path, checkpoint: Path | None, epochs: int | None = None,
           "method_train": method_train, **IMAGE_GRID}
 
 
-def draw_overlays(out: Path, records: list[dict[str, Any]], tr_size: int, labels: dict[str, int]) -> list[Path]:
+def draw_overlays(out: Path, records: list[dict[str, Any]], tr_size: int,
+                  labels: dict[str, int]) -> list[Path]:
   """One PNG per test frame: the middle slice, its ground truth, and each method's prediction at `tr_size`, coloured
   by the dataset's classes (`labels`, {name: value}) with their names in a legend."""
   import matplotlib

@@ -481,7 +481,8 @@ def _names(class_names: Sequence[str]) -> str:
   return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def results_table(records: list[dict[str, Any]], tr_sizes, class_names: Sequence[str], frames: Sequence[str] = ()) -> str:
+def results_table(records: list[dict[str, Any]], tr_sizes, class_names: Sequence[str],
+                  frames: Sequence[str] = ()) -> str:
   """Markdown: mean Dice (and HD95) +- std over folds, per method and tr_size, under both conventions; the means
   are over the dataset's foreground classes (`class_names`). `frames`: the frame names of a dataset whose patients
   have several (ACDC's ED and ES), which the official convention stacks into one volume per patient."""

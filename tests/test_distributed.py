@@ -2,6 +2,7 @@
 training losses and parameters (to round-off) as 1 process x 4 devices, training resumed from a mid-epoch checkpoint
 by both processes included, and the same evaluation."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -41,7 +42,7 @@ if a["stop_at"]:
   from autosam_jax.train.loop import build_model, train as train_loop
   config = load_config(Path(a["config"]), a["sets"])
   split = load_splits(Path(a["splits"]))[0]
-  head = lambda: build_model(config, load_sam(a["weights"]), rngs=nnx.Rngs(config.seed))
+  head = lambda config: build_model(config, load_sam(a["weights"]), rngs=nnx.Rngs(config.seed))
   stopped = train_loop(config, a["cache"], head, a["run"], split.labeled(1), list(split.val), progress=False,
                        stop_after_steps=a["stop_at"])
   assert stopped == {"stopped_at_step": a["stop_at"]}, stopped
@@ -130,9 +131,13 @@ def runs(tiny_weights, tmp_path_factory):
                      f"checkpoint_every_steps={CHECKPOINT_EVERY}", "plateau_start_epoch=1"],
             "eval_model": str(root / "eval_model"), "eval_cache": str(root / "one" / "cache")}
   # Both runs evaluate one untrained head, whose predictions hold every class (the briefly trained ones are empty).
-  config = load_config(Path(common["config"]), common["sets"])
+  from autosam_jax.data.labels import ACDC_TABLE
+  from autosam_jax.train.loop import model_record
+
+  config = dataclasses.replace(load_config(Path(common["config"]), common["sets"]), num_classes=4)
   _, params, frozen = nnx.split(build_model(config, load_sam(tiny_weights), rngs=nnx.Rngs(2)), nnx.Param, ...)
-  save_model(root / "eval_model", params, frozen, config)
+  save_model(root / "eval_model", params, frozen, config,
+             record=model_record(ACDC_TABLE, {"dtype": "float32"}))  # the phantoms' classes, fp32 cache
   one = {**common, "flags": [], "processes": 1, "stop_at": 0,
          **{k: str(root / "one" / k) for k in ("cache", "run", "eval")}}
   single_output = _launch([one], 4, [{}], root / "jax_cache")

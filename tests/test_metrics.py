@@ -206,8 +206,8 @@ def test_official_evaluation_matches_paper_test_acdc():
   patients[1][1][patients[1][1] == 3] = 0
   patients[2][0][patients[2][0] == 2] = 0
   patients[2][1][patients[2][1] == 2] = 0
-  results = [evaluate_volume(pred, true, classes=CLASSES, convention=OFFICIAL, case_id=f"p{i}") for i, (pred, true) in
-             enumerate(patients)]
+  results = [evaluate_volume(pred, true, classes=CLASSES, convention=OFFICIAL, case_id=f"p{i}")
+             for i, (pred, true) in enumerate(patients)]
   summary = summarize(results)[OFFICIAL]
 
   class_dice, class_hd = [], []

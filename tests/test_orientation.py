@@ -336,9 +336,11 @@ def _channel_files(folder, names, scan):
 def test_predict_names_nnunet_cases_by_their_case_id(unet_model, scan, tmp_path):
   from autosam_jax.evaluation.predict import predict
 
-  _channel_files(tmp_path / "in", ["case_001_0000.nii.gz", "scan.nii", "other_0000.nii"], scan)
+  _channel_files(tmp_path / "in", ["case_001_0000.nii.gz", "scan.nii", "other_0000.nii", "subject_0012.nii.gz"],
+                 scan)
   written = predict(unet_model, None, tmp_path / "in", tmp_path / "out")
-  expected = ["case_001.nii.gz", "other.nii", "scan.nii.gz"]  # nnU-Net cases keep their file ending
+  # nnU-Net cases keep their file ending; a name ending in four digits with no _0000 beside it is a plain scan
+  expected = ["case_001.nii.gz", "other.nii", "scan.nii.gz", "subject_0012.nii.gz"]
   assert sorted(p.name for p in written) == expected
   assert sorted(p.name for p in (tmp_path / "out").iterdir()) == expected
   with open(tmp_path / "out" / "scan.nii.gz", "rb") as f:

@@ -20,7 +20,7 @@ SEED = 5
 
 
 def file_warnings(report) -> list[str]:
-  """The report's warnings; the phantoms' short-axis planes are alike, so no dataset-wide plane warning is among them."""
+  """The report's warnings (the phantoms' short-axis planes are alike: no dataset-wide plane warning)."""
   return list(report.warnings)
 
 

@@ -174,8 +174,8 @@ def test_faithful_matches_meta_as_the_official_script_runs_it(models, volume, pr
   config = PreprocessConfig(mode="faithful", encoder_size=SIZE)
   pre = preprocess_volume(image, spacing, labels, config)
   picked = _pick_slices(pre.targets.transpose(1, 2, 0))
-  result = zs.ZeroShotSegmenter(sam, classes=(1, 2, 3), mode="faithful", prompt=prompt, batch_size=4).segment(*_slices(pre, labels,
-                                                                                                    picked))
+  result = zs.ZeroShotSegmenter(sam, classes=(1, 2, 3), mode="faithful", prompt=prompt, batch_size=4)
+  result = result.segment(*_slices(pre, labels, picked))
   assert result.target_logits.shape == (2, 224, 224, 3) and result.native_labels.shape == (*labels.shape[:2], 2)
   for i, z in enumerate(picked):
     target = pre.targets[z]
@@ -201,8 +201,8 @@ def test_improved_matches_meta_on_the_normalised_native_image(models, volume):
   pre = preprocess_volume(image, spacing, labels, config)
   assert max(pre.geometry.model_shape) == SIZE and min(pre.geometry.model_shape) < SIZE  # padding is exercised
   picked = _pick_slices(labels)
-  result = zs.ZeroShotSegmenter(sam, classes=(1, 2, 3), mode="improved", prompt="box", batch_size=4).segment(*_slices(pre, labels,
-                                                                                                   picked))
+  result = zs.ZeroShotSegmenter(sam, classes=(1, 2, 3), mode="improved", prompt="box", batch_size=4)
+  result = result.segment(*_slices(pre, labels, picked))
   assert result.target_logits.shape == (2, *pre.geometry.target_shape, 3)
   for i, z in enumerate(picked):
     resized = np.asarray(jax.image.resize(pre.images[z], (*pre.geometry.model_shape, 3), "bilinear", antialias=True))

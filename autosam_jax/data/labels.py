@@ -81,7 +81,8 @@ class LabelTable:
     values = [value for value, _ in by_value]
     if len(set(values)) != len(values):
       twice = sorted({v for v in values if values.count(v) > 1})
-      raise DataError(f"{where}: label value(s) {twice} are given to more than one class; give each class its own value")
+      raise DataError(f"{where}: label value(s) {twice} are given to more than one class; give each class its own "
+                      "value")
     if values != list(range(len(values))):
       raise DataError(f"{where}: label values {values} are not consecutive from 0 (background); renumber the labels "
                       "0, 1, 2, ... as nnU-Net requires")

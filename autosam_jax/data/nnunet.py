@@ -4,8 +4,9 @@
 
 Single-channel images only (SAM takes one gray image replicated to RGB). The classes are dataset.json's "labels"
 (nnU-Net v2 {name: value} or v1 {"value": name}), recorded as the dataset's label table in its metadata
-(`labels`: {name: value}; `autosam_jax.data.labels`). Patients are as `autosam_jax.data.validate` reads them from case ids (`X_ED`/`X_ES`/`X_frameNN` are
-frames of patient X; any other case is its own patient), so a patient's frames never straddle a split.
+(`labels`: {name: value}; `autosam_jax.data.labels`). Patients are as `autosam_jax.data.validate` reads them from
+case ids (`X_ED`/`X_ES`/`X_frameNN` are frames of patient X; any other case is its own patient), so a patient's
+frames never straddle a split.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@
 
 Every slice of each test patient's cases (ACDC: its ED and ES frames) is predicted from its cached clean embedding
 (view 0), then scored on the dataset's own classes (its label table, which model, cache and data must share)
-  official: the patient's slices (ACDC: ED+ES) stacked into one volume on the target grid (224 x 224 in faithful mode; the
-    valid part of the 256 grid in improved mode) against the cache's targets, HD95 in voxels (the paper's numbers);
+  official: the patient's slices (ACDC: ED+ES) stacked into one volume on the target grid (224 x 224 in faithful
+    mode; the valid part of the 256 grid in improved mode) against the cache's targets, HD95 in voxels (the paper's numbers);
   standard: each frame mapped back to its native grid against the native label volume, HD95 in mm.
 Writes OUT/metrics.json (per patient and frame, both conventions, and their means), OUT/metrics.md (the summary table)
 and OUT/predictions/<case_id>.nii.gz (native-grid label maps in the source file's voxel order, with its affine).
@@ -95,8 +95,8 @@ def _cached_cases(cache, patient_id: str, volumes: dict[str, Any]) -> dict[str, 
   return cases
 
 
-def evaluate(model_dir: Path, weights_dir: Path | None, cache_dir: Path, source_dir: Path, tfds_dir: Path, splits_file: Path,
-             out_dir: Path, *, fold: str | None = None, batch_size: int = 8, volumes=None) -> dict[str, Any]:
+def evaluate(model_dir: Path, weights_dir: Path | None, cache_dir: Path, source_dir: Path, tfds_dir: Path,
+             splits_file: Path, out_dir: Path, *, fold: str | None = None, batch_size: int = 8, volumes=None) -> dict[str, Any]:
   """Predicts and scores the split's test patients; writes OUT/metrics.json, metrics.md and predictions/.
 
   volumes: `load_volumes(source_dir, tfds_dir)` when the caller already has it (a sweep evaluates many cells).

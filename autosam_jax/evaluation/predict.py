@@ -238,7 +238,8 @@ def _split_suffix(name: str) -> tuple[str, str]:
 
 def input_cases(files: list[Path]) -> list[InputCase]:
   """Groups nnU-Net channel files (CASE_0000, CASE_0001, ...) into cases and names every output; DataError for a
-  gap in a case's channels, a case with several channels, or two inputs that would write one output name."""
+  gap in a case's channels, a case with several channels, or two inputs that would write one output name. Files
+  named like a channel but without a _0000 beside them (subject_0012.nii.gz) are plain scans."""
   plain: list[InputCase] = []
   channels: dict[tuple[Path, str], dict[int, Path]] = {}
   for path in files:
@@ -250,6 +251,9 @@ def input_cases(files: list[Path]) -> list[InputCase]:
       channels.setdefault((path.parent, match["case"]), {})[int(match["channel"])] = path
   grouped = []
   for (folder, case), found in channels.items():
+    if 0 not in found:  # e.g. subject_0012.nii.gz: a name that ends in four digits, not an nnU-Net channel file
+      plain += [InputCase(path, f"{_split_suffix(path.name)[0]}.nii.gz") for path in found.values()]
+      continue
     suffix = _split_suffix(found[min(found)].name)[1]
     present = ", ".join(f"_{c:04d}" for c in sorted(found))
     missing = sorted(set(range(max(found) + 1)) - set(found))

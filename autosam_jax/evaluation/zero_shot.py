@@ -5,8 +5,8 @@
 
 The paper's zero-shot baseline (`scripts/inference.py`): for every slice of each test patient's cases (ACDC: its ED
 and ES frames), one prompt per foreground class of the dataset (its label table; ACDC: RV 1, MYO 2, LV 3) present in
-the ground-truth slice, all of a slice's prompts decoded in one SAM call with multimask_output=False. The prompts come from the labels, so this is an oracle: it also tells
-SAM which classes are in the slice.
+the ground-truth slice, all of a slice's prompts decoded in one SAM call with multimask_output=False. The prompts
+come from the labels, so this is an oracle: it also tells SAM which classes are in the slice.
   --prompt box: the class's tight bounding box with a 1-pixel margin (as the official `get_box`), clipped to the image.
   --prompt point: one positive point, the class pixel nearest the class's centre of mass (the official point-prompt
     script is a broken stub, so this variant is ours).
@@ -22,9 +22,9 @@ lowest class value (the official argmax over [background, class 1, class 2, ...]
   fair comparison. Prompts are computed on the native label slice and scaled into the resized frame.
 
 Scored as `autosam-jax evaluate` scores a head, on the dataset's classes: official (a patient's frames, ACDC's ED+ES,
-stacked on the target grid, HD95 in voxels) and standard (per case on the native grid, HD95 in mm). Writes OUT/metrics.json, OUT/metrics.md and
-OUT/predictions/<case_id>.nii.gz (native-grid label maps with the source volume's affine), only once every patient is
-done, so a failure leaves OUT untouched.
+stacked on the target grid, HD95 in voxels) and standard (per case on the native grid, HD95 in mm). Writes
+OUT/metrics.json, OUT/metrics.md and OUT/predictions/<case_id>.nii.gz (native-grid label maps in the source file's
+voxel order, with its affine), only once every patient is done, so a failure leaves OUT untouched.
 """
 
 from __future__ import annotations
@@ -137,7 +137,8 @@ class VolumeSegmentation:
   For K foreground classes: target_logits: (Z, T, T, K) per-class mask logits on the target grid (faithful: 224;
   improved: SAM's low-resolution output, which is the improved target grid), -inf where the class was not prompted.
   native_logits: (Z, rows, cols, K) the same mapped by SAM's `postprocess_masks` to the native slice. present: (Z, K)
-  the prompted classes. prompts: (Z, K, 4) or (Z, K, 2) in the encoder's input frame. target_labels: (Z, T, T) and native_labels: (X, Y, Z), uint8.
+  the prompted classes. prompts: (Z, K, 4) or (Z, K, 2) in the encoder's input frame. target_labels: (Z, T, T) and
+  native_labels: (X, Y, Z), uint8.
   """
 
   target_logits: np.ndarray

@@ -270,6 +270,14 @@ def cache_label_table(cache):
   return table
 
 
+def model_record(labels, depends_on: dict[str, Any]) -> dict[str, Any]:
+  """What a model's inputs were made from (its cache's `depends_on`), saved with it as model.json so evaluate and
+  predict use exactly the same: the classes, and for SAM heads the encoder's dtype and weights."""
+  return {"labels": labels.to_dict(), "input": "images" if depends_on.get("kind") == "images" else "sam_embeddings",
+          "encoder_dtype": depends_on.get("dtype"), "weights_sha256": depends_on.get("weights_sha256"),
+          "dataset_fingerprint": depends_on.get("dataset_fingerprint")}
+
+
 def resolve_config(config: TrainConfig, labels, where: str) -> TrainConfig:
   """The config with num_classes taken from the dataset's label table; a config that disagrees is an error."""
   if config.num_classes and config.num_classes != labels.num_classes:
@@ -309,11 +317,7 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
   views = int(cache.manifest["depends_on"].get("views", 0))
   depends_on = cache.manifest["depends_on"]
   preprocess = depends_on.get("preprocess")  # saved with the model, for predict
-  # What the model's inputs were made from, saved with it so evaluate and predict use exactly the same: the classes,
-  # and for SAM heads the encoder's dtype and weights.
-  record = {"labels": labels.to_dict(), "input": "images" if depends_on.get("kind") == "images" else "sam_embeddings",
-            "encoder_dtype": depends_on.get("dtype"), "weights_sha256": depends_on.get("weights_sha256"),
-            "dataset_fingerprint": depends_on.get("dataset_fingerprint")}
+  record = model_record(labels, depends_on)
   labeled = sorted({(it["case_id"], it["slice_index"]) for it in cache.items
                     if it["patient_id"] in set(labeled_patients) and it["view"] == 0})
   if not labeled:
@@ -479,7 +483,11 @@ def save_model(directory: Path, params, frozen, config: TrainConfig, preprocess:
 
 
 def build_model(config: TrainConfig, sam, *, rngs):
-  """The model a config trains: a head on SAM embeddings (initialised from `sam`), or the UNet (no SAM needed)."""
+  """The model a config trains: a head on SAM embeddings (initialised from `sam`), or the UNet (no SAM needed).
+
+  `config.num_classes` must be set: `train` fills it in from the cache's label table (`resolve_config`)."""
+  if config.num_classes < 2:
+    raise ValueError("build_model needs the dataset's num_classes; resolve the config first (resolve_config)")
   if config.head == "unet":
     from autosam_jax.models.unet import UNet
     unet = UNet(config.num_classes, base_channels=config.unet_base_channels, rngs=rngs)
