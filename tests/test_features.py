@@ -65,7 +65,7 @@ def test_clean_views_equal_a_direct_encoder_call(reference_cache, inputs):
   from autosam_jax.features.precompute import load_volumes
 
   cache, items = _all(reference_cache[0])
-  volumes, _ = load_volumes(inputs["data"], inputs["tfds"])
+  volumes = load_volumes(inputs["data"], inputs["tfds"]).volumes
   sam = load_sam(inputs["weights"])
   config = PreprocessConfig(mode="faithful", encoder_size=128, head_size=32)
   checked = 0
