@@ -78,9 +78,11 @@ class PhantomPatient:
 
 
 # The left ventricle's long axis in scanner (RAS) coordinates, base to apex: towards the patient's left, anterior and
-# inferior, so short-axis planes are double-oblique, as cardiac MRI plans them.
-LONG_AXIS_RAS = (-0.6, 0.5, -0.6)
-MAX_TILT_DEGREES = 15.0  # patients' hearts differ in orientation, but their short-axis planes stay alike
+# inferior, so short-axis planes are double-oblique, as cardiac MRI plans them; the in-plane image axes run closest to
+# R and A, as scanners store short-axis images in one convention.
+LONG_AXIS_RAS = (-0.35, 0.3, -0.89)
+MAX_TILT_DEGREES = 10.0  # patients' hearts differ in orientation, but their short-axis planes stay alike
+MAX_IN_PLANE_DEGREES = 10.0
 
 
 def _axis_rotation(axis: np.ndarray, angle: float) -> np.ndarray:
@@ -91,13 +93,14 @@ def _axis_rotation(axis: np.ndarray, angle: float) -> np.ndarray:
 
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
   """A short-axis frame (columns: in-plane x, in-plane y, slice normal): the long axis `LONG_AXIS_RAS` tilted by up to
-  MAX_TILT_DEGREES in a random direction, with a random in-plane rotation. Planes are oblique in every scanner
-  direction, and alike across patients, as the short-axis planes of one cardiac dataset are."""
+  MAX_TILT_DEGREES in a random direction, turned in-plane by up to MAX_IN_PLANE_DEGREES. The planes are oblique in
+  every scanner direction and alike across patients, as the short-axis stacks of one cardiac dataset are."""
   normal = np.asarray(LONG_AXIS_RAS, np.float64) / np.linalg.norm(LONG_AXIS_RAS)
-  first = np.cross(normal, [0.0, 0.0, 1.0])
+  first = np.array([1.0, 0.0, 0.0]) - normal[0] * normal  # R, made orthogonal to the long axis
   first /= np.linalg.norm(first)
   frame = np.stack([first, np.cross(normal, first), normal], axis=1)
-  frame = _axis_rotation(normal, float(rng.uniform(-np.pi, np.pi))) @ frame
+  in_plane = np.deg2rad(float(rng.uniform(-MAX_IN_PLANE_DEGREES, MAX_IN_PLANE_DEGREES)))
+  frame = _axis_rotation(normal, in_plane) @ frame
   tilt_axis = np.cross(normal, rng.standard_normal(3))
   tilt = _axis_rotation(tilt_axis, np.deg2rad(float(rng.uniform(0.0, MAX_TILT_DEGREES))))
   return tilt @ frame
