@@ -35,15 +35,12 @@ def case_examples(cases, allowed_labels):
   """Slice examples of validated cases (`autosam_jax.data.validate.Case`), each cut along its through-plane axis in
   the canonical voxel order chosen from the image's geometry (`autosam_jax.data.orientation`)."""
   from autosam_jax.data.nifti import read_label, read_nifti
-  from autosam_jax.data.orientation import choose_orientation
+  from autosam_jax.data.orientation import orientation_of
 
   for case in cases:
     image = read_nifti(case.image_path)
     label = read_label(case.label_path, set(allowed_labels))
-    try:
-      orientation = choose_orientation(image.affine, image.spacing)
-    except ValueError as err:
-      raise DataError(f"{case.image_path}: {err}; fix the affine (sform/qform) in the header") from None
+    orientation = orientation_of(image.affine, image.spacing, case.image_path)
     for example in volume_to_examples(case.case_id, case.patient_id, case.frame or "", image.data, label.data,
                                       image.spacing, image.affine, orientation):
       kill_point("build.example")

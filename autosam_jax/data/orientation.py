@@ -168,6 +168,16 @@ def choose_orientation(affine: np.ndarray, spacing: Sequence[float]) -> Orientat
                      world=tuple(int(ornt[a, 0]) for a in axes))
 
 
+def orientation_of(affine: np.ndarray, spacing: Sequence[float], where: Any) -> Orientation:
+  """`choose_orientation` for a file's header: a degenerate affine is a one-line DataError naming `where`."""
+  from autosam_jax.data.errors import DataError
+
+  try:
+    return choose_orientation(affine, spacing)
+  except ValueError as err:
+    raise DataError(f"{where}: {err}; fix the affine (sform/qform) in the header") from None
+
+
 PLANE_ANGLE_DEGREES = 45.0  # slice planes further apart than this are different acquisition planes
 
 

@@ -61,6 +61,7 @@ class Case:
   spacing: tuple[float, float, float]  # mm
   info: dict[str, Any] = dataclasses.field(default_factory=dict)  # ACDC's Info.cfg fields (ints/floats parsed)
   extra_channel_paths: tuple[Path, ...] = ()  # nnU-Net channels 0001, 0002, ...
+  affine: np.ndarray | None = None  # (4, 4) voxel -> world mm of the image (its label's agrees within half a voxel)
 
   @property
   def num_slices(self) -> int:
@@ -217,18 +218,11 @@ def _check_folder(data_dir: Path) -> None:
 def _check_planes(root: Path, cases: list[Case], warnings: list[str]) -> None:
   """Warns when the cases are acquired in different planes (slice planes far apart in world space): slices
   are cut along each case's own through-plane axis, so a model trained on the majority's plane sees the others' rarely.
-  Only headers are read (the volumes were checked already)."""
-  import nibabel as nib
+  Uses the affines the checks above read: no file is opened again."""
+  from autosam_jax.data.orientation import orientation_of, plane_disagreement, slice_normal
 
-  from autosam_jax.data.orientation import choose_orientation, plane_disagreement, slice_normal
-
-  normals = {}
-  for case in cases:
-    affine = nib.load(str(case.image_path)).affine
-    try:
-      normals[case.case_id] = slice_normal(affine, choose_orientation(affine, case.spacing))
-    except ValueError as err:
-      raise DataError(f"{case.image_path}: {err}; fix the affine (sform/qform) in the header") from None
+  normals = {case.case_id: slice_normal(case.affine, orientation_of(case.affine, case.spacing, case.image_path))
+             for case in cases}
   warning = plane_disagreement(normals)
   if warning:
     warnings.append(f"{root}: {warning}")
@@ -260,7 +254,7 @@ def validate_acdc(data_dir: str | Path) -> ValidationReport:
       _check_pair(image, label, warnings)
       cases.append(Case(case_id=stem, patient_id=patient_id, frame=frame, frame_number=frame_number,
                         image_path=image_path, label_path=label_path, shape=image.shape, spacing=image.spacing,
-                        info=dict(info)))
+                        info=dict(info), affine=image.affine))
   _check_planes(root, cases, warnings)
   return ValidationReport(layout="acdc", root=root, labels=dict(ACDC_LABELS), cases=cases, warnings=warnings)
 
@@ -367,7 +361,8 @@ def validate_nnunet(data_dir: str | Path) -> ValidationReport:
     frame_number = int(match["number"]) if match and match["number"] else None
     cases.append(Case(case_id=case_id, patient_id=patient_id, frame=frame, frame_number=frame_number,
                       image_path=channels[0], label_path=label_files[case_id], shape=label.shape,
-                      spacing=label.spacing, extra_channel_paths=tuple(channels[c] for c in sorted(channels)[1:])))
+                      spacing=label.spacing, extra_channel_paths=tuple(channels[c] for c in sorted(channels)[1:]),
+                      affine=label.affine))
 
   num_training = dataset.get("numTraining")
   if num_training is not None and num_training != len(cases):

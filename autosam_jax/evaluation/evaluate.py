@@ -9,7 +9,8 @@
 Every slice of each test patient's cases (ACDC: its ED and ES frames) is predicted from its cached clean embedding
 (view 0), then scored on the dataset's own classes (its label table, which model, cache and data must share)
   official: the patient's slices (ACDC: ED+ES) stacked into one volume on the target grid (224 x 224 in faithful
-    mode; the valid part of the 256 grid in improved mode) against the cache's targets, HD95 in voxels (the paper's numbers);
+    mode; the valid part of the 256 grid in improved mode) against the cache's targets, HD95 in voxels (the paper's
+    numbers);
   standard: each frame mapped back to its native grid against the native label volume, HD95 in mm.
 Writes OUT/metrics.json (per patient and frame, both conventions, and their means), OUT/metrics.md (the summary table)
 and OUT/predictions/<case_id>.nii.gz (native-grid label maps in the source file's voxel order, with its affine).

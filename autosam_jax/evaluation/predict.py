@@ -312,7 +312,7 @@ def predict(model_dir: Path, weights_dir: Path | None, inputs: Path, output_dir:
   """Writes one label map per input; returns the written paths. Raises DataError/CheckpointError before writing."""
   from autosam_jax.atomic import atomic_write_bytes
   from autosam_jax.data.nifti import read_nifti
-  from autosam_jax.data.orientation import choose_orientation
+  from autosam_jax.data.orientation import orientation_of
   from autosam_jax.data.preprocess import preprocess_volume
 
   if batch_size < 1:
@@ -328,10 +328,7 @@ def predict(model_dir: Path, weights_dir: Path | None, inputs: Path, output_dir:
 
   def read(path: Path):
     volume = read_nifti(path)
-    try:
-      return volume, choose_orientation(volume.affine, volume.spacing)
-    except ValueError as err:
-      raise DataError(f"{path}: {err}; fix the affine (sform/qform) in the header") from None
+    return volume, orientation_of(volume.affine, volume.spacing, path)
 
   sam, head, train_config = load_model(Path(model_dir), None if weights_dir is None else Path(weights_dir),
                                        encoder=True)
