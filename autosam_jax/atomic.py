@@ -13,12 +13,26 @@ from pathlib import Path
 from typing import Any
 
 
+_umask: int | None = None
+
+
+def file_mode() -> int:
+  """The mode a plain `open(path, "w")` would give a new file under this process's umask (0644 for umask 022)."""
+  global _umask
+  if _umask is None:  # read once: os.umask can only be read by setting it, which is not thread-safe
+    _umask = os.umask(0o022)
+    os.umask(_umask)
+  return 0o666 & ~_umask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-  """Writes to a temporary sibling, flushes it to disk, then renames it over `path`."""
+  """Writes to a temporary sibling, flushes it to disk, then renames it over `path`. The file gets the mode of the
+  process umask (mkstemp's private 0600 would stay on it), so colleagues can read shared outputs."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
   try:
+    os.fchmod(fd, file_mode())
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()

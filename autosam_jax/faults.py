@@ -17,6 +17,7 @@ import re
 import signal
 
 ENV = "AUTOSAM_JAX_KILL_AT"
+SIGNAL_ENV = "AUTOSAM_JAX_KILL_SIGNAL"
 _hits: dict[str, int] = {}
 
 # errno values meaning "the disk (or the quota, or the file-size limit) is full"
@@ -25,6 +26,8 @@ _DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "File too l
 
 
 def kill_point(name: str) -> None:
+  """Dies here (SIGKILL) at the chosen hit; AUTOSAM_JAX_KILL_SIGNAL=INT or TERM sends that signal instead, as a
+  Ctrl-C or a batch scheduler's stop would arrive at this point."""
   spec = os.environ.get(ENV)
   if not spec:
     return
@@ -32,8 +35,24 @@ def kill_point(name: str) -> None:
   if target != name:
     return
   _hits[name] = _hits.get(name, 0) + 1
-  if _hits[name] >= int(count or 1):
-    os.kill(os.getpid(), signal.SIGKILL)
+  if _hits[name] == int(count or 1):
+    os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get(SIGNAL_ENV, "KILL")))
+
+
+class Interrupted(KeyboardInterrupt):
+  """SIGINT or SIGTERM arrived: raised in the main thread wherever it was, so every `finally` and every atomic
+  writer's clean-up runs; the command then prints one line and exits 128 + the signal's number."""
+
+  def __init__(self, signum: int):
+    super().__init__(signal.Signals(signum).name)
+    self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+  raise Interrupted(signum)
+
+
+INTERRUPT_TEXT = "interrupted; rerun the same command to resume (finished work is kept)"
 
 
 def disk_full(err: BaseException) -> str | None:
@@ -115,8 +134,18 @@ def run_command(run, args) -> int:
       logging.getLogger(name).addFilter(DropDiskFull())
     _quiet = True
   sys.unraisablehook = _unraisable  # again on every call: a host process (a test runner) may have swapped it
+  import threading
+
+  handlers = {}
+  if threading.current_thread() is threading.main_thread():
+    for signum in (signal.SIGINT, signal.SIGTERM):
+      handlers[signum] = signal.signal(signum, _raise_interrupted)
   try:
     return run(args)
+  except KeyboardInterrupt as err:
+    signum = getattr(err, "signum", signal.SIGINT)
+    print(f"error: {signal.Signals(signum).name}: {INTERRUPT_TEXT}", file=sys.stderr)
+    return 128 + signum
   except Exception as err:  # noqa: BLE001 - only a full disk becomes a message; anything else propagates
     problem = disk_full(err)
     if problem is None:
@@ -126,6 +155,9 @@ def run_command(run, args) -> int:
     print(f"error: disk full while writing: {problem}; free some space (or write elsewhere) and rerun: finished "
           "work is kept and the rerun goes on from it", file=sys.stderr)
     return DISK_FULL_EXIT
+  finally:
+    for signum, handler in handlers.items():
+      signal.signal(signum, handler)
 
 
 def pid_alive(pid: int) -> bool:

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,15 +104,85 @@ def test_wrong_model_type(capsys, tmp_path, good_checkpoint):
                         "encoder_embed_dim=64")
 
 
-def test_existing_output_is_kept_unless_overwrite(capsys, tmp_path, good_checkpoint):
-  out = tmp_path / "out"
-  out.mkdir()
-  (out / "keep.txt").write_text("mine")
-  code, err = _run(capsys, good_checkpoint, out)
-  assert code == 2 and "already exists" in err and (out / "keep.txt").read_text() == "mine"
-  code, _ = _run(capsys, good_checkpoint, out, "--overwrite")
-  assert code == 0 and not (out / "keep.txt").exists() and (out / "config.json").exists()
-  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+def _listing(folder):
+  return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_overwrite_replaces_only_an_earlier_conversion(capsys, tmp_path, good_checkpoint):
+  """--overwrite replaces a folder convert wrote; a folder of the user's, one holding the checkpoint itself (OUT
+  given as the checkpoint's folder or '.'), a conversion with the user's files added and a symbolic link are each
+  refused in one line, with everything left as it was."""
+  import os
+  import shutil
+
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "keep.txt").write_text("mine")
+  code, err = _run(capsys, good_checkpoint, mine)
+  assert code == 2 and "already exists" in err
+  code, err = _run(capsys, good_checkpoint, mine, "--overwrite")
+  assert code == 2 and "was not written by autosam-jax convert" in err and str(mine) in err, err
+  assert (mine / "keep.txt").read_text() == "mine"
+
+  source = tmp_path / "source"
+  source.mkdir()
+  checkpoint = Path(shutil.copy(good_checkpoint, source / "sam.pth"))
+  before = _listing(source)
+  for out in (source, "."):
+    cwd = os.getcwd()
+    os.chdir(source)
+    try:
+      code, err = _run(capsys, checkpoint, out, "--overwrite")
+    finally:
+      os.chdir(cwd)
+    assert code == 2 and "holds the input" in err and "sam.pth" in err, err
+    assert _listing(source) == before
+
+  out = tmp_path / "converted"
+  assert _run(capsys, good_checkpoint, out)[0] == 0
+  (out / "notes.txt").write_text("the user's notes")
+  code, err = _run(capsys, good_checkpoint, out, "--overwrite")
+  assert code == 2 and "notes.txt" in err and (out / "notes.txt").exists(), err
+  (out / "notes.txt").unlink()
+  link = tmp_path / "link"
+  link.symlink_to(out)
+  code, err = _run(capsys, good_checkpoint, link, "--overwrite")
+  assert code == 2 and "symbolic link" in err and link.is_symlink(), err
+  assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+  assert _run(capsys, good_checkpoint, out, "--overwrite")[0] == 0  # an earlier conversion: replaced
+  assert (out / "config.json").is_file() and (out / "checksums.json").is_file()
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_converted_weights_with_flipped_bytes_are_refused_at_load(capsys, tmp_path, good_checkpoint):
+  """checksums.json is written with the weights and verified at load: 64 flipped bytes of a parameter file, a
+  changed config.json or a missing checksum record are each one error naming the file."""
+  from autosam_jax import CheckpointError, load_sam
+
+  out = tmp_path / "converted"
+  assert _run(capsys, good_checkpoint, out)[0] == 0
+  load_sam(out)
+  data_files = sorted(p for p in (out / "params").rglob("*") if p.is_file() and p.stat().st_size > 1000)
+  target = data_files[0]
+  original = target.read_bytes()
+  damaged = bytearray(original)
+  middle = len(damaged) // 2
+  damaged[middle:middle + 64] = bytes(b ^ 0xFF for b in damaged[middle:middle + 64])
+  target.write_bytes(bytes(damaged))
+  with pytest.raises(CheckpointError, match="checksum mismatch") as caught:
+    load_sam(out)
+  assert str(target) in str(caught.value)
+  target.write_bytes(original)
+  load_sam(out)
+  config = (out / "config.json").read_text()
+  (out / "config.json").write_text(config.replace('"window_size": 5', '"window_size": 6'))
+  with pytest.raises(CheckpointError, match="config.json: checksum mismatch"):
+    load_sam(out)
+  (out / "config.json").write_text(config)
+  (out / "checksums.json").unlink()
+  with pytest.raises(CheckpointError, match="checksums.json: missing"):
+    load_sam(out)
 
 
 def test_command_line_exit_code_and_single_line(tmp_path):

@@ -87,15 +87,16 @@ def test_conversion_killed_while_replacing_keeps_or_restores_the_old_output(conv
   back in place before the rerun replaces it."""
   out = tmp_path / "weights"
   assert in_process("convert", conversion["checkpoint"], out) == 0
-  (out / "marker").write_text("old output")
+  info = json.loads((out / "conversion.json").read_text())
+  (out / "conversion.json").write_text(json.dumps({**info, "marker": "old output"}))  # tells the old output apart
   killed = cli("convert", "--overwrite", conversion["checkpoint"], out, kill_at="convert.old_moved_aside")
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
   assert not out.exists()
   # A rerun that fails before writing (a missing checkpoint) still puts the old output back.
   assert in_process("convert", "--overwrite", tmp_path / "missing.pth", out) == 2
-  assert (out / "marker").read_text() == "old output"
+  assert json.loads((out / "conversion.json").read_text())["marker"] == "old output"
   assert in_process("convert", "--overwrite", conversion["checkpoint"], out) == 0
-  assert hidden_leftovers(tmp_path) == [] and not (out / "marker").exists()
+  assert hidden_leftovers(tmp_path) == [] and "marker" not in json.loads((out / "conversion.json").read_text())
   assert_same_conversion(converted(out), conversion["reference"])
 
 

@@ -11,8 +11,10 @@ DESCRIPTION = """Convert SAM weights to a Flax checkpoint.
 
 Reads Meta's segment-anything checkpoints (sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth, sam_vit_h_4b8939.pth, or any
 checkpoint of the same architecture) and Hugging Face SamModel weights (model.safetensors, or its directory). The
-architecture is read off the tensor shapes. Writes OUT_DIR/config.json, OUT_DIR/conversion.json and an orbax
-checkpoint OUT_DIR/params; load it with `autosam_jax.load_sam(OUT_DIR)`."""
+architecture is read off the tensor shapes. Writes OUT_DIR/config.json, OUT_DIR/conversion.json, an orbax
+checkpoint OUT_DIR/params and OUT_DIR/checksums.json (verified at every load); load it with
+`autosam_jax.load_sam(OUT_DIR)`. --overwrite replaces only an earlier conversion: a folder holding other files, or
+the checkpoint itself, is refused."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("out_dir", help="output directory (must not exist unless --overwrite)")
   parser.add_argument("--model-type", choices=sorted(PRESETS), default=None,
                       help="check that the checkpoint is this preset (default: accept any SAM architecture)")
-  parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace OUT_DIR if it is an earlier conversion (a folder holding only what convert writes)")
   shapes = parser.add_argument_group("architecture that tensor shapes do not reveal")
   shapes.add_argument("--decoder-num-heads", type=int, help="mask decoder attention heads (default 8, as SAM)")
   shapes.add_argument("--encoder-num-heads", type=int,

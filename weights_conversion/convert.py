@@ -4,6 +4,7 @@ Output directory layout:
   config.json       SamConfig fields
   conversion.json   source file, its format and SHA-256, converter version
   params/           orbax checkpoint of the parameter tree (float32)
+  checksums.json    SHA-256 of config.json and every file of params/, verified when the weights are loaded
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from autosam_jax.atomic import remove_stale_staging, write_dir
+from autosam_jax.checksums import write_checksums
 from autosam_jax.faults import kill_point
 from autosam_jax.models.config import PRESETS, SamConfig, infer_config
 from weights_conversion.tables import LAYOUTS, TABLES, hf_mlp_layer_names
@@ -93,6 +95,25 @@ def _read_hf_config(path: Path) -> dict[str, Any]:
   return config if isinstance(config, dict) else {}
 
 
+def _index_shards(index: Path) -> list[str]:
+  """The shard files a Hugging Face model.safetensors.index.json names (its weight_map's values)."""
+  try:
+    weight_map = json.loads(index.read_text()).get("weight_map")
+  except (OSError, UnicodeDecodeError, ValueError, AttributeError) as err:
+    reason = "not a JSON object" if isinstance(err, AttributeError) else f"{type(err).__name__}: {err}"
+    raise ConversionError(f"{index}: unreadable ({reason}); download the model's index file again") from None
+  if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+    raise ConversionError(f"{index}: has no weight_map of tensor names to shard files; download the model's index "
+                          "file again")
+  shards = sorted(set(weight_map.values()))
+  for shard in shards:
+    if Path(shard).name != shard:
+      raise ConversionError(f"{index}: names the shard {shard!r} outside its folder; download the index file again")
+    if not (index.parent / shard).is_file():
+      raise ConversionError(f"{index.parent / shard}: missing (named by {index.name}); download every shard")
+  return shards
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """Returns the tensors as float32 numpy arrays, and what the file's neighbours say (a Hugging Face config.json)."""
   path = Path(path)
@@ -102,8 +123,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
   if path.is_dir():
     index = path / "model.safetensors.index.json"
     if index.exists():
-      shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-      files = [path / shard for shard in shards]
+      files = [path / shard for shard in _index_shards(index)]
     elif (path / "model.safetensors").exists():
       files = [path / "model.safetensors"]
     else:
@@ -280,19 +300,37 @@ def _sha256(path: Path) -> str:
   return digest.hexdigest()
 
 
+# What a conversion writes into OUT_DIR: --overwrite replaces a folder holding these and nothing else.
+ENTRIES = ("config.json", "conversion.json", "params", "checksums.json")
+
+
+def check_output(out_dir: Path, overwrite: bool, inputs: list) -> None:
+  """OUT_DIR must not exist, or (with --overwrite) be an earlier conversion that holds none of the inputs."""
+  from autosam_jax.data.errors import DataError
+  from autosam_jax.outputs import check_output_path, check_replaceable
+
+  try:
+    check_output_path(out_dir, "output directory")
+    if out_dir.exists() and not overwrite:
+      raise ConversionError(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
+    check_replaceable(out_dir, marker="conversion.json", entries=ENTRIES, inputs=inputs, command="convert")
+  except DataError as err:
+    raise ConversionError(str(err)) from None
+
+
 def write_converted(out_dir: Path, config: SamConfig, params: dict[tuple[str, ...], np.ndarray],
                     info: dict[str, Any], overwrite: bool = False) -> Path:
   """Writes into a temporary sibling directory, then renames it into place: never a half-written OUT_DIR."""
   import orbax.checkpoint as ocp
 
   out_dir = Path(out_dir).absolute()
-  if out_dir.exists() and not overwrite:
-    raise ConversionError(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
+  check_output(out_dir, overwrite, [])  # convert() has checked the source is not inside OUT_DIR
   def fill(staging: Path) -> None:
     (staging / "config.json").write_text(config.to_json() + "\n")
     (staging / "conversion.json").write_text(json.dumps(info, indent=2) + "\n")
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(staging / "params", nest(params))
+    write_checksums(staging, ("config.json", "params"))
     kill_point("convert.params_staged")
 
   write_dir(out_dir, fill, kill_point_name="convert.old_moved_aside")
@@ -309,10 +347,9 @@ def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, model_typ
   out_dir = Path(out_dir)
   if model_type is not None and model_type not in PRESETS:
     raise ConversionError(f"unknown --model-type {model_type!r}; choose one of {sorted(PRESETS)}")
-  if out_dir.parent.is_dir():
+  if out_dir.parent.is_dir() and not out_dir.is_symlink():
     remove_stale_staging(out_dir.absolute())
-  if out_dir.exists() and not overwrite:
-    raise ConversionError(f"{out_dir}: already exists; choose another output directory or pass --overwrite")
+  check_output(out_dir, overwrite, [checkpoint])
   state, hf_config = read_checkpoint(checkpoint)
   config, params, fmt = convert_state(state, checkpoint, model_type, hf_config, **overrides)
   info = {"source": str(checkpoint.absolute()), "source_format": fmt, "source_sha256": _sha256(checkpoint),

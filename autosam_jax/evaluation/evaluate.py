@@ -104,6 +104,9 @@ def evaluate(model_dir: Path, weights_dir: Path | None, cache_dir: Path, source_
   The model, the cache and the dataset must share one label table; the scores are over exactly its classes."""
   import jax
 
+  from autosam_jax.outputs import check_output_path
+  check_output_path(out_dir)
+
   from autosam_jax.atomic import atomic_write_bytes, atomic_write_json
   from autosam_jax.data.splits import select_split
   from autosam_jax.evaluation.predict import (check_cache_matches, label_nifti_bytes, load_model, make_head_forward,

@@ -320,6 +320,8 @@ def predict(model_dir: Path, weights_dir: Path | None, inputs: Path, output_dir:
   files = input_files(Path(inputs))
   cases = input_cases(files)
   output_dir = Path(output_dir)
+  from autosam_jax.outputs import check_output_path
+  check_output_path(output_dir, "--output")
   inputs_by_path = {f.resolve(): f for f in files}
   collisions = [inputs_by_path[(output_dir / c.output_name).resolve()] for c in cases
                 if (output_dir / c.output_name).resolve() in inputs_by_path]

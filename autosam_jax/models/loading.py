@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
+from autosam_jax.checksums import verify_checksums
 from autosam_jax.faults import restore_or_raise
 from autosam_jax.models.config import SamConfig
 from autosam_jax.models.sam import Sam
@@ -59,6 +60,7 @@ def load_sam(path: str | os.PathLike, *, encoder_dtype=None, sharding: jax.shard
   params_dir = path / "params"
   if not params_dir.is_dir():
     raise CheckpointError(f"{params_dir}: missing; the directory was not written by the weight converter")
+  verify_checksums(path, CheckpointError, f"convert the SAM weights again (autosam-jax convert CHECKPOINT {path})")
   def restore():
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(params_dir, target)

@@ -30,12 +30,39 @@ class RunCheckpoints:
     return self.manager.latest_step()
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """The newest checkpoint (or `step`'s). A damaged newest one (truncated or corrupt files, a killed copy) is
+    reported in one warning line and the one before it is used; the damaged ones are then deleted, so the run writes
+    its steps again. If none can be read, a DataError names the folder."""
+    import sys
+
     import orbax.checkpoint as ocp
 
-    step = self.manager.latest_step() if step is None else step
-    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                                   meta=ocp.args.JsonRestore()))
-    return restored.state, restored.meta
+    from autosam_jax.data.errors import DataError
+    from autosam_jax.faults import restore_or_raise
+
+    steps = sorted(self.manager.all_steps(), reverse=True) if step is None else [step]
+    damaged = []
+    for candidate in steps:
+      def restore():
+        restored = self.manager.restore(candidate, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        meta = restored.meta
+        if not isinstance(meta, dict) or not {"epoch", "iterator_state", "best", "plateau", "step"} <= set(meta):
+          raise ValueError("its metadata is incomplete")
+        return restored.state, meta
+      try:
+        result = restore_or_raise(restore, ValueError)
+      except ValueError as err:
+        print(f"warning: {self.directory / str(candidate)}: damaged checkpoint ({err}); "
+              + ("trying the one before it" if candidate != steps[-1] else "no earlier checkpoint"), file=sys.stderr)
+        damaged.append(candidate)
+        continue
+      for bad in damaged:  # newer than the one restored: rewritten as the run goes on
+        self.manager.delete(bad)
+      self.manager.reload()
+      return result
+    raise DataError(f"{self.directory}: no checkpoint can be read (the newest are damaged: steps {damaged}); "
+                    "train again into a new output folder")
 
   def close(self) -> None:
     self.manager.close()

@@ -74,8 +74,13 @@ def run(args: argparse.Namespace) -> int:
       sam = load_sam(args.weights) if config.head != "unet" else None  # the UNet is trained from scratch
       return build_model(config, sam, rngs=nnx.Rngs(config.seed))
 
+    from autosam_jax.features.precompute import weights_digest
+    from autosam_jax.outputs import file_digest
+
+    inputs = {"split": {"file_sha256": file_digest(args.splits), "fold": split.name, "tr_size": args.tr_size},
+              "weights_sha256": weights_digest(args.weights) if config.head != "unet" else None}
     result = train(config, args.cache, head_factory, args.out, labeled, list(split.val),
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, inputs=inputs)
   except (DataError, CheckpointError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2

@@ -25,6 +25,11 @@ from typing import Any, Callable
 import numpy as np
 
 
+# plateau_train_loss: the official code's plateau on the last batch's training loss (min mode); plateau_val_dice: on
+# validation Dice (max mode), for the improved variant.
+SCHEDULERS = ("plateau_train_loss", "plateau_val_dice")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   head: str = "autosam"  # autosam | cnn | linear (on SAM embeddings) | unet (on images, from scratch)
@@ -71,6 +76,17 @@ class TrainConfig:
     if self.num_classes == 1:
       raise DataError("training config: num_classes counts the background too, so it is at least 2; leave it out to "
                       "take the dataset's")
+    for name in ("seed", "checkpoint_every_steps", "plateau_start_epoch"):
+      value = getattr(self, name)
+      if isinstance(value, int) and value < 0:
+        raise DataError(f"training config: {name} must be 0 or more, got {value}")
+    if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
+            and self.learning_rate > 0):
+      raise DataError(f"training config: learning_rate must be a positive number, got {self.learning_rate!r}")
+    if self.scheduler not in SCHEDULERS:
+      raise DataError(f"training config: scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+    if self.augment not in ("none", "faithful", "improved"):
+      raise DataError(f"training config: augment must be 'none', 'faithful' or 'improved', got {self.augment!r}")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -84,7 +100,9 @@ class TrainConfig:
       raise DataError(f"{source}: unknown training option(s) {unknown}; known: {sorted(fields)}")
     for name, value in values.items():
       expected = type(getattr(cls(), name))
-      if not isinstance(value, expected) and not (expected is float and isinstance(value, int)):
+      # bool is an int to Python, but `epochs=True` is a mistake, not one epoch
+      wrong = (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected)
+      if wrong and not (expected is float and isinstance(value, int) and not isinstance(value, bool)):
         from autosam_jax.data.errors import DataError
         raise DataError(f"{source}: {name} must be {expected.__name__}, got {type(value).__name__} {value!r}")
     return cls(**values)
@@ -288,24 +306,53 @@ def resolve_config(config: TrainConfig, labels, where: str) -> TrainConfig:
   return dataclasses.replace(config, num_classes=labels.num_classes)
 
 
+def run_identity(config: TrainConfig, cache, labeled_patients, val_patients,
+                 inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+  """What a run folder was made from (run.json): a rerun with anything else is refused instead of resumed."""
+  from autosam_jax.outputs import file_digest
+
+  return {"config": config.to_dict(), "cache": {"path": str(Path(cache.cache_dir).absolute()),
+                                                "manifest_sha256": file_digest(Path(cache.cache_dir) / "manifest.json")},
+          "labeled_patients": sorted(labeled_patients), "val_patients": sorted(val_patients), **(inputs or {})}
+
+
+def example_bytes(cache, index: int) -> int:
+  return sum(np.asarray(v).nbytes for v in _example(cache, {}, index).values())
+
+
 def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Callable[[TrainConfig], Any],
           out_dir: str | os.PathLike,
           labeled_patients: list[str], val_patients: list[str], *, progress: bool = True,
-          stop_after_steps: int | None = None) -> dict[str, Any]:
+          stop_after_steps: int | None = None, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
   """Trains (or resumes) a head in OUT_DIR; returns the final metrics and where the model is.
 
   `head_factory(config)` builds the NNX head (initialised, e.g. from SAM) for the config with the dataset's
-  num_classes filled in (`resolve_config`). `stop_after_steps` ends the run early as if
-  it had been killed after that many steps (for tests of resumption).
+  num_classes filled in (`resolve_config`). `inputs` (e.g. the SAM weights' and split file's digests) joins what
+  the run records as its identity in OUT_DIR/run.json, with the config, the cache and the patients: a rerun with
+  another identity is refused, naming the field. One process at a time trains in OUT_DIR (OUT_DIR/.lock).
+  `stop_after_steps` ends the run early as if it had been killed after that many steps (for tests of resumption).
   """
+  import jax
+
+  from autosam_jax.outputs import OutputLock, check_output_path
+
+  check_output_path(out_dir)
+  with OutputLock(out_dir, take=jax.process_index() == 0):
+    return _train(config, cache_dir, head_factory, out_dir, labeled_patients, val_patients, progress=progress,
+                  stop_after_steps=stop_after_steps, inputs=inputs)
+
+
+def _train(config, cache_dir, head_factory, out_dir, labeled_patients, val_patients, *, progress, stop_after_steps,
+           inputs) -> dict[str, Any]:
   import jax
   import optax
   from flax import nnx
   from jax.sharding import NamedSharding, PartitionSpec
 
-  from autosam_jax.atomic import atomic_write_json
+  from autosam_jax.atomic import atomic_write_bytes, atomic_write_json
   from autosam_jax.features.cache import FeatureCache
   from autosam_jax.parallel import all_gather_objects, barrier, data_mesh, local_rows, replicate
+  from autosam_jax.faults import kill_point
   from autosam_jax.train.checkpointing import RunCheckpoints
   from autosam_jax.train.schedules import ReduceLROnPlateau
 
@@ -326,13 +373,16 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
   val_indices = cache.indices(val_patients, views=(0,))
   slice_views = views if set(labeled_patients) <= set(cache.manifest["depends_on"].get("view_patients", [])) else 0
   views_of_slices = view_table(cache, labeled, slice_views)
-  if config.augment not in ("none", "faithful", "improved"):
-    from autosam_jax.data.errors import DataError
-    raise DataError(f"augment must be 'none', 'faithful' or 'improved', got {config.augment!r}")
   if config.augment != "none" and cache.manifest["depends_on"].get("kind") != "images":
     from autosam_jax.data.errors import DataError
     raise DataError(f"{cache_dir}: augment {config.augment!r} transforms images, but this cache holds SAM embeddings; "
                     "use an image cache (autosam-jax image-cache) or augment 'none'")
+
+  from autosam_jax.memory import require_memory
+  # the host side of a step: the grain batch, its padded copy and the device copy (3x), for every process's rows
+  require_memory(3 * config.batch_size * example_bytes(cache, int(views_of_slices[0, 0])), f"batch size "
+                 f"{config.batch_size}", "choose a smaller batch_size")
+  identity = run_identity(config, cache, labeled_patients, val_patients, inputs)
 
   head = head_factory(config)
   graphdef, params, frozen = nnx.split(head, nnx.Param, ...)
@@ -351,7 +401,11 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
   train_step, eval_step = make_steps(graphdef, tx, mesh, config.augment, config.seed)
 
   # Everything checked: from here on the run writes.
-  out_dir.mkdir(parents=True, exist_ok=True)
+  from autosam_jax.outputs import claim_run
+
+  if main:
+    claim_run(out_dir, "train", identity)
+  barrier("autosam_jax.train.claimed")
   mode = "min" if config.scheduler == "plateau_train_loss" else "max"
   plateau = ReduceLROnPlateau(mode=mode)
   start_epoch, iterator_state, best = 0, None, {"score": -math.inf, "epoch": -1}
@@ -362,16 +416,13 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
                                                    state))
     start_epoch, iterator_state, best = meta["epoch"], meta["iterator_state"], meta["best"]
     plateau = ReduceLROnPlateau(**meta["plateau"])
-    if meta["config"] != config.to_dict():
-      from autosam_jax.data.errors import DataError
-      raise DataError(f"{out_dir}: holds a run with another configuration; choose another --out")
     # Metrics written after the checkpoint by the killed run are dropped, so the file matches an uninterrupted run.
     if main and metrics_file.exists():
       kept = [l for l in metrics_file.read_text().splitlines() if l and json.loads(l)["step"] <= meta["step"]]
-      metrics_file.write_text("".join(k + "\n" for k in kept))
+      atomic_write_bytes(metrics_file, "".join(k + "\n" for k in kept).encode())
   elif main:
     atomic_write_json(out_dir / "config.json", config.to_dict())
-    metrics_file.write_text("")
+    atomic_write_bytes(metrics_file, b"")
   barrier("autosam_jax.train.started")
 
   steps_per_epoch = -(-len(labeled) // config.batch_size)
@@ -402,7 +453,10 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
         if bar is not None:
           bar.update(1)
           bar.set_postfix(epoch=epoch, loss=f"{float(step_metrics['loss']):.3f}")
-        if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+        kill_point("train.step")
+        # A checkpoint due on the epoch's last step is the epoch-end one, written below once the epoch is complete.
+        last_of_epoch = step == (epoch + 1) * steps_per_epoch
+        if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and not last_of_epoch:
           log.flush()
           checkpoints.save(step, state, {"epoch": epoch, "iterator_state": iterator.get_state(), "best": best,
                                          "plateau": plateau.state_dict(), "config": config.to_dict(), "step": step})
@@ -426,10 +480,12 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
       log.write(json.dumps(row) + "\n")
       log.flush()
       last_metrics = row
-      if evaluated:
+      due = config.checkpoint_every_steps and int(state["step"]) % config.checkpoint_every_steps == 0
+      if evaluated or due:
         checkpoints.save(int(state["step"]), state, {"epoch": epoch + 1, "iterator_state": None, "best": best,
                                                      "plateau": plateau.state_dict(), "config": config.to_dict(),
                                                      "step": int(state["step"])})
+        kill_point("train.epoch_saved")
   checkpoints.close()
   save_model(out_dir / "final_model", state["params"], frozen, config, preprocess, record)
   if main:
@@ -437,6 +493,10 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
   model = "best_model" if config.variant == "improved" and (out_dir / "best_model").exists() else "final_model"
   return {"seconds": time.perf_counter() - started, "steps": int(state["step"]), "model": str(out_dir / model),
           "best": best, "last": last_metrics}
+
+
+# What a saved model's checksums.json covers (written by save_model, verified by load_head)
+MODEL_FILES = ("state", "train_config.json", "preprocess.json", "model.json")
 
 
 def save_model(directory: Path, params, frozen, config: TrainConfig, preprocess: dict[str, Any] | None = None,
@@ -453,6 +513,7 @@ def save_model(directory: Path, params, frozen, config: TrainConfig, preprocess:
   from flax import nnx
 
   from autosam_jax.atomic import atomic_write_json, remove_settled, replace_dir, staging_dir
+  from autosam_jax.checksums import write_checksums
   from autosam_jax.parallel import barrier
 
   directory = Path(directory).absolute()
@@ -474,6 +535,7 @@ def save_model(directory: Path, params, frozen, config: TrainConfig, preprocess:
         atomic_write_json(staging / "preprocess.json", preprocess)
       if record is not None:
         atomic_write_json(staging / "model.json", record)
+      write_checksums(staging, MODEL_FILES)
       replace_dir(staging, directory)
     barrier("autosam_jax.save_model.done")
   except BaseException:
@@ -512,6 +574,7 @@ def load_head(model_dir: str | os.PathLike, sam) -> tuple[Any, TrainConfig]:
   import orbax.checkpoint as ocp
   from flax import nnx
 
+  from autosam_jax.checksums import verify_checksums
   from autosam_jax.data.errors import DataError
   from autosam_jax.faults import restore_or_raise
 
@@ -519,6 +582,7 @@ def load_head(model_dir: str | os.PathLike, sam) -> tuple[Any, TrainConfig]:
   config_file = model_dir / "train_config.json"
   if not config_file.is_file():
     raise DataError(f"{config_file}: missing; give a run's final_model/ or best_model/ directory")
+  verify_checksums(model_dir, DataError, "train the model again (rerun the train command into a new --out)")
   config = TrainConfig.from_dict(json.loads(config_file.read_text()), source=str(config_file))
   # The architecture only: pretrained encoder weights (init_encoder) would be overwritten by the restore anyway.
   shape_config = dataclasses.replace(config, init_encoder="")
