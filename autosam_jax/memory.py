@@ -22,16 +22,18 @@ def available_bytes() -> int | None:
     return None
 
 
-def human(n: float) -> str:
-  for unit in ("B", "KB", "MB", "GB", "TB"):
-    if abs(n) < 1024 or unit == "TB":
-      return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-    n /= 1024
-  return f"{n:.1f} TB"
+def size_text(num_bytes: float) -> str:
+  """A byte count for messages: '1.1 KiB', '2.0 GiB'."""
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if abs(num_bytes) < 1024 or unit == "TiB":
+      return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+    num_bytes /= 1024
+  raise AssertionError("unreachable")
 
 
 def require_memory(needed: int, what: str, fix: str) -> None:
   """Raises DataError "<what>: needs about N but M is available; <fix>" when `needed` bytes cannot fit."""
   available = available_bytes()
   if available is not None and needed > available:
-    raise DataError(f"{what}: needs about {human(needed)} of memory but {human(available)} is available; {fix}")
+    raise DataError(f"{what}: needs about {size_text(needed)} of memory but {size_text(available)} is available; "
+                    f"{fix}")

@@ -179,3 +179,170 @@ def test_train_command(setup, tmp_path, capsys):
   assert "unknown training option" in capsys.readouterr().err
   assert main([*common[:-1], "99", "--out", str(tmp_path / "bad3")]) == 2
   assert "tr_size 99 is larger than the training set" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reliability: interruptions at chosen points, damaged checkpoints, run identity, one process per run folder
+
+
+@pytest.fixture
+def kill_at(monkeypatch):
+  """Sets AUTOSAM_JAX_KILL_AT (and the signal) for this process, counting hits afresh."""
+  from autosam_jax import faults
+
+  def arm(point: str, signal_name: str = "INT"):
+    monkeypatch.setenv(faults.ENV, point)
+    monkeypatch.setenv(faults.SIGNAL_ENV, signal_name)
+    faults._hits.clear()
+  yield arm
+  faults._hits.clear()
+
+
+def _assert_same_run(out, reference):
+  assert _losses(out) == _losses(reference)
+  for a, b in zip(_final_params(reference), _final_params(out), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_interrupted_right_after_a_checkpoint_on_an_epochs_last_step_resumes(setup, uninterrupted, tmp_path,
+                                                                              kill_at):
+  """checkpoint_every_steps equal to the steps of an epoch: the checkpoint due on the epoch's last step is the
+  epoch-end one (a mid-epoch one there left a run that could never finish); interrupted just after it, the rerun
+  ends as the uninterrupted run."""
+  import dataclasses
+
+  steps_per_epoch = uninterrupted[1]["steps"] // CONFIG.epochs
+  config = dataclasses.replace(CONFIG, checkpoint_every_steps=steps_per_epoch)
+  out = tmp_path / "run"
+  kill_at("train.epoch_saved:1")
+  with pytest.raises(KeyboardInterrupt):
+    _run(setup, out, config)
+  steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [steps_per_epoch] and not (out / "final_model").exists()
+  _run(setup, out, config)
+  _assert_same_run(out, uninterrupted[0])
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(setup, uninterrupted, tmp_path, capsys):
+  import dataclasses
+
+  config = dataclasses.replace(CONFIG, checkpoint_every_steps=1)
+  out = tmp_path / "run"
+  assert _run(setup, out, config, stop_after_steps=3) == {"stopped_at_step": 3}
+  newest = out / "checkpoints" / "3"
+  for path in (p for p in newest.rglob("*") if p.is_file() and p.stat().st_size > 100):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])  # truncated, as by a full disk or a bad copy
+  capsys.readouterr()
+  _run(setup, out, config)
+  warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning: ")]
+  assert len(warnings) == 1 and str(newest) in warnings[0] and "damaged checkpoint" in warnings[0], warnings
+  _assert_same_run(out, uninterrupted[0])
+  # none readable: one line naming the folder
+  broken = tmp_path / "broken"
+  assert _run(setup, broken, config, stop_after_steps=2) == {"stopped_at_step": 2}
+  for path in (p for p in (broken / "checkpoints").rglob("*") if p.is_file() and p.stat().st_size > 100):
+    path.write_bytes(b"")
+  from autosam_jax.data.errors import DataError
+  with pytest.raises(DataError, match="no checkpoint can be read"):
+    _run(setup, broken, config)
+
+
+def _command(setup, out, *extra, splits=None):
+  return ["train", "--config", str(REPO_ROOT / "experiments/configs/linear_faithful.py"), "--cache",
+          str(setup["cache"]), "--weights", str(setup["weights"]), "--splits", str(splits or setup["root"] / "split.json"),
+          "--tr-size", "1", "--out", str(out), "--set", "epochs=2", "--set", "checkpoint_every_steps=2", "--no-progress",
+          *extra]
+
+
+def _listing(folder):
+  return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_train_command_interrupted_by_sigterm_then_rerun(setup, tmp_path, capsys, kill_at):
+  """SIGTERM at the 3rd step: one line, exit 143, the last checkpoint kept; the same command resumes and ends with
+  the parameters of an uninterrupted run; a rerun with other inputs is refused naming the field."""
+  from autosam_jax.cli import main
+  from autosam_jax.data.splits import Split
+
+  reference = tmp_path / "reference"
+  assert main(_command(setup, reference)) == 0
+  out = tmp_path / "run"
+  kill_at("train.step:3", "TERM")
+  assert main(_command(setup, out)) == 143
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["error: SIGTERM: interrupted; rerun the same command to resume (finished work is kept)"], err
+  assert (out / "checkpoints" / "2").is_dir() and not (out / "final_model").exists()
+  kill_at("nowhere")
+  before = _listing(out)
+  other_split = tmp_path / "other_split.json"
+  Split(name="s", seed=1, train=("patient001",), val=("patient003",), test=("patient002",)).to_json(other_split)
+  for extra, splits, field in ((["--set", "epochs=3"], None, "config.epochs"),
+                               ([], other_split, "split.file_sha256"),
+                               (["--set", "seed=1"], None, "config.seed")):
+    assert main(_command(setup, out, *extra, splits=splits)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"holds a run with another {field}" in lines[0] and str(out) in lines[0], lines
+    assert _listing(out) == before
+  assert main(_command(setup, out)) == 0
+  _assert_same_run(out, reference)
+  import stat
+  modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (out / "run.json", out / "config.json",
+                                                             out / "final_model" / "model.json")}
+  umask = os.umask(0)
+  os.umask(umask)
+  assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_one_process_per_run_folder_and_no_foreign_folders(setup, tmp_path, capsys):
+  from autosam_jax.cli import main
+  from autosam_jax.outputs import OutputLock
+
+  out = tmp_path / "run"
+  with OutputLock(out):  # another holder (a lock is per open file, so this process counts as another)
+    assert main(_command(setup, out)) == 2
+  line = capsys.readouterr().err.strip()
+  assert line.startswith(f"error: {out}: in use by another process (pid {os.getpid()})"), line
+  assert sorted(p.name for p in out.iterdir()) == [".lock"]
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "notes.txt").write_text("the user's")
+  assert main(_command(setup, mine)) == 2
+  assert "is not empty (notes.txt)" in capsys.readouterr().err
+  assert sorted(p.name for p in mine.iterdir()) == [".lock", "notes.txt"]
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  assert main(_command(setup, a_file)) == 2
+  assert "exists and is a file, not a folder" in capsys.readouterr().err and a_file.read_text() == "x"
+
+
+@pytest.mark.parametrize("option, message", [
+    ("epochs=True", "epochs must be int"), ("learning_rate=-1", "learning_rate must be a positive number"),
+    ("seed=-1", "seed must be 0 or more"), ("checkpoint_every_steps=-1", "checkpoint_every_steps must be 0 or more"),
+    ("scheduler='cosine'", "scheduler must be one of"), ("joint=1", "joint must be bool"),
+    ("batch_size=10000000", "batch size 10000000: needs about")])
+def test_bad_training_options_are_one_line(setup, tmp_path, capsys, option, message):
+  from autosam_jax.cli import main
+
+  out = tmp_path / "run"
+  assert main(_command(setup, out, "--set", option)) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+  assert not (out / "run.json").exists() and not (out / "checkpoints").exists()
+
+
+def test_saved_model_with_flipped_bytes_is_refused(setup, uninterrupted, tmp_path):
+  import shutil
+
+  from autosam_jax import load_sam
+  from autosam_jax.data.errors import DataError
+  from autosam_jax.train.loop import load_head
+
+  model = Path(shutil.copytree(uninterrupted[0] / "final_model", tmp_path / "model"))
+  load_head(model, load_sam(setup["weights"]))
+  target = max((p for p in (model / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  data = bytearray(target.read_bytes())
+  data[len(data) // 2] ^= 0x01
+  target.write_bytes(bytes(data))
+  with pytest.raises(DataError, match="checksum mismatch") as caught:
+    load_head(model, load_sam(setup["weights"]))
+  assert str(target) in str(caught.value)

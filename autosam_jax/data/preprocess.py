@@ -46,6 +46,9 @@ import numpy as np
 from scipy import ndimage
 
 from autosam_jax.data.errors import DataError
+from autosam_jax import memory
+from autosam_jax.data.nifti import SPACING_RANGE_VARIABLE, spacing_range
+from autosam_jax.memory import size_text
 
 MODES = ("faithful", "improved")
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -80,6 +83,11 @@ class PreprocessConfig:
         raise DataError(f"preprocess config: {field} must be a positive integer, got {value!r}")
     if len(self.target_spacing) != 2 or not all(math.isfinite(s) and s > 0 for s in self.target_spacing):
       raise DataError(f"preprocess config: target_spacing must be two positive numbers, got {self.target_spacing}")
+    low, high = spacing_range()
+    if not all(low <= s <= high for s in self.target_spacing):
+      raise DataError(f"preprocess config: target_spacing {self.target_spacing} mm is outside the plausible "
+                      f"{low:g}-{high:g} mm range; give the model grid's pixel size in mm (1.25 is the official one), "
+                      f"or set {SPACING_RANGE_VARIABLE}=LOW,HIGH (mm) to a range that holds it")
     if len(self.clip_percentiles) != 2 or not 0 <= self.clip_percentiles[0] < self.clip_percentiles[1] <= 100:
       raise DataError(f"preprocess config: clip_percentiles must be (low, high) with 0 <= low < high <= 100, "
                       f"got {self.clip_percentiles}")
@@ -272,12 +280,43 @@ def _check_inputs(image: Any, spacing: Any, labels: Any, name: str) -> tuple[np.
   return image, spacing[:2], labels
 
 
+def _faithful_resampled_shape(rows: int, cols: int, spacing: tuple[float, float],
+                              config: PreprocessConfig) -> tuple[int, int]:
+  # PCL's resize_image: int(np.round(old_spacing / new_spacing * shape)).
+  return tuple(max(1, int(np.round(s / t * float(n)))) for s, t, n in zip(spacing, config.target_spacing, (rows, cols)))
+
+
+# Peak bytes of `_faithful` per voxel, measured with tracemalloc and rounded up: the float64 spline output and the
+# float32/float64 normalisation temporaries per resampled voxel, the float64 copy (and blur) of the input per native
+# voxel, and a float64 one-hot channel (with its share of the argmax) per label value present.
+_FAITHFUL_BYTES_PER_OUTPUT_VOXEL, _FAITHFUL_BYTES_PER_INPUT_VOXEL, _FAITHFUL_BYTES_PER_LABEL_VOXEL = 56, 16, 13
+
+
+def _check_faithful_memory(image: np.ndarray, spacing: tuple[float, float], labels: np.ndarray | None,
+                           config: PreprocessConfig, name: str) -> None:
+  """`DataError` when resampling would need more memory than is available (an implausible spacing, say), before any
+  of it is allocated."""
+  rows, cols, depth = image.shape
+  resampled = _faithful_resampled_shape(rows, cols, spacing, config)
+  num_out, num_in = resampled[0] * resampled[1] * depth, image.size
+  per_output = _FAITHFUL_BYTES_PER_OUTPUT_VOXEL
+  if labels is not None:
+    num_classes = int(np.count_nonzero(np.bincount(labels.ravel(), minlength=1)))
+    per_output += _FAITHFUL_BYTES_PER_LABEL_VOXEL * num_classes
+  needed = num_out * per_output + num_in * _FAITHFUL_BYTES_PER_INPUT_VOXEL
+  available = memory.available_bytes()
+  if available is not None and needed > available:
+    raise DataError(f"{name}: resampling {rows}x{cols}x{depth} voxels of {spacing[0]:g}x{spacing[1]:g} mm to "
+                    f"{config.target_spacing[0]:g}x{config.target_spacing[1]:g} mm would produce "
+                    f"{resampled[0]}x{resampled[1]}x{depth} voxels and need about {size_text(needed)} of memory, but "
+                    f"{size_text(available)} is available; check the voxel spacing (pixdim, mm) in the file's header "
+                    "and the target spacing")
+
+
 def _faithful(image: np.ndarray, spacing: tuple[float, float], labels: np.ndarray | None,
               config: PreprocessConfig) -> PreprocessedVolume:
   rows, cols, _ = image.shape
-  # PCL's resize_image: int(np.round(old_spacing / new_spacing * shape)).
-  resampled = tuple(max(1, int(np.round(s / t * float(n))))
-                    for s, t, n in zip(spacing, config.target_spacing, (rows, cols)))
+  resampled = _faithful_resampled_shape(rows, cols, spacing, config)
   volume = _resize_like_skimage(image, resampled, order=3).astype(np.float32)
   volume -= volume.mean()
   std = volume.std()
@@ -339,13 +378,16 @@ def improved_targets(labels: np.ndarray, geometry: SliceGeometry) -> np.ndarray:
 
 
 def preprocess_volume(image: Any, spacing: Sequence[float], labels: Any = None,
-                      config: PreprocessConfig = PreprocessConfig(), name: str = "volume") -> PreprocessedVolume:
+                      config: PreprocessConfig | None = None, name: str = "volume") -> PreprocessedVolume:
   """Host-side preprocessing of one volume (X, Y, Z) with in-plane `spacing` (sx, sy[, sz]) in mm.
 
   `labels` (same shape, integer values 0..255) is optional (prediction has none). `name` (usually the file) starts
-  every DataError message.
+  every DataError message. `config` defaults to `PreprocessConfig()`.
   """
+  config = PreprocessConfig() if config is None else config
   image, spacing, labels = _check_inputs(image, spacing, labels, name)
+  if config.mode == "faithful":
+    _check_faithful_memory(image, spacing, labels, config, name)
   return (_faithful if config.mode == "faithful" else _improved)(image, spacing, labels, config)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import re
 import sys
@@ -33,7 +34,8 @@ from autosam_jax.data.nifti import NiftiVolume, read_label, read_nifti
 
 DESCRIPTION = """Check an ACDC folder (patientNNN/ or training/patientNNN/) or an nnU-Net raw dataset (dataset.json,
 imagesTr/, labelsTr/): every labeled frame's files, shapes, spacing, orientation, finite voxels and label values.
-Prints a summary and warnings; the first problem is one line naming the file, and exit code 2."""
+Prints a summary and warnings (e.g. constant or outlier-dominated images, duplicated cases); the first problem is one
+line naming the file, and exit code 2."""
 
 ACDC_LABELS = ACDC_TABLE.to_dict()
 SPACING_RELATIVE_TOLERANCE = 1e-3
@@ -42,6 +44,11 @@ SPACING_RELATIVE_TOLERANCE = 1e-3
 # voxel, so every label voxel still lands on its own image voxel) it is header noise and only warned about; beyond that
 # the label lies on another grid (flipped, axes swapped, shifted or rotated), and using it would train on wrong masks.
 AFFINE_NOISE_VOXELS, AFFINE_MAX_VOXELS = 1e-3, 0.5
+# An image is dominated by outliers when its maximum lies more than OUTLIER_RATIO times as far above its minimum as the
+# OUTLIER_PERCENTILE-th percentile does. The faithful mode scales each volume min-max to 0..127 grey levels, so there
+# all but the top 0.1% of voxels would land within 1.27 grey levels of black: the image is blanked. Real scans
+# (MRI's bright fat and vessels, CT's bone and metal) stay within a few times that percentile.
+OUTLIER_RATIO, OUTLIER_PERCENTILE = 100.0, 99.9
 
 _ACDC_PATIENT_DIR = re.compile(r"patient\d+")
 _NNUNET_CHANNEL_FILE = re.compile(r"(?P<case>.+)_(?P<channel>\d{4})")
@@ -149,6 +156,32 @@ def _check_pair(image: NiftiVolume, label: NiftiVolume, warnings: list[str]) -> 
                   "image's affine (sform and qform) if only the header is wrong, else resample it onto the image")
 
 
+def _check_intensities(image: NiftiVolume, warnings: list[str]) -> None:
+  """Warns about an image that holds no contrast: constant, or a few outlier voxels far above the rest."""
+  low, high = float(image.data.min()), float(image.data.max())
+  if low == high:
+    warnings.append(f"{image.path}: image is constant (every voxel is {low:g}); it holds no anatomy, export it again "
+                    "or remove the case")
+    return
+  top = float(np.percentile(image.data, OUTLIER_PERCENTILE))
+  if high - low > OUTLIER_RATIO * (top - low):
+    warnings.append(f"{image.path}: image is dominated by outliers: its maximum {high:g} lies over {OUTLIER_RATIO:g}x "
+                    f"further above its minimum {low:g} than the {OUTLIER_PERCENTILE:g}th percentile {top:g} does, so "
+                    "min-max intensity scaling leaves the rest of the image nearly black; fix or clip those voxels")
+
+
+def _check_duplicate(case: Case, image: NiftiVolume, seen: dict[tuple[Any, ...], Case], warnings: list[str]) -> None:
+  """Warns when `image` (the case's first channel) holds the same voxels as an earlier case's: a case held twice can
+  land in both the training and the test split. The voxels are hashed, not the files, so a copy saved again (another
+  compression, another header) is found too."""
+  digest = hashlib.blake2b(image.data.ravel(order="K"), digest_size=16).digest()
+  key = (image.data.shape, digest)
+  first = seen.setdefault(key, case)
+  if first is not case:
+    warnings.append(f"{case.image_path}: image has the same voxels as {first.image_path} (case {first.case_id}); a "
+                    "duplicated case can land in both the training and the test split, remove one of them")
+
+
 def _parse_value(text: str) -> Any:
   for kind in (int, float):
     try:
@@ -238,6 +271,7 @@ def validate_acdc(data_dir: str | Path) -> ValidationReport:
                     "that holds patient001/, patient002/, ...")
   allowed = set(ACDC_LABELS.values())
   cases, warnings = [], []
+  seen: dict[tuple[Any, ...], Case] = {}
   for patient_dir in _acdc_patient_dirs(root):
     patient_id = patient_dir.name
     info = read_info_cfg(patient_dir / "Info.cfg")
@@ -252,9 +286,11 @@ def validate_acdc(data_dir: str | Path) -> ValidationReport:
       image = read_nifti(image_path)
       label = read_label(label_path, allowed)
       _check_pair(image, label, warnings)
+      _check_intensities(image, warnings)
       cases.append(Case(case_id=stem, patient_id=patient_id, frame=frame, frame_number=frame_number,
                         image_path=image_path, label_path=label_path, shape=image.shape, spacing=image.spacing,
                         info=dict(info), affine=image.affine))
+      _check_duplicate(cases[-1], image, seen, warnings)
   _check_planes(root, cases, warnings)
   return ValidationReport(layout="acdc", root=root, labels=dict(ACDC_LABELS), cases=cases, warnings=warnings)
 
@@ -338,6 +374,7 @@ def validate_nnunet(data_dir: str | Path) -> ValidationReport:
 
   allowed = set(labels.values())
   cases = []
+  seen: dict[tuple[Any, ...], Case] = {}
   for case_id, channels in channel_files.items():
     if case_id not in label_files:
       raise DataError(f"{channels[min(channels)]}: image without a label; add labelsTr/{case_id}{file_ending} or "
@@ -352,9 +389,11 @@ def validate_nnunet(data_dir: str | Path) -> ValidationReport:
       raise DataError(f"{channels[extra[0]]}: channel not declared in dataset.json channel_names; {declared}; add "
                       "it there or remove the file")
     label = read_label(label_files[case_id], allowed)
+    images = {}
     for channel in sorted(channels):
-      image = read_nifti(channels[channel])
+      images[channel] = image = read_nifti(channels[channel])
       _check_pair(image, label, warnings)
+      _check_intensities(image, warnings)
     match = _FRAME_SUFFIX.fullmatch(case_id)
     patient_id = match["patient"] if match else case_id
     frame = match["phase"] if match else None
@@ -363,6 +402,7 @@ def validate_nnunet(data_dir: str | Path) -> ValidationReport:
                       image_path=channels[0], label_path=label_files[case_id], shape=label.shape,
                       spacing=label.spacing, extra_channel_paths=tuple(channels[c] for c in sorted(channels)[1:]),
                       affine=label.affine))
+    _check_duplicate(cases[-1], images[0], seen, warnings)
 
   num_training = dataset.get("numTraining")
   if num_training is not None and num_training != len(cases):

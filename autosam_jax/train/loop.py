@@ -453,13 +453,13 @@ def _train(config, cache_dir, head_factory, out_dir, labeled_patients, val_patie
         if bar is not None:
           bar.update(1)
           bar.set_postfix(epoch=epoch, loss=f"{float(step_metrics['loss']):.3f}")
-        kill_point("train.step")
         # A checkpoint due on the epoch's last step is the epoch-end one, written below once the epoch is complete.
         last_of_epoch = step == (epoch + 1) * steps_per_epoch
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and not last_of_epoch:
           log.flush()
           checkpoints.save(step, state, {"epoch": epoch, "iterator_state": iterator.get_state(), "best": best,
                                          "plateau": plateau.state_dict(), "config": config.to_dict(), "step": step})
+        kill_point("train.step")  # after the step (and its checkpoint, if one was due)
         if stop_after_steps is not None and step >= stop_after_steps:
           return {"stopped_at_step": step}
       evaluated = (epoch + 1) % config.eval_every_epochs == 0 or epoch == config.epochs - 1
