@@ -46,5 +46,19 @@ def main(argv: list[str] | None = None) -> int:
   return run_command(args.run, args)
 
 
+def entry() -> None:
+  """The `autosam-jax` executable: `main`, then exit with its code. After SIGINT/SIGTERM (the line is printed, every
+  file closed or cleaned up) the process ends at once: the interpreter's shutdown would otherwise join threads that
+  XLA and the data pipeline still run, which can crash it."""
+  code = main()
+  if code in (128 + 2, 128 + 15):
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  entry()

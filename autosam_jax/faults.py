@@ -150,6 +150,9 @@ def run_command(run, args) -> int:
     problem = disk_full(err)
     if problem is None:
       raise
+    if not problem.startswith("/"):  # the failed write named no file: name the command's output
+      where = next((getattr(args, name) for name in ("out", "out_dir", "output") if getattr(args, name, None)), None)
+      problem = f"{os.path.abspath(where)}: {problem}" if where else problem
     # orbax's write coroutines that never ran are collected at interpreter shutdown, each with a RuntimeWarning
     warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
     print(f"error: disk full while writing: {problem}; free some space (or write elsewhere) and rerun: finished "
