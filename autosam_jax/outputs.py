@@ -128,7 +128,7 @@ def claim_run(folder: str | os.PathLike, command: str, identity: dict[str, Any],
   """Records `identity` in FOLDER/run.json for a new run, or checks it against the recorded one; True if resuming.
 
   A folder with files but no run.json was not made by this command: it is refused rather than written into. Call it
-  holding the folder's `OutputLock`; `write=False` (the other processes of a jax.distributed run) only checks."""
+  holding the folder's `OutputLock`; `write=False` only checks."""
   from autosam_jax.atomic import atomic_write_json
 
   folder = Path(folder)
@@ -165,3 +165,18 @@ def claim_run(folder: str | os.PathLike, command: str, identity: dict[str, Any],
   if write:
     atomic_write_json(record_file, {"command": command, "identity": identity})
   return False
+
+
+def take_output(stack, folder: str | os.PathLike, command: str, identity: dict[str, Any], *, main: bool = True) -> bool:
+  """Once every input is checked: locks `folder` for the rest of `stack` (a contextlib.ExitStack) and claims it
+  for this run (`claim_run`); True if it resumes a run of the same identity. Other processes of a jax.distributed
+  run (`main` False) neither lock nor write: they wait at a barrier for process 0."""
+  from autosam_jax.parallel import barrier
+
+  resumed = False
+  if main:
+    claim_run(folder, command, identity, write=False)  # a foreign or other run's folder: refused before the lock
+    stack.enter_context(OutputLock(folder))
+    resumed = claim_run(folder, command, identity)
+  barrier(f"autosam_jax.{command}.claimed")
+  return resumed

@@ -1,6 +1,7 @@
 """Evaluation (both conventions, reassembly, predictions on the native grid) and end-to-end prediction on NIfTI."""
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -175,6 +176,32 @@ def test_evaluate_reports_bad_inputs_in_one_line(run, tmp_path, capsys):
   args = _evaluate_args(run, tmp_path / "eval")
   args[args.index("--splits") + 1] = str(tmp_path / "missing.json")
   _assert_refused(capsys, args, "missing.json", tmp_path / "eval")
+
+
+def test_evaluate_refuses_a_folder_of_another_evaluation(run, evaluated, tmp_path, capsys):
+  """Rerunning the same evaluation into its folder is fine; another model's scores would replace the recorded
+  ones: refused naming the field, the folder unchanged. A model with a flipped byte is refused by its checksum."""
+  import shutil
+
+  from autosam_jax.cli import main
+
+  out = tmp_path / "eval"
+  shutil.copytree(evaluated, out)
+  assert main(_evaluate_args(run, out)) == 0
+  before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+  other = Path(shutil.copytree(run["model"], tmp_path / "other_model"))
+  args = _evaluate_args(run, out)
+  args[args.index("--model") + 1] = str(other)
+  capsys.readouterr()
+  assert main(args) == 2
+  line = capsys.readouterr().err.strip()
+  assert line.startswith(f"error: {out}: holds a run with another model"), line
+  assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+  state_file = max((p for p in (other / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  data = bytearray(state_file.read_bytes())
+  data[-1] ^= 0x10
+  state_file.write_bytes(bytes(data))
+  _assert_refused(capsys, [*args[:-1], str(tmp_path / "eval2")], str(state_file), tmp_path / "eval2")
 
 
 def test_predict_maps_scans_onto_the_grid_the_model_was_trained_on(phantom, tmp_path):

@@ -308,7 +308,7 @@ def test_one_process_per_run_folder_and_no_foreign_folders(setup, tmp_path, caps
   (mine / "notes.txt").write_text("the user's")
   assert main(_command(setup, mine)) == 2
   assert "is not empty (notes.txt)" in capsys.readouterr().err
-  assert sorted(p.name for p in mine.iterdir()) == [".lock", "notes.txt"]
+  assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
   a_file = tmp_path / "a_file"
   a_file.write_text("x")
   assert main(_command(setup, a_file)) == 2

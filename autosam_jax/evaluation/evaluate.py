@@ -102,10 +102,19 @@ def evaluate(model_dir: Path, weights_dir: Path | None, cache_dir: Path, source_
 
   volumes: `load_volumes(source_dir, tfds_dir)` when the caller already has it (a sweep evaluates many cells).
   The model, the cache and the dataset must share one label table; the scores are over exactly its classes."""
-  import jax
+  import contextlib
 
   from autosam_jax.outputs import check_output_path
+
   check_output_path(out_dir)
+  with contextlib.ExitStack() as stack:  # holds OUT's lock, once taken, to the end
+    return _evaluate(model_dir, weights_dir, cache_dir, source_dir, tfds_dir, splits_file, out_dir, fold=fold,
+                     batch_size=batch_size, volumes=volumes, stack=stack)
+
+
+def _evaluate(model_dir, weights_dir, cache_dir, source_dir, tfds_dir, splits_file, out_dir, *, fold, batch_size,
+              volumes, stack) -> dict[str, Any]:
+  import jax
 
   from autosam_jax.atomic import atomic_write_bytes, atomic_write_json
   from autosam_jax.data.splits import select_split
@@ -149,6 +158,17 @@ def evaluate(model_dir: Path, weights_dir: Path | None, cache_dir: Path, source_
 
   for patient_id in split.test:  # every process checks the whole split before any writes
     _cached_cases(cache, patient_id, volumes)
+  cache.check_files()
+  from autosam_jax.outputs import file_digest, take_output
+
+  # What the scores were made from: another evaluation is refused in this folder (its metrics would be replaced).
+  identity = {"model": str(Path(model_dir).absolute()),
+              "model_checksums_sha256": file_digest(Path(model_dir) / "checksums.json"),
+              "cache": {"path": str(Path(cache_dir).absolute()),
+                        "manifest_sha256": file_digest(Path(cache_dir) / "manifest.json")},
+              "data": str(Path(source_dir).absolute()), "weights_sha256": digest,
+              "split": {"file_sha256": file_digest(splits_file), "name": split.name}}
+  take_output(stack, out_dir, "evaluate", identity, main=process == 0)
   scores: dict[str, tuple[VolumeResult, dict[str, tuple[str, VolumeResult]]]] = {}
   predictions_dir = Path(out_dir) / "predictions"
   for patient_id in split.test[process::num_processes]:

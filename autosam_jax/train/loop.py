@@ -332,18 +332,16 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
   another identity is refused, naming the field. One process at a time trains in OUT_DIR (OUT_DIR/.lock).
   `stop_after_steps` ends the run early as if it had been killed after that many steps (for tests of resumption).
   """
-  import jax
-
-  from autosam_jax.outputs import OutputLock, check_output_path
+  from autosam_jax.outputs import check_output_path
 
   check_output_path(out_dir)
-  with OutputLock(out_dir, take=jax.process_index() == 0):
+  with contextlib.ExitStack() as stack:  # holds OUT_DIR's lock, once taken, to the end
     return _train(config, cache_dir, head_factory, out_dir, labeled_patients, val_patients, progress=progress,
-                  stop_after_steps=stop_after_steps, inputs=inputs)
+                  stop_after_steps=stop_after_steps, inputs=inputs, stack=stack)
 
 
 def _train(config, cache_dir, head_factory, out_dir, labeled_patients, val_patients, *, progress, stop_after_steps,
-           inputs) -> dict[str, Any]:
+           inputs, stack) -> dict[str, Any]:
   import jax
   import optax
   from flax import nnx
@@ -401,11 +399,9 @@ def _train(config, cache_dir, head_factory, out_dir, labeled_patients, val_patie
   train_step, eval_step = make_steps(graphdef, tx, mesh, config.augment, config.seed)
 
   # Everything checked: from here on the run writes.
-  from autosam_jax.outputs import claim_run
+  from autosam_jax.outputs import take_output
 
-  if main:
-    claim_run(out_dir, "train", identity)
-  barrier("autosam_jax.train.claimed")
+  take_output(stack, out_dir, "train", identity, main=main)
   mode = "min" if config.scheduler == "plateau_train_loss" else "max"
   plateau = ReduceLROnPlateau(mode=mode)
   start_epoch, iterator_state, best = 0, None, {"score": -math.inf, "epoch": -1}
