@@ -663,3 +663,160 @@ def restore_jax_cache_options():
 @pytest.mark.parametrize("case", list(DATA_CASES))
 def test_bad_data_or_cache(world, tmp_path, capsys, restore_jax_cache_options, case):
   assert_refused(capsys, DATA_CASES[case](world, tmp_path))
+
+
+# ---------------------------------------------------------------- outputs, integrity and misuse
+
+
+def _hf_folder(world, tmp_path, index_text: str | None) -> Path:
+  """A Hugging Face model folder: one shard and (if given) model.safetensors.index.json with `index_text`."""
+  from safetensors.numpy import save_file
+
+  folder = tmp_path / "hf_model"
+  folder.mkdir()
+  save_file({"vision_encoder.patch_embed.projection.weight": np.zeros((64, 3, 16, 16), np.float32)},
+            str(folder / "model-00001-of-00001.safetensors"))
+  if index_text is not None:
+    (folder / "model.safetensors.index.json").write_text(index_text)
+  return folder
+
+
+def malformed_hf_index_to_convert(world, tmp_path):
+  folder = _hf_folder(world, tmp_path, '{"weight_map": {"a": ')
+  return Refusal(["convert", folder, tmp_path / "converted"], "model.safetensors.index.json", [tmp_path / "converted"],
+                 ("unreadable",))
+
+
+def hf_index_without_weight_map_to_convert(world, tmp_path):
+  folder = _hf_folder(world, tmp_path, '{"metadata": {"total_size": 10}}')
+  return Refusal(["convert", folder, tmp_path / "converted"], "model.safetensors.index.json", [tmp_path / "converted"],
+                 ("no weight_map",))
+
+
+def hf_index_naming_a_missing_shard_to_convert(world, tmp_path):
+  folder = _hf_folder(world, tmp_path, json.dumps({"weight_map": {"x": "model-00002-of-00002.safetensors"}}))
+  return Refusal(["convert", folder, tmp_path / "converted"], "model-00002-of-00002.safetensors",
+                 [tmp_path / "converted"], ("missing",))
+
+
+def hf_index_is_a_list_to_convert(world, tmp_path):
+  folder = _hf_folder(world, tmp_path, "[]")
+  return Refusal(["convert", folder, tmp_path / "converted"], "model.safetensors.index.json", [tmp_path / "converted"],
+                 ("not a JSON object",))
+
+
+def overwrite_of_the_checkpoints_folder_to_convert(world, tmp_path):
+  folder = tmp_path / "downloads"
+  folder.mkdir()
+  checkpoint = Path(shutil.copy(world.meta_checkpoint, folder / "sam.pth"))
+  return Refusal(["convert", checkpoint, folder, "--overwrite"], str(folder), [folder], ("holds the input",))
+
+
+def overwrite_of_a_users_folder_to_convert(world, tmp_path):
+  folder = tmp_path / "results"
+  folder.mkdir()
+  (folder / "notes.txt").write_text("the user's notes")
+  return Refusal(["convert", world.meta_checkpoint, folder, "--overwrite"], str(folder), [folder],
+                 ("was not written by autosam-jax convert",))
+
+
+def converted_weights_with_flipped_bytes_to_predict(world, tmp_path):
+  weights = Path(shutil.copytree(world.weights, tmp_path / "weights"))
+  target = max((p for p in (weights / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  data = bytearray(target.read_bytes())
+  data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+  target.write_bytes(bytes(data))
+  argv = _predict(world, world.phantom, tmp_path / "out")
+  argv[argv.index("--weights") + 1] = weights
+  return Refusal(argv, str(target), [tmp_path / "out"], ("checksum mismatch",))
+
+
+def model_with_a_changed_config_to_predict(world, tmp_path):
+  model = Path(shutil.copytree(world.model, tmp_path / "model"))
+  config = json.loads((model / "train_config.json").read_text())
+  (model / "train_config.json").write_text(json.dumps({**config, "seed": 5}))
+  argv = _predict(world, world.phantom, tmp_path / "out")
+  argv[argv.index("--model") + 1] = model
+  return Refusal(argv, str(model / "train_config.json"), [tmp_path / "out"], ("checksum mismatch",))
+
+
+def out_is_a_file_to_train(world, tmp_path):
+  out = _py(tmp_path, "run", "a file of the user's\n")
+  return Refusal(_train(world, out), str(out), [out], ("is a file, not a folder",))
+
+
+def out_is_a_file_to_evaluate(world, tmp_path):
+  out = _py(tmp_path, "eval", "a file of the user's\n")
+  return Refusal(_evaluate(world, out), str(out), [out], ("is a file, not a folder",))
+
+
+def output_is_a_file_to_predict(world, tmp_path):
+  out = _py(tmp_path, "labels", "a file of the user's\n")
+  return Refusal(_predict(world, world.phantom, out), str(out), [out], ("is a file, not a folder",))
+
+
+def out_is_a_users_folder_to_train(world, tmp_path):
+  out = tmp_path / "mine"
+  out.mkdir()
+  (out / "metrics.jsonl").write_text("the user's own log\n")
+  return Refusal(_train(world, out), str(out), [out], ("is not empty", "metrics.jsonl"))
+
+
+def linear_head_on_an_image_cache_to_train(world, tmp_path):
+  cache = _cache_copy(world, tmp_path)
+  manifest = json.loads((cache / "manifest.json").read_text())
+  manifest["depends_on"]["kind"] = "images"  # what an image cache records
+  (cache / "manifest.json").write_text(json.dumps(manifest))
+  return Refusal(_train(world, tmp_path / "run", cache=cache), str(cache), [tmp_path / "run"], ("model images",))
+
+
+def unet_on_a_feature_cache_to_train(world, tmp_path):
+  config = _py(tmp_path, "unet.py", "def get_config():\n  return {'head': 'unet', 'epochs': 1}\n")
+  return Refusal(_train(world, tmp_path / "run", config=config), str(world.cache), [tmp_path / "run"],
+                 ("SAM embeddings", "image-cache"))
+
+
+def negative_seed_to_train(world, tmp_path):
+  return Refusal(_train(world, tmp_path / "run", extra=("--set", "seed=-1")), "seed", [tmp_path / "run"],
+                 ("0 or more",))
+
+
+def negative_learning_rate_to_train(world, tmp_path):
+  return Refusal(_train(world, tmp_path / "run", extra=("--set", "learning_rate=-1")), "learning_rate",
+                 [tmp_path / "run"], ("positive",))
+
+
+def unknown_scheduler_to_train(world, tmp_path):
+  return Refusal(_train(world, tmp_path / "run", extra=("--set", "scheduler='step'")), "scheduler",
+                 [tmp_path / "run"], ("plateau_train_loss",))
+
+
+def bool_for_epochs_to_train(world, tmp_path):
+  return Refusal(_train(world, tmp_path / "run", extra=("--set", "epochs=True")), "epochs", [tmp_path / "run"],
+                 ("must be int",))
+
+
+def huge_batch_size_to_train(world, tmp_path):
+  return Refusal(_train(world, tmp_path / "run", extra=("--set", "batch_size=100000000")), "batch size 100000000",
+                 [tmp_path / "run"], ("of memory",))
+
+
+def run_of_other_inputs_to_train(world, tmp_path):
+  """world.run was trained on patient001 with other options: reused with another config, refused naming it."""
+  run = Path(shutil.copytree(world.run, tmp_path / "run"))
+  return Refusal(_train(world, run, extra=("--set", "epochs=2")), str(run), [run], ("another config.epochs",))
+
+
+RELIABILITY_CASES = {f.__name__.replace("_", "-"): f for f in (
+    malformed_hf_index_to_convert, hf_index_without_weight_map_to_convert, hf_index_naming_a_missing_shard_to_convert,
+    hf_index_is_a_list_to_convert, overwrite_of_the_checkpoints_folder_to_convert,
+    overwrite_of_a_users_folder_to_convert, converted_weights_with_flipped_bytes_to_predict,
+    model_with_a_changed_config_to_predict, out_is_a_file_to_train, out_is_a_file_to_evaluate,
+    output_is_a_file_to_predict, out_is_a_users_folder_to_train, linear_head_on_an_image_cache_to_train,
+    unet_on_a_feature_cache_to_train, negative_seed_to_train, negative_learning_rate_to_train,
+    unknown_scheduler_to_train, bool_for_epochs_to_train, huge_batch_size_to_train, run_of_other_inputs_to_train)}
+
+
+@pytest.mark.parametrize("case", list(RELIABILITY_CASES))
+def test_bad_output_integrity_or_option(world, tmp_path, capsys, case):
+  assert_refused(capsys, RELIABILITY_CASES[case](world, tmp_path))

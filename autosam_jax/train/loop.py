@@ -371,6 +371,13 @@ def _train(config, cache_dir, head_factory, out_dir, labeled_patients, val_patie
   val_indices = cache.indices(val_patients, views=(0,))
   slice_views = views if set(labeled_patients) <= set(cache.manifest["depends_on"].get("view_patients", [])) else 0
   views_of_slices = view_table(cache, labeled, slice_views)
+  images = cache.manifest["depends_on"].get("kind") == "images"
+  if images != (config.head == "unet"):
+    from autosam_jax.data.errors import DataError
+    raise DataError(f"{cache_dir}: holds {'model images' if images else 'SAM embeddings'}, but a {config.head} head "
+                    f"trains on {'images' if config.head == 'unet' else 'SAM embeddings'}; give "
+                    + ("an image cache (autosam-jax image-cache)" if config.head == "unet" else
+                       "a feature cache (autosam-jax precompute)"))
   if config.augment != "none" and cache.manifest["depends_on"].get("kind") != "images":
     from autosam_jax.data.errors import DataError
     raise DataError(f"{cache_dir}: augment {config.augment!r} transforms images, but this cache holds SAM embeddings; "
