@@ -171,12 +171,20 @@ def take_output(stack, folder: str | os.PathLike, command: str, identity: dict[s
   """Once every input is checked: locks `folder` for the rest of `stack` (a contextlib.ExitStack) and claims it
   for this run (`claim_run`); True if it resumes a run of the same identity. Other processes of a jax.distributed
   run (`main` False) neither lock nor write: they wait at a barrier for process 0."""
-  from autosam_jax.parallel import barrier
+  from autosam_jax.parallel import all_gather_objects
 
-  resumed = False
+  resumed, refusal = False, None
   if main:
-    claim_run(folder, command, identity, write=False)  # a foreign or other run's folder: refused before the lock
-    stack.enter_context(OutputLock(folder))
-    resumed = claim_run(folder, command, identity)
-  barrier(f"autosam_jax.{command}.claimed")
+    try:
+      claim_run(folder, command, identity, write=False)  # a foreign or other run's folder: refused before the lock
+      stack.enter_context(OutputLock(folder))
+      resumed = claim_run(folder, command, identity)
+    except DataError as err:
+      refusal = err
+  # every process learns process 0's outcome, so a refusal stops them all (instead of leaving them at a barrier)
+  resumed, reason = all_gather_objects((resumed, None if refusal is None else str(refusal)))[0]
+  if refusal is not None:
+    raise refusal
+  if reason is not None:
+    raise DataError(reason)
   return resumed

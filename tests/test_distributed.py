@@ -38,13 +38,14 @@ if a["stop_at"]:
   from flax import nnx
   from autosam_jax.data.splits import load_splits
   from autosam_jax.models.loading import load_sam
-  from autosam_jax.train.command import load_config
+  from autosam_jax.train.command import load_config, run_inputs
   from autosam_jax.train.loop import build_model, train as train_loop
   config = load_config(Path(a["config"]), a["sets"])
   split = load_splits(Path(a["splits"]))[0]
   head = lambda config: build_model(config, load_sam(a["weights"]), rngs=nnx.Rngs(config.seed))
   stopped = train_loop(config, a["cache"], head, a["run"], split.labeled(1), list(split.val), progress=False,
-                       stop_after_steps=a["stop_at"])
+                       stop_after_steps=a["stop_at"],
+                       inputs=run_inputs(config, Path(a["splits"]), split, 1, Path(a["weights"])))
   assert stopped == {"stopped_at_step": a["stop_at"]}, stopped
   steps = sorted(int(p.name) for p in Path(a["run"], "checkpoints").iterdir() if p.name.isdigit())
   assert steps and steps[-1] < a["stop_at"], steps
@@ -118,7 +119,7 @@ def runs(tiny_weights, tmp_path_factory):
   from flax import nnx
 
   from autosam_jax.models.loading import load_sam
-  from autosam_jax.train.command import load_config
+  from autosam_jax.train.command import load_config, run_inputs
   from autosam_jax.train.loop import build_model, save_model
 
   root = tmp_path_factory.mktemp("distributed")

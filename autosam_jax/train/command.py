@@ -46,6 +46,15 @@ def load_config(path: Path, overrides: list[str]):
   return TrainConfig.from_dict(values, source=str(path))
 
 
+def run_inputs(config, splits_file: Path, split, tr_size: int, weights: Path | None) -> dict:
+  """What a `train` command's run folder records beyond the config, cache and patients (see loop.run_identity)."""
+  from autosam_jax.features.precompute import weights_digest
+  from autosam_jax.outputs import file_digest
+
+  return {"split": {"file_sha256": file_digest(splits_file), "fold": split.name, "tr_size": tr_size},
+          "weights_sha256": weights_digest(Path(weights)) if config.head != "unet" else None}
+
+
 def run(args: argparse.Namespace) -> int:
   import jax
 
@@ -74,11 +83,7 @@ def run(args: argparse.Namespace) -> int:
       sam = load_sam(args.weights) if config.head != "unet" else None  # the UNet is trained from scratch
       return build_model(config, sam, rngs=nnx.Rngs(config.seed))
 
-    from autosam_jax.features.precompute import weights_digest
-    from autosam_jax.outputs import file_digest
-
-    inputs = {"split": {"file_sha256": file_digest(args.splits), "fold": split.name, "tr_size": args.tr_size},
-              "weights_sha256": weights_digest(args.weights) if config.head != "unet" else None}
+    inputs = run_inputs(config, args.splits, split, args.tr_size, args.weights)
     result = train(config, args.cache, head_factory, args.out, labeled, list(split.val),
                    progress=not args.no_progress, inputs=inputs)
   except (DataError, CheckpointError) as err:
