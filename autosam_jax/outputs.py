@@ -42,8 +42,8 @@ def _inside(path: Path, folder: Path) -> bool:
   return path == folder or folder in path.parents
 
 
-def check_replaceable(out: str | os.PathLike, *, marker: str, entries: Iterable[str], inputs: Iterable[str | os.PathLike],
-                      command: str, option: str = "--overwrite") -> None:
+def check_replaceable(out: str | os.PathLike, *, marker: str, entries: Iterable[str],
+                      inputs: Iterable[str | os.PathLike], command: str, option: str = "--overwrite") -> None:
   """Refuses to replace `out` unless it is an earlier output of `command`: it holds `marker`, nothing but `entries`
   (and the command's own hidden files), and none of `inputs`. Nothing is checked when `out` does not exist."""
   out = check_output_path(out, "output folder")

@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -76,6 +78,7 @@ class SweepConfig:
 
   @classmethod
   def from_dict(cls, values: dict[str, Any], source: str) -> "SweepConfig":
+    """Checks every option's type where it is read, so a wrong one is one line naming it (not a traceback later)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
     if unknown:
@@ -83,11 +86,25 @@ class SweepConfig:
     if "data" not in values:
       raise DataError(f"{source}: the sweep config needs 'data' (the ACDC folder)")
     values = dict(values)
-    for name in ("methods", "tr_sizes", "folds"):
+    for name in ("data", "splits", "tfds_dir"):  # paths, recorded as text
       if name in values:
-        if isinstance(values[name], (str, bytes)) or not hasattr(values[name], "__iter__"):
-          raise DataError(f"{source}: {name} must be a list, got {values[name]!r}")
-        values[name] = tuple(values[name])
+        values[name] = _path_text(values[name], name, source)
+    if not values["data"]:
+      raise DataError(f"{source}: data must name the dataset folder, got an empty path")
+    if "encoders" in values:
+      values["encoders"] = _encoders(values["encoders"], source)
+    for name, kind in (("methods", str), ("tr_sizes", int), ("folds", int)):
+      if name in values:
+        values[name] = _sequence(values[name], name, kind, source)
+    for name in ("train", "simclr"):
+      if name in values:
+        values[name] = _options(values[name], name, source)
+    if "method_train" in values:
+      method_train = values["method_train"]
+      if not isinstance(method_train, dict):
+        raise DataError(f"{source}: method_train must be a dict of method -> training options, e.g. "
+                        f"{{'unet': {{'epochs': 10}}}}, got {_typed(method_train)}")
+      values["method_train"] = {m: _options(v, f"method_train[{m!r}]", source) for m, v in method_train.items()}
     if "val_patients" in values:  # "1" and 1 are the same setting (a rerun compares the recorded config)
       values["val_patients"] = parse_val_patients(values["val_patients"], f"{source}: val_patients")
     config = cls(**values)
@@ -103,26 +120,82 @@ class SweepConfig:
     needs_sam = [m for m in self.methods if m in HEAD_METHODS + ZERO_SHOT_METHODS]
     if needs_sam and not self.encoders:
       raise DataError(f"{source}: methods {needs_sam} need SAM weights; give encoders={{'vit_b': 'sam_vit_b.pth'}}")
-    if not self.tr_sizes or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in self.tr_sizes):
+    if not self.tr_sizes or any(not _is_int(t) or t < 1 for t in self.tr_sizes):
       raise DataError(f"{source}: tr_sizes must be positive integers, got {list(self.tr_sizes)}")
+    if any(not _is_int(k) or k < 0 for k in self.folds):
+      raise DataError(f"{source}: folds must be fold numbers (integers from 0), got {list(self.folds)}")
+    for name in ("methods", "tr_sizes", "folds"):
+      values = list(getattr(self, name))
+      repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+      if repeated:
+        raise DataError(f"{source}: {name} lists {', '.join(map(repr, repeated))} more than once")
     if self.dtype not in ("bf16", "fp32"):
       raise DataError(f"{source}: dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
     parse_val_patients(self.val_patients, f"{source}: val_patients")
-    for name, value in (("views", self.views), ("num_folds", self.num_folds),
-                        ("encode_batch_size", self.encode_batch_size)):
-      if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "views" else 1):
-        raise DataError(f"{source}: {name} must be a {'non-negative' if name == 'views' else 'positive'} integer, "
-                        f"got {value!r}")
-    if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 16 \
-        or self.image_size % 16:
+    for name, least in (("views", 0), ("num_folds", 2), ("encode_batch_size", 1), ("split_seed", 0)):
+      value = getattr(self, name)
+      if not _is_int(value) or value < least:
+        kind = {0: "a non-negative integer", 1: "a positive integer", 2: "an integer, 2 or more"}[least]
+        raise DataError(f"{source}: {name} must be {kind}, got {value!r}")
+    if not _is_int(self.image_size) or self.image_size < 16 or self.image_size % 16:
       raise DataError(f"{source}: image_size must be a positive multiple of 16 pixels (the UNet halves it four "
                       f"times), got {self.image_size!r}")
     if isinstance(self.image_spacing, bool) or not isinstance(self.image_spacing, (int, float)) \
-        or not self.image_spacing > 0:
+        or not (math.isfinite(self.image_spacing) and self.image_spacing > 0):
       raise DataError(f"{source}: image_spacing must be a positive number of mm, got {self.image_spacing!r}")
     bad = [m for m in self.method_train if m not in METHODS]
     if bad:
       raise DataError(f"{source}: method_train names unknown method(s) {bad}")
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _typed(value: Any) -> str:
+  text = repr(value)
+  return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _path_text(value: Any, name: str, source: str) -> str:
+  if isinstance(value, os.PathLike):
+    value = os.fspath(value)
+  if not isinstance(value, str):
+    raise DataError(f"{source}: {name} must be a path (text), got {_typed(value)}")
+  return value
+
+
+def _encoders(value: Any, source: str) -> dict[str, str]:
+  """encoder name -> checkpoint path; names become folder and cell names, so they are plain words."""
+  example = "e.g. {'vit_b': 'sam_vit_b_01ec64.pth'}"
+  if not isinstance(value, dict):
+    raise DataError(f"{source}: encoders must be a dict of encoder name -> SAM checkpoint (or converted weights "
+                    f"folder), {example}; got {_typed(value)}")
+  encoders = {}
+  for name, path in value.items():
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*", name) or name in (".", ".."):
+      raise DataError(f"{source}: encoder name {name!r} must be a plain word (letters, digits, '_', '.', '-'), "
+                      f"{example}")
+    encoders[name] = _path_text(path, f"encoders[{name!r}]", source)
+    if not encoders[name]:
+      raise DataError(f"{source}: encoders[{name!r}] must name a SAM checkpoint, got an empty path")
+  return encoders
+
+
+def _sequence(value: Any, name: str, kind: type, source: str) -> tuple:
+  what = {str: "names", int: "integers"}[kind]
+  if not isinstance(value, (list, tuple)):
+    raise DataError(f"{source}: {name} must be a list of {what}, got {_typed(value)}")
+  wrong = [v for v in value if not isinstance(v, kind) or isinstance(v, bool)]
+  if wrong:
+    raise DataError(f"{source}: {name} must be a list of {what}, got {_typed(wrong[0])} in it")
+  return tuple(value)
+
+
+def _options(value: Any, name: str, source: str) -> dict[str, Any]:
+  if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+    raise DataError(f"{source}: {name} must be a dict of option name -> value, got {_typed(value)}")
+  return dict(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +233,29 @@ def _train_config(method: str, config: SweepConfig):
   return TrainConfig.from_dict(values, source=f"sweep config, method {method}")
 
 
+def _simclr_config(config: SweepConfig):
+  """The SimclrConfig of the sweep's SimCLR pretraining: the UNet's width, then the sweep's `simclr` options."""
+  from autosam_jax.train.simclr import SimclrConfig
+
+  base = _train_config("simclr", config)
+  values = {"unet_base_channels": base.unet_base_channels, **config.simclr}
+  return SimclrConfig.from_dict(values, source="sweep config, simclr")
+
+
+# How the sweep's options are called in the errors of precompute and image-cache (whose own are command-line flags).
+PRECOMPUTE_NAMES = {"batch_size": "encode_batch_size", "views": "views", "shard_size": "shard size",
+                    "tfds_dir": "tfds_dir"}
+IMAGE_CACHE_NAMES = {"slice_size": "image_size", "shard_size": "shard size", "tfds_dir": "tfds_dir"}
+
+
+def _read_json(path: Path) -> Any:
+  """A JSON file this sweep wrote, or None if it is missing or damaged."""
+  try:
+    return json.loads(path.read_bytes().decode())
+  except (OSError, UnicodeDecodeError, ValueError):
+    return None
+
+
 def _cells(config: SweepConfig, splits) -> list[Cell]:
   cells = []
   encoders = sorted(config.encoders)
@@ -189,7 +285,11 @@ def prepare_weights(config: SweepConfig, out: Path) -> dict[str, Path]:
       continue
     target = out / "weights" / name
     if (target / "config.json").is_file():
-      recorded = json.loads((target / "conversion.json").read_text()).get("source")
+      record = _read_json(target / "conversion.json")
+      if not isinstance(record, dict):
+        raise DataError(f"{target / 'conversion.json'}: missing or unreadable; the weights this sweep converted are "
+                        f"damaged, remove {target} and rerun (or use another --out)")
+      recorded = record.get("source")
       if recorded != str(source_path.absolute()):
         raise DataError(f"{target}: converted from {recorded}, not from {source_path}; remove it or use another --out")
       converted[name] = target
@@ -274,15 +374,24 @@ class Sweep:
     from autosam_jax.data.validate import validate
 
     from autosam_jax.data.splits import save_splits
+    from autosam_jax.features.precompute import check_folder, check_output_folder
 
+    check_output_folder(self.out)
+    if self.config.tfds_dir:
+      check_folder(self.tfds_dir, "tfds_dir")
     config_file = self.out / "sweep_config.json"
     if config_file.exists():
-      # options added since a sweep was started count as their defaults
+      # Options added since a sweep was started count as their defaults. The cells to run may change, and so may
+      # encode_batch_size (the embeddings do not depend on it), e.g. after a refusal of one too large for memory.
       defaults = {f.name: f.default for f in dataclasses.fields(SweepConfig) if f.default is not dataclasses.MISSING}
-      previous = {**defaults, **json.loads(config_file.read_text())}
+      recorded = _read_json(config_file)
+      if not isinstance(recorded, dict):
+        raise DataError(f"{config_file}: unreadable record of this sweep's settings; the sweep folder is damaged, use "
+                        "another --out")
+      previous = {**defaults, **recorded}
       changed = sorted(k for k in set(previous) | set(self.config.to_dict())
                        if _jsonable(previous.get(k)) != _jsonable(self.config.to_dict().get(k))
-                       and k not in ("methods", "tr_sizes", "folds", "encoders"))
+                       and k not in ("methods", "tr_sizes", "folds", "encoders", "encode_batch_size"))
       if changed:
         raise DataError(f"{config_file}: this sweep was run with other settings ({', '.join(changed)}); finished "
                         "cells would not be comparable; use another --out")
@@ -291,6 +400,8 @@ class Sweep:
     self.labels = report.label_table  # the dataset's classes name every table, plot and mean
     self.frames = sorted({case.frame for case in report.cases if case.frame})
     self.splits, to_save = prepare_splits(self.config, self.out, list(report.patient_ids))
+    if "simclr" in self.config.methods:
+      _simclr_config(self.config)  # its options are checked now, not when the first SimCLR cell comes
     # Everything checked: from here on the sweep writes.
     self.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(config_file, self.config.to_dict())
@@ -312,7 +423,7 @@ class Sweep:
                                   batch_size=self.config.encode_batch_size)
       view_patients = {p for s in self.splits for p in s.train}
       summary = precompute(self.data, self.weights[encoder], cache, tfds_dir=self.tfds_dir, options=options,
-                           view_patients=view_patients, progress=self.progress)
+                           view_patients=view_patients, progress=self.progress, option_names=PRECOMPUTE_NAMES)
       if summary["computed"]:
         _say(f"{summary['items']} embeddings; {summary['computed']} computed at "
              f"{summary['images_per_second']:.2f} images/s")
@@ -328,18 +439,17 @@ class Sweep:
       self._checked_caches.add("images")
       if not _cache_complete(cache):
         _say(f"writing the model images into {cache}")
-      write_image_cache(self.data, self.tfds_dir, cache, slice_size=size, spacing=float(spacing))
+      write_image_cache(self.data, self.tfds_dir, cache, slice_size=size, spacing=float(spacing),
+                        option_names=IMAGE_CACHE_NAMES)
     return cache
 
   def simclr_encoder(self, split) -> Path:
-    from autosam_jax.train.simclr import SimclrConfig, pretrain_simclr
+    from autosam_jax.train.simclr import pretrain_simclr
 
     run_dir = self.out / "runs" / "simclr-pretraining" / split.name
     encoder_dir = run_dir / "encoder"
     if not (encoder_dir / "simclr_config.json").is_file():
-      base = _train_config("simclr", self.config)
-      values = {"unet_base_channels": base.unet_base_channels, **self.config.simclr}
-      simclr_config = SimclrConfig.from_dict(values, source="sweep config, simclr")
+      simclr_config = _simclr_config(self.config)
       _say(f"SimCLR pretraining on the {len(split.train)} training patients of {split.name}")
       pretrain_simclr(simclr_config, self.image_cache(), run_dir, list(split.train), progress=self.progress)
     return encoder_dir
@@ -401,12 +511,12 @@ class Sweep:
 
     cells = self.prepare()
     cells_dir = self.out / "cells"
-    done = sum((cells_dir / f"{c.cell_id}.json").is_file() for c in cells)
+    done = sum(_finished(cells_dir / f"{c.cell_id}.json") for c in cells)
     _say(f"{len(cells)} cells, {done} already finished; results in {self.out}")
     ran = 0
     for number, cell in enumerate(cells, 1):
       cell_file = cells_dir / f"{cell.cell_id}.json"
-      if cell_file.is_file():
+      if _finished(cell_file):
         continue
       if stop_after_cells is not None and ran >= stop_after_cells:
         break
@@ -425,9 +535,9 @@ class Sweep:
 
     records = []
     for cell in cells:
-      cell_file = self.out / "cells" / f"{cell.cell_id}.json"
-      if cell_file.is_file():
-        records.append(json.loads(cell_file.read_text()))
+      record = _read_json(self.out / "cells" / f"{cell.cell_id}.json")
+      if _is_cell_record(record):
+        records.append(record)
     labels = self.labels
     results = {"config": self.config.to_dict(), "labels": labels.to_dict(), "classes": labels.foreground_names,
                "cells": records, "finished": len(records), "total": len(cells)}
@@ -439,6 +549,17 @@ class Sweep:
     return {"results": results, "table": table}
 
 
+def _is_cell_record(record: Any) -> bool:
+  return isinstance(record, dict) and all(k in record for k in ("method", "encoder", "tr_size", "fold"))
+
+
+def _finished(cell_file: Path) -> bool:
+  """A cell counts as finished once its record is readable. A damaged record (the sweep writes each whole, by a
+  rename, so only something else can damage one) counts as unfinished: the cell runs again (its run resumes from
+  its own folder) and the record is replaced, which touches nothing but this sweep's own file."""
+  return cell_file.is_file() and _is_cell_record(_read_json(cell_file))
+
+
 def _jsonable(value: Any) -> Any:
   return json.loads(json.dumps(value))
 
@@ -447,10 +568,8 @@ def _cache_complete(cache: Path) -> bool:
   manifest = cache / "manifest.json"
   if not manifest.is_file():
     return False
-  try:
-    return bool(json.loads(manifest.read_text()).get("complete"))
-  except ValueError:
-    return False
+  record = _read_json(manifest)
+  return isinstance(record, dict) and bool(record.get("complete"))
 
 
 def _row_key(record: dict[str, Any]) -> tuple[str, str]:

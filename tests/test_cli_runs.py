@@ -1,5 +1,6 @@
 """Whole runs through the `autosam-jax` command on tiny synthetic data: the faithful heads and the UNet trained,
-killed with SIGKILL at a chosen point after a mid-epoch checkpoint and resumed (the linear head also through a rerun on a full disk);
+killed with SIGKILL (the linear head: SIGINT) at a chosen point after a mid-epoch checkpoint and resumed (the linear
+head also through a rerun on a full disk);
 the improved mode from precompute to predict; the UNet without SAM; and
 model/cache mismatches refused before anything is written."""
 

@@ -245,7 +245,7 @@ def test_make_splits_keeps_validation_and_improved_training_needs_it(six_patient
       "improved protocol" in err[0] and "--val-patients 1" in err[0], err
   assert not run.exists()
   # The faithful protocol needs no validation patients: the same split passes the check (and fails later, on the
-  # feature cache this test does not provide).
+  # SAM weights this test does not provide).
   assert main([*train, "--config", str(configs / "autosam_faithful.py")]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "no validation patients" not in err[0] and str(tmp_path / "cache") in err[0], err
+  assert len(err) == 1 and "no validation patients" not in err[0] and str(tmp_path / "weights") in err[0], err

@@ -249,9 +249,9 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(setup, uninterru
 
 def _command(setup, out, *extra, splits=None):
   return ["train", "--config", str(REPO_ROOT / "experiments/configs/linear_faithful.py"), "--cache",
-          str(setup["cache"]), "--weights", str(setup["weights"]), "--splits", str(splits or setup["root"] / "split.json"),
-          "--tr-size", "1", "--out", str(out), "--set", "epochs=2", "--set", "checkpoint_every_steps=2", "--no-progress",
-          *extra]
+          str(setup["cache"]), "--weights", str(setup["weights"]), "--splits",
+          str(splits or setup["root"] / "split.json"), "--tr-size", "1", "--out", str(out), "--set", "epochs=2",
+          "--set", "checkpoint_every_steps=2", "--no-progress", *extra]
 
 
 def _listing(folder):

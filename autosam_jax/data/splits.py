@@ -176,6 +176,19 @@ class Split:
     raise DataError(f"{path}: no split named {name!r}; it holds {', '.join(s.name for s in splits)}")
 
 
+def check_split_file_path(path: str | os.PathLike, option: str = "--out") -> Path:
+  """A split file to write: a folder at `path`, or a file where a folder above it should be, is one error line before
+  any work (rather than a traceback when the file is written)."""
+  path = Path(path).expanduser()
+  if path.is_dir():
+    raise DataError(f"{path}: is a folder, not a file; give the split file's path (e.g. {path / 'splits.json'}) as "
+                    f"{option}")
+  above = next((parent for parent in path.absolute().parents if parent.exists()), None)
+  if above is not None and not above.is_dir():
+    raise DataError(f"{above}: is a file, not a folder; choose another {option}")
+  return path
+
+
 def save_splits(splits: Sequence[Split], path: str | os.PathLike) -> Path:
   """Writes several splits (e.g. cross-validation folds) to one JSON file, atomically."""
   names = [s.name for s in splits]
@@ -376,6 +389,7 @@ def run(args) -> int:
 
   try:
     val_patients = parse_val_patients(args.val_patients, "--val-patients")  # before reading the dataset
+    check_split_file_path(args.out)
     patients = validate(args.data_dir).patient_ids
     if args.protocol == "official":
       splits = [official_split(patients, args.seed, val_patients)]

@@ -30,8 +30,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,6 +37,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from autosam_jax.atomic import staging_dir
 from autosam_jax.data.errors import DataError
 from autosam_jax.data.validate import ACDC_LABELS
 
@@ -329,7 +328,9 @@ def write_synthetic_acdc(out_dir: str | Path, num_patients: int, seed: int, firs
     patient_dir = out_dir / f"patient{patient_number:03d}"
     if patient_dir.exists():
       raise DataError(f"{patient_dir}: already exists; write into an empty folder or choose another first_patient_id")
-    staging = Path(tempfile.mkdtemp(prefix=f".{patient_dir.name}.partial-", dir=out_dir))
+    # `.patientNNN.partial-PID-RANDOM`, made with mkdir (the process umask, not mkdtemp's 0700); what killed runs left
+    # for this patient is deleted first.
+    staging = staging_dir(patient_dir)
     try:
       _write_acdc_patient(make_phantom_patient(seed, patient_number), staging / patient_dir.name)
       (staging / patient_dir.name).rename(patient_dir)
@@ -346,12 +347,20 @@ def staged_directory(out_dir: Path) -> Iterator[Path]:
   Refuses an `out_dir` that exists and is not an empty folder, so nothing of the user's is ever replaced.
   """
   out_dir = Path(out_dir).absolute()
-  if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+  if out_dir.is_symlink():
+    raise DataError(f"{out_dir}: is a symbolic link; give the folder it points to ({os.path.realpath(out_dir)}) or "
+                    "another output folder")
+  if out_dir.exists() and not out_dir.is_dir():
+    raise DataError(f"{out_dir}: already exists and is a file, not a folder; choose another output folder")
+  if out_dir.exists() and any(out_dir.iterdir()):
     raise DataError(f"{out_dir}: already exists and is not empty; choose a new output folder or empty this one")
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  # mkdir rather than mkdtemp: mkdtemp's private 0700 mode would stay on the renamed output folder.
-  staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  staging.mkdir()
+  above = next(parent for parent in out_dir.parents if parent.exists())
+  if not above.is_dir():
+    raise DataError(f"{above}: is a file, not a folder; choose another output folder")
+  # `.NAME.partial-PID-RANDOM` beside the output, made with mkdir (mkdtemp's private 0700 mode would stay on the
+  # renamed output folder); what killed writers of the same output left there (for processes no longer alive) is
+  # deleted first.
+  staging = staging_dir(out_dir)
   try:
     yield staging
     # os.rename replaces an empty directory atomically on POSIX.

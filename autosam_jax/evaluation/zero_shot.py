@@ -126,8 +126,25 @@ def check_options(mode: str, prompt: str, batch_size: int, flags: bool = False) 
     raise DataError(f"{name('mode')} must be one of {MODES}, got {mode!r}")
   if prompt not in PROMPTS:
     raise DataError(f"{name('prompt')} must be one of {PROMPTS}, got {prompt!r}")
-  if batch_size < 1:
-    raise DataError(f"{name('batch_size')} must be positive, got {batch_size}")
+  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    raise DataError(f"{name('batch_size')} must be positive, got {batch_size!r}")
+
+
+def check_memory(config, batch_size: int, num_classes: int, native_pixels: int, flags: bool = False) -> None:
+  """Refuses, before anything is allocated, a batch of slices whose arrays cannot fit in this machine's memory.
+
+  An estimate from the sizes alone (a lower bound: the encoder's own activations come on top), per slice: its
+  encoder input (S x S x 3 float32) and the model image it comes from, its embedding (h x w x C float32) and one copy
+  per prompted class for the decoder, and each class's mask logits at SAM's low resolution, on the target grid and
+  on the native slice (`native_pixels`, the largest), on the device and on the host."""
+  from autosam_jax.memory import require_memory
+
+  image_bytes = config.image_size * config.image_size * 3 * 4
+  embedding_bytes = config.image_embedding_size ** 2 * config.prompt_embed_dim * 4
+  mask_bytes = ((4 * config.image_embedding_size) ** 2 * 2 + native_pixels) * 4
+  needed = batch_size * (2 * image_bytes + (1 + num_classes) * embedding_bytes + 2 * num_classes * mask_bytes)
+  option = "--batch-size" if flags else "batch size"
+  require_memory(needed, f"{option} {batch_size}", f"choose a smaller {option}")
 
 
 @dataclasses.dataclass
@@ -281,12 +298,18 @@ def zero_shot(weights_dir: str | Path, source_dir: str | Path, tfds_dir: str | P
   from autosam_jax.data.splits import select_split
   from autosam_jax.models.loading import load_sam, read_config
 
+  from autosam_jax.features.precompute import check_folder, check_output_folder
+
   check_options(mode, prompt, batch_size, flags=True)
-  weights_dir, source_dir, splits_file, out_dir = Path(weights_dir), Path(source_dir), Path(splits_file), Path(out_dir)
-  read_config(weights_dir)  # fails fast, before the dataset build, on a directory that is not converted weights
+  weights_dir, source_dir, splits_file = Path(weights_dir), Path(source_dir), Path(splits_file)
+  out_dir = check_output_folder(out_dir)
+  check_folder(tfds_dir, "--tfds-dir")
+  sam_config = read_config(weights_dir)  # fails fast, before the dataset build, on a directory that is not weights
   split = select_split(splits_file, fold)
   volumes, fingerprint, table = load_volumes(source_dir, Path(tfds_dir))
   classes = table.foreground
+  native_pixels = max((v.image.shape[0] * v.image.shape[1] for v in volumes.values()), default=0)
+  check_memory(sam_config, batch_size, len(classes), native_pixels, flags=True)
   frames = sorted({v.frame for v in volumes.values() if v.frame})
   cases: dict[str, list[str]] = {}
   for case_id, volume in volumes.items():

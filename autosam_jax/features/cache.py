@@ -7,6 +7,7 @@ CACHE_DIR/
   shards/NNNNN.tgt.npy   (n, T, T) uint8 head targets
   shards/NNNNN.val.npy   (n, T, T) bool, target pixels that hold image (all true in faithful mode)
   shards/NNNNN.done      JSON with each file's SHA-256; written last, so a shard counts only once it is whole
+                         (a record that is damaged, or whose files are gone, counts as a shard not yet written)
 
 Every file is written under a temporary name and renamed into place, so a kill at any moment leaves either a whole
 shard or none. Items are (case, slice, view); view 0 is the exact embedding of the clean slice, views 1..K are
@@ -49,6 +50,88 @@ def _sha256(path: Path) -> str:
   return digest.hexdigest()
 
 
+_HEX = frozenset("0123456789abcdef")
+_ITEM_KEYS = {"case_id": str, "patient_id": str, "slice_index": int, "view": int}
+
+
+def _int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def manifest_problem(manifest: Any) -> str | None:
+  """What makes a parsed manifest.json unusable (wrong type, a missing or malformed field), or None."""
+  if not isinstance(manifest, dict):
+    return f"a JSON {type(manifest).__name__}, not an object"
+  if manifest.get("format") != FORMAT:
+    return f"format is {manifest.get('format')!r}, not {FORMAT!r}"
+  if manifest.get("version") != VERSION:
+    return f"format version {manifest.get('version')!r}, this code reads version {VERSION}"
+  depends_on = manifest.get("depends_on")
+  if not isinstance(depends_on, dict):
+    return "no depends_on record"
+  if "views" in depends_on and not (_int(depends_on["views"]) and depends_on["views"] >= 0):
+    return f"depends_on.views is {depends_on['views']!r}"
+  if "view_patients" in depends_on and not (isinstance(depends_on["view_patients"], list)
+                                            and all(isinstance(p, str) for p in depends_on["view_patients"])):
+    return "depends_on.view_patients is not a list of patient ids"
+  if manifest.get("storage_dtype") not in ("bfloat16", "float32"):
+    return f"storage_dtype is {manifest.get('storage_dtype')!r}"
+  shard_size = manifest.get("shard_size")
+  if not _int(shard_size) or shard_size < 1:
+    return f"shard_size is {shard_size!r}"
+  if not isinstance(manifest.get("complete", False), bool):
+    return f"complete is {manifest.get('complete')!r}"
+  items = manifest.get("items")
+  if not isinstance(items, list):
+    return "no items list" if items is None else f"items is a {type(items).__name__}, not a list"
+  for index, item in enumerate(items):
+    if not isinstance(item, dict) or any(not isinstance(item.get(k), t) or isinstance(item.get(k), bool)
+                                         for k, t in _ITEM_KEYS.items()):
+      return f"item {index} is not a {{case_id, patient_id, slice_index, view}} record: {str(item)[:60]}"
+  if "num_items" in manifest and manifest["num_items"] != len(items):
+    return f"num_items is {manifest['num_items']!r} but {len(items)} items are listed"
+  return None
+
+
+def _read_json(path: Path) -> tuple[Any, str | None]:
+  """(the parsed contents, None), or (None, why the file cannot be read as JSON)."""
+  try:
+    return json.loads(path.read_bytes().decode()), None
+  except OSError as err:
+    return None, f"unreadable: {err.strerror or err}"
+  except UnicodeDecodeError:
+    return None, "not text"
+  except json.JSONDecodeError as err:
+    return None, f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
+
+
+def read_manifest(path: Path, *, damaged: str, foreign: str) -> dict[str, Any]:
+  """The manifest; a DataError naming the file if it is another program's (`foreign`: what to do then) or damaged
+  (`damaged`: what to do then)."""
+  manifest, problem = _read_json(path)
+  if problem is None and isinstance(manifest, dict) and manifest.get("format") != FORMAT:
+    raise DataError(f"{path}: not an autosam-jax feature cache (format {str(manifest.get('format'))[:40]!r}); "
+                    f"{foreign}")
+  problem = problem or manifest_problem(manifest)
+  if problem:
+    raise DataError(f"{path}: damaged cache manifest ({problem}); {damaged}")
+  return manifest
+
+
+def read_shard_record(path: Path) -> tuple[dict[str, str] | None, str | None]:
+  """(the SHA-256 of each of a shard's files, None) from its .done record, or (None, what is wrong with it)."""
+  record, problem = _read_json(path)
+  if problem:
+    return None, problem
+  if not isinstance(record, dict):
+    return None, f"a JSON {type(record).__name__}, not an object"
+  for part in _PARTS:
+    digest = record.get(part)
+    if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
+      return None, f"no SHA-256 for the {part} file"
+  return {part: record[part] for part in _PARTS}, None
+
+
 def describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
   keys = sorted(set(old) | set(new))
   changed = [k for k in keys if old.get(k) != new.get(k)]
@@ -69,10 +152,10 @@ class CacheWriter:
     self.manifest = {"format": FORMAT, "version": VERSION, "depends_on": depends_on, "storage_dtype": storage_dtype,
                      "shard_size": shard_size, "num_items": len(self.items), "items": self.items, "complete": False}
     if manifest_path.exists():
-      try:
-        existing = json.loads(manifest_path.read_text())
-      except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"{manifest_path}: unreadable cache manifest ({err}); delete the cache directory") from None
+      # The manifest is written whole (renamed into place) before any shard, so a damaged one was damaged from
+      # outside: what the shards beside it were computed from is unknown, and nothing here is redone or deleted.
+      existing = read_manifest(manifest_path, foreign="choose another --out",
+                               damaged="write the cache into a new --out, or delete this cache directory and rerun")
       comparable = {k: existing.get(k) for k in ("depends_on", "storage_dtype", "shard_size", "items")}
       wanted = {k: self.manifest[k] for k in comparable}
       if comparable != wanted:
@@ -81,6 +164,17 @@ class CacheWriter:
                         "another --out")
       self.manifest["complete"] = existing.get("complete", False)
     else:
+      if self.cache_dir.is_dir():
+        # A cache is written into a new folder; a first run killed before its manifest was in place leaves no more
+        # than shards/ and temporary files.
+        temporary = lambda p: p.name.startswith(".") and p.name.endswith(".tmp")
+        foreign = sorted(p.name for p in self.cache_dir.iterdir() if p.name != "shards" and not temporary(p))
+        if self.shard_dir.is_dir():
+          foreign += sorted(f"shards/{p.name}" for p in self.shard_dir.iterdir() if not temporary(p))
+        if foreign:
+          shown = ", ".join(foreign[:4]) + (" ..." if len(foreign) > 4 else "")
+          raise DataError(f"{self.cache_dir}: is not empty ({shown}) and holds no feature cache (no manifest.json); "
+                          "choose a new or empty --out")
       self.cache_dir.mkdir(parents=True, exist_ok=True)
     self.shard_dir.mkdir(parents=True, exist_ok=True)
     if clean_up:  # temporary files left by a killed run (only one process may do this, before the others start)
@@ -97,7 +191,15 @@ class CacheWriter:
     return self.items[shard * self.shard_size:(shard + 1) * self.shard_size]
 
   def shard_done(self, shard: int) -> bool:
-    return (self.shard_dir / f"{shard:05d}.done").exists()
+    """The shard is whole: its record is readable and its files are there.
+
+    A damaged record (or a record whose files are gone) counts as work not yet done, and the shard is computed and
+    written again. That is safe: the shard's files are this cache's own (named by the shard, in its shards/ folder),
+    what they hold follows from the manifest's inputs (which a resumed run has just matched), each file is replaced
+    by a rename and the record comes last, so a rerun never leaves half a shard, and no other file is touched."""
+    prefix = self.shard_dir / f"{shard:05d}"
+    digests, _ = read_shard_record(prefix.with_name(prefix.name + ".done"))
+    return digests is not None and all(prefix.with_name(f"{prefix.name}.{part}.npy").is_file() for part in _PARTS)
 
   def write_shard(self, shard: int, embeddings: np.ndarray, targets: np.ndarray, valid: np.ndarray) -> None:
     expected = len(self.shard_items(shard))
@@ -133,12 +235,9 @@ class FeatureCache:
     manifest_path = self.cache_dir / "manifest.json"
     if not manifest_path.is_file():
       raise DataError(f"{manifest_path}: missing; run autosam-jax precompute first")
-    try:
-      self.manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-      raise DataError(f"{manifest_path}: unreadable cache manifest ({err})") from None
-    if self.manifest.get("format") != FORMAT:
-      raise DataError(f"{manifest_path}: not an autosam-jax feature cache")
+    self.manifest = read_manifest(
+        manifest_path, foreign="give a folder written by autosam-jax precompute (or image-cache)",
+        damaged="the cache cannot be used; write it again into a new directory (autosam-jax precompute or image-cache)")
     if not self.manifest.get("complete"):
       raise DataError(f"{self.cache_dir}: incomplete feature cache; rerun the same precompute command to finish it")
     if expected_depends_on is not None and self.manifest["depends_on"] != expected_depends_on:
@@ -169,7 +268,10 @@ class FeatureCache:
       done = shard_dir / f"{shard:05d}.done"
       if not done.is_file():
         raise DataError(f"{done}: missing; the cache is damaged, rerun precompute into a new directory")
-      digests = json.loads(done.read_text())
+      digests, problem = read_shard_record(done)
+      if problem:
+        raise DataError(f"{done}: damaged shard record ({problem}); rerun the command that wrote the cache (it "
+                        "computes damaged shards again) or write a new cache into a new directory")
       arrays = []
       for part in _PARTS:
         path = shard_dir / f"{shard:05d}.{part}.npy"
@@ -186,12 +288,18 @@ class FeatureCache:
     return self._arrays[shard]
 
   def check_files(self) -> None:
-    """Every shard's files are present (no reading, no hashing): a damaged cache is refused before a run starts."""
+    """Every shard's files are present and its record readable (the shards are neither read nor hashed): a damaged
+    cache is refused before a run starts."""
     shard_dir = self.cache_dir / "shards"
     for shard in range(-(-len(self.items) // self.shard_size)):
       for name in [f"{shard:05d}.done"] + [f"{shard:05d}.{part}.npy" for part in _PARTS]:
         if not (shard_dir / name).is_file():
           raise DataError(f"{shard_dir / name}: missing; the cache is damaged, rerun precompute into a new directory")
+      done = shard_dir / f"{shard:05d}.done"
+      _, problem = read_shard_record(done)
+      if problem:
+        raise DataError(f"{done}: damaged shard record ({problem}); rerun the command that wrote the cache (it "
+                        "computes damaged shards again) or write a new cache into a new directory")
 
   def verify(self) -> None:
     """Reads and checks every shard now (otherwise each is checked on first access)."""

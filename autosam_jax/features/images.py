@@ -23,23 +23,40 @@ from autosam_jax.data.errors import DataError
 DESCRIPTION = __doc__
 
 
+OPTION_NAMES = {"out": "--out", "tfds_dir": "--tfds-dir", "shard_size": "--shard-size", "slice_size": "--slice-size"}
+
+
 def write_image_cache(source_dir: str | os.PathLike, tfds_dir: str | os.PathLike, out_dir: str | os.PathLike,
                       mode: str = "faithful", shard_size: int = 64, *, slice_size: int = 224,
-                      spacing: float = 1.25) -> dict[str, Any]:
+                      spacing: float = 1.25, option_names: dict[str, str] | None = None) -> dict[str, Any]:
   """Writes (or finishes) the image cache of a dataset folder; returns a summary (items, shards).
 
   slice_size, spacing: the model grid, slice_size x slice_size pixels of `spacing` mm (the official 224 at 1.25 mm;
-  e.g. 112 at 2.5 mm covers the same field of view with a quarter of the pixels)."""
+  e.g. 112 at 2.5 mm covers the same field of view with a quarter of the pixels). `option_names` renames options in
+  error messages (see OPTION_NAMES), for callers whose users set them elsewhere (the sweep's config)."""
   from autosam_jax.data.preprocess import PreprocessConfig, preprocess_volume
   from autosam_jax.features.cache import CacheWriter
-  from autosam_jax.features.precompute import load_volumes, work_items
+  from autosam_jax.features.precompute import check_folder, check_output_folder, load_volumes, work_items
+  from autosam_jax.memory import require_memory
 
+  names = {**OPTION_NAMES, **(option_names or {})}
+  out_dir = check_output_folder(out_dir, names["out"])
+  check_folder(tfds_dir, names["tfds_dir"])
+  if isinstance(shard_size, bool) or not isinstance(shard_size, (int, np.integer)) or shard_size < 1:
+    raise DataError(f"{names['shard_size']} must be a positive integer, got {shard_size!r}")
   # Improved-mode model images keep each volume's native grid, so slices differ in shape and cannot share shards.
   if mode != "faithful":
     raise DataError(f"image cache: only the faithful mode (fixed-size square slices) is supported, got {mode!r}")
   preprocess_config = PreprocessConfig(mode=mode, target_spacing=(spacing, spacing), slice_size=slice_size)
-  volumes, fingerprint, labels = load_volumes(Path(source_dir), Path(tfds_dir))
+  volumes, fingerprint, labels = load_volumes(Path(source_dir), Path(tfds_dir), names["tfds_dir"])
   items = work_items(volumes, set(), 0)
+  # Before the first volume is preprocessed: one volume at a time, resized to the model grid in float64 (a few
+  # copies), its model images (float32, 3 channels) and targets, and a shard of slices as a list and stacked.
+  slice_bytes = slice_size * slice_size
+  deepest = max((v.image.shape[2] for v in volumes.values()), default=0)
+  needed = deepest * slice_bytes * (4 * 8 + 3 * 4 + 2) + 2 * min(shard_size, len(items)) * slice_bytes * (3 * 4 + 2)
+  require_memory(needed, f"{names['slice_size']} {slice_size} with {names['shard_size']} {shard_size}",
+                 f"choose a smaller {names['slice_size']} (or {names['shard_size']})")
   depends_on = {"kind": "images", "preprocess": preprocess_config.to_dict(), "dataset_fingerprint": fingerprint,
                 "views": 0, "view_patients": [], "labels": labels.to_dict()}
   writer = CacheWriter(out_dir, depends_on, items, shard_size, "float32")

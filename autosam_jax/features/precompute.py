@@ -19,6 +19,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import json
+import os
 import sys
 import time
 import zlib
@@ -40,6 +41,32 @@ class PrecomputeOptions:
   shard_size: int = 64
 
 
+# What the options are called where the user gave them: on precompute's command line, or in a sweep config.
+OPTION_NAMES = {"batch_size": "--batch-size", "shard_size": "--shard-size", "views": "--views", "out": "--out",
+                "tfds_dir": "--tfds-dir"}
+
+
+def check_folder(path: str | os.PathLike, option: str) -> Path:
+  """A folder a command writes into (and may create): a file at `path`, or at the nearest existing folder above it,
+  is one error line before any work, rather than a traceback at the first write."""
+  path = Path(path).expanduser()
+  if path.exists() and not path.is_dir():
+    raise DataError(f"{path}: exists and is a file, not a folder; choose another {option}")
+  for parent in path.absolute().parents:
+    if parent.exists():
+      if not parent.is_dir():
+        raise DataError(f"{parent}: is a file, not a folder; choose another {option}")
+      break
+  return path
+
+
+def check_output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
+  """An output folder (--out): as `check_folder`, and not a symbolic link (see autosam_jax.outputs)."""
+  from autosam_jax.outputs import check_output_path
+
+  return check_folder(check_output_path(path, option), option)
+
+
 def _text(value: Any) -> str:
   return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -50,13 +77,16 @@ class LoadedDataset(NamedTuple):
   labels: Any  # autosam_jax.data.labels.LabelTable
 
 
-def load_volumes(source_dir: Path, tfds_dir: Path) -> LoadedDataset:
-  """Builds (or reuses) the TFDS dataset of the source folder: its volumes by case, fingerprint and label table."""
+def load_volumes(source_dir: Path, tfds_dir: Path, tfds_option: str = "--tfds-dir") -> LoadedDataset:
+  """Builds (or reuses) the TFDS dataset of the source folder: its volumes by case, fingerprint and label table.
+
+  `tfds_option` names the TFDS folder in an error (a file where the folder should be)."""
   from autosam_jax.data.build import build
   from autosam_jax.data.labels import LabelTable
   from autosam_jax.data.slices import assemble_volumes
   from autosam_jax.data.validate import validate
 
+  check_folder(tfds_dir, tfds_option)
   kind = validate(source_dir).layout
   builder = build("acdc" if kind == "acdc" else "nnunet", source_dir, tfds_dir)
   volumes = {}
@@ -79,9 +109,45 @@ def work_items(volumes, view_patients: set[str], views: int) -> list[dict[str, A
 
 def weights_digest(weights_dir: Path) -> str:
   info = weights_dir / "conversion.json"
-  if info.is_file():
-    return json.loads(info.read_text()).get("source_sha256", "")
-  raise DataError(f"{info}: missing; give a directory written by autosam-jax convert")
+  if not info.is_file():
+    raise DataError(f"{info}: missing; give a directory written by autosam-jax convert")
+  try:
+    record = json.loads(info.read_bytes().decode())
+  except (OSError, UnicodeDecodeError, ValueError) as err:
+    record = err
+  if not isinstance(record, dict):
+    raise DataError(f"{info}: unreadable conversion record ({type(record).__name__}); convert the SAM weights again")
+  return str(record.get("source_sha256", ""))
+
+
+def _count_items(volumes, view_patients: set[str], views: int) -> int:
+  return sum(v.image.shape[2] * (1 + (views if v.patient_id in view_patients else 0)) for v in volumes.values())
+
+
+# Bytes of one work item in memory and in the manifest (its dict, its JSON text, the JSON of the whole manifest).
+ITEM_BYTES = 1024
+
+
+def check_memory(config, options: PrecomputeOptions, batch_size: int, num_items: int,
+                 names: dict[str, str] = OPTION_NAMES) -> None:
+  """Refuses, before anything is allocated, a batch or a shard that cannot fit in this machine's memory.
+
+  An estimate from the sizes alone (a lower bound: the encoder's own activations come on top): two batches of
+  encoder inputs (batch_size x S x S x 3 float32) in flight, the one on the device and the next one prepared, each
+  held as a list of slices and as one stacked array; the batch's embeddings (batch_size x h x w x C float32) on the
+  device and on the host; and a shard's embeddings, kept until the shard is whole, then joined and converted for
+  writing (3 copies)."""
+  from autosam_jax.memory import require_memory
+
+  image_bytes = config.image_size * config.image_size * 3 * 4
+  embedding_bytes = config.image_embedding_size ** 2 * config.prompt_embed_dim * 4
+  batch = batch_size * (4 * image_bytes + 2 * embedding_bytes)
+  shard = 3 * min(options.shard_size, num_items) * embedding_bytes
+  if batch >= shard:
+    option, value = names["batch_size"], options.batch_size
+  else:
+    option, value = names["shard_size"], options.shard_size
+  require_memory(batch + shard, f"{option} {value}", f"choose a smaller {option}")
 
 
 class _Preparer:
@@ -151,8 +217,11 @@ class _Preparer:
 
 def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | Path, *, tfds_dir: str | Path,
                options: PrecomputeOptions = PrecomputeOptions(), view_patients: set[str] | None = None,
-               progress: bool = True) -> dict[str, Any]:
-  """Computes (or finishes) the cache; returns a summary (items, seconds, images/s, bytes)."""
+               progress: bool = True, option_names: dict[str, str] | None = None) -> dict[str, Any]:
+  """Computes (or finishes) the cache; returns a summary (items, seconds, images/s, bytes).
+
+  `option_names` renames options in error messages (see OPTION_NAMES), for callers whose users set them elsewhere
+  (the sweep's config)."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -164,7 +233,11 @@ def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | P
   from autosam_jax.models.loading import load_sam, read_config
   from autosam_jax.parallel import barrier, local_data_mesh
 
-  source_dir, weights_dir, out_dir = Path(source_dir), Path(weights_dir), Path(out_dir)
+  names = {**OPTION_NAMES, **(option_names or {})}
+  check_options(options, names)
+  source_dir, weights_dir = Path(source_dir), Path(weights_dir)
+  out_dir = check_output_folder(out_dir, names["out"])
+  check_folder(tfds_dir, names["tfds_dir"])
   config = read_config(weights_dir)
   preprocess_config = PreprocessConfig(mode=options.mode, encoder_size=config.image_size,
                                        head_size=4 * config.image_embedding_size)
@@ -172,13 +245,17 @@ def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | P
   process, num_processes = jax.process_index(), jax.process_count()
   if process != 0:
     barrier("autosam_jax.precompute.dataset_built")  # process 0 builds the TFDS dataset; the others then read it
-  volumes, fingerprint, labels = load_volumes(source_dir, Path(tfds_dir))
+  volumes, fingerprint, labels = load_volumes(source_dir, Path(tfds_dir), names["tfds_dir"])
   if process == 0:
     barrier("autosam_jax.precompute.dataset_built")
   view_patients = set(view_patients or ()) if options.views else set()
   unknown = sorted(view_patients - {v.patient_id for v in volumes.values()})
   if unknown:
     raise DataError(f"{source_dir}: patients {unknown[:5]} of the split file are not in the dataset")
+  if options.views:
+    from autosam_jax.memory import require_memory
+    require_memory(_count_items(volumes, view_patients, options.views) * ITEM_BYTES,
+                   f"{names['views']} {options.views}", f"choose fewer {names['views']}")
   items = work_items(volumes, view_patients, options.views)
   depends_on = {"weights_sha256": weights_digest(weights_dir), "sam_config": json.loads(config.to_json()),
                 "preprocess": preprocess_config.to_dict(), "dataset_fingerprint": fingerprint,
@@ -189,6 +266,7 @@ def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | P
   mesh = local_data_mesh()
   devices = mesh.devices.ravel()
   batch_size = -(-options.batch_size // len(devices)) * len(devices)
+  check_memory(config, options, batch_size, len(items), names)
   encoder_dtype = jnp.bfloat16 if options.dtype == "bfloat16" else None
   sam = load_sam(weights_dir, encoder_dtype=encoder_dtype,
                  sharding=NamedSharding(mesh, PartitionSpec()))
@@ -243,6 +321,21 @@ def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | P
           "shards": writer.num_shards, "devices": len(devices), "processes": num_processes}
 
 
+def check_options(options: PrecomputeOptions, names: dict[str, str] = OPTION_NAMES) -> None:
+  """Refuses a count or size out of range (or not an integer), naming the option as the user gave it."""
+  for field, least in (("batch_size", 1), ("shard_size", 1), ("views", 0), ("seed", 0)):
+    value = getattr(options, field)
+    name = names.get(field, f"--{field.replace('_', '-')}")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+      raise DataError(f"{name} must be {'a positive integer' if least else 'an integer, 0 or more'}, got {value!r}")
+  if options.seed >= 2 ** 63:  # jax.random.key takes a 64-bit signed seed
+    raise DataError(f"{names.get('seed', '--seed')} must be below 2**63, got {options.seed}")
+  if options.mode not in ("faithful", "improved"):
+    raise DataError(f"mode must be 'faithful' or 'improved', got {options.mode!r}")
+  if options.dtype not in ("bfloat16", "float32"):
+    raise DataError(f"dtype must be 'bfloat16' or 'float32', got {options.dtype!r}")
+
+
 DESCRIPTION = __doc__
 
 
@@ -273,10 +366,9 @@ def run(args: argparse.Namespace) -> int:
   options = PrecomputeOptions(mode=args.mode, views=args.views, dtype="bfloat16" if args.dtype == "bf16" else "float32",
                               batch_size=args.batch_size, seed=args.seed, shard_size=args.shard_size)
   try:
-    for option, value, least in (("--batch-size", args.batch_size, 1), ("--shard-size", args.shard_size, 1),
-                                 ("--views", args.views, 0)):
-      if value < least:
-        raise DataError(f"{option} must be {'positive' if least else 'zero or more'}, got {value}")
+    check_options(options)
+    check_output_folder(args.out)
+    check_folder(args.tfds_dir, "--tfds-dir")
     view_patients = None
     if args.splits is not None:
       from autosam_jax.data.splits import load_splits

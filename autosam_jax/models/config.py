@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Mapping
+
+
+# Sizes that must be positive integers; the fields convert sets from its options (what tensor shapes do not tell).
+_POSITIVE = ("image_size", "patch_size", "encoder_embed_dim", "encoder_depth", "encoder_num_heads", "encoder_mlp_dim",
+             "prompt_embed_dim", "mask_in_chans", "decoder_depth", "decoder_num_heads", "decoder_mlp_dim",
+             "attention_downsample_rate", "iou_head_depth", "iou_head_hidden_dim")
+_CONVERT_OPTIONS = {"decoder_num_heads": "--decoder-num-heads", "encoder_num_heads": "--encoder-num-heads",
+                    "image_size": "--image-size"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,17 +49,56 @@ class SamConfig:
   pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
 
   def __post_init__(self):
-    object.__setattr__(self, "encoder_global_attn_indexes", tuple(int(i) for i in self.encoder_global_attn_indexes))
-    object.__setattr__(self, "pixel_mean", tuple(float(v) for v in self.pixel_mean))
-    object.__setattr__(self, "pixel_std", tuple(float(v) for v in self.pixel_std))
+    """Refuses an architecture no model can be built from, with a ValueError naming the field (and the convert
+    option that sets it), before any layer is built: one line where a zero or negative size would otherwise fail
+    deep inside a layer (a division by zero, a negative shape) or build a broken model."""
+    def field(name: str) -> str:
+      return f"{name} ({_CONVERT_OPTIONS[name]})" if name in _CONVERT_OPTIONS else name
+
+    for name in _POSITIVE + ("window_size", "num_multimask_outputs"):
+      value = getattr(self, name)
+      least = 0 if name in ("window_size", "num_multimask_outputs") else 1
+      if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{field(name)} must be {'an integer, 0 or more' if least == 0 else 'a positive integer'}, "
+                         f"got {value!r}")
+    for name in ("use_abs_pos", "use_rel_pos", "qkv_bias"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+    try:
+      object.__setattr__(self, "encoder_global_attn_indexes", tuple(int(i) for i in self.encoder_global_attn_indexes))
+      object.__setattr__(self, "pixel_mean", tuple(float(v) for v in self.pixel_mean))
+      object.__setattr__(self, "pixel_std", tuple(float(v) for v in self.pixel_std))
+    except (TypeError, ValueError):
+      raise ValueError("encoder_global_attn_indexes, pixel_mean and pixel_std must be lists of numbers, got "
+                       f"{self.encoder_global_attn_indexes!r}, {self.pixel_mean!r}, {self.pixel_std!r}") from None
+    if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or not all(math.isfinite(v) for v in self.pixel_mean) \
+        or not all(math.isfinite(v) and v > 0 for v in self.pixel_std):
+      raise ValueError(f"pixel_mean and pixel_std must be 3 finite numbers each (std positive), got "
+                       f"{list(self.pixel_mean)} and {list(self.pixel_std)}")
     if self.image_size % self.patch_size:
-      raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+      raise ValueError(f"{field('image_size')} {self.image_size} is not a multiple of patch_size {self.patch_size}")
     if self.encoder_embed_dim % self.encoder_num_heads:
       raise ValueError(f"encoder_embed_dim {self.encoder_embed_dim} is not divisible by "
-                       f"encoder_num_heads {self.encoder_num_heads}")
+                       f"{field('encoder_num_heads')} {self.encoder_num_heads}")
     bad = [i for i in self.encoder_global_attn_indexes if not 0 <= i < self.encoder_depth]
     if bad:
       raise ValueError(f"global attention block indexes {bad} outside 0..{self.encoder_depth - 1}")
+    # The prompt encoder's positional encoding has prompt_embed_dim / 2 frequencies; the mask decoder upscales to
+    # prompt_embed_dim / 8 channels, and the mask downscaling starts with mask_in_chans / 4.
+    if self.prompt_embed_dim % 2 or self.prompt_embed_dim < 8:
+      raise ValueError(f"prompt_embed_dim must be an even number of at least 8, got {self.prompt_embed_dim}")
+    if self.mask_in_chans < 4:
+      raise ValueError(f"mask_in_chans must be at least 4, got {self.mask_in_chans}")
+    # The decoder's self-attention spans prompt_embed_dim channels, its cross-attention prompt_embed_dim divided by
+    # attention_downsample_rate: the heads must divide both.
+    internal = self.prompt_embed_dim // self.attention_downsample_rate
+    if internal < 1:
+      raise ValueError(f"attention_downsample_rate {self.attention_downsample_rate} leaves no channels of "
+                       f"prompt_embed_dim {self.prompt_embed_dim}")
+    for width in (self.prompt_embed_dim, internal):
+      if width % self.decoder_num_heads:
+        raise ValueError(f"{field('decoder_num_heads')} {self.decoder_num_heads} do not divide the mask decoder's "
+                         f"attention width {width}")
 
   @property
   def image_embedding_size(self) -> int:

@@ -29,10 +29,12 @@ class RunCheckpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+  def restore(self, abstract_state: Any, step: int | None = None,
+              required: tuple[str, ...] = ()) -> tuple[Any, dict[str, Any]]:
     """The newest checkpoint (or `step`'s). A damaged newest one (truncated or corrupt files, a killed copy) is
     reported in one warning line and the one before it is used; the damaged ones are then deleted, so the run writes
-    its steps again. If none can be read, a DataError names the folder."""
+    its steps again. If none can be read, a DataError names the folder. `required`: keys the JSON metadata must have
+    (a checkpoint without them is damaged)."""
     import sys
 
     import orbax.checkpoint as ocp
@@ -47,7 +49,7 @@ class RunCheckpoints:
         restored = self.manager.restore(candidate, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         meta = restored.meta
-        if not isinstance(meta, dict) or not {"epoch", "iterator_state", "best", "plateau", "step"} <= set(meta):
+        if not isinstance(meta, dict) or not set(required) <= set(meta):
           raise ValueError("its metadata is incomplete")
         return restored.state, meta
       try:

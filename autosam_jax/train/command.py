@@ -15,7 +15,9 @@ A config is a Python file whose get_config() returns training options (see autos
 --set name=value overrides one. The UNet baseline (head "unet", see experiments/configs/unet_faithful.py) trains
 from scratch on an image cache (autosam-jax image-cache) and needs no --weights; with --set
 init_encoder=PRETRAIN/encoder its encoder starts from SimCLR pretraining (autosam-jax pretrain-simclr). Rerunning the
-same command after a kill resumes from the last checkpoint and ends with the same parameters. Writes OUT/config.json, metrics.jsonl, curves.png, checkpoints/, final_model/ (and
+same command after a kill resumes from the last checkpoint and ends with the same parameters; a rerun with other
+inputs (config, cache, weights, split file, fold, --tr-size) is refused, naming what differs, and one process at a time
+trains in OUT. Writes OUT/run.json, config.json, metrics.jsonl, curves.png, checkpoints/, final_model/ (and
 best_model/ in the improved variant).
 
 Several processes (jax.distributed: --coordinator/--num-processes/--process-id, or JAX's environment variables) train

@@ -311,8 +311,9 @@ def run_identity(config: TrainConfig, cache, labeled_patients, val_patients,
   """What a run folder was made from (run.json): a rerun with anything else is refused instead of resumed."""
   from autosam_jax.outputs import file_digest
 
-  return {"config": config.to_dict(), "cache": {"path": str(Path(cache.cache_dir).absolute()),
-                                                "manifest_sha256": file_digest(Path(cache.cache_dir) / "manifest.json")},
+  cache_dir = Path(cache.cache_dir)
+  return {"config": config.to_dict(),
+          "cache": {"path": str(cache_dir.absolute()), "manifest_sha256": file_digest(cache_dir / "manifest.json")},
           "labeled_patients": sorted(labeled_patients), "val_patients": sorted(val_patients), **(inputs or {})}
 
 
@@ -415,8 +416,8 @@ def _train(config, cache_dir, head_factory, out_dir, labeled_patients, val_patie
   checkpoints = RunCheckpoints(out_dir / "checkpoints")
   metrics_file = out_dir / "metrics.jsonl"
   if checkpoints.latest_step() is not None:
-    state, meta = checkpoints.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                                   state))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    state, meta = checkpoints.restore(abstract, required=("epoch", "iterator_state", "best", "plateau", "step"))
     start_epoch, iterator_state, best = meta["epoch"], meta["iterator_state"], meta["best"]
     plateau = ReduceLROnPlateau(**meta["plateau"])
     # Metrics written after the checkpoint by the killed run are dropped, so the file matches an uninterrupted run.

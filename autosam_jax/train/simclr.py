@@ -75,11 +75,19 @@ class SimclrConfig:
       raise DataError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
     if self.augment not in AUGMENT_MODES:
       raise DataError(f"augment must be one of {list(AUGMENT_MODES)}, got {self.augment!r}")
-    for name in ("epochs", "batch_size", "unet_base_channels", "projection_hidden", "projection_dim"):
-      if getattr(self, name) < 1:
-        raise DataError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-    if not self.temperature > 0:
-      raise DataError(f"temperature must be positive, got {self.temperature!r}")
+    for name in ("epochs", "batch_size", "unet_base_channels", "projection_hidden", "projection_dim", "seed",
+                 "schedule_start_epoch"):
+      value, least = getattr(self, name), 0 if name in ("seed", "schedule_start_epoch") else 1
+      # bool is an int to isinstance, but `epochs=True` is a mistake, not a number
+      if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise DataError(f"{name} must be {'a positive integer' if least else 'an integer, 0 or more'}, got {value!r}")
+    if self.seed >= 2 ** 63:  # jax.random.key takes a 64-bit signed seed
+      raise DataError(f"seed must be below 2**63, got {self.seed}")
+    for name, least in (("learning_rate", "positive"), ("temperature", "positive"), ("weight_decay", "0 or more")):
+      value = getattr(self, name)
+      number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+      if not number or value < 0 or (least == "positive" and value == 0):
+        raise DataError(f"{name} must be a finite number, {least}, got {value!r}")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -99,7 +107,10 @@ class SimclrConfig:
       if wrong and not (expected is float and isinstance(value, int) and not isinstance(value, bool)):
         raise DataError(f"{source}: {name} must be {expected.__name__}, got {type(value).__name__} {value!r}")
     values = {k: float(v) if isinstance(getattr(defaults, k), float) else v for k, v in values.items()}
-    return cls(**values)
+    try:
+      return cls(**values)
+    except DataError as err:
+      raise DataError(f"{source}: {err}") from None
 
 
 def learning_rate_at(config: SimclrConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -278,6 +289,24 @@ def save_encoder(directory: Path, encoder_params: dict[str, Any], config: Simclr
   write_dir(directory, fill)
 
 
+def check_memory(config: SimclrConfig, abstract_params, image_shape: tuple[int, ...]) -> None:
+  """Refuses, before anything is allocated, a run whose model or batch cannot fit in this machine's memory.
+
+  An estimate from the sizes alone (a lower bound: the UNet's deeper activations come on top): the parameters with
+  their gradients, Adam's two moments and the update (5 copies); per image of a batch, the host batch as loaded,
+  stacked and padded, its device copy and the two augmented views (8 copies of an H x W x C float32 image), and the
+  first UNet level's output for both views (H x W x unet_base_channels float32 each)."""
+  from autosam_jax.memory import require_memory
+
+  param_bytes = 5 * sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract_params))
+  pixels = int(np.prod(image_shape[:2]))
+  batch_bytes = config.batch_size * (8 * pixels * int(np.prod(image_shape[2:])) * 4
+                                     + 2 * pixels * config.unet_base_channels * 4)
+  option = "batch_size" if batch_bytes >= param_bytes else "unet_base_channels"
+  require_memory(param_bytes + batch_bytes, f"SimCLR {option} {getattr(config, option)}",
+                 f"choose a smaller {option}")
+
+
 def pretrain_simclr(config: SimclrConfig, cache_dir: str | os.PathLike, out_dir: str | os.PathLike,
                     patients: list[str], *, progress: bool = True, stop_after_steps: int | None = None
                     ) -> dict[str, Any]:
@@ -298,7 +327,9 @@ def pretrain_simclr(config: SimclrConfig, cache_dir: str | os.PathLike, out_dir:
   from autosam_jax.train.checkpointing import RunCheckpoints
   from autosam_jax.train.loop import NonFiniteLossError
 
-  out_dir = Path(out_dir)
+  from autosam_jax.features.precompute import check_output_folder
+
+  out_dir = check_output_folder(out_dir)
   cache = FeatureCache(cache_dir)
   if cache.manifest["depends_on"].get("kind") != "images":
     raise DataError(f"{cache_dir}: SimCLR augments images, but this cache holds SAM embeddings; use an image cache "
@@ -310,9 +341,11 @@ def pretrain_simclr(config: SimclrConfig, cache_dir: str | os.PathLike, out_dir:
   mesh = local_data_mesh()
   if config.batch_size % mesh.devices.size:
     raise DataError(f"batch size {config.batch_size} is not a multiple of the {mesh.devices.size} devices")
+  graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(config.seed))),
+                                       nnx.Param)
+  check_memory(config, abstract_params, np.shape(cache[int(indices[0])]["embedding"]))
   out_dir.mkdir(parents=True, exist_ok=True)
 
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(config.seed))), nnx.Param)
   params = initial_params(config)
   replicated, data = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
   shard = lambda batch: jax.device_put(batch, data)
