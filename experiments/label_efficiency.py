@@ -11,6 +11,8 @@ TFDS dataset, the split file and each feature cache once, then trains and evalua
   OUT/cells/<cell>.json  one file per finished cell (a rerun skips these: rerunning after a kill resumes the sweep,
                          and a cell killed mid-training resumes from its last checkpoint)
   OUT/runs/...          each cell's run directory (metrics.jsonl, curves.png, final_model/, eval/ with predictions)
+One sweep at a time writes OUT (OUT/.lock, taken once the config, the data and the splits are checked); another
+command into it is refused, naming the holder's pid.
 
 Methods: autosam, cnn, linear (heads on cached SAM embeddings, one set per encoder), unet (from scratch on images),
 simclr (the UNet with its encoder pretrained by SimCLR on the fold's training images, labels unused, then fine-tuned),
@@ -369,12 +371,17 @@ class Sweep:
 
   # --- stages -------------------------------------------------------------------------------------------------------
 
-  def prepare(self) -> list[Cell]:
+  def prepare(self, stack) -> list[Cell]:
+    """Checks the config, the data and the splits, then locks OUT for the rest of `stack` (a contextlib.ExitStack)
+    and writes the sweep's records and converted weights; returns the cells."""
+    import jax
+
     from autosam_jax.atomic import atomic_write_json
     from autosam_jax.data.validate import validate
 
     from autosam_jax.data.splits import save_splits
     from autosam_jax.features.precompute import check_folder, check_output_folder
+    from autosam_jax.outputs import OutputLock
 
     check_output_folder(self.out)
     if self.config.tfds_dir:
@@ -395,6 +402,12 @@ class Sweep:
       if changed:
         raise DataError(f"{config_file}: this sweep was run with other settings ({', '.join(changed)}); finished "
                         "cells would not be comparable; use another --out")
+    elif self.out.is_dir():
+      foreign = sorted(p.name for p in self.out.iterdir() if not p.name.startswith("."))
+      if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise DataError(f"{self.out}: is not empty ({shown}) and holds no sweep (no sweep_config.json); choose a new "
+                        "or empty --out")
     self.data = Path(self.config.data).expanduser()
     report = validate(self.data)
     self.labels = report.label_table  # the dataset's classes name every table, plot and mean
@@ -402,8 +415,8 @@ class Sweep:
     self.splits, to_save = prepare_splits(self.config, self.out, list(report.patient_ids))
     if "simclr" in self.config.methods:
       _simclr_config(self.config)  # its options are checked now, not when the first SimCLR cell comes
-    # Everything checked: from here on the sweep writes.
-    self.out.mkdir(parents=True, exist_ok=True)
+    # Everything checked: from here on the sweep writes, one process at a time (OUT/.lock, made with OUT).
+    stack.enter_context(OutputLock(self.out, take=jax.process_index() == 0))
     atomic_write_json(config_file, self.config.to_dict())
     if to_save is not None:
       save_splits(to_save, self.out / "splits.json")
@@ -507,9 +520,16 @@ class Sweep:
   # --- the whole sweep ----------------------------------------------------------------------------------------------
 
   def run(self, stop_after_cells: int | None = None) -> dict[str, Any]:
-    from autosam_jax.atomic import atomic_write_json
+    import contextlib
 
-    cells = self.prepare()
+    with contextlib.ExitStack() as stack:  # holds OUT's lock, once taken, to the end
+      return self._run(stack, stop_after_cells)
+
+  def _run(self, stack, stop_after_cells: int | None) -> dict[str, Any]:
+    from autosam_jax.atomic import atomic_write_json
+    from autosam_jax.faults import kill_point
+
+    cells = self.prepare(stack)
     cells_dir = self.out / "cells"
     done = sum(_finished(cells_dir / f"{c.cell_id}.json") for c in cells)
     _say(f"{len(cells)} cells, {done} already finished; results in {self.out}")
@@ -523,6 +543,7 @@ class Sweep:
       _say(f"cell {number}/{len(cells)}: {cell.cell_id}")
       record = self.run_cell(cell)
       atomic_write_json(cell_file, record)
+      kill_point("sweep.cell")  # the cell is finished: its record is in place
       ran += 1
       mean = record.get("official", {}).get("dice", {}).get("mean")
       _say(f"cell {cell.cell_id} done in {record['seconds']:.0f}s: mean Dice (official) "

@@ -249,6 +249,13 @@ def out_is_a_file_to_sweep(small, tmp_path):
   return Refusal(_sweep(_sweep_config(small, tmp_path), out), str(out), [out], ("exists and is a file",))
 
 
+def users_folder_to_sweep(small, tmp_path):
+  out = tmp_path / "results"
+  out.mkdir()
+  (out / "notes.txt").write_text("the user's notes\n")
+  return Refusal(_sweep(_sweep_config(small, tmp_path), out), str(out), [out], ("is not empty (notes.txt)",))
+
+
 def out_is_a_file_to_pretrain_simclr(small, tmp_path):
   out = _file(tmp_path, "simclr")
   return Refusal(_simclr(small, out), str(out), [out], ("exists and is a file",))
@@ -295,7 +302,8 @@ CASES = {f.__name__.replace("_", "-"): f for f in (
     huge_slice_size_to_image_cache, huge_batch_size_to_pretrain_simclr, out_is_a_file_to_precompute,
     out_is_a_file_to_image_cache, out_is_a_file_to_zero_shot, out_is_a_file_to_sweep,
     out_is_a_file_to_pretrain_simclr, out_is_a_folder_to_make_splits, out_inside_a_file_to_synth_acdc,
-    tfds_dir_is_a_file_to_zero_shot, negative_seed_to_precompute, users_folder_to_precompute)}
+    tfds_dir_is_a_file_to_zero_shot, negative_seed_to_precompute, users_folder_to_precompute,
+    users_folder_to_sweep)}
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -1,11 +1,11 @@
-"""Feature cache: equal to a direct encoder call, 1 vs 4 devices, kill and resume, stale and corrupted caches."""
+"""Feature cache: equal to a direct encoder call, 1 vs 4 devices, kill and resume, stale and corrupted caches, one
+writer at a time (precompute and image-cache)."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -117,25 +117,45 @@ def test_corrupted_shard_is_detected(reference_cache, tmp_path):
     cache[OPTIONS.shard_size]
 
 
+def _listing(folder):
+  """Every file under `folder` with its size and modification time: what a refused command must leave as it was."""
+  return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture
+def kill_at(monkeypatch):
+  """Sets AUTOSAM_JAX_KILL_AT (and the signal) for this process, counting hits afresh."""
+  from autosam_jax import faults
+
+  def arm(point: str, signal_name: str = "INT"):
+    monkeypatch.setenv(faults.ENV, point)
+    monkeypatch.setenv(faults.SIGNAL_ENV, signal_name)
+    faults._hits.clear()
+  yield arm
+  faults._hits.clear()
+
+
 def test_kill_and_resume_gives_the_same_cache(reference_cache, inputs, split_file, tmp_path):
+  """Killed (SIGKILL) right after its second shard is whole: exactly those two shards are kept, and the rerun
+  computes the others and nothing more."""
+  from autosam_jax import faults
+
   out = tmp_path / "killed"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  process = subprocess.Popen(_command(inputs, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 240
-  while time.time() < deadline and process.poll() is None and len(list(out.glob("shards/*.done"))) < 2:
-    time.sleep(0.05)
-  assert process.poll() is None, "the run ended before it could be killed; make the test's work larger"
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  done_before = len(list(out.glob("shards/*.done")))
-  assert 2 <= done_before < reference_cache[1]["shards"]
+  assert reference_cache[1]["shards"] > 2, "the cache has too few shards to be killed in the middle"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", faults.ENV: "precompute.shard:2"}
+  process = subprocess.run(_command(inputs, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True, timeout=300)
+  assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
+  # two whole shards (three arrays and the record each) and no temporary file: the kill came between shards
+  assert sorted(p.name for p in (out / "shards").iterdir()) == [
+      f"{shard:05d}.{part}" for shard in (0, 1) for part in ("done", "emb.npy", "tgt.npy", "val.npy")]
   assert not json.loads((out / "manifest.json").read_text())["complete"]
   with pytest.raises(DataError, match="incomplete"):
     FeatureCache(out)
 
   resumed = precompute(inputs["data"], inputs["weights"], out, tfds_dir=inputs["tfds"], options=OPTIONS,
                        view_patients=inputs["view_patients"], progress=False)
-  assert resumed["computed"] <= resumed["items"] - done_before * OPTIONS.shard_size + OPTIONS.shard_size
+  assert resumed["computed"] == resumed["items"] - 2 * OPTIONS.shard_size
   assert not list(out.glob("shards/.*"))  # no temporary files left
   _, expected = _all(reference_cache[0])
   _, got = _all(out)
@@ -143,6 +163,60 @@ def test_kill_and_resume_gives_the_same_cache(reference_cache, inputs, split_fil
   for a, b in zip(expected, got):
     np.testing.assert_array_equal(a["embedding"], b["embedding"])
     np.testing.assert_array_equal(a["target"], b["target"])
+
+
+def test_a_cache_in_use_is_refused_and_left_as_it_is(reference_cache, inputs, split_file, capsys):
+  """A second precompute into a cache another process writes (a lock is per open file, so a lock this process holds
+  counts as another's): one line naming the holder, exit code 2, nothing changed."""
+  from autosam_jax.cli import main
+  from autosam_jax.outputs import OutputLock
+
+  out = reference_cache[0]
+  capsys.readouterr()
+  with OutputLock(out):
+    before = _listing(out)
+    assert main(_command(inputs, out)[3:]) == 2
+    assert _listing(out) == before
+  assert capsys.readouterr().err.strip().splitlines() == [
+      f"error: {out}: in use by another process (pid {os.getpid()}); wait for it to finish, or choose another "
+      "output folder"]
+
+
+def test_image_cache_interrupted_after_a_shard_resumes_and_refuses_a_second_writer(inputs, tmp_path, capsys,
+                                                                                   kill_at):
+  """Interrupted (SIGINT) right after its second shard: those two are kept; a second command while the folder is
+  in use is refused and changes nothing; the rerun finishes it equal to an uninterrupted cache."""
+  from autosam_jax.cli import main
+  from autosam_jax.features.images import write_image_cache
+  from autosam_jax.outputs import OutputLock
+
+  small = {"shard_size": 8, "slice_size": 32, "spacing": 8.0}
+  reference = tmp_path / "reference"
+  assert write_image_cache(inputs["data"], inputs["tfds"], reference, **small)["shards"] > 2
+  out = tmp_path / "images"
+  kill_at("image_cache.shard:2")
+  with pytest.raises(KeyboardInterrupt):
+    write_image_cache(inputs["data"], inputs["tfds"], out, **small)
+  kill_at("nowhere")
+  assert sorted(p.name for p in out.glob("shards/*.done")) == ["00000.done", "00001.done"]
+  assert not list(out.glob("shards/.*"))
+  argv = ["image-cache", "--data", str(inputs["data"]), "--tfds-dir", str(inputs["tfds"]), "--out", str(out),
+          "--shard-size", "8", "--slice-size", "32", "--spacing", "8.0"]
+  capsys.readouterr()
+  with OutputLock(out):
+    before = _listing(out)
+    assert main(argv) == 2
+    assert _listing(out) == before
+  assert capsys.readouterr().err.strip().splitlines() == [
+      f"error: {out}: in use by another process (pid {os.getpid()}); wait for it to finish, or choose another "
+      "output folder"]
+  assert main(argv) == 0
+  _, expected = _all(reference)
+  _, got = _all(out)
+  assert len(got) == len(expected)
+  for a, b in zip(expected, got):
+    for key in ("embedding", "target", "valid"):
+      np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_four_devices_give_the_same_features(reference_cache, inputs, split_file, tmp_path):

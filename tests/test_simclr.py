@@ -1,8 +1,10 @@
 """SimCLR pretraining: NT-Xent and the schedule against PyTorch, a short run, loading the encoder into a UNet,
-resumption after a kill, and the command line."""
+resumption after an interruption, the run folder's record of its inputs and lock, and the command line."""
 
 import argparse
 import json
+import os
+import re
 import runpy
 from pathlib import Path
 
@@ -213,14 +215,46 @@ def test_load_pretrained_encoder_copies_exactly_the_encoder(pretrained):
     load_pretrained_encoder(wider, out / "nowhere")
 
 
-def test_killed_run_resumes_to_the_same_encoder_and_losses(pretrained, image_cache, tmp_path):
+@pytest.fixture
+def kill_at(monkeypatch):
+  """Sets AUTOSAM_JAX_KILL_AT (and the signal) for this process, counting hits afresh."""
+  from autosam_jax import faults
+
+  def arm(point: str, signal_name: str = "INT"):
+    monkeypatch.setenv(faults.ENV, point)
+    monkeypatch.setenv(faults.SIGNAL_ENV, signal_name)
+    faults._hits.clear()
+  yield arm
+  faults._hits.clear()
+
+
+def _listing(folder):
+  """Every file under `folder` with its size and modification time: what a refused command must leave as it was."""
+  return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+def _checkpoint_steps(run_dir):
+  return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_killed_run_resumes_to_the_same_encoder_and_losses(pretrained, image_cache, tmp_path, kill_at):
   from autosam_jax.train.simclr import pretrain_simclr
 
   reference, _ = pretrained
   out = tmp_path / "run"
-  # Killed one step into the second epoch: the checkpoint is epoch 0's, and step 5 was logged but not checkpointed.
-  assert pretrain_simclr(CONFIG, image_cache, out, PATIENTS, progress=False, stop_after_steps=5) == {
-      "stopped_at_step": 5}
+  # Ctrl-C right after the first epoch's last step, which is right after its checkpoint: that checkpoint is kept.
+  kill_at("simclr.step:4")
+  with pytest.raises(KeyboardInterrupt):
+    pretrain_simclr(CONFIG, image_cache, out, PATIENTS, progress=False)
+  assert _checkpoint_steps(out) == [4] and not (out / "encoder").exists()
+  assert [(r["kind"], r["step"]) for r in _rows(out)][-2:] == [("step", 4), ("epoch", 4)]
+  # The rerun resumes there and is interrupted one step into the second epoch: the checkpoint is epoch 0's, and
+  # step 5 was logged but not checkpointed.
+  kill_at("simclr.step:1")
+  with pytest.raises(KeyboardInterrupt):
+    pretrain_simclr(CONFIG, image_cache, out, PATIENTS, progress=False)
+  kill_at("nowhere")
+  assert _checkpoint_steps(out) == [4]
   assert not (out / "encoder").exists() and [r["step"] for r in _rows(out)][-1] == 5
   result = pretrain_simclr(CONFIG, image_cache, out, PATIENTS, progress=False)
   assert result["steps"] == 8
@@ -230,9 +264,46 @@ def test_killed_run_resumes_to_the_same_encoder_and_losses(pretrained, image_cac
   for key in resumed:
     np.testing.assert_array_equal(resumed[key], uninterrupted[key])
 
-  other = SimclrConfig(epochs=3, batch_size=4, unet_base_channels=8)
-  with pytest.raises(DataError, match="another configuration"):
-    pretrain_simclr(other, image_cache, out, PATIENTS, progress=False)
+  # Another configuration, other patients or another image cache: refused, naming the field, nothing changed.
+  import shutil
+
+  other_cache = Path(shutil.copytree(image_cache, tmp_path / "other_cache"))
+  manifest = other_cache / "manifest.json"
+  manifest.write_text(json.dumps(json.loads(manifest.read_text()), indent=2))  # the same cache, other bytes
+  before = _listing(out)
+  for config, cache, patients, field in (
+      (SimclrConfig(epochs=3, batch_size=4, unet_base_channels=8), image_cache, PATIENTS, "config.epochs"),
+      (CONFIG, image_cache, PATIENTS + ["patient002"], "patients"),
+      (CONFIG, other_cache, PATIENTS, "cache.manifest_sha256 (and 1 more)")):
+    expected = f"^{re.escape(str(out))}: holds a run with another {re.escape(field)}: "
+    with pytest.raises(DataError, match=expected) as err:
+      pretrain_simclr(config, cache, out, patients, progress=False)
+    assert "\n" not in str(err.value)
+    assert _listing(out) == before
+
+
+def test_a_run_folder_in_use_is_refused_and_left_as_it_is(pretrained, image_cache, tmp_path, capsys):
+  """A second pretrain-simclr into a run folder another process writes (a lock is per open file, so a lock this
+  process holds counts as another's): one line naming the holder, exit code 2, nothing changed."""
+  from autosam_jax.cli import main
+  from autosam_jax.data.splits import Split
+  from autosam_jax.outputs import OutputLock
+
+  out, _ = pretrained
+  Split(name="s", seed=0, train=tuple(PATIENTS), val=(), test=("patient003",)).to_json(tmp_path / "split.json")
+  argv = ["pretrain-simclr", "--cache", str(image_cache), "--splits", str(tmp_path / "split.json"), "--out", str(out),
+          "--no-progress", *(f"--set={name}={getattr(CONFIG, name)!r}" for name in ("epochs", "batch_size",
+                                                                                  "unet_base_channels"))]
+  capsys.readouterr()
+  with OutputLock(out):
+    before = _listing(out)
+    assert main(argv) == 2
+    assert _listing(out) == before
+  assert capsys.readouterr().err.strip().splitlines() == [
+      f"error: {out}: in use by another process (pid {os.getpid()}); wait for it to finish, or choose another "
+      "output folder"]
+  assert main(argv) == 0  # the same command, the folder free: the finished run is recognised as this one
+  assert "8 steps" in capsys.readouterr().out
 
 
 def test_command_line_rejects_a_bad_option_in_one_line(tmp_path, capsys):

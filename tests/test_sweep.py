@@ -1,12 +1,11 @@
 """The label-efficiency sweep through its CLI: a tiny SAM, a head, the UNet and zero-shot SAM, tr_size 1 and 2, one
-fold; killed after its first finished cell and rerun, it redoes nothing that was finished."""
+fold; killed after its first finished cell and rerun, it redoes nothing that was finished; one sweep at a time."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -49,32 +48,47 @@ def _environment() -> dict[str, str]:
   return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
-def test_sweep_killed_after_a_cell_resumes_without_redoing_it(setup):
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+  return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+def test_sweep_killed_after_a_cell_resumes_without_redoing_it(setup, capsys):
+  from autosam_jax import faults
+  from autosam_jax.cli import main
+  from autosam_jax.outputs import OutputLock
+
   root, config = setup
   out = root / "out"
-  process = subprocess.Popen(_sweep_command(config, out), env=_environment(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+  # Killed (SIGKILL) right after the first cell's record is written: exactly that cell is finished.
+  env = {**_environment(), faults.ENV: "sweep.cell:1"}
+  killed = subprocess.run(_sweep_command(config, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, timeout=600)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
   cells_dir = out / "cells"
-  deadline = time.time() + 400
-  while time.time() < deadline and process.poll() is None and not list(cells_dir.glob("*.json")):
-    time.sleep(0.2)
-  assert process.poll() is None, f"the sweep ended before it could be killed: {process.stderr.read()[-2000:]}"
-  process.send_signal(signal.SIGKILL)
-  process.wait()
   finished = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in cells_dir.glob("*.json")}
-  assert 1 <= len(finished) < 5
+  assert list(finished) == ["linear--tiny--tr1--cv2-seed0-fold0.json"]
   first = json.loads(next(iter(finished.values()))[1])
   first_metrics = out / first["run_dir"] / "metrics.jsonl"
-  first_metrics_state = (first_metrics.stat().st_mtime_ns, first_metrics.read_text()) if first_metrics.exists() else None
+  first_metrics_state = (first_metrics.stat().st_mtime_ns, first_metrics.read_text())
 
-  done = subprocess.run(_sweep_command(config, out), env=_environment(), capture_output=True, text=True, timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
+  capsys.readouterr()
+  assert main(_sweep_command(config, out)[3:]) == 0, capsys.readouterr().err[-3000:]
+  stdout = capsys.readouterr().out
   # Finished cells are skipped, untouched, and so are their runs.
   for name, (mtime, text) in finished.items():
     assert (cells_dir / name).stat().st_mtime_ns == mtime and (cells_dir / name).read_text() == text
-  if first_metrics_state is not None:
-    assert (first_metrics.stat().st_mtime_ns, first_metrics.read_text()) == first_metrics_state
-  assert f"{len(finished)} already finished" in done.stdout
+  assert (first_metrics.stat().st_mtime_ns, first_metrics.read_text()) == first_metrics_state
+  assert "5 cells, 1 already finished" in stdout
+
+  # Another sweep while one writes the folder (a lock is per open file, so one this process holds counts as
+  # another's): one line naming the holder, exit code 2, nothing changed.
+  with OutputLock(out):
+    before = _listing(out)
+    assert main(_sweep_command(config, out)[3:]) == 2
+    assert _listing(out) == before
+  assert capsys.readouterr().err.strip().splitlines() == [
+      f"error: {out}: in use by another process (pid {os.getpid()}); wait for it to finish, or choose another "
+      "output folder"]
 
   results = json.loads((out / "results.json").read_text())
   assert results["finished"] == results["total"] == 5  # linear x 2, unet x 2, zero-shot x 1

@@ -1,8 +1,10 @@
 """SAM zero-shot with ground-truth prompts: parity with Meta's `Sam.forward` called as the official
-`scripts/inference.py` calls it, the prompts themselves, and the command end to end on phantoms."""
+`scripts/inference.py` calls it, the prompts themselves, and the command end to end on phantoms (one at a time per
+output folder)."""
 
 import argparse
 import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -328,3 +330,20 @@ def test_command_refuses_bad_inputs_and_writes_nothing(root, tiny_weights, tmp_p
   args = _args(root, tiny_weights, tmp_path / "out")
   args[args.index("--splits") + 1] = str(tmp_path / "gone.json")
   _assert_refused(capsys, args, "patient009", tmp_path / "out")
+
+
+def test_command_refuses_a_folder_in_use_and_changes_nothing(root, tiny_weights, tmp_path, capsys):
+  """Another zero-shot while the folder is in use (a lock is per open file, so one this process holds counts as
+  another's): one line naming the holder, exit code 2, nothing written."""
+  from autosam_jax.outputs import OutputLock
+
+  out = tmp_path / "out"
+  capsys.readouterr()
+  with OutputLock(out):
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert _main(_args(root, tiny_weights, out)) == 2
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+  assert list(before) == [".lock"]
+  assert capsys.readouterr().err.strip().splitlines() == [
+      f"error: {out}: in use by another process (pid {os.getpid()}); wait for it to finish, or choose another "
+      "output folder"]

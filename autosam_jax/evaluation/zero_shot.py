@@ -24,7 +24,9 @@ lowest class value (the official argmax over [background, class 1, class 2, ...]
 Scored as `autosam-jax evaluate` scores a head, on the dataset's classes: official (a patient's frames, ACDC's ED+ES,
 stacked on the target grid, HD95 in voxels) and standard (per case on the native grid, HD95 in mm). Writes
 OUT/metrics.json, OUT/metrics.md and OUT/predictions/<case_id>.nii.gz (native-grid label maps in the source file's
-voxel order, with its affine), only once every patient is done, so a failure leaves OUT untouched.
+voxel order, with its affine), only once every patient is done, so a failure writes none of them. One command at a
+time writes OUT: it is locked (OUT/.lock) once every input is checked, and another command into it is refused, naming
+the holder's pid.
 """
 
 from __future__ import annotations
@@ -287,8 +289,21 @@ def zero_shot(weights_dir: str | Path, source_dir: str | Path, tfds_dir: str | P
   """Segments and scores the split's test patients; returns {"report", "table"} and writes them to `out_dir`.
 
   Everything is checked (arguments, weights, split, that the data holds every test patient) before the model runs,
-  and nothing is written until every patient is scored, so a DataError or CheckpointError leaves `out_dir` untouched.
+  so a DataError or CheckpointError leaves `out_dir` untouched. Then `out_dir` is locked (OUT/.lock, one command at a
+  time writes it; another is refused, naming the holder's pid) to the end, and nothing is written into it until every
+  patient is scored.
   """
+  import contextlib
+
+  with contextlib.ExitStack() as stack:  # holds OUT's lock, once taken, to the end
+    return _zero_shot(weights_dir, source_dir, tfds_dir, splits_file, out_dir, fold=fold, prompt=prompt, mode=mode,
+                      batch_size=batch_size, progress=progress, stack=stack)
+
+
+def _zero_shot(weights_dir, source_dir, tfds_dir, splits_file, out_dir, *, fold, prompt, mode, batch_size, progress,
+               stack) -> dict[str, Any]:
+  import jax
+
   from autosam_jax.atomic import atomic_write_bytes, atomic_write_json
   from autosam_jax.data.preprocess import PreprocessConfig, preprocess_volume
   from autosam_jax.evaluation.evaluate import score_patient, summary_table
@@ -322,6 +337,9 @@ def zero_shot(weights_dir: str | Path, source_dir: str | Path, tfds_dir: str | P
   config = PreprocessConfig(mode=mode, encoder_size=sam.config.image_size,
                             head_size=4 * sam.config.image_embedding_size)
   segmenter = ZeroShotSegmenter(sam, classes=tuple(classes), mode=mode, prompt=prompt, batch_size=batch_size)
+  from autosam_jax.outputs import OutputLock
+
+  stack.enter_context(OutputLock(out_dir, take=jax.process_index() == 0))  # everything checked
 
   bar = None
   if progress:

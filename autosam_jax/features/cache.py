@@ -28,6 +28,7 @@ import numpy as np
 
 from autosam_jax.atomic import atomic_write_bytes, atomic_write_json
 from autosam_jax.data.errors import DataError
+from autosam_jax.outputs import LOCK_NAME
 
 FORMAT = "autosam-jax/feature-cache"
 VERSION = 1
@@ -166,9 +167,10 @@ class CacheWriter:
     else:
       if self.cache_dir.is_dir():
         # A cache is written into a new folder; a first run killed before its manifest was in place leaves no more
-        # than shards/ and temporary files.
+        # than shards/, temporary files and the lock file (autosam_jax.outputs.OutputLock) of its writer.
         temporary = lambda p: p.name.startswith(".") and p.name.endswith(".tmp")
-        foreign = sorted(p.name for p in self.cache_dir.iterdir() if p.name != "shards" and not temporary(p))
+        foreign = sorted(p.name for p in self.cache_dir.iterdir()
+                         if p.name not in ("shards", LOCK_NAME) and not temporary(p))
         if self.shard_dir.is_dir():
           foreign += sorted(f"shards/{p.name}" for p in self.shard_dir.iterdir() if not temporary(p))
         if foreign:

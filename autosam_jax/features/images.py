@@ -5,7 +5,8 @@
 Each item's "embedding" is the slice's model image (224, 224, 3) float32 in [0, 1] and its "target" the (224, 224)
 label map, so `FeatureCache` reads it and the training loop runs on it unchanged. Only clean slices (view 0) are
 stored: the UNet is augmented on the fly in the train step (TrainConfig.augment), not through cached views.
-Rerunning after a kill finishes the job, as precompute does: whole shards are kept, the rest is written.
+Rerunning after a kill finishes the job, as precompute does: whole shards are kept, the rest is written. One command
+at a time writes a cache (OUT/.lock); another into the same folder is refused, naming the holder's pid.
 """
 
 from __future__ import annotations
@@ -33,10 +34,20 @@ def write_image_cache(source_dir: str | os.PathLike, tfds_dir: str | os.PathLike
 
   slice_size, spacing: the model grid, slice_size x slice_size pixels of `spacing` mm (the official 224 at 1.25 mm;
   e.g. 112 at 2.5 mm covers the same field of view with a quarter of the pixels). `option_names` renames options in
-  error messages (see OPTION_NAMES), for callers whose users set them elsewhere (the sweep's config)."""
+  error messages (see OPTION_NAMES), for callers whose users set them elsewhere (the sweep's config). OUT_DIR is
+  locked once every input is checked, to the end."""
+  import contextlib
+
+  with contextlib.ExitStack() as stack:  # holds OUT_DIR's lock, once taken, to the end
+    return _write_image_cache(source_dir, tfds_dir, out_dir, mode, shard_size, slice_size=slice_size, spacing=spacing,
+                              option_names=option_names, stack=stack)
+
+
+def _write_image_cache(source_dir, tfds_dir, out_dir, mode, shard_size, *, slice_size, spacing, option_names,
+                       stack) -> dict[str, Any]:
   from autosam_jax.data.preprocess import PreprocessConfig, preprocess_volume
-  from autosam_jax.features.cache import CacheWriter
-  from autosam_jax.features.precompute import check_folder, check_output_folder, load_volumes, work_items
+  from autosam_jax.faults import kill_point
+  from autosam_jax.features.precompute import check_folder, check_output_folder, load_volumes, open_cache, work_items
   from autosam_jax.memory import require_memory
 
   names = {**OPTION_NAMES, **(option_names or {})}
@@ -59,7 +70,7 @@ def write_image_cache(source_dir: str | os.PathLike, tfds_dir: str | os.PathLike
                  f"choose a smaller {names['slice_size']} (or {names['shard_size']})")
   depends_on = {"kind": "images", "preprocess": preprocess_config.to_dict(), "dataset_fingerprint": fingerprint,
                 "views": 0, "view_patients": [], "labels": labels.to_dict()}
-  writer = CacheWriter(out_dir, depends_on, items, shard_size, "float32")
+  writer = open_cache(stack, out_dir, depends_on, items, shard_size, "float32")
   preprocessed: dict[str, Any] = {}  # one volume at a time: items are in (case, slice) order
 
   def prepared(case_id: str):
@@ -82,6 +93,7 @@ def write_image_cache(source_dir: str | os.PathLike, tfds_dir: str | os.PathLike
       targets.append(pre.targets[z] if labeled else np.zeros(pre.target_valid.shape, np.uint8))
       valid.append(pre.target_valid if labeled else np.zeros_like(pre.target_valid))
     writer.write_shard(shard, np.stack(images), np.stack(targets), np.stack(valid))
+    kill_point("image_cache.shard")  # the shard is whole: its files and its .done record are in place
   writer.finalize()
   return {"items": len(writer.items), "shards": writer.num_shards}
 

@@ -10,7 +10,9 @@ of this process's devices and the parameters replicated; the last batch is padde
 compiled twice. Host-side preprocessing of the next batch overlaps the device's work on the current one.
 
 Killed at any point, the same command finishes the job: whole shards are kept, the rest is computed. Under
-jax.distributed each process takes every P-th shard; process 0 writes the final manifest.
+jax.distributed each process takes every P-th shard; process 0 writes the final manifest. One command at a time
+writes a cache: OUT/.lock, held by process 0 for all of a jax.distributed run; another command into the same folder
+is refused, naming the holder's pid.
 """
 
 from __future__ import annotations
@@ -215,13 +217,44 @@ class _Preparer:
     return jnp.stack(inputs), np.stack(targets), np.stack(valid)
 
 
+def open_cache(stack, out_dir: Path, depends_on: dict[str, Any], items: list[dict[str, Any]], shard_size: int,
+               storage_dtype: str):
+  """The `CacheWriter` of `out_dir`, once every input is checked, with the folder locked (`OutputLock`) for the rest
+  of `stack` (a contextlib.ExitStack): one process at a time writes a cache.
+
+  A cache of other inputs, a damaged manifest or a folder of other files is refused before the lock, so a refused
+  command changes nothing. An existing cache is checked, then locked, then its killed run's temporary files are
+  removed; a new cache's folder is made by the lock. Under jax.distributed only process 0 calls this."""
+  from autosam_jax.features.cache import CacheWriter
+  from autosam_jax.outputs import OutputLock
+
+  def writer(clean_up: bool) -> CacheWriter:
+    return CacheWriter(out_dir, depends_on, items, shard_size, storage_dtype, clean_up=clean_up)
+
+  if (out_dir / "manifest.json").exists():
+    writer(False)  # checks the existing manifest against these inputs, writing nothing
+  elif out_dir.is_dir() and any(p.name != "shards" and not p.name.startswith(".") for p in out_dir.iterdir()):
+    writer(False)  # a folder of other files: refused (nothing written)
+  stack.enter_context(OutputLock(out_dir))
+  return writer(True)
+
+
 def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | Path, *, tfds_dir: str | Path,
                options: PrecomputeOptions = PrecomputeOptions(), view_patients: set[str] | None = None,
                progress: bool = True, option_names: dict[str, str] | None = None) -> dict[str, Any]:
   """Computes (or finishes) the cache; returns a summary (items, seconds, images/s, bytes).
 
   `option_names` renames options in error messages (see OPTION_NAMES), for callers whose users set them elsewhere
-  (the sweep's config)."""
+  (the sweep's config). One process at a time writes OUT_DIR (OUT_DIR/.lock, taken once every input is checked)."""
+  import contextlib
+
+  with contextlib.ExitStack() as stack:  # holds OUT_DIR's lock, once taken, to the end
+    return _precompute(source_dir, weights_dir, out_dir, tfds_dir=tfds_dir, options=options,
+                       view_patients=view_patients, progress=progress, option_names=option_names, stack=stack)
+
+
+def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_patients, progress, option_names,
+                stack) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -229,9 +262,10 @@ def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | P
 
   from autosam_jax.data.augment import AugmentConfig
   from autosam_jax.data.preprocess import PreprocessConfig
+  from autosam_jax.faults import kill_point
   from autosam_jax.features.cache import CacheWriter
   from autosam_jax.models.loading import load_sam, read_config
-  from autosam_jax.parallel import barrier, local_data_mesh
+  from autosam_jax.parallel import all_gather_objects, barrier, local_data_mesh
 
   names = {**OPTION_NAMES, **(option_names or {})}
   check_options(options, names)
@@ -270,11 +304,21 @@ def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | P
   encoder_dtype = jnp.bfloat16 if options.dtype == "bfloat16" else None
   sam = load_sam(weights_dir, encoder_dtype=encoder_dtype,
                  sharding=NamedSharding(mesh, PartitionSpec()))
-  if process != 0:
-    barrier("autosam_jax.precompute.cache_opened")  # process 0 checks the manifest and clears temporary files first
-  writer = CacheWriter(out_dir, depends_on, items, options.shard_size, options.dtype, clean_up=process == 0)
+  # Process 0 checks the folder, locks it and clears temporary files before the others open the cache; every process
+  # learns its outcome, so a refusal stops them all (instead of leaving them at a barrier).
+  refusal = None
   if process == 0:
-    barrier("autosam_jax.precompute.cache_opened")
+    try:
+      writer = open_cache(stack, out_dir, depends_on, items, options.shard_size, options.dtype)
+    except DataError as err:
+      refusal = err
+  reason = all_gather_objects(None if refusal is None else str(refusal))[0]
+  if refusal is not None:
+    raise refusal
+  if reason is not None:
+    raise DataError(reason)
+  if process != 0:
+    writer = CacheWriter(out_dir, depends_on, items, options.shard_size, options.dtype, clean_up=False)
   todo = [s for s in range(writer.num_shards) if s % num_processes == process and not writer.shard_done(s)]
   graphdef, state = nnx.split(sam.image_encoder)
   data_sharding = NamedSharding(mesh, PartitionSpec("data"))
@@ -307,6 +351,7 @@ def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | P
       if sum(len(p[0]) for p in pending[shard]) == len(writer.shard_items(shard)):
         parts = pending.pop(shard)
         writer.write_shard(shard, *(np.concatenate([p[k] for p in parts]) for k in range(3)))
+        kill_point("precompute.shard")  # the shard is whole: its files and its .done record are in place
       if bar is not None:
         bar.update(len(items))
   seconds = time.perf_counter() - start_time

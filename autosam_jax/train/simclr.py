@@ -312,24 +312,36 @@ def pretrain_simclr(config: SimclrConfig, cache_dir: str | os.PathLike, out_dir:
                     ) -> dict[str, Any]:
   """Pretrains (or resumes) the SimCLR model on the clean slices (view 0) of `patients` in an image cache.
 
-  Labels are never read. Writes OUT/config.json, metrics.jsonl (a row per step and per epoch), curves.png,
-  checkpoints/ (one per epoch) and, at the end, encoder/. `stop_after_steps` ends the run as if it had been killed
+  Labels are never read. Writes OUT/run.json (what the run is made from: the config, the image cache's manifest
+  digest, the patients; a rerun with anything else is refused, naming the field), config.json, metrics.jsonl (a row
+  per step and per epoch), curves.png, checkpoints/ (one per epoch) and, at the end, encoder/. One process at a time
+  writes OUT (OUT/.lock, taken once every input is checked). `stop_after_steps` ends the run as if it had been killed
   after that many steps (for tests of resumption). Returns timings, the step count, the encoder's directory and the
   last epoch's row.
   """
-  import concurrent.futures
-
-  from jax.sharding import NamedSharding, PartitionSpec
-
-  from autosam_jax.atomic import atomic_write_json
-  from autosam_jax.features.cache import FeatureCache
-  from autosam_jax.parallel import local_data_mesh
-  from autosam_jax.train.checkpointing import RunCheckpoints
-  from autosam_jax.train.loop import NonFiniteLossError
+  import contextlib
 
   from autosam_jax.features.precompute import check_output_folder
 
   out_dir = check_output_folder(out_dir)
+  with contextlib.ExitStack() as stack:  # holds OUT's lock, once taken, to the end
+    return _pretrain_simclr(config, cache_dir, out_dir, patients, progress=progress,
+                            stop_after_steps=stop_after_steps, stack=stack)
+
+
+def _pretrain_simclr(config, cache_dir, out_dir, patients, *, progress, stop_after_steps, stack) -> dict[str, Any]:
+  import concurrent.futures
+
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from autosam_jax.atomic import atomic_write_bytes, atomic_write_json
+  from autosam_jax.faults import kill_point
+  from autosam_jax.features.cache import FeatureCache
+  from autosam_jax.outputs import file_digest, take_output
+  from autosam_jax.parallel import local_data_mesh
+  from autosam_jax.train.checkpointing import RunCheckpoints
+  from autosam_jax.train.loop import NonFiniteLossError
+
   cache = FeatureCache(cache_dir)
   if cache.manifest["depends_on"].get("kind") != "images":
     raise DataError(f"{cache_dir}: SimCLR augments images, but this cache holds SAM embeddings; use an image cache "
@@ -344,7 +356,12 @@ def pretrain_simclr(config: SimclrConfig, cache_dir: str | os.PathLike, out_dir:
   graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(config.seed))),
                                        nnx.Param)
   check_memory(config, abstract_params, np.shape(cache[int(indices[0])]["embedding"]))
-  out_dir.mkdir(parents=True, exist_ok=True)
+  # Everything checked: from here on the run writes.
+  identity = {"config": config.to_dict(),
+              "cache": {"path": str(Path(cache_dir).absolute()),
+                        "manifest_sha256": file_digest(Path(cache_dir) / "manifest.json")},
+              "patients": patients}
+  take_output(stack, out_dir, "pretrain-simclr", identity, main=jax.process_index() == 0)
 
   params = initial_params(config)
   replicated, data = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
@@ -367,7 +384,7 @@ def pretrain_simclr(config: SimclrConfig, cache_dir: str | os.PathLike, out_dir:
     # Rows the killed run wrote after its checkpoint are dropped, so the file matches an uninterrupted run.
     if metrics_file.exists():
       kept = [l for l in metrics_file.read_text().splitlines() if l and json.loads(l)["step"] <= meta["step"]]
-      metrics_file.write_text("".join(k + "\n" for k in kept))
+      atomic_write_bytes(metrics_file, "".join(k + "\n" for k in kept).encode())
   else:
     atomic_write_json(out_dir / "config.json", config.to_dict())
     metrics_file.write_text("")
@@ -405,6 +422,8 @@ def pretrain_simclr(config: SimclrConfig, cache_dir: str | os.PathLike, out_dir:
           if bar is not None:
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}")
+          if b + 1 < len(batches):  # an epoch's last step is followed by its checkpoint: its kill point comes after
+            kill_point("simclr.step")
           if stop_after_steps is not None and step >= stop_after_steps:
             return {"stopped_at_step": step}
         last_row = {"kind": "epoch", "step": int(state["step"]), "epoch": epoch, "train_loss": float(np.mean(losses)),
@@ -413,6 +432,7 @@ def pretrain_simclr(config: SimclrConfig, cache_dir: str | os.PathLike, out_dir:
         log.flush()
         checkpoints.save(int(state["step"]), state, {"epoch": epoch + 1, "step": int(state["step"]),
                                                      "config": config.to_dict(), "patients": patients})
+        kill_point("simclr.step")  # after the epoch's last step and its checkpoint
   finally:
     loader.shutdown(wait=True)
     checkpoints.close()
@@ -501,8 +521,10 @@ DESCRIPTION = """Pretrain the UNet encoder with SimCLR (the official SimCLR base
 Trains on the clean slices of every training patient of the split (labels unused). --config is optional (a Python
 file whose get_config() returns options of autosam_jax.train.simclr.SimclrConfig; the defaults are the official
 ones); --set name=value overrides one. Rerunning the same command after a kill resumes from the last epoch's
-checkpoint and ends with the same parameters. Writes OUT/config.json, metrics.jsonl, curves.png, checkpoints/ and
-encoder/ (what train's init_encoder loads)."""
+checkpoint and ends with the same parameters; a rerun with another config, image cache or split's training patients
+is refused, naming what differs (OUT/run.json records them), and so is a second command while one writes OUT.
+Writes OUT/run.json, config.json, metrics.jsonl, curves.png, checkpoints/ and encoder/ (what train's init_encoder
+loads)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
