@@ -23,18 +23,27 @@ LOCK_NAME = ".lock"
 RUN_RECORD = "run.json"
 
 
+def check_folder(path: str | os.PathLike, option: str) -> Path:
+  """A folder a command writes into (and may create): a file at `path`, or at the nearest existing folder above it,
+  is one error line before any work, rather than a traceback at the first write."""
+  path = Path(path).expanduser()
+  if path.exists() and not path.is_dir():
+    raise DataError(f"{path}: exists and is a file, not a folder; choose another {option}")
+  for parent in path.absolute().parents:
+    if parent.exists():
+      if not parent.is_dir():
+        raise DataError(f"{parent}: is a file, not a folder; choose another {option}")
+      break
+  return path
+
+
 def check_output_path(path: str | os.PathLike, option: str = "--out") -> Path:
-  """`path` may be created or is an existing folder (or a link to one); an existing file is an error, and so is a
-  link to nothing."""
-  path = Path(path)
+  """An output folder: as `check_folder`; it may be a link to a folder, but not a link to nothing."""
+  path = Path(path).expanduser()
   if path.is_symlink() and not path.exists():
     raise DataError(f"{path}: is a symbolic link to nothing ({os.path.realpath(path)}); remove the link or choose "
                     f"another {option}")
-  if path.exists() and not path.is_dir():
-    raise DataError(f"{path}: exists and is a file, not a folder; choose another {option}")
-  if path.parent.exists() and not path.parent.is_dir():
-    raise DataError(f"{path.parent}: is a file, not a folder; choose another {option}")
-  return path
+  return check_folder(path, option)
 
 
 def _inside(path: Path, folder: Path) -> bool:

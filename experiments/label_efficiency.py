@@ -380,10 +380,10 @@ class Sweep:
     from autosam_jax.data.validate import validate
 
     from autosam_jax.data.splits import save_splits
-    from autosam_jax.features.precompute import check_folder, check_output_folder
+    from autosam_jax.outputs import check_folder, check_output_path
     from autosam_jax.outputs import OutputLock
 
-    check_output_folder(self.out)
+    check_output_path(self.out)
     if self.config.tfds_dir:
       check_folder(self.tfds_dir, "tfds_dir")
     config_file = self.out / "sweep_config.json"

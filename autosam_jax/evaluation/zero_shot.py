@@ -313,11 +313,11 @@ def _zero_shot(weights_dir, source_dir, tfds_dir, splits_file, out_dir, *, fold,
   from autosam_jax.data.splits import select_split
   from autosam_jax.models.loading import load_sam, read_config
 
-  from autosam_jax.features.precompute import check_folder, check_output_folder
+  from autosam_jax.outputs import check_folder, check_output_path
 
   check_options(mode, prompt, batch_size, flags=True)
   weights_dir, source_dir, splits_file = Path(weights_dir), Path(source_dir), Path(splits_file)
-  out_dir = check_output_folder(out_dir)
+  out_dir = check_output_path(out_dir)
   check_folder(tfds_dir, "--tfds-dir")
   sam_config = read_config(weights_dir)  # fails fast, before the dataset build, on a directory that is not weights
   split = select_split(splits_file, fold)

@@ -47,11 +47,12 @@ def _write_image_cache(source_dir, tfds_dir, out_dir, mode, shard_size, *, slice
                        stack) -> dict[str, Any]:
   from autosam_jax.data.preprocess import PreprocessConfig, preprocess_volume
   from autosam_jax.faults import kill_point
-  from autosam_jax.features.precompute import check_folder, check_output_folder, load_volumes, open_cache, work_items
+  from autosam_jax.features.precompute import load_volumes, open_cache, work_items
+  from autosam_jax.outputs import check_folder, check_output_path
   from autosam_jax.memory import require_memory
 
   names = {**OPTION_NAMES, **(option_names or {})}
-  out_dir = check_output_folder(out_dir, names["out"])
+  out_dir = check_output_path(out_dir, names["out"])
   check_folder(tfds_dir, names["tfds_dir"])
   if isinstance(shard_size, bool) or not isinstance(shard_size, (int, np.integer)) or shard_size < 1:
     raise DataError(f"{names['shard_size']} must be a positive integer, got {shard_size!r}")

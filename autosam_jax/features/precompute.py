@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from autosam_jax.data.errors import DataError
+from autosam_jax.outputs import check_folder, check_output_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,27 +47,6 @@ class PrecomputeOptions:
 # What the options are called where the user gave them: on precompute's command line, or in a sweep config.
 OPTION_NAMES = {"batch_size": "--batch-size", "shard_size": "--shard-size", "views": "--views", "out": "--out",
                 "tfds_dir": "--tfds-dir"}
-
-
-def check_folder(path: str | os.PathLike, option: str) -> Path:
-  """A folder a command writes into (and may create): a file at `path`, or at the nearest existing folder above it,
-  is one error line before any work, rather than a traceback at the first write."""
-  path = Path(path).expanduser()
-  if path.exists() and not path.is_dir():
-    raise DataError(f"{path}: exists and is a file, not a folder; choose another {option}")
-  for parent in path.absolute().parents:
-    if parent.exists():
-      if not parent.is_dir():
-        raise DataError(f"{parent}: is a file, not a folder; choose another {option}")
-      break
-  return path
-
-
-def check_output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
-  """An output folder (--out): as `check_folder`, and not a symbolic link (see autosam_jax.outputs)."""
-  from autosam_jax.outputs import check_output_path
-
-  return check_folder(check_output_path(path, option), option)
 
 
 def _text(value: Any) -> str:
@@ -270,7 +250,7 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
   names = {**OPTION_NAMES, **(option_names or {})}
   check_options(options, names)
   source_dir, weights_dir = Path(source_dir), Path(weights_dir)
-  out_dir = check_output_folder(out_dir, names["out"])
+  out_dir = check_output_path(out_dir, names["out"])
   check_folder(tfds_dir, names["tfds_dir"])
   config = read_config(weights_dir)
   preprocess_config = PreprocessConfig(mode=options.mode, encoder_size=config.image_size,
@@ -412,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
                               batch_size=args.batch_size, seed=args.seed, shard_size=args.shard_size)
   try:
     check_options(options)
-    check_output_folder(args.out)
+    check_output_path(args.out)
     check_folder(args.tfds_dir, "--tfds-dir")
     view_patients = None
     if args.splits is not None:

@@ -321,9 +321,9 @@ def pretrain_simclr(config: SimclrConfig, cache_dir: str | os.PathLike, out_dir:
   """
   import contextlib
 
-  from autosam_jax.features.precompute import check_output_folder
+  from autosam_jax.outputs import check_output_path
 
-  out_dir = check_output_folder(out_dir)
+  out_dir = check_output_path(out_dir)
   with contextlib.ExitStack() as stack:  # holds OUT's lock, once taken, to the end
     return _pretrain_simclr(config, cache_dir, out_dir, patients, progress=progress,
                             stop_after_steps=stop_after_steps, stack=stack)
