@@ -172,6 +172,10 @@ def draw_overlays(out: Path, records: list[dict[str, Any]], tr_size: int,
   return written
 
 
+# What the demo writes into OUT beside the sweep's own files
+DEMO_FILES = ("data", "weights", "demo_config.json", "overlays")
+
+
 def demo(out: Path, checkpoint: Path | None = None, epochs: int | None = None, progress: bool = True,
          seed: int = 0, mode: str = "improved") -> dict[str, Any]:
   from autosam_jax.atomic import atomic_write_json
@@ -184,6 +188,12 @@ def demo(out: Path, checkpoint: Path | None = None, epochs: int | None = None, p
   if checkpoint is not None and not Path(checkpoint).exists():
     raise DataError(f"{checkpoint}: SAM checkpoint not found")
   out = Path(out)
+  if out.is_dir() and not (out / "demo_config.json").is_file():
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_FILES and not p.name.startswith("."))
+    if foreign:
+      shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+      raise DataError(f"{out}: is not empty ({shown}) and holds no demo (no demo_config.json); choose a new or empty "
+                      "--out")
   out.mkdir(parents=True, exist_ok=True)
   # Cells of one method share their compiled steps (same shapes): compiled once, then read from this cache.
   jax.config.update("jax_compilation_cache_dir", str((out / ".jax-cache").absolute()))
@@ -196,7 +206,7 @@ def demo(out: Path, checkpoint: Path | None = None, epochs: int | None = None, p
   values = sweep_config(out, checkpoint, epochs, mode)
   atomic_write_json(out / "demo_config.json", values)
   config = SweepConfig.from_dict(values, source=str(out / "demo_config.json"))
-  result = Sweep(config, out, progress=progress).run()
+  result = Sweep(config, out, progress=progress, callers_files=DEMO_FILES).run()
   overlays = draw_overlays(out, result["results"]["cells"], max(config.tr_sizes), result["results"]["labels"])
   return {**result, "overlays": overlays, "seconds": time.perf_counter() - started}
 

@@ -363,8 +363,11 @@ def _summary_figures(report: dict[str, Any]) -> dict[str, Any]:
 class Sweep:
   """Runs the cells of a config in OUT, skipping finished ones."""
 
-  def __init__(self, config: SweepConfig, out: Path, progress: bool = True):
+  def __init__(self, config: SweepConfig, out: Path, progress: bool = True, callers_files: tuple[str, ...] = ()):
+    """`callers_files`: names in OUT that the caller wrote there (the demo's data and config), so a new sweep
+    accepts them rather than refusing OUT as a folder of other files."""
     self.config, self.out, self.progress = config, Path(out), progress
+    self.callers_files = set(callers_files)
     self.tfds_dir = Path(config.tfds_dir).expanduser() if config.tfds_dir else self.out / "tfds"
     self._checked_caches: set[str] = set()
     self._volumes = None  # load_volumes(data, tfds_dir), read once for every cell's evaluation
@@ -403,7 +406,8 @@ class Sweep:
         raise DataError(f"{config_file}: this sweep was run with other settings ({', '.join(changed)}); finished "
                         "cells would not be comparable; use another --out")
     elif self.out.is_dir():
-      foreign = sorted(p.name for p in self.out.iterdir() if not p.name.startswith("."))
+      foreign = sorted(p.name for p in self.out.iterdir()
+                       if not p.name.startswith(".") and p.name not in self.callers_files)
       if foreign:
         shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
         raise DataError(f"{self.out}: is not empty ({shown}) and holds no sweep (no sweep_config.json); choose a new "

@@ -642,10 +642,18 @@ def missing_checkpoint_to_demo(world, tmp_path):
                  [tmp_path / "demo"], ("not found",))
 
 
+def users_folder_to_demo(world, tmp_path):
+  out = tmp_path / "mine"
+  out.mkdir()
+  (out / "notes.txt").write_text("the user's notes\n")
+  return Refusal(["demo", "--out", out, "--no-progress"], str(out), [out], ("is not empty (notes.txt)",))
+
+
 DATA_CASES = {f.__name__.replace("_", "-"): f for f in (
     cache_of_other_weights_to_evaluate, cache_missing_a_shard_file_to_train, cache_missing_a_shard_file_to_evaluate,
     incomplete_cache_to_train, sam_feature_cache_to_pretrain_simclr, shard_size_zero_to_precompute,
-    batch_size_zero_to_precompute, output_path_is_a_file_to_synth_acdc, missing_checkpoint_to_demo)}
+    batch_size_zero_to_precompute, output_path_is_a_file_to_synth_acdc, missing_checkpoint_to_demo,
+    users_folder_to_demo)}
 
 
 @pytest.fixture
