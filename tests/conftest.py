@@ -82,3 +82,17 @@ def pytest_sessionfinish(session, exitstatus):
   cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
   if os.path.basename(cache).startswith("autosam-jax-test-jit-cache-"):
     shutil.rmtree(cache, ignore_errors=True)
+
+
+@pytest.fixture
+def kill_at(monkeypatch):
+  """`kill_at("train.step:3", "INT")`: arms a kill point (autosam_jax.faults) in this process, with the signal
+  it sends (INT raises KeyboardInterrupt where it is hit, as a Ctrl-C would), counting hits afresh."""
+  from autosam_jax import faults
+
+  def arm(point: str, signal_name: str = "INT"):
+    monkeypatch.setenv(faults.ENV, point)
+    monkeypatch.setenv(faults.SIGNAL_ENV, signal_name)
+    faults._hits.clear()
+  yield arm
+  faults._hits.clear()

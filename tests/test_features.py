@@ -122,19 +122,6 @@ def _listing(folder):
   return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
 
 
-@pytest.fixture
-def kill_at(monkeypatch):
-  """Sets AUTOSAM_JAX_KILL_AT (and the signal) for this process, counting hits afresh."""
-  from autosam_jax import faults
-
-  def arm(point: str, signal_name: str = "INT"):
-    monkeypatch.setenv(faults.ENV, point)
-    monkeypatch.setenv(faults.SIGNAL_ENV, signal_name)
-    faults._hits.clear()
-  yield arm
-  faults._hits.clear()
-
-
 def test_kill_and_resume_gives_the_same_cache(reference_cache, inputs, split_file, tmp_path):
   """Killed (SIGKILL) right after its second shard is whole: exactly those two shards are kept, and the rerun
   computes the others and nothing more."""

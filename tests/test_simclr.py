@@ -215,19 +215,6 @@ def test_load_pretrained_encoder_copies_exactly_the_encoder(pretrained):
     load_pretrained_encoder(wider, out / "nowhere")
 
 
-@pytest.fixture
-def kill_at(monkeypatch):
-  """Sets AUTOSAM_JAX_KILL_AT (and the signal) for this process, counting hits afresh."""
-  from autosam_jax import faults
-
-  def arm(point: str, signal_name: str = "INT"):
-    monkeypatch.setenv(faults.ENV, point)
-    monkeypatch.setenv(faults.SIGNAL_ENV, signal_name)
-    faults._hits.clear()
-  yield arm
-  faults._hits.clear()
-
-
 def _listing(folder):
   """Every file under `folder` with its size and modification time: what a refused command must leave as it was."""
   return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}

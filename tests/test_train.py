@@ -185,19 +185,6 @@ def test_train_command(setup, tmp_path, capsys):
 # Reliability: interruptions at chosen points, damaged checkpoints, run identity, one process per run folder
 
 
-@pytest.fixture
-def kill_at(monkeypatch):
-  """Sets AUTOSAM_JAX_KILL_AT (and the signal) for this process, counting hits afresh."""
-  from autosam_jax import faults
-
-  def arm(point: str, signal_name: str = "INT"):
-    monkeypatch.setenv(faults.ENV, point)
-    monkeypatch.setenv(faults.SIGNAL_ENV, signal_name)
-    faults._hits.clear()
-  yield arm
-  faults._hits.clear()
-
-
 def _assert_same_run(out, reference):
   assert _losses(out) == _losses(reference)
   for a, b in zip(_final_params(reference), _final_params(out), strict=True):
