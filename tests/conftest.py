@@ -96,3 +96,21 @@ def kill_at(monkeypatch):
     faults._hits.clear()
   yield arm
   faults._hits.clear()
+
+
+def assert_refused_while_in_use(capsys, folder, argv) -> None:
+  """`autosam-jax ARGV` while another process holds FOLDER's lock (a lock is per open file, so one this process
+  holds counts as another's): one line naming the holder, exit code 2, every file under FOLDER left as it was."""
+  from autosam_jax.cli import main
+  from autosam_jax.outputs import OutputLock
+
+  listing = lambda: {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+                     for p in sorted(folder.rglob("*"))}
+  capsys.readouterr()
+  with OutputLock(folder):
+    before = listing()
+    assert main([str(a) for a in argv]) == 2
+    assert listing() == before
+  assert capsys.readouterr().err.strip().splitlines() == [
+      f"error: {folder}: in use by another process (pid {os.getpid()}); wait for it to finish, or choose another "
+      "output folder"]

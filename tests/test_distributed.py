@@ -119,7 +119,7 @@ def runs(tiny_weights, tmp_path_factory):
   from flax import nnx
 
   from autosam_jax.models.loading import load_sam
-  from autosam_jax.train.command import load_config, run_inputs
+  from autosam_jax.train.command import load_config
   from autosam_jax.train.loop import build_model, save_model
 
   root = tmp_path_factory.mktemp("distributed")

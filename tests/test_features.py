@@ -13,6 +13,7 @@ import pytest
 from autosam_jax.data.errors import DataError
 from autosam_jax.features.cache import FeatureCache
 from autosam_jax.features.precompute import PrecomputeOptions, precompute
+from tests.conftest import assert_refused_while_in_use
 
 OPTIONS = PrecomputeOptions(mode="faithful", views=1, dtype="float32", batch_size=4, seed=3, shard_size=8)
 
@@ -155,18 +156,7 @@ def test_kill_and_resume_gives_the_same_cache(reference_cache, inputs, split_fil
 def test_a_cache_in_use_is_refused_and_left_as_it_is(reference_cache, inputs, split_file, capsys):
   """A second precompute into a cache another process writes (a lock is per open file, so a lock this process holds
   counts as another's): one line naming the holder, exit code 2, nothing changed."""
-  from autosam_jax.cli import main
-  from autosam_jax.outputs import OutputLock
-
-  out = reference_cache[0]
-  capsys.readouterr()
-  with OutputLock(out):
-    before = _listing(out)
-    assert main(_command(inputs, out)[3:]) == 2
-    assert _listing(out) == before
-  assert capsys.readouterr().err.strip().splitlines() == [
-      f"error: {out}: in use by another process (pid {os.getpid()}); wait for it to finish, or choose another "
-      "output folder"]
+  assert_refused_while_in_use(capsys, reference_cache[0], _command(inputs, reference_cache[0])[3:])
 
 
 def test_image_cache_interrupted_after_a_shard_resumes_and_refuses_a_second_writer(inputs, tmp_path, capsys,
@@ -175,7 +165,6 @@ def test_image_cache_interrupted_after_a_shard_resumes_and_refuses_a_second_writ
   in use is refused and changes nothing; the rerun finishes it equal to an uninterrupted cache."""
   from autosam_jax.cli import main
   from autosam_jax.features.images import write_image_cache
-  from autosam_jax.outputs import OutputLock
 
   small = {"shard_size": 8, "slice_size": 32, "spacing": 8.0}
   reference = tmp_path / "reference"
@@ -189,14 +178,7 @@ def test_image_cache_interrupted_after_a_shard_resumes_and_refuses_a_second_writ
   assert not list(out.glob("shards/.*"))
   argv = ["image-cache", "--data", str(inputs["data"]), "--tfds-dir", str(inputs["tfds"]), "--out", str(out),
           "--shard-size", "8", "--slice-size", "32", "--spacing", "8.0"]
-  capsys.readouterr()
-  with OutputLock(out):
-    before = _listing(out)
-    assert main(argv) == 2
-    assert _listing(out) == before
-  assert capsys.readouterr().err.strip().splitlines() == [
-      f"error: {out}: in use by another process (pid {os.getpid()}); wait for it to finish, or choose another "
-      "output folder"]
+  assert_refused_while_in_use(capsys, out, argv)
   assert main(argv) == 0
   _, expected = _all(reference)
   _, got = _all(out)

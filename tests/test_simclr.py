@@ -3,7 +3,6 @@ resumption after an interruption, the run folder's record of its inputs and lock
 
 import argparse
 import json
-import os
 import re
 import runpy
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 
 from autosam_jax.data.errors import DataError
 from autosam_jax.train.simclr import SimclrConfig
+from tests.conftest import assert_refused_while_in_use
 
 # A narrow UNet (the official width is 64) and one patient (14 slices: 3 full batches of 4 and one padded with two
 # empty rows), so two epochs on CPU stay fast.
@@ -274,21 +274,13 @@ def test_a_run_folder_in_use_is_refused_and_left_as_it_is(pretrained, image_cach
   process holds counts as another's): one line naming the holder, exit code 2, nothing changed."""
   from autosam_jax.cli import main
   from autosam_jax.data.splits import Split
-  from autosam_jax.outputs import OutputLock
 
   out, _ = pretrained
   Split(name="s", seed=0, train=tuple(PATIENTS), val=(), test=("patient003",)).to_json(tmp_path / "split.json")
   argv = ["pretrain-simclr", "--cache", str(image_cache), "--splits", str(tmp_path / "split.json"), "--out", str(out),
           "--no-progress", *(f"--set={name}={getattr(CONFIG, name)!r}" for name in ("epochs", "batch_size",
                                                                                   "unet_base_channels"))]
-  capsys.readouterr()
-  with OutputLock(out):
-    before = _listing(out)
-    assert main(argv) == 2
-    assert _listing(out) == before
-  assert capsys.readouterr().err.strip().splitlines() == [
-      f"error: {out}: in use by another process (pid {os.getpid()}); wait for it to finish, or choose another "
-      "output folder"]
+  assert_refused_while_in_use(capsys, out, argv)
   assert main(argv) == 0  # the same command, the folder free: the finished run is recognised as this one
   assert "8 steps" in capsys.readouterr().out
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from autosam_jax.data.errors import DataError
-from tests.conftest import TINY_CONFIGS
+from tests.conftest import TINY_CONFIGS, assert_refused_while_in_use
 
 NAME = "dim64-win5-pad"
 METHODS = ["linear", "unet", "zero_shot_box"]
@@ -55,7 +55,6 @@ def _listing(folder: Path) -> dict[str, tuple[int, int]]:
 def test_sweep_killed_after_a_cell_resumes_without_redoing_it(setup, capsys):
   from autosam_jax import faults
   from autosam_jax.cli import main
-  from autosam_jax.outputs import OutputLock
 
   root, config = setup
   out = root / "out"
@@ -82,13 +81,7 @@ def test_sweep_killed_after_a_cell_resumes_without_redoing_it(setup, capsys):
 
   # Another sweep while one writes the folder (a lock is per open file, so one this process holds counts as
   # another's): one line naming the holder, exit code 2, nothing changed.
-  with OutputLock(out):
-    before = _listing(out)
-    assert main(_sweep_command(config, out)[3:]) == 2
-    assert _listing(out) == before
-  assert capsys.readouterr().err.strip().splitlines() == [
-      f"error: {out}: in use by another process (pid {os.getpid()}); wait for it to finish, or choose another "
-      "output folder"]
+  assert_refused_while_in_use(capsys, out, _sweep_command(config, out)[3:])
 
   results = json.loads((out / "results.json").read_text())
   assert results["finished"] == results["total"] == 5  # linear x 2, unet x 2, zero-shot x 1

@@ -4,14 +4,13 @@ output folder)."""
 
 import argparse
 import json
-import os
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 from autosam_jax.evaluation import zero_shot as zs
-from tests.conftest import TINY_CONFIGS
+from tests.conftest import TINY_CONFIGS, assert_refused_while_in_use
 
 NAME = "dim64-win5-pad"
 SIZE = TINY_CONFIGS[NAME].image_size
@@ -335,15 +334,7 @@ def test_command_refuses_bad_inputs_and_writes_nothing(root, tiny_weights, tmp_p
 def test_command_refuses_a_folder_in_use_and_changes_nothing(root, tiny_weights, tmp_path, capsys):
   """Another zero-shot while the folder is in use (a lock is per open file, so one this process holds counts as
   another's): one line naming the holder, exit code 2, nothing written."""
-  from autosam_jax.outputs import OutputLock
-
   out = tmp_path / "out"
-  capsys.readouterr()
-  with OutputLock(out):
-    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*")}
-    assert _main(_args(root, tiny_weights, out)) == 2
-    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*")} == before
-  assert list(before) == [".lock"]
-  assert capsys.readouterr().err.strip().splitlines() == [
-      f"error: {out}: in use by another process (pid {os.getpid()}); wait for it to finish, or choose another "
-      "output folder"]
+  out.mkdir()
+  assert_refused_while_in_use(capsys, out, ["zero-shot", *_args(root, tiny_weights, out)])
+  assert [p.name for p in out.iterdir()] == [".lock"]  # nothing written beside the lock the test took

@@ -21,7 +21,6 @@ import argparse
 import concurrent.futures
 import dataclasses
 import json
-import os
 import sys
 import time
 import zlib
