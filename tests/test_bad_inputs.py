@@ -804,6 +804,16 @@ def bool_for_epochs_to_train(world, tmp_path):
                  ("must be int",))
 
 
+def negative_checkpoint_every_steps_to_train(world, tmp_path):
+  return Refusal(_train(world, tmp_path / "run", extra=("--set", "checkpoint_every_steps=-1")),
+                 "checkpoint_every_steps", [tmp_path / "run"], ("0 or more",))
+
+
+def int_for_a_bool_to_train(world, tmp_path):
+  return Refusal(_train(world, tmp_path / "run", extra=("--set", "joint=1")), "joint", [tmp_path / "run"],
+                 ("must be bool",))
+
+
 def huge_batch_size_to_train(world, tmp_path):
   return Refusal(_train(world, tmp_path / "run", extra=("--set", "batch_size=100000000")), "batch size 100000000",
                  [tmp_path / "run"], ("of memory",))
@@ -822,7 +832,8 @@ RELIABILITY_CASES = {f.__name__.replace("_", "-"): f for f in (
     model_with_a_changed_config_to_predict, out_is_a_file_to_train, out_is_a_file_to_evaluate,
     output_is_a_file_to_predict, out_is_a_users_folder_to_train, linear_head_on_an_image_cache_to_train,
     unet_on_a_feature_cache_to_train, negative_seed_to_train, negative_learning_rate_to_train,
-    unknown_scheduler_to_train, bool_for_epochs_to_train, huge_batch_size_to_train, run_of_other_inputs_to_train)}
+    unknown_scheduler_to_train, bool_for_epochs_to_train, negative_checkpoint_every_steps_to_train,
+    int_for_a_bool_to_train, huge_batch_size_to_train, run_of_other_inputs_to_train)}
 
 
 @pytest.mark.parametrize("case", list(RELIABILITY_CASES))

@@ -302,21 +302,6 @@ def test_one_process_per_run_folder_and_no_foreign_folders(setup, tmp_path, caps
   assert "exists and is a file, not a folder" in capsys.readouterr().err and a_file.read_text() == "x"
 
 
-@pytest.mark.parametrize("option, message", [
-    ("epochs=True", "epochs must be int"), ("learning_rate=-1", "learning_rate must be a positive number"),
-    ("seed=-1", "seed must be 0 or more"), ("checkpoint_every_steps=-1", "checkpoint_every_steps must be 0 or more"),
-    ("scheduler='cosine'", "scheduler must be one of"), ("joint=1", "joint must be bool"),
-    ("batch_size=10000000", "batch size 10000000: needs about")])
-def test_bad_training_options_are_one_line(setup, tmp_path, capsys, option, message):
-  from autosam_jax.cli import main
-
-  out = tmp_path / "run"
-  assert main(_command(setup, out, "--set", option)) == 2
-  lines = capsys.readouterr().err.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
-  assert not (out / "run.json").exists() and not (out / "checkpoints").exists()
-
-
 def test_saved_model_with_flipped_bytes_is_refused(setup, uninterrupted, tmp_path):
   import shutil
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from autosam_jax.atomic import remove_stale_staging, write_dir
 from autosam_jax.checksums import write_checksums
+from autosam_jax.outputs import file_digest
 from autosam_jax.faults import kill_point
 from autosam_jax.models.config import PRESETS, SamConfig, infer_config
 from weights_conversion.tables import LAYOUTS, TABLES, hf_mlp_layer_names
@@ -291,9 +292,11 @@ def nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
 
 
 def _sha256(path: Path) -> str:
+  """The source's SHA-256: the file's, or for a Hugging Face folder that of its safetensors files read in order."""
+  if not path.is_dir():
+    return file_digest(path)
   digest = hashlib.sha256()
-  files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-  for file in files:
+  for file in sorted(path.glob("*.safetensors")):
     with open(file, "rb") as f:
       for chunk in iter(lambda: f.read(1 << 22), b""):
         digest.update(chunk)

@@ -16,7 +16,6 @@ augmented copies of labeled training slices.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import json
 import os
@@ -28,7 +27,7 @@ import numpy as np
 
 from autosam_jax.atomic import atomic_write_bytes, atomic_write_json
 from autosam_jax.data.errors import DataError
-from autosam_jax.outputs import LOCK_NAME
+from autosam_jax.outputs import LOCK_NAME, file_digest
 
 FORMAT = "autosam-jax/feature-cache"
 VERSION = 1
@@ -41,14 +40,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
   buffer = io.BytesIO()
   np.save(buffer, array, allow_pickle=False)
   return buffer.getvalue()
-
-
-def _sha256(path: Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 22), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
 
 
 _HEX = frozenset("0123456789abcdef")
@@ -213,7 +204,7 @@ class CacheWriter:
     for part, array in zip(_PARTS, (stored, targets.astype(np.uint8), valid.astype(bool))):
       path = self.shard_dir / f"{shard:05d}.{part}.npy"
       atomic_write_bytes(path, _npy_bytes(np.ascontiguousarray(array)))
-      digests[part] = _sha256(path)
+      digests[part] = file_digest(path)
     atomic_write_json(self.shard_dir / f"{shard:05d}.done", digests)
 
   def finalize(self) -> None:
@@ -279,7 +270,7 @@ class FeatureCache:
         path = shard_dir / f"{shard:05d}.{part}.npy"
         if not path.is_file():
           raise DataError(f"{path}: missing; the cache is damaged, rerun precompute into a new directory")
-        if self._verify and _sha256(path) != digests[part]:
+        if self._verify and file_digest(path) != digests[part]:
           raise DataError(f"{path}: contents do not match the checksum recorded when it was written; the cache is "
                           "corrupted, rerun precompute into a new directory")
         try:

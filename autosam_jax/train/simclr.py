@@ -375,11 +375,7 @@ def _pretrain_simclr(config, cache_dir, out_dir, patients, *, progress, stop_aft
   metrics_file = out_dir / "metrics.jsonl"
   if checkpoints.latest_step() is not None:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    state, meta = checkpoints.restore(abstract)
-    if meta["config"] != config.to_dict() or meta["patients"] != patients:
-      checkpoints.close()
-      raise DataError(f"{out_dir}: holds a SimCLR run with another configuration or other patients; choose another "
-                      "--out")
+    state, meta = checkpoints.restore(abstract, required=("epoch", "step"))  # run.json has matched the inputs
     start_epoch = meta["epoch"]
     # Rows the killed run wrote after its checkpoint are dropped, so the file matches an uninterrupted run.
     if metrics_file.exists():
