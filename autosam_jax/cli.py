@@ -1,4 +1,5 @@
-"""The `autosam-jax` command. Subcommands import their heavy dependencies only when they run."""
+"""The `autosam-jax` command: a registry of the modules in `autosam_jax/commands/`, each imported only when its
+command runs (or its help is asked for), so `autosam-jax --help` loads no JAX."""
 
 from __future__ import annotations
 
@@ -6,33 +7,26 @@ import argparse
 import importlib
 import sys
 
-# name -> (module with add_arguments/run and optionally DESCRIPTION, one-line help)
-COMMANDS = {
-    "convert": ("weights_conversion.cli", "convert Meta or Hugging Face SAM weights to a Flax checkpoint"),
-    "parity-demo": ("experiments.parity_demo", "convert a random SAM checkpoint and print parity with Meta's code"),
-    "synth-acdc": ("autosam_jax.data.synthetic", "write synthetic cardiac MRI phantoms in ACDC's file layout"),
-    "validate": ("autosam_jax.data.validate", "check an ACDC or nnU-Net NIfTI folder for broken or mismatched files"),
-    "build-dataset": ("autosam_jax.data.build", "build a TFDS dataset of 2D slices from ACDC or nnU-Net folders"),
-    "make-splits": ("autosam_jax.data.splits", "write seeded patient-level splits (official or cross-validation)"),
-    "precompute": ("autosam_jax.features.precompute", "encode every slice once with the frozen SAM encoder into a cache"),
-    "image-cache": ("autosam_jax.features.images", "write the model images of every slice, for the UNet baseline"),
-    "pretrain-simclr": ("autosam_jax.train.simclr", "SimCLR pretraining of the UNet encoder on unlabeled slices"),
-    "train": ("autosam_jax.train.command", "train a prompt-free head on cached embeddings"),
-    "evaluate": ("autosam_jax.evaluation.evaluate", "score a trained head on a split's test patients (Dice, HD95)"),
-    "predict": ("autosam_jax.evaluation.predict", "segment NIfTI images with a trained head"),
-    "zero-shot": ("autosam_jax.evaluation.zero_shot", "score SAM itself, prompted from the ground truth (box or point)"),
-    "sweep": ("experiments.label_efficiency", "the label-efficiency experiment: every method x encoder x tr_size x fold"),
-    "demo": ("experiments.demo", "the whole pipeline on synthetic phantoms with a small SAM, in minutes on a CPU"),
-}
+from autosam_jax.commands import COMMANDS
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen(argv: list[str]) -> str | None:
+  """The command named in `argv` (its first word that is not an option), if it is a known one."""
+  word = next((a for a in argv if not a.startswith("-")), None)
+  return word if word in COMMANDS else None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+  """The parser; only the command `argv` names (every command when `argv` is None) gets its arguments."""
   parser = argparse.ArgumentParser(prog="autosam-jax", description="SAM adaptation for medical images in JAX/Flax.")
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  chosen = None if argv is None else _chosen(argv)
   for name, (module_name, help_text) in COMMANDS.items():
-    module = importlib.import_module(module_name)
-    description = getattr(module, "DESCRIPTION", None) or (module.__doc__ or help_text)
-    sub = commands.add_parser(name, help=help_text, description=description,
+    if argv is not None and name != chosen:
+      commands.add_parser(name, help=help_text)
+      continue
+    module = importlib.import_module(f"autosam_jax.commands.{module_name}")
+    sub = commands.add_parser(name, help=help_text, description=module.DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(sub)
     sub.set_defaults(run=module.run)
@@ -40,9 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Runs one command; returns its exit code (the errors of `autosam_jax.errors` as one line, see `faults`)."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = build_parser(argv).parse_args(argv)
   from autosam_jax.faults import run_command
 
-  args = build_parser().parse_args(argv)
   return run_command(args.run, args)
 
 

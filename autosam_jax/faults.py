@@ -16,6 +16,8 @@ import os
 import re
 import signal
 
+from autosam_jax.errors import DISK_FULL_EXIT, AutosamError
+
 ENV = "AUTOSAM_JAX_KILL_AT"
 SIGNAL_ENV = "AUTOSAM_JAX_KILL_SIGNAL"
 _hits: dict[str, int] = {}
@@ -75,7 +77,6 @@ def disk_full(err: BaseException) -> str | None:
   return None
 
 
-DISK_FULL_EXIT = 4
 _quiet = False  # run_command's log filters are installed
 
 
@@ -112,7 +113,8 @@ def restore_or_raise(restore, error):
 
 
 def run_command(run, args) -> int:
-  """`run(args)`, with a full disk reported as one line and exit code 4 instead of a traceback.
+  """`run(args)`, with every error of `autosam_jax.errors` printed as `error: <message>` and its exit code returned,
+  SIGINT/SIGTERM as one line (exit 130/143) and a full disk as one line (exit 4), never a traceback.
 
   When a write fails, orbax logs the tensorstore error (which the one line repeats), asyncio logs each failed write
   task, and orbax's other pending writes finish against a closed event loop, each printing an "Event loop is closed"
@@ -142,6 +144,9 @@ def run_command(run, args) -> int:
       handlers[signum] = signal.signal(signum, _raise_interrupted)
   try:
     return run(args)
+  except AutosamError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return err.exit_code
   except KeyboardInterrupt as err:
     signum = getattr(err, "signum", signal.SIGINT)
     print(f"error: {signal.Signals(signum).name}: {INTERRUPT_TEXT}", file=sys.stderr)

@@ -8,35 +8,26 @@ read the cluster's own variables. Every process must see the same files (a share
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  group = parser.add_argument_group("multi-process (jax.distributed)")
-  group.add_argument("--coordinator", help="host:port of process 0 (or JAX_COORDINATOR_ADDRESS)")
-  group.add_argument("--num-processes", type=int, help="number of processes (or JAX_NUM_PROCESSES)")
-  group.add_argument("--process-id", type=int, help="this process's id, 0..N-1 (or JAX_PROCESS_ID)")
-  group.add_argument("--distributed", choices=["off", "auto"], default="off",
-                     help="auto: let JAX detect SLURM or a TPU VM and initialise from its variables")
-
-
-def initialize(args: argparse.Namespace) -> None:
-  """Starts jax.distributed when flags or environment ask for it; must run before any JAX computation."""
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+               auto: bool = False) -> None:
+  """Starts jax.distributed when the arguments or JAX's environment variables ask for it; must run before any JAX
+  computation. `auto` lets JAX read a SLURM or TPU VM's own variables."""
   import jax
 
   if jax.distributed.is_initialized():  # several commands run in one process (tests, scripts)
     return
-  coordinator = getattr(args, "coordinator", None) or os.environ.get("JAX_COORDINATOR_ADDRESS")
-  if getattr(args, "distributed", "off") == "auto":
+  if auto:
     jax.distributed.initialize()
     return
+  coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if not coordinator:
     return
-  num_processes = getattr(args, "num_processes", None) or int(os.environ["JAX_NUM_PROCESSES"])
-  process_id = getattr(args, "process_id", None)
+  num_processes = num_processes or int(os.environ["JAX_NUM_PROCESSES"])
   if process_id is None:
     process_id = int(os.environ["JAX_PROCESS_ID"])
   if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):

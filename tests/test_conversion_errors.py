@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY_CONFIGS
-from weights_conversion.cli import main as convert_main
+from autosam_jax.cli import main
 
 NAME = "dim64-win5-pad"
 
@@ -20,7 +20,7 @@ def good_checkpoint(meta_checkpoints):
 
 
 def _run(capsys, *argv):
-  code = convert_main([str(a) for a in argv])
+  code = main(["convert", *(str(a) for a in argv)])
   err = capsys.readouterr().err.strip()
   return code, err
 

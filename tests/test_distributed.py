@@ -38,7 +38,7 @@ if a["stop_at"]:
   from flax import nnx
   from autosam_jax.data.splits import load_splits
   from autosam_jax.models.loading import load_sam
-  from autosam_jax.train.command import load_config, run_inputs
+  from autosam_jax.train.runs import load_config, run_inputs
   from autosam_jax.train.loop import build_model, train as train_loop
   config = load_config(Path(a["config"]), a["sets"])
   split = load_splits(Path(a["splits"]))[0]
@@ -119,7 +119,7 @@ def runs(tiny_weights, tmp_path_factory):
   from flax import nnx
 
   from autosam_jax.models.loading import load_sam
-  from autosam_jax.train.command import load_config
+  from autosam_jax.train.runs import load_config
   from autosam_jax.train.loop import build_model, save_model
 
   root = tmp_path_factory.mktemp("distributed")

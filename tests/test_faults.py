@@ -65,9 +65,9 @@ def assert_same_conversion(a: dict, b: dict) -> None:
 def conversion(meta_checkpoints, tmp_path_factory):
   _, checkpoint = meta_checkpoints(NAME, TINY_CONFIGS[NAME])
   root = tmp_path_factory.mktemp("conversion")
-  from weights_conversion.cli import main
+  from autosam_jax.cli import main
 
-  assert main([str(checkpoint), str(root / "reference")]) == 0
+  assert main(["convert", str(checkpoint), str(root / "reference")]) == 0
   return {"checkpoint": checkpoint, "reference": converted(root / "reference")}
 
 

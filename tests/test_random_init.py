@@ -13,7 +13,7 @@ def test_demo_sam_parameters_cover_the_model_in_its_init_distributions(tmp_path)
 
   from autosam_jax.models.loading import load_sam
   from autosam_jax.models.sam import Sam
-  from experiments.demo import random_sam_params
+  from autosam_jax.experiment.demo import random_sam_params
   from weights_conversion.convert import write_converted
 
   config = TINY_CONFIGS[NAME]

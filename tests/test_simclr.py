@@ -1,7 +1,6 @@
 """SimCLR pretraining: NT-Xent and the schedule against PyTorch, a short run, loading the encoder into a UNet,
 resumption after an interruption, the run folder's record of its inputs and lock, and the command line."""
 
-import argparse
 import json
 import re
 import runpy
@@ -287,26 +286,19 @@ def test_a_run_folder_in_use_is_refused_and_left_as_it_is(pretrained, image_cach
 
 def test_command_line_rejects_a_bad_option_in_one_line(tmp_path, capsys):
   from autosam_jax.data.splits import Split
-  from autosam_jax.train import simclr
+  from autosam_jax.cli import main
 
-  parser = argparse.ArgumentParser(prog="autosam-jax")
-  commands = parser.add_subparsers(dest="command", required=True)
-  sub = commands.add_parser("pretrain-simclr", description=simclr.DESCRIPTION,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-  simclr.add_arguments(sub)
-  sub.set_defaults(run=simclr.run)
   splits = Split(name="s", seed=0, train=("patient001",), val=("patient002",), test=("patient003",))
   splits.to_json(tmp_path / "split.json")
   common = ["pretrain-simclr", "--cache", str(tmp_path / "cache"), "--splits", str(tmp_path / "split.json"),
             "--out", str(tmp_path / "run")]
 
-  args = parser.parse_args(common + ["--set", "temprature=0.1"])
-  assert args.run(args) == 2
+  assert main(common + ["--set", "temprature=0.1"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ") and "temprature" in err[0]
   assert not (tmp_path / "run").exists()
 
-  args = parser.parse_args(common + ["--config", str(EXPERIMENT_CONFIG), "--set", "epochs=2"])
-  assert args.run(args) == 2  # a valid config, but there is no cache: the error names it
+  # a valid config, but there is no cache: the error names it
+  assert main(common + ["--config", str(EXPERIMENT_CONFIG), "--set", "epochs=2"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "manifest.json" in err[0]

@@ -137,7 +137,7 @@ def test_sweep_refuses_a_changed_config_and_bad_options(setup, capsys):
 
 
 def test_improved_methods_need_validation_patients_and_zero_shot_does_not(tmp_path):
-  from experiments.label_efficiency import SweepConfig, prepare_splits
+  from autosam_jax.experiment.sweep import SweepConfig, prepare_splits
 
   patients = [f"patient{i:03d}" for i in range(1, 7)]
   improved = {"data": "acdc", "encoders": {"tiny": "sam.pth"}, "mode": "improved", "tr_sizes": [1], "num_folds": 5}
@@ -165,7 +165,7 @@ def test_improved_methods_need_validation_patients_and_zero_shot_does_not(tmp_pa
 
 @pytest.mark.parametrize("value,stored", [(1, 1), ("2", 2), (0.3, 0.3), ("0.15", 0.15)])
 def test_val_patients_option_of_the_sweep(value, stored):
-  from experiments.label_efficiency import SweepConfig
+  from autosam_jax.experiment.sweep import SweepConfig
 
   config = SweepConfig.from_dict({"data": "acdc", "methods": ["unet"], "val_patients": value}, "c.py")
   assert config.val_patients == stored and type(config.val_patients) is type(stored)

@@ -1,6 +1,5 @@
 """Synthetic ACDC phantoms: ACDC's exact layout, plausible anatomy and geometry, determinism, nnU-Net layout, CLI."""
 
-import argparse
 import json
 import re
 import stat
@@ -174,23 +173,23 @@ def test_nnunet_layout_holds_the_same_phantoms(acdc_dir, tmp_path):
     np.testing.assert_array_equal(np.asanyarray(label.dataobj), np.asanyarray(acdc_frames[frame][1].dataobj))
 
 
-def parse(argv):
-  parser = argparse.ArgumentParser()
-  synthetic.add_arguments(parser)
-  return parser.parse_args(argv)
+def synth_acdc(argv) -> int:
+  from autosam_jax.cli import main
+
+  return main(["synth-acdc", *argv])
 
 
 def test_cli_writes_atomically_and_refuses_a_non_empty_folder(tmp_path, capsys):
   out_dir = tmp_path / "acdc"
   out_dir.mkdir()  # an existing empty folder is fine
-  assert synthetic.run(parse([str(out_dir), "--patients", "1", "--seed", "3"])) == 0
+  assert synth_acdc([str(out_dir), "--patients", "1", "--seed", "3"]) == 0
   summary = capsys.readouterr().out.strip()
   assert "\n" not in summary and "1 synthetic ACDC patients" in summary and str(out_dir) in summary
   assert [p.name for p in out_dir.iterdir()] == ["patient001"]
   assert stat.S_IMODE(out_dir.stat().st_mode) & 0o055  # not left private, as a temporary folder would be
   assert sorted(p.name for p in tmp_path.iterdir()) == ["acdc"]  # no temporary folder left behind
 
-  assert synthetic.run(parse([str(out_dir), "--patients", "1", "--seed", "4", "--nnunet"])) == 2
+  assert synth_acdc([str(out_dir), "--patients", "1", "--seed", "4", "--nnunet"]) == 2
   error = capsys.readouterr().err
   assert error.startswith("error: ") and error.count("\n") == 1 and str(out_dir) in error
   assert [p.name for p in out_dir.iterdir()] == ["patient001"]
@@ -198,7 +197,7 @@ def test_cli_writes_atomically_and_refuses_a_non_empty_folder(tmp_path, capsys):
 
 def test_cli_nnunet(tmp_path, capsys):
   out_dir = tmp_path / "nnunet"
-  assert synthetic.run(parse([str(out_dir), "--patients", "1", "--nnunet"])) == 0
+  assert synth_acdc([str(out_dir), "--patients", "1", "--nnunet"]) == 0
   assert "2 synthetic nnU-Net cases" in capsys.readouterr().out
   assert json.loads((out_dir / "dataset.json").read_text())["numTraining"] == 2
   assert sorted(p.name for p in tmp_path.iterdir()) == ["nnunet"]

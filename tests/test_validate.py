@@ -1,7 +1,6 @@
 """Validation of ACDC and nnU-Net raw datasets: a phantom dataset is copied, broken one way, and must fail with one
 line that names the offending file, and the CLI must exit 2 (0 for the intact dataset)."""
 
-import argparse
 import gzip
 import json
 import shutil
@@ -10,7 +9,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from autosam_jax.data import validate as validate_module
 from autosam_jax.data.errors import DataError
 from autosam_jax.data.nifti import read_label, read_nifti
 from autosam_jax.data.synthetic import save_nifti, write_synthetic_acdc, write_synthetic_nnunet
@@ -59,9 +57,9 @@ def label_of(acdc_dir, patient="patient001", frame_number=1):
 
 
 def run_cli(data_dir, capsys, *extra):
-  parser = argparse.ArgumentParser()
-  validate_module.add_arguments(parser)
-  code = validate_module.run(parser.parse_args([str(data_dir), *extra]))
+  from autosam_jax.cli import main
+
+  code = main(["validate", str(data_dir), *extra])
   return code, capsys.readouterr()
 
 

@@ -2,7 +2,6 @@
 `scripts/inference.py` calls it, the prompts themselves, and the command end to end on phantoms (one at a time per
 output folder)."""
 
-import argparse
 import json
 
 import nibabel as nib
@@ -266,14 +265,9 @@ def test_slice_prompts_and_combination():
 
 
 def _main(argv):
-  """Through `autosam-jax` once the command is registered there, else through this module's own argument parser."""
-  from autosam_jax.cli import COMMANDS, main
+  from autosam_jax.cli import main
 
-  if "zero-shot" in COMMANDS:
-    return main(["zero-shot", *argv])
-  parser = argparse.ArgumentParser(prog="autosam-jax zero-shot")
-  zs.add_arguments(parser)
-  return zs.run(parser.parse_args(argv))
+  return main(["zero-shot", *argv])
 
 
 def _args(root, weights, out, *extra):

@@ -21,16 +21,13 @@ import numpy as np
 
 from autosam_jax.atomic import remove_stale_staging, write_dir
 from autosam_jax.checksums import write_checksums
+from autosam_jax.errors import ConversionError  # noqa: F401 - importable from here too
 from autosam_jax.outputs import file_digest
 from autosam_jax.faults import kill_point
 from autosam_jax.models.config import PRESETS, SamConfig, infer_config
 from weights_conversion.tables import LAYOUTS, TABLES, hf_mlp_layer_names
 
 FORMAT_VERSION = 1
-
-
-class ConversionError(Exception):
-  """A problem with the user's checkpoint or output directory; the message is one line naming the file."""
 
 
 def _short_list(items: list[str], limit: int = 8) -> str:

@@ -126,3 +126,60 @@ def sam_from_torch(torch_sam, encoder_dtype=None, decoder_num_heads: int | None 
   nnx.replace_by_pure_dict(abstract, jax.tree.map(jnp.asarray, nest(params)))
   return nnx.merge(graphdef, abstract)
 
+
+
+def parity_demo(config, model_type: str | None, seed: int, workdir, say=print) -> bool:
+  """Builds Meta's SAM of `config` with random weights, saves it as Meta's files are saved, converts it, runs two
+  prompt cases through both and reports each output's largest difference against its tolerance; True if all hold."""
+  import time
+  from pathlib import Path
+
+  from autosam_jax.models.loading import load_sam
+  from weights_conversion.convert import convert
+  from weights_conversion.meta_reference import build_meta_sam, save_meta_checkpoint
+
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  say(f"architecture: image {config.image_size}, dim {config.encoder_embed_dim}, depth {config.encoder_depth}, "
+      f"heads {config.encoder_num_heads}, window {config.window_size}, "
+      f"global blocks {list(config.encoder_global_attn_indexes)}")
+  start = time.perf_counter()
+  torch_sam = build_meta_sam(config, seed)
+  checkpoint = save_meta_checkpoint(torch_sam, workdir / "sam_random.pth")
+  say(f"saved Meta-format checkpoint {checkpoint} ({checkpoint.stat().st_size / 2**20:.1f} MiB) "
+      f"in {time.perf_counter() - start:.1f}s")
+  start = time.perf_counter()
+  out_dir, inferred = convert(checkpoint, workdir / "converted", model_type=model_type, overwrite=True)
+  say(f"converted to {out_dir} in {time.perf_counter() - start:.1f}s; inferred config "
+      f"{'equals' if inferred == config else 'DIFFERS FROM'} the one built")
+  sam = load_sam(out_dir)
+
+  rng = np.random.default_rng(seed)
+  size = config.image_size
+  cases = [
+      ("3 point sets, multimask", (size, 3 * size // 4), (480, 360),
+       random_prompts(rng, (size, 3 * size // 4), 3, 2, False, None, True)),
+      ("2 boxes + points + mask", (3 * size // 4, size), (300, 400),
+       random_prompts(rng, (3 * size // 4, size), 2, 1, True, 4 * config.image_embedding_size, False)),
+  ]
+  worst: dict[str, float] = {}
+  for title, input_size, original, prompts in cases:
+    image = rng.uniform(0, 255, (*input_size, 3)).astype(np.float32)
+    start = time.perf_counter()
+    reference = meta_outputs(torch_sam, image, original, prompts)
+    torch_time = time.perf_counter() - start
+    start = time.perf_counter()
+    ours = jax_outputs(sam, image, original, prompts)
+    jax_time = time.perf_counter() - start
+    for key, value in max_abs_differences(reference, ours).items():
+      worst[key] = max(worst.get(key, 0.0), value)
+    say(f"case '{title}': PyTorch {torch_time:.1f}s, JAX {jax_time:.1f}s (first call includes compilation)")
+
+  say(f"\n{'output':<20}{'max |ours - Meta|':>20}{'tolerance':>12}  ok")
+  held = True
+  for key, value in worst.items():
+    ok = value <= TOLERANCES[key]
+    held &= ok
+    say(f"{key:<20}{value:>20.3e}{TOLERANCES[key]:>12.0e}  {'yes' if ok else 'NO'}")
+  say(f"\nparity {'holds' if held else 'FAILED'}; files in {workdir}")
+  return held

@@ -1,47 +1,14 @@
-"""`autosam-jax build-dataset`: NIfTI folders -> TFDS array_record datasets of 2D slices."""
+"""NIfTI folders -> TFDS array_record datasets of 2D slices, for either layout."""
 
 from __future__ import annotations
 
-import argparse
-import sys
-from collections import Counter
 from pathlib import Path
-
-DESCRIPTION = """Build a dataset of 2D slices from NIfTI volumes (no TensorFlow needed).
-
-  autosam-jax build-dataset acdc ~/data/ACDC --data-dir ~/tensorflow_datasets
-  autosam-jax build-dataset nnunet nnUNet_raw/Dataset027_ACDC --data-dir ~/tensorflow_datasets
-
-The source folder is validated first; a broken file stops the build with one line naming it and nothing is written.
-A dataset already built from the same files is reused; one built from other files is refused."""
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("kind", choices=["acdc", "nnunet"], help="source layout: ACDC folders or an nnU-Net raw folder")
-  parser.add_argument("source_dir", type=Path, help="ACDC folder (holding training/) or nnU-Net dataset folder")
-  parser.add_argument("--data-dir", type=Path, default=Path("~/tensorflow_datasets"),
-                      help="where TFDS datasets are written (default ~/tensorflow_datasets)")
 
 
 def build(kind: str, source_dir: Path, data_dir: Path):
+  """Builds (or reuses) the TFDS slice dataset of an "acdc" or "nnunet" folder; returns its builder."""
   if kind == "acdc":
     from autosam_jax.data.acdc import build_acdc
     return build_acdc(source_dir, data_dir)
   from autosam_jax.data.nnunet import build_nnunet
   return build_nnunet(source_dir, data_dir)
-
-
-def run(args: argparse.Namespace) -> int:
-  from autosam_jax.data.errors import DataError
-
-  try:
-    builder = build(args.kind, args.source_dir, args.data_dir)
-  except DataError as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  for split, info in builder.info.splits.items():
-    source = builder.as_data_source(split=split)
-    patients = Counter(source[i]["patient_id"] for i in range(len(source)))
-    print(f"{split}: {info.num_examples} slices of {len(patients)} patients")
-  print(f"dataset {builder.info.full_name} in {builder.data_dir}")
-  return 0

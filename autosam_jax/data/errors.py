@@ -1,8 +1,5 @@
-"""The one error type for bad user data."""
+"""DataError, from the one error hierarchy (`autosam_jax.errors`)."""
 
+from autosam_jax.errors import DataError
 
-class DataError(Exception):
-  """A problem with the user's data; the message is one line that names the file and the problem (and the fix).
-
-  Command-line entry points print it as `error: <message>` and exit with code 2.
-  """
+__all__ = ["DataError"]

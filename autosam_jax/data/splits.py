@@ -356,55 +356,6 @@ def cross_validation_splits(patient_ids: Iterable[str], num_folds: int = 5, seed
   return splits
 
 
-DESCRIPTION = """Write patient-level splits of a NIfTI dataset to JSON.
-
-  autosam-jax make-splits ~/data/ACDC --protocol official --seed 0 --out splits/official.json
-  autosam-jax make-splits ~/data/ACDC --protocol cv --folds 5 --seed 0 --out splits/cv5.json
-
-official: one 70/15/15 train/val/test split (the paper's protocol, with the seed recorded).
-cv: K folds whose test parts partition the patients, each with a validation part carved from its training part.
---val-patients sets the validation part (default 0.15 of the patients, at least one where the dataset allows it).
-tr_size k always means the first k patients of a split's seeded training order, so smaller sets nest in larger."""
-
-
-def add_arguments(parser) -> None:
-  from pathlib import Path as _Path
-
-  parser.add_argument("data_dir", type=_Path, help="ACDC or nnU-Net NIfTI folder (its patients are read from it)")
-  parser.add_argument("--protocol", choices=["official", "cv"], default="cv")
-  parser.add_argument("--folds", type=int, default=5, help="folds for --protocol cv (default 5)")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--val-patients", default=str(DEFAULT_VAL_PATIENTS), metavar="COUNT|FRACTION",
-                      help="validation patients: a count (e.g. 1; 0 for none) or a fraction of all patients (e.g. "
-                      "0.15, the default, the official share); a fraction keeps at least one validation patient "
-                      "whenever train and test still keep one each (int(0.15 N) is 0 below 7 patients), because "
-                      "the improved protocol's plateau and best model need validation Dice")
-  parser.add_argument("--out", type=_Path, required=True, help="JSON file to write")
-
-
-def run(args) -> int:
-  import sys
-
-  from autosam_jax.data.validate import validate
-
-  try:
-    val_patients = parse_val_patients(args.val_patients, "--val-patients")  # before reading the dataset
-    check_split_file_path(args.out)
-    patients = validate(args.data_dir).patient_ids
-    if args.protocol == "official":
-      splits = [official_split(patients, args.seed, val_patients)]
-    else:
-      splits = cross_validation_splits(patients, args.folds, args.seed, val_patients)
-    save_splits(splits, args.out)
-  except DataError as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  for split in splits:
-    print(f"{split.name}: train {len(split.train)}, val {len(split.val)}, test {len(split.test)}")
-  print(f"wrote {args.out}")
-  return 0
-
-
 def select_split(path: str | os.PathLike, name: str | None = None) -> Split:
   """The split called `name` in a split file (the first when None); an unknown name is an error listing the names."""
   splits = load_splits(path)
@@ -412,3 +363,20 @@ def select_split(path: str | os.PathLike, name: str | None = None) -> Split:
   if split is None:
     raise DataError(f"{path}: no split named {name!r}; it holds {[s.name for s in splits]}")
   return split
+
+
+def make_splits(data_dir: str | os.PathLike, protocol: str, folds: int, seed: int, val_patients: Any,
+                out: str | os.PathLike) -> list[Split]:
+  """Splits of the patients found in `data_dir` (`protocol` "official" or "cv"), saved to `out`. `val_patients` is
+  a count or a fraction (see `parse_val_patients`); it and `out` are checked before the dataset is read."""
+  from autosam_jax.data.validate import validate
+
+  val_patients = parse_val_patients(val_patients, "--val-patients")
+  check_split_file_path(out)
+  patients = validate(data_dir).patient_ids
+  if protocol == "official":
+    splits = [official_split(patients, seed, val_patients)]
+  else:
+    splits = cross_validation_splits(patients, folds, seed, val_patients)
+  save_splits(splits, out)
+  return splits

@@ -23,13 +23,11 @@ the same seed gives the same bytes.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,9 +39,6 @@ from autosam_jax.atomic import staging_dir
 from autosam_jax.data.errors import DataError
 from autosam_jax.data.validate import ACDC_LABELS
 
-DESCRIPTION = """Write synthetic cardiac cine-MRI phantoms (ED and ES frames with RV/MYO/LV labels) in ACDC's exact
-layout (OUT_DIR/patientNNN/Info.cfg, patientNNN_frameXX.nii.gz, patientNNN_frameXX_gt.nii.gz), or with --nnunet in
-nnU-Net's raw layout. The same seed writes the same files; OUT_DIR appears complete or not at all."""
 
 ACDC_GROUPS = ("DCM", "HCM", "MINF", "NOR", "RV")  # ACDC's order: patients 1-20 DCM, 21-40 HCM, ...
 
@@ -394,35 +389,15 @@ def write_synthetic_nnunet(out_dir: str | Path, num_cases: int, seed: int) -> Pa
   return out_dir
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("out_dir", help="output folder; must not exist or be empty")
-  parser.add_argument("--patients", type=int, default=10, help="number of phantom patients (default 10)")
-  parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same files")
-  parser.add_argument("--nnunet", action="store_true",
-                      help="write nnU-Net's raw layout (dataset.json, imagesTr, labelsTr; one case per ED/ES frame) "
-                      "instead of ACDC's")
-
-
-def run(args: argparse.Namespace) -> int:
-  out_dir = Path(args.out_dir)
-  if not 1 <= args.patients <= 999:
-    print(f"error: --patients {args.patients}: must be between 1 and 999 (ACDC numbers patients with 3 digits)",
-          file=sys.stderr)
-    return 2
-  if args.seed < 0:
-    print(f"error: --seed {args.seed}: must be a non-negative integer", file=sys.stderr)
-    return 2
-  try:
-    if args.nnunet:
-      write_synthetic_nnunet(out_dir, 2 * args.patients, args.seed)
-      print(f"wrote {2 * args.patients} synthetic nnU-Net cases ({args.patients} patients x ED/ES, seed {args.seed}) "
-            f"to {out_dir}")
-    else:
-      with staged_directory(out_dir) as staging:
-        write_synthetic_acdc(staging, args.patients, args.seed)
-      print(f"wrote {args.patients} synthetic ACDC patients (patient001-patient{args.patients:03d}, ED and ES frames "
-            f"with labels, seed {args.seed}) to {out_dir}")
-  except DataError as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  return 0
+def write_phantoms(out_dir: str | Path, num_patients: int, seed: int, nnunet: bool = False) -> None:
+  """`num_patients` phantom patients (ED and ES frames) into the new or empty `out_dir`, in ACDC's layout or in
+  nnU-Net's raw layout (one case per frame); `out_dir` appears complete or not at all."""
+  if isinstance(num_patients, bool) or not 1 <= num_patients <= 999:
+    raise DataError(f"--patients {num_patients}: must be between 1 and 999 (ACDC numbers patients with 3 digits)")
+  if seed < 0:
+    raise DataError(f"--seed {seed}: must be a non-negative integer")
+  if nnunet:
+    write_synthetic_nnunet(out_dir, 2 * num_patients, seed)
+    return
+  with staged_directory(Path(out_dir)) as staging:
+    write_synthetic_acdc(staging, num_patients, seed)

@@ -17,12 +17,10 @@ converted) is taken as a frame of the patient named by the rest of the id; any o
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +30,6 @@ from autosam_jax.data.errors import DataError
 from autosam_jax.data.labels import ACDC_TABLE, LabelTable
 from autosam_jax.data.nifti import NiftiVolume, read_label, read_nifti
 
-DESCRIPTION = """Check an ACDC folder (patientNNN/ or training/patientNNN/) or an nnU-Net raw dataset (dataset.json,
-imagesTr/, labelsTr/): every labeled frame's files, shapes, spacing, orientation, finite voxels and label values.
-Prints a summary and warnings (e.g. constant or outlier-dominated images, duplicated cases); the first problem is one
-line naming the file, and exit code 2."""
 
 ACDC_LABELS = ACDC_TABLE.to_dict()
 SPACING_RELATIVE_TOLERANCE = 1e-3
@@ -427,23 +421,3 @@ def validate(data_dir: str | Path) -> ValidationReport:
     raise DataError(f"{data_dir}: is one ACDC patient's folder; pass the folder that holds it ({data_dir.parent})")
   raise DataError(f"{data_dir}: neither ACDC (patientNNN/ folders, here or in training/) nor nnU-Net raw layout "
                   "(dataset.json, imagesTr/, labelsTr/); point at the dataset's top folder")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("data_dir",
-                      help="ACDC folder (patientNNN/ or training/patientNNN/) or nnU-Net raw dataset folder")
-  parser.add_argument("--layout", choices=("auto", "acdc", "nnunet"), default="auto",
-                      help="dataset layout (default: detect)")
-
-
-def run(args: argparse.Namespace) -> int:
-  check = {"auto": validate, "acdc": validate_acdc, "nnunet": validate_nnunet}[getattr(args, "layout", "auto")]
-  try:
-    report = check(args.data_dir)
-  except DataError as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  print(report.summary())
-  for warning in report.warnings:
-    print(f"warning: {warning}", file=sys.stderr)
-  return 0

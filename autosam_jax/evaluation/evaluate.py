@@ -1,29 +1,12 @@
-"""`autosam-jax evaluate`: Dice and HD95 of a trained head on a split's test patients, under both conventions.
+"""Dice and HD95 of a trained model on a split's test patients, under the official and the standard convention.
 
-  autosam-jax evaluate --model runs/autosam_tr1/final_model --weights weights/vit_b --cache cache/vit_b_faithful \\
-      --data ~/data/ACDC --tfds-dir ~/tensorflow_datasets --splits splits/cv5.json --fold cv5-seed0-fold0 \\
-      --out runs/autosam_tr1/eval
-  autosam-jax evaluate --model runs/unet_tr1/final_model --cache cache/images_faithful --data ~/data/ACDC \\
-      --splits splits/cv5.json --fold cv5-seed0-fold0 --out runs/unet_tr1/eval      (a UNet: its image cache, no SAM)
-
-Every slice of each test patient's cases (ACDC: its ED and ES frames) is predicted from its cached clean embedding
-(view 0), then scored on the dataset's own classes (its label table, which model, cache and data must share)
-  official: the patient's slices (ACDC: ED+ES) stacked into one volume on the target grid (224 x 224 in faithful
-    mode; the valid part of the 256 grid in improved mode) against the cache's targets, HD95 in voxels (the paper's
-    numbers);
-  standard: each frame mapped back to its native grid against the native label volume, HD95 in mm.
-Writes OUT/metrics.json (per patient and frame, both conventions, and their means), OUT/metrics.md (the summary table)
-and OUT/predictions/<case_id>.nii.gz (native-grid label maps in the source file's voxel order, with its affine).
-
-Under jax.distributed (--coordinator/--num-processes/--process-id, or JAX's environment variables) each process
-predicts and scores every P-th test patient on its own first device; process 0 writes metrics.json and metrics.md.
-"""
+Slices are predicted from the cache's clean embeddings (or images, for the UNet), reassembled into volumes, and scored
+over the dataset's own label table; predictions are written as NIfTI on each file's own grid. The conventions and
+the outputs are described with the command: `autosam_jax/commands/evaluate.py`."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +14,6 @@ import numpy as np
 
 from autosam_jax.data.errors import DataError
 from autosam_jax.evaluation.metrics import VolumeResult, evaluate_volume, summarize
-
-DESCRIPTION = __doc__
 
 
 @dataclasses.dataclass
@@ -106,6 +87,8 @@ def evaluate(model_dir: Path, weights_dir: Path | None, cache_dir: Path, source_
 
   from autosam_jax.outputs import check_output_path
 
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise DataError(f"--batch-size must be positive, got {batch_size}")
   check_output_path(out_dir)
   with contextlib.ExitStack() as stack:  # holds OUT's lock, once taken, to the end
     return _evaluate(model_dir, weights_dir, cache_dir, source_dir, tfds_dir, splits_file, out_dir, fold=fold,
@@ -243,40 +226,3 @@ def summary_table(summary: dict[str, Any], class_names: list[str], frames: list[
                  f"mm (MONAI); values undefined for empty masks left out (Dice: {excluded['dice']}, HD95: "
                  f"{excluded['hd95']} class-{unit} values).")
   return "\n".join(lines) + "\n\n" + "\n".join(notes)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--model", type=Path, required=True, help="a run's final_model/ or best_model/ directory")
-  parser.add_argument("--weights", type=Path, help="the converted SAM the model was trained with (not for a UNet)")
-  parser.add_argument("--cache", type=Path, required=True,
-                      help="the feature cache (autosam-jax precompute), or the image cache for a UNet")
-  parser.add_argument("--data", type=Path, required=True, help="the ACDC or nnU-Net folder the cache was built from")
-  parser.add_argument("--tfds-dir", type=Path, default=Path("~/tensorflow_datasets"),
-                      help="where the TFDS slice dataset is built or found (default ~/tensorflow_datasets)")
-  parser.add_argument("--splits", type=Path, required=True, help="split file (autosam-jax make-splits)")
-  parser.add_argument("--fold", help="split name inside the file (default: the first)")
-  parser.add_argument("--out", type=Path, required=True, help="output folder")
-  parser.add_argument("--batch-size", type=int, default=8, help="slices per head call (default 8)")
-  from autosam_jax import parallel
-  parallel.add_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-  from autosam_jax import parallel
-  from autosam_jax.models.loading import CheckpointError
-
-  parallel.initialize(args)
-  try:
-    if args.batch_size < 1:
-      raise DataError(f"--batch-size must be positive, got {args.batch_size}")
-    result = evaluate(args.model, args.weights, args.cache, args.data, args.tfds_dir.expanduser(), args.splits,
-                      args.out, fold=args.fold, batch_size=args.batch_size)
-  except (DataError, CheckpointError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  import jax
-
-  if jax.process_index() == 0:
-    print(result["table"])
-    print(f"wrote {Path(args.out) / 'metrics.json'}, metrics.md and predictions/")
-  return 0

@@ -1,27 +1,18 @@
-"""An image cache: the faithful model images and targets in the feature cache's on-disk format, for the UNet.
+"""An image cache: the faithful model images and targets in the feature cache's format, for the UNet baseline.
 
-  autosam-jax image-cache --data ~/data/ACDC --tfds-dir ~/tensorflow_datasets --out cache/acdc_images_faithful
-
-Each item's "embedding" is the slice's model image (224, 224, 3) float32 in [0, 1] and its "target" the (224, 224)
-label map, so `FeatureCache` reads it and the training loop runs on it unchanged. Only clean slices (view 0) are
-stored: the UNet is augmented on the fly in the train step (TrainConfig.augment), not through cached views.
-Rerunning after a kill finishes the job, as precompute does: whole shards are kept, the rest is written. One command
-at a time writes a cache (OUT/.lock); another into the same folder is refused, naming the holder's pid.
-"""
+Each item's "embedding" is the slice's model image (224, 224, 3) float32 in [0, 1] and its "target" the label map,
+so `FeatureCache` reads it and the training loop runs on it unchanged; only clean slices are stored (the UNet is
+augmented in the train step). The command: `autosam_jax/commands/image_cache.py`."""
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from autosam_jax.data.errors import DataError
-
-DESCRIPTION = __doc__
 
 
 OPTION_NAMES = {"out": "--out", "tfds_dir": "--tfds-dir", "shard_size": "--shard-size", "slice_size": "--slice-size"}
@@ -97,28 +88,3 @@ def _write_image_cache(source_dir, tfds_dir, out_dir, mode, shard_size, *, slice
     kill_point("image_cache.shard")  # the shard is whole: its files and its .done record are in place
   writer.finalize()
   return {"items": len(writer.items), "shards": writer.num_shards}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--data", type=Path, required=True, help="ACDC or nnU-Net NIfTI folder")
-  parser.add_argument("--tfds-dir", type=Path, default=Path("~/tensorflow_datasets"),
-                      help="where the TFDS slice dataset is built or found (default ~/tensorflow_datasets)")
-  parser.add_argument("--out", type=Path, required=True, help="cache directory (created, or finished if it exists)")
-  parser.add_argument("--shard-size", type=int, default=64, help="slices per shard file")
-  parser.add_argument("--slice-size", type=int, default=224, help="model grid side in pixels (default 224, official)")
-  parser.add_argument("--spacing", type=float, default=1.25,
-                      help="model grid pixel size in mm (default 1.25, official; 2.5 with --slice-size 112 keeps the "
-                           "field of view at a quarter of the pixels)")
-
-
-def run(args: argparse.Namespace) -> int:
-  try:
-    if args.shard_size < 1:
-      raise DataError(f"--shard-size must be positive, got {args.shard_size}")
-    summary = write_image_cache(args.data, args.tfds_dir.expanduser(), args.out, shard_size=args.shard_size,
-                                slice_size=args.slice_size, spacing=args.spacing)
-  except DataError as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  print(f"image cache {args.out}: {summary['items']} slices in {summary['shards']} shards")
-  return 0

@@ -1,27 +1,15 @@
-"""`autosam-jax precompute`: run the frozen SAM encoder once over a dataset and store the embeddings.
+"""The frozen SAM encoder run once over a dataset, its embeddings stored in a feature cache (`features/cache.py`).
 
-  autosam-jax precompute --data ~/data/ACDC --weights weights/vit_b --out cache/acdc_vit_b_faithful \\
-      --mode faithful --views 4 --splits splits/cv5.json --dtype bf16 --batch-size 8
-
-Every slice gets its exact (clean) embedding, view 0. Slices of the patients that some split labels for training get
-K augmented views too (the augmentation of `autosam_jax.data.augment`, seeded per item, so a view is the same
-whichever process or run computes it). The encoder runs under jax.jit with the batch sharded over a 1-D "data" mesh
-of this process's devices and the parameters replicated; the last batch is padded to the same shape, so nothing is
-compiled twice. Host-side preprocessing of the next batch overlaps the device's work on the current one.
-
-Killed at any point, the same command finishes the job: whole shards are kept, the rest is computed. Under
-jax.distributed each process takes every P-th shard; process 0 writes the final manifest. One command at a time
-writes a cache: OUT/.lock, held by process 0 for all of a jax.distributed run; another command into the same folder
-is refused, naming the holder's pid.
-"""
+Every slice gets its clean embedding (view 0); the training patients' slices also get K augmented views, seeded per
+item. The encoder is jitted with the batch sharded over the "data" mesh; host preprocessing of the next batch
+overlaps the device's work. Resumable shard by shard; under jax.distributed each process takes every P-th shard.
+The command and its options: `autosam_jax/commands/precompute.py`."""
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import json
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -220,8 +208,12 @@ def open_cache(stack, out_dir: Path, depends_on: dict[str, Any], items: list[dic
 
 def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | Path, *, tfds_dir: str | Path,
                options: PrecomputeOptions = PrecomputeOptions(), view_patients: set[str] | None = None,
-               progress: bool = True, option_names: dict[str, str] | None = None) -> dict[str, Any]:
+               progress: bool = True, option_names: dict[str, str] | None = None,
+               splits_file: str | Path | None = None) -> dict[str, Any]:
   """Computes (or finishes) the cache; returns a summary (items, seconds, images/s, bytes).
+
+  The patients that get `options.views` augmented views: `view_patients`, or those some split of `splits_file`
+  trains on (views need one of the two).
 
   `option_names` renames options in error messages (see OPTION_NAMES), for callers whose users set them elsewhere
   (the sweep's config). One process at a time writes OUT_DIR (OUT_DIR/.lock, taken once every input is checked)."""
@@ -229,11 +221,12 @@ def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | P
 
   with contextlib.ExitStack() as stack:  # holds OUT_DIR's lock, once taken, to the end
     return _precompute(source_dir, weights_dir, out_dir, tfds_dir=tfds_dir, options=options,
-                       view_patients=view_patients, progress=progress, option_names=option_names, stack=stack)
+                       view_patients=view_patients, progress=progress, option_names=option_names, stack=stack,
+                       splits_file=splits_file)
 
 
 def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_patients, progress, option_names,
-                stack) -> dict[str, Any]:
+                stack, splits_file) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -251,6 +244,11 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
   source_dir, weights_dir = Path(source_dir), Path(weights_dir)
   out_dir = check_output_path(out_dir, names["out"])
   check_folder(tfds_dir, names["tfds_dir"])
+  if splits_file is not None:
+    from autosam_jax.data.splits import load_splits
+    view_patients = {p for split in load_splits(splits_file) for p in split.train}
+  elif options.views and view_patients is None:
+    raise DataError("--views needs --splits: only training patients get augmented views")
   config = read_config(weights_dir)
   preprocess_config = PreprocessConfig(mode=options.mode, encoder_size=config.image_size,
                                        head_size=4 * config.image_embedding_size)
@@ -358,54 +356,3 @@ def check_options(options: PrecomputeOptions, names: dict[str, str] = OPTION_NAM
     raise DataError(f"mode must be 'faithful' or 'improved', got {options.mode!r}")
   if options.dtype not in ("bfloat16", "float32"):
     raise DataError(f"dtype must be 'bfloat16' or 'float32', got {options.dtype!r}")
-
-
-DESCRIPTION = __doc__
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--data", type=Path, required=True, help="ACDC or nnU-Net NIfTI folder")
-  parser.add_argument("--tfds-dir", type=Path, default=Path("~/tensorflow_datasets"),
-                      help="where the TFDS slice dataset is built or found (default ~/tensorflow_datasets)")
-  parser.add_argument("--weights", type=Path, required=True, help="directory written by autosam-jax convert")
-  parser.add_argument("--out", type=Path, required=True, help="cache directory (created, or resumed if it exists)")
-  parser.add_argument("--mode", choices=["faithful", "improved"], default="faithful")
-  parser.add_argument("--views", type=int, default=0, help="augmented views per labeled training slice (default 0)")
-  parser.add_argument("--splits", type=Path, help="split file (make-splits); its training patients get the views")
-  parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
-                      help="encoder matmul and storage dtype (default bf16: half the disk, twice the speed on AMX/GPU)")
-  parser.add_argument("--batch-size", type=int, default=8)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--shard-size", type=int, default=64, help="slices per shard file")
-  from autosam_jax import parallel
-  parallel.add_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-  from autosam_jax import parallel
-  from autosam_jax.models.loading import CheckpointError
-
-  parallel.initialize(args)
-
-  options = PrecomputeOptions(mode=args.mode, views=args.views, dtype="bfloat16" if args.dtype == "bf16" else "float32",
-                              batch_size=args.batch_size, seed=args.seed, shard_size=args.shard_size)
-  try:
-    check_options(options)
-    check_output_path(args.out)
-    check_folder(args.tfds_dir, "--tfds-dir")
-    view_patients = None
-    if args.splits is not None:
-      from autosam_jax.data.splits import load_splits
-      view_patients = {p for split in load_splits(args.splits) for p in split.train}
-    elif args.views:
-      raise DataError("--views needs --splits: only training patients get augmented views")
-    summary = precompute(args.data, args.weights, args.out, tfds_dir=args.tfds_dir.expanduser(), options=options,
-                         view_patients=view_patients)
-  except (DataError, CheckpointError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  print(f"cache {args.out}: {summary['items']} embeddings in {summary['shards']} shards, "
-        f"{summary['bytes'] / 2**20:.1f} MiB; computed {summary['computed']} now at "
-        f"{summary['images_per_second']:.2f} images/s on {summary['devices']} device(s) x "
-        f"{summary['processes']} process(es)")
-  return 0

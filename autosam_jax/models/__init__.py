@@ -1,13 +1,17 @@
-"""Flax NNX modules: SAM (encoder, prompt encoder, mask decoder), the prompt-free heads and the UNet baseline."""
+"""Flax NNX modules: SAM (encoder, prompt encoder, mask decoder), the prompt-free heads and the UNet baseline.
 
-from autosam_jax.models.config import PRESETS, SamConfig, infer_config
-from autosam_jax.models.heads import AutoSamHead, CnnHead, Frozen, LinearHead, build_head
-from autosam_jax.models.image_encoder import ImageEncoderViT
-from autosam_jax.models.mask_decoder import MaskDecoder
-from autosam_jax.models.prompt_encoder import PromptEncoder
-from autosam_jax.models.sam import Sam
-from autosam_jax.models.transformer import TwoWayTransformer
-from autosam_jax.models.unet import UNet
+The names below are imported on first use (see `autosam_jax.__init__`)."""
 
-__all__ = ["PRESETS", "SamConfig", "infer_config", "ImageEncoderViT", "MaskDecoder", "PromptEncoder", "Sam",
-           "TwoWayTransformer", "AutoSamHead", "CnnHead", "LinearHead", "Frozen", "build_head", "UNet"]
+import importlib
+
+_EXPORTS = {"PRESETS": "config", "SamConfig": "config", "infer_config": "config", "ImageEncoderViT": "image_encoder",
+            "MaskDecoder": "mask_decoder", "PromptEncoder": "prompt_encoder", "Sam": "sam",
+            "TwoWayTransformer": "transformer", "AutoSamHead": "heads", "CnnHead": "heads", "LinearHead": "heads",
+            "Frozen": "heads", "build_head": "heads", "UNet": "unet"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'autosam_jax.models' has no attribute {name!r}")
+  return getattr(importlib.import_module(f"autosam_jax.models.{_EXPORTS[name]}"), name)

@@ -11,13 +11,10 @@ import jax
 from flax import nnx
 
 from autosam_jax.checksums import verify_checksums
+from autosam_jax.errors import CheckpointError  # noqa: F401 - importable from here too
 from autosam_jax.faults import restore_or_raise
 from autosam_jax.models.config import SamConfig
 from autosam_jax.models.sam import Sam
-
-
-class CheckpointError(Exception):
-  """A converted checkpoint directory that cannot be used; the message names the path."""
 
 
 def read_config(path: str | os.PathLike) -> SamConfig:

@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from autosam_jax.errors import NonFiniteLossError  # noqa: F401 - importable from here too
+
 
 # plateau_train_loss: the official code's plateau on the last batch's training loss (min mode); plateau_val_dice: on
 # validation Dice (max mode), for the improved variant.
@@ -106,10 +108,6 @@ class TrainConfig:
         from autosam_jax.data.errors import DataError
         raise DataError(f"{source}: {name} must be {expected.__name__}, got {type(value).__name__} {value!r}")
     return cls(**values)
-
-
-class NonFiniteLossError(RuntimeError):
-  pass
 
 
 _FIELDS = ("embedding", "target", "valid")

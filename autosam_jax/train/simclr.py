@@ -1,5 +1,5 @@
-"""SimCLR pretraining of the UNet encoder, the official SimCLR baseline (spec section 1d), and its CLI
-`autosam-jax pretrain-simclr`.
+"""SimCLR pretraining of the UNet encoder, the official SimCLR baseline (spec section 1d); the command is
+`autosam_jax/commands/pretrain_simclr.py`.
 
 The official `scripts/main_simclr.py` trains `GlobalConUnet`: the UNet's contracting path and center (`UNetEncoder`
 here) -> global average pool -> Linear 512 -> 512 -> Linear 512 -> 256, no nonlinearity between the two, with
@@ -25,13 +25,11 @@ needs to resume and end with the same parameters as an uninterrupted one.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -502,37 +500,6 @@ def _as_arrays_like(restored, wanted):
   return jnp.asarray(restored, dtype=wanted.dtype)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Command line: autosam-jax pretrain-simclr
-
-DESCRIPTION = """Pretrain the UNet encoder with SimCLR (the official SimCLR baseline) on an image cache.
-
-  autosam-jax image-cache --data ~/data/ACDC --out cache/images_faithful
-  autosam-jax pretrain-simclr --config experiments/configs/simclr_pretrain.py --cache cache/images_faithful \\
-      --splits splits/cv5.json --fold cv5-seed0-fold0 --out runs/simclr_fold0
-  autosam-jax train --config experiments/configs/unet_faithful.py --cache cache/images_faithful \\
-      --splits splits/cv5.json --fold cv5-seed0-fold0 --tr-size 1 --out runs/unet_simclr_tr1 \\
-      --set init_encoder=runs/simclr_fold0/encoder
-
-Trains on the clean slices of every training patient of the split (labels unused). --config is optional (a Python
-file whose get_config() returns options of autosam_jax.train.simclr.SimclrConfig; the defaults are the official
-ones); --set name=value overrides one. Rerunning the same command after a kill resumes from the last epoch's
-checkpoint and ends with the same parameters; a rerun with another config, image cache or split's training patients
-is refused, naming what differs (OUT/run.json records them), and so is a second command while one writes OUT.
-Writes OUT/run.json, config.json, metrics.jsonl, curves.png, checkpoints/ and encoder/ (what train's init_encoder
-loads)."""
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--cache", type=Path, required=True, help="image cache (autosam-jax image-cache)")
-  parser.add_argument("--splits", type=Path, required=True, help="split file (autosam-jax make-splits)")
-  parser.add_argument("--fold", help="split name inside the file (default: the first)")
-  parser.add_argument("--out", type=Path, required=True, help="run directory (resumed if it exists)")
-  parser.add_argument("--config", type=Path, help="Python config file with get_config() (default: official options)")
-  parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a config option")
-  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
 def load_config(path: Path | None, overrides: list[str]) -> SimclrConfig:
   """Options from a config file's get_config() (or the defaults), then each NAME=VALUE override (a Python literal,
   else the text)."""
@@ -543,22 +510,3 @@ def load_config(path: Path | None, overrides: list[str]) -> SimclrConfig:
   if overrides:
     source += " with --set"
   return SimclrConfig.from_dict(apply_overrides(values, overrides), source=source)
-
-
-def run(args: argparse.Namespace) -> int:
-  from autosam_jax.data.splits import select_split
-  from autosam_jax.train.loop import NonFiniteLossError
-
-  try:
-    config = load_config(args.config, args.set)
-    split = select_split(args.splits, args.fold)
-    result = pretrain_simclr(config, args.cache, args.out, list(split.train), progress=not args.no_progress)
-  except DataError as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  except NonFiniteLossError as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 3
-  print(f"pretrained SimCLR on {result['slices']} slices of {len(split.train)} patient(s): {result['steps']} steps "
-        f"in {result['seconds']:.1f}s; encoder in {result['encoder']}; last epoch {result['last']}")
-  return 0

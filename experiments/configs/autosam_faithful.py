@@ -8,6 +8,8 @@ Expect on real ACDC with vit_b: about 600 steps at tr_size 1 (about 20 slices, 5
 """
 
 
+from autosam_jax.experiment.recipes import train_recipe
+
+
 def get_config() -> dict:
-  return {"head": "autosam", "variant": "faithful", "epochs": 120, "batch_size": 4, "learning_rate": 5e-4,
-          "scheduler": "plateau_train_loss"}
+  return train_recipe("autosam", "faithful")

@@ -5,6 +5,8 @@
 """
 
 
+from autosam_jax.experiment.recipes import train_recipe
+
+
 def get_config() -> dict:
-  return {"head": "linear", "variant": "faithful", "epochs": 120, "batch_size": 4, "learning_rate": 5e-4,
-          "scheduler": "plateau_train_loss"}
+  return train_recipe("linear", "faithful")

@@ -6,6 +6,8 @@ validation Dice kept.
 """
 
 
+from autosam_jax.experiment.recipes import train_recipe
+
+
 def get_config() -> dict:
-  return {"head": "linear", "variant": "improved", "epochs": 120, "batch_size": 4, "learning_rate": 5e-4,
-          "scheduler": "plateau_val_dice"}
+  return train_recipe("linear", "improved")

@@ -16,7 +16,8 @@ over all steps instead.
 """
 
 
+from autosam_jax.experiment.recipes import SIMCLR
+
+
 def get_config() -> dict:
-  return {"epochs": 100, "batch_size": 8, "learning_rate": 3e-4, "weight_decay": 1e-5, "temperature": 0.5,
-          "schedule": "faithful", "schedule_start_epoch": 10, "augment": "faithful", "unet_base_channels": 64,
-          "projection_hidden": 512, "projection_dim": 256}
+  return dict(SIMCLR)

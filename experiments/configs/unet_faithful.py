@@ -9,6 +9,8 @@ No --weights: nothing comes from SAM.
 """
 
 
+from autosam_jax.experiment.recipes import train_recipe
+
+
 def get_config() -> dict:
-  return {"head": "unet", "variant": "faithful", "augment": "faithful", "epochs": 120, "batch_size": 4,
-          "learning_rate": 5e-4, "scheduler": "plateau_train_loss"}
+  return train_recipe("unet", "faithful")

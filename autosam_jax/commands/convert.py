@@ -1,11 +1,8 @@
-"""`python -m weights_conversion` and `autosam-jax convert`."""
+"""`autosam-jax convert` (and `python -m weights_conversion`)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-
-from autosam_jax.models.config import PRESETS
 
 DESCRIPTION = """Convert SAM weights to a Flax checkpoint.
 
@@ -16,11 +13,13 @@ checkpoint OUT_DIR/params and OUT_DIR/checksums.json (verified at every load); l
 `autosam_jax.load_sam(OUT_DIR)`. --overwrite replaces only an earlier conversion: a folder holding other files, or
 the checkpoint itself, is refused."""
 
+PRESET_NAMES = ("vit_b", "vit_h", "vit_l")  # autosam_jax.models.config.PRESETS (tested to agree)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("checkpoint", help="SAM checkpoint: Meta .pth, Hugging Face .safetensors, or an HF model dir")
   parser.add_argument("out_dir", help="output directory (must not exist unless --overwrite)")
-  parser.add_argument("--model-type", choices=sorted(PRESETS), default=None,
+  parser.add_argument("--model-type", choices=PRESET_NAMES, default=None,
                       help="check that the checkpoint is this preset (default: accept any SAM architecture)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace OUT_DIR if it is an earlier conversion (a folder holding only what convert writes)")
@@ -32,25 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from weights_conversion.convert import ConversionError, convert
+  from weights_conversion.convert import convert
 
-  try:
-    out_dir, config = convert(args.checkpoint, args.out_dir, args.model_type, args.overwrite,
-                              decoder_num_heads=args.decoder_num_heads, encoder_num_heads=args.encoder_num_heads,
-                              image_size=args.image_size)
-  except ConversionError as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
+  out_dir, config = convert(args.checkpoint, args.out_dir, args.model_type, args.overwrite,
+                            decoder_num_heads=args.decoder_num_heads, encoder_num_heads=args.encoder_num_heads,
+                            image_size=args.image_size)
   print(f"converted {args.checkpoint} -> {out_dir}: image {config.image_size}, embed dim {config.encoder_embed_dim}, "
         f"depth {config.encoder_depth}, heads {config.encoder_num_heads}, "
         f"global blocks {list(config.encoder_global_attn_indexes)}, window {config.window_size}")
   return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m weights_conversion", description=DESCRIPTION,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  add_arguments(parser)
-  from autosam_jax.faults import run_command
-
-  return run_command(run, parser.parse_args(argv))

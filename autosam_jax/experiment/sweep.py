@@ -1,34 +1,14 @@
-"""`autosam-jax sweep`: the paper's label-efficiency experiment, every cell of it, from one config.
-
-  autosam-jax sweep --config experiments/configs/sweep_paper.py --out sweeps/paper
-
-A cell is (method, encoder, tr_size, fold). The sweep converts the SAM weights (or reuses converted ones), builds the
-TFDS dataset, the split file and each feature cache once, then trains and evaluates every cell and writes
-  OUT/results.json      the dataset's label table, and every cell: method, encoder, mode, tr_size, fold, per-class
-                        Dice and HD95 in both conventions (the dataset's classes, by name)
-  OUT/results.md        mean +- std over folds, one row per method (and encoder), one column per tr_size
-  OUT/dice_vs_labels.png  mean Dice against the number of labeled volumes, one line per method, std as error bars
-  OUT/cells/<cell>.json  one file per finished cell (a rerun skips these: rerunning after a kill resumes the sweep,
-                         and a cell killed mid-training resumes from its last checkpoint)
-  OUT/runs/...          each cell's run directory (metrics.jsonl, curves.png, final_model/, eval/ with predictions)
-One sweep at a time writes OUT (OUT/.lock, taken once the config, the data and the splits are checked); another
-command into it is refused, naming the holder's pid.
-
-Methods: autosam, cnn, linear (heads on cached SAM embeddings, one set per encoder), unet (from scratch on images),
-simclr (the UNet with its encoder pretrained by SimCLR on the fold's training images, labels unused, then fine-tuned),
-zero_shot_box and zero_shot_point (SAM with prompts from the ground truth; no training, so one cell per fold whose
-figure stands for every tr_size).
-"""
+"""The label-efficiency experiment: every (method, encoder, tr_size, fold) cell from one config, resumable cell by
+cell, with the results table and plot over the dataset's own classes. The command and its outputs:
+`autosam_jax/commands/sweep.py`."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,7 +18,6 @@ import numpy as np
 from autosam_jax.data.errors import DataError
 from autosam_jax.data.splits import DEFAULT_VAL_PATIENTS, parse_val_patients
 
-DESCRIPTION = __doc__
 HEAD_METHODS = ("autosam", "cnn", "linear")
 IMAGE_METHODS = ("unet", "simclr")
 ZERO_SHOT_METHODS = ("zero_shot_box", "zero_shot_point")
@@ -46,7 +25,6 @@ METHODS = HEAD_METHODS + IMAGE_METHODS + ZERO_SHOT_METHODS
 LABELS = {"autosam": "AutoSAM", "cnn": "CNN head", "linear": "Linear head", "unet": "UNet (scratch)",
           "simclr": "UNet (SimCLR)", "zero_shot_box": "SAM zero-shot, GT boxes",
           "zero_shot_point": "SAM zero-shot, GT points"}
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,13 +201,13 @@ def load_sweep_config(path: Path, overrides: list[str] = ()) -> SweepConfig:
 
 
 def _train_config(method: str, config: SweepConfig):
-  """The TrainConfig of a method: its config file in experiments/configs, then the sweep's overrides."""
-  from autosam_jax.config_files import read_config_file
+  """The TrainConfig of a method: its recipe (`recipes.train_recipe`), then the sweep's overrides."""
+  from autosam_jax.experiment.recipes import train_recipe
   from autosam_jax.train.loop import TrainConfig
 
   head = "unet" if method in IMAGE_METHODS else method
   mode = "faithful" if head == "unet" else config.mode
-  values = read_config_file(CONFIG_DIR / f"{head}_{mode}.py")
+  values = train_recipe(head, mode)
   values.update(config.train)
   values.update(config.method_train.get(method, {}))
   return TrainConfig.from_dict(values, source=f"sweep config, method {method}")
@@ -271,7 +249,7 @@ def _cells(config: SweepConfig, splits) -> list[Cell]:
   return cells
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
   print(f"[sweep {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
@@ -298,7 +276,7 @@ def prepare_weights(config: SweepConfig, out: Path) -> dict[str, Path]:
       continue
     if not source_path.exists():
       raise DataError(f"{source_path}: SAM checkpoint of encoder {name!r} not found")
-    _say(f"converting {name}: {source_path}")
+    say(f"converting {name}: {source_path}")
     convert(source_path, target)
     converted[name] = target
   return converted
@@ -434,7 +412,7 @@ class Sweep:
     if encoder not in self._checked_caches:  # once per sweep: precompute checks the manifest, then finishes or skips
       self._checked_caches.add(encoder)
       if not _cache_complete(cache):
-        _say(f"encoding every slice with {encoder} into {cache}")
+        say(f"encoding every slice with {encoder} into {cache}")
       dtype = "bfloat16" if self.config.dtype == "bf16" else "float32"
       options = PrecomputeOptions(mode=self.config.mode, views=self.config.views, dtype=dtype,
                                   batch_size=self.config.encode_batch_size)
@@ -442,7 +420,7 @@ class Sweep:
       summary = precompute(self.data, self.weights[encoder], cache, tfds_dir=self.tfds_dir, options=options,
                            view_patients=view_patients, progress=self.progress, option_names=PRECOMPUTE_NAMES)
       if summary["computed"]:
-        _say(f"{summary['items']} embeddings; {summary['computed']} computed at "
+        say(f"{summary['items']} embeddings; {summary['computed']} computed at "
              f"{summary['images_per_second']:.2f} images/s")
     return cache
 
@@ -455,7 +433,7 @@ class Sweep:
     if "images" not in self._checked_caches:
       self._checked_caches.add("images")
       if not _cache_complete(cache):
-        _say(f"writing the model images into {cache}")
+        say(f"writing the model images into {cache}")
       write_image_cache(self.data, self.tfds_dir, cache, slice_size=size, spacing=float(spacing),
                         option_names=IMAGE_CACHE_NAMES)
     return cache
@@ -467,7 +445,7 @@ class Sweep:
     encoder_dir = run_dir / "encoder"
     if not (encoder_dir / "simclr_config.json").is_file():
       simclr_config = _simclr_config(self.config)
-      _say(f"SimCLR pretraining on the {len(split.train)} training patients of {split.name}")
+      say(f"SimCLR pretraining on the {len(split.train)} training patients of {split.name}")
       pretrain_simclr(simclr_config, self.image_cache(), run_dir, list(split.train), progress=self.progress)
     return encoder_dir
 
@@ -511,9 +489,9 @@ class Sweep:
       return build_model(config, sam, rngs=nnx.Rngs(config.seed))
 
     labeled = split.labeled(cell.tr_size)
-    _say(f"training {cell.cell_id} on {len(labeled)} labeled patient(s)")
+    say(f"training {cell.cell_id} on {len(labeled)} labeled patient(s)")
     result = train(train_config, cache, factory, run_dir, labeled, list(split.val), progress=self.progress)
-    _say(f"evaluating {cell.cell_id} on {len(split.test)} test patient(s)")
+    say(f"evaluating {cell.cell_id} on {len(split.test)} test patient(s)")
     if self._volumes is None:
       from autosam_jax.features.precompute import load_volumes
       self._volumes = load_volumes(self.data, self.tfds_dir)
@@ -536,7 +514,7 @@ class Sweep:
     cells = self.prepare(stack)
     cells_dir = self.out / "cells"
     done = sum(_finished(cells_dir / f"{c.cell_id}.json") for c in cells)
-    _say(f"{len(cells)} cells, {done} already finished; results in {self.out}")
+    say(f"{len(cells)} cells, {done} already finished; results in {self.out}")
     ran = 0
     for number, cell in enumerate(cells, 1):
       cell_file = cells_dir / f"{cell.cell_id}.json"
@@ -544,13 +522,13 @@ class Sweep:
         continue
       if stop_after_cells is not None and ran >= stop_after_cells:
         break
-      _say(f"cell {number}/{len(cells)}: {cell.cell_id}")
+      say(f"cell {number}/{len(cells)}: {cell.cell_id}")
       record = self.run_cell(cell)
       atomic_write_json(cell_file, record)
       kill_point("sweep.cell")  # the cell is finished: its record is in place
       ran += 1
       mean = record.get("official", {}).get("dice", {}).get("mean")
-      _say(f"cell {cell.cell_id} done in {record['seconds']:.0f}s: mean Dice (official) "
+      say(f"cell {cell.cell_id} done in {record['seconds']:.0f}s: mean Dice (official) "
            f"{'n/a' if mean is None else f'{mean:.3f}'}")
       self.write_results(cells)
     return self.write_results(cells)
@@ -694,29 +672,3 @@ def plot_dice_vs_labels(records: list[dict[str, Any]], tr_sizes, png: Path, clas
   fig.savefig(tmp, dpi=110)
   plt.close(fig)
   os.replace(tmp, png)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--config", type=Path, required=True, help="sweep config: a Python file with get_config()")
-  parser.add_argument("--out", type=Path, required=True, help="output folder (rerun the same command to resume)")
-  parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a sweep option")
-  parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
-
-
-def run(args: argparse.Namespace) -> int:
-  from autosam_jax.models.loading import CheckpointError
-  from autosam_jax.train.loop import NonFiniteLossError
-  from weights_conversion.convert import ConversionError
-
-  try:
-    config = load_sweep_config(args.config, args.set)
-    result = Sweep(config, args.out, progress=not args.no_progress).run()
-  except (DataError, CheckpointError, ConversionError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  except NonFiniteLossError as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 3
-  print(result["table"])
-  print(f"\nwrote {args.out / 'results.json'}, results.md and dice_vs_labels.png")
-  return 0

@@ -1,25 +1,8 @@
-"""`autosam-jax demo`: the whole pipeline in a few minutes on a CPU, with nothing to download.
-
-  autosam-jax demo --out demo                         # a small random SAM, synthetic phantoms
-  autosam-jax demo --out demo --mode faithful         # the SAM heads under the paper's protocol (slower)
-  autosam-jax demo --out demo --checkpoint sam_vit_b_01ec64.pth   # a real SAM (slow on a CPU)
-
-Writes synthetic cardiac MRI phantoms in ACDC's file layout (OUT/data), a small SAM with random weights in the
-converted format (OUT/weights/demo-sam), then runs the label-efficiency sweep on one cross-validation fold:
-AutoSAM, CNN and linear heads on the cached embeddings (improved protocol by default) and the UNet from scratch
-(the official recipe on a 112 x 112 grid of 2.5 mm), each with 1 and 2 labeled patients and a short schedule. It
-prints the results table and writes OUT/results.json, results.md, dice_vs_labels.png, OUT/overlays/*.png
-(predictions drawn over test images) and each cell's NIfTI predictions under OUT/runs/<method>/.../eval/predictions/.
-Rerunning resumes: finished cells are kept.
-
-With random encoder weights the SAM heads learn from features that carry no pretrained knowledge; how close they get
-to the UNet on the phantoms is what the demo shows (README: "The demo"), not what SAM does on real scans.
-"""
+"""The demo: synthetic phantoms, a small random SAM and the sweep on one fold, in a few minutes on a CPU. The command
+and what it writes: `autosam_jax/commands/demo.py`."""
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +11,6 @@ import numpy as np
 
 from autosam_jax.data.errors import DataError
 
-DESCRIPTION = __doc__
 # A small SAM: 16-pixel patches on a 256 encoder input give a 16 x 16 embedding grid of 128 channels, so the heads' 4x
 # upsampled output is 64 x 64 (the real models: 1024 input, 64 x 64 grid of 256 channels, 256 x 256 output). With
 # 8-pixel patches (a 32 x 32 grid) AutoSAM reached 0.18 / 0.51 mean Dice instead of 0.25 / 0.25 under the faithful
@@ -180,11 +162,13 @@ def demo(out: Path, checkpoint: Path | None = None, epochs: int | None = None, p
          seed: int = 0, mode: str = "improved") -> dict[str, Any]:
   from autosam_jax.atomic import atomic_write_json
   from autosam_jax.data.synthetic import write_synthetic_acdc
-  from experiments.label_efficiency import Sweep, SweepConfig, _say
+  from autosam_jax.experiment.sweep import Sweep, SweepConfig, say
 
   import jax
 
   started = time.perf_counter()
+  if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+    raise DataError(f"--epochs must be positive, got {epochs}")
   if checkpoint is not None and not Path(checkpoint).exists():
     raise DataError(f"{checkpoint}: SAM checkpoint not found")
   out = Path(out)
@@ -199,7 +183,7 @@ def demo(out: Path, checkpoint: Path | None = None, epochs: int | None = None, p
   jax.config.update("jax_compilation_cache_dir", str((out / ".jax-cache").absolute()))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   if not (out / "data").is_dir():
-    _say(f"writing {PATIENTS} synthetic patients in ACDC's layout to {out / 'data'}")
+    say(f"writing {PATIENTS} synthetic patients in ACDC's layout to {out / 'data'}")
     write_synthetic_acdc(out / "data", PATIENTS, seed=seed)
   if checkpoint is None:
     write_random_sam(out / "weights" / "demo-sam", seed)
@@ -209,32 +193,3 @@ def demo(out: Path, checkpoint: Path | None = None, epochs: int | None = None, p
   result = Sweep(config, out, progress=progress, callers_files=DEMO_FILES).run()
   overlays = draw_overlays(out, result["results"]["cells"], max(config.tr_sizes), result["results"]["labels"])
   return {**result, "overlays": overlays, "seconds": time.perf_counter() - started}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--out", type=Path, default=Path("demo"), help="output folder (default ./demo; rerun resumes)")
-  parser.add_argument("--checkpoint", type=Path, help="a real SAM checkpoint instead of the small random one")
-  parser.add_argument("--epochs", type=int,
-                      help=f"epochs of every training run (default {DEMO_TRAIN['epochs']} for the heads, "
-                           f"{UNET_EPOCHS} for the UNet)")
-  parser.add_argument("--mode", choices=("improved", "faithful"), default="improved",
-                      help="the SAM heads' protocol (default improved; faithful: the paper's code, slower on a CPU: "
-                           "per-class AutoSAM decoding on a 224 x 224 target)")
-  parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
-
-
-def run(args: argparse.Namespace) -> int:
-  from autosam_jax.models.loading import CheckpointError
-  from weights_conversion.convert import ConversionError
-
-  try:
-    if args.epochs is not None and args.epochs < 1:
-      raise DataError(f"--epochs must be positive, got {args.epochs}")
-    result = demo(args.out, args.checkpoint, args.epochs, progress=not args.no_progress, mode=args.mode)
-  except (DataError, CheckpointError, ConversionError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  print(result["table"])
-  print(f"\nwrote {args.out}/results.json, results.md, dice_vs_labels.png, {len(result['overlays'])} overlays in "
-        f"{args.out}/overlays/ and NIfTI predictions under {args.out}/runs/; {result['seconds']:.0f}s in all")
-  return 0

@@ -1,0 +1,51 @@
+"""One training run of a split: the config from its file, the split's labeled patients, the model, the run's identity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+
+
+def load_config(path: Path, overrides: list[str]):
+  from autosam_jax.config_files import apply_overrides, read_config_file
+  from autosam_jax.train.loop import TrainConfig
+
+  values = apply_overrides(read_config_file(path), overrides)
+  return TrainConfig.from_dict(values, source=str(path))
+
+
+def run_inputs(config, splits_file: Path, split, tr_size: int, weights: Path | None) -> dict:
+  """What a `train` command's run folder records beyond the config, cache and patients (see loop.run_identity)."""
+  from autosam_jax.features.precompute import weights_digest
+  from autosam_jax.outputs import file_digest
+
+  return {"split": {"file_sha256": file_digest(splits_file), "fold": split.name, "tr_size": tr_size},
+          "weights_sha256": weights_digest(Path(weights)) if config.head != "unet" else None}
+
+
+def train_split(config, cache: Path, weights: Path | None, splits_file: Path, fold: str | None, tr_size: int,
+                out: Path, progress: bool = True) -> dict:
+  """Trains `config`'s model on the first `tr_size` training patients of the split `fold` of `splits_file` (validated
+  on its validation patients); returns `train`'s summary and the labeled patients."""
+  from flax import nnx
+
+  from autosam_jax.data.errors import DataError
+  from autosam_jax.data.splits import require_validation_patients, select_split
+  from autosam_jax.models.loading import load_sam
+  from autosam_jax.train.loop import build_model, train
+
+  split = select_split(splits_file, fold)
+  labeled = split.labeled(tr_size)
+  if config.variant == "improved":  # its plateau and best model need validation Dice: refuse before writing
+    require_validation_patients(split, splits_file)
+  if config.head != "unet" and weights is None:
+    raise DataError(f"--weights is needed to initialise a {config.head} head from SAM")
+
+  def head_factory(config):  # num_classes filled in from the cache's label table
+    sam = load_sam(weights) if config.head != "unet" else None  # the UNet is trained from scratch
+    return build_model(config, sam, rngs=nnx.Rngs(config.seed))
+
+  inputs = run_inputs(config, splits_file, split, tr_size, weights)
+  result = train(config, cache, head_factory, out, labeled, list(split.val), progress=progress, inputs=inputs)
+  return {**result, "labeled": labeled}
