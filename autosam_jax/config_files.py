@@ -8,7 +8,7 @@ import runpy
 from pathlib import Path
 from typing import Any
 
-from autosam_jax.data.errors import DataError
+from autosam_jax.errors import DataError
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from autosam_jax.data.errors import DataError
+from autosam_jax.errors import DataError
 
 
 def available_bytes() -> int | None:

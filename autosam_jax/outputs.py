@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from autosam_jax.data.errors import DataError
+from autosam_jax.errors import DataError
 
 LOCK_NAME = ".lock"
 RUN_RECORD = "run.json"

@@ -76,9 +76,12 @@ def limited_file_size(limit: int) -> list[str]:
 
 
 def pytest_sessionfinish(session, exitstatus):
-  """Deletes the session's compilation cache (only the one this conftest made)."""
+  """Deletes the session's compilation cache (only the one this conftest made), once every worker is done: under
+  pytest-xdist the workers share the controller's cache and only the controller deletes it."""
   import shutil
 
+  if hasattr(session.config, "workerinput"):
+    return
   cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
   if os.path.basename(cache).startswith("autosam-jax-test-jit-cache-"):
     shutil.rmtree(cache, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Whole runs through the `autosam-jax` command on tiny synthetic data: the faithful heads and the UNet trained,
-killed with SIGKILL (the linear head: SIGINT) at a chosen point after a mid-epoch checkpoint and resumed (the linear
-head also through a rerun on a full disk);
+killed at a chosen point after a mid-epoch checkpoint (AutoSAM with SIGKILL, the linear head with SIGINT, both as
+processes of their own; the CNN and the UNet interrupted in this process) and resumed (the linear head also through a
+rerun on a full disk);
 the improved mode from precompute to predict; the UNet without SAM; and
 model/cache mismatches refused before anything is written."""
 
@@ -116,9 +117,12 @@ def _checkpoint_steps(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.parametrize("head", sorted(HEADS))
-def test_faithful_head_trains_and_resumes_bit_identically_after_sigkill(data, head, tmp_path, request, capsys):
-  """The reference and the rerun run in this process; the killed run is a process of its own, killed (SIGKILL) at
-  a chosen point: right after step spe + 2, one step past the mid-epoch checkpoint at spe + 1."""
+def test_faithful_head_trains_and_resumes_bit_identically_after_a_kill(data, head, tmp_path, request, capsys,
+                                                                       kill_at):
+  """The reference and the rerun run in this process. The killed run stops at a chosen point, right after step
+  spe + 2, one step past the mid-epoch checkpoint at spe + 1: AutoSAM's is a process of its own killed with SIGKILL,
+  the linear head's one that gets SIGINT (through the executable), and the CNN's and the UNet's run in this process,
+  interrupted there as a Ctrl-C would."""
   if head == "unet":
     data = {**data, "image_cache": request.getfixturevalue("image_cache")}
   spe = data["steps_per_epoch"]
@@ -139,16 +143,21 @@ def test_faithful_head_trains_and_resumes_bit_identically_after_sigkill(data, he
   killed = tmp_path / "killed"
   mid_epoch = spe + 1
   # The linear head's run gets a Ctrl-C (SIGINT) there instead: one line, exit code 130, no traceback or crash.
-  how = "INT" if head == "linear" else "KILL"
-  env = {**data["env"], "AUTOSAM_JAX_KILL_AT": f"train.step:{mid_epoch + 1}", "AUTOSAM_JAX_KILL_SIGNAL": how}
-  process = subprocess.run([sys.executable, "-m", "autosam_jax.cli", *_train_args(data, head, killed)], env=env,
-                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  how = {"autosam": "KILL", "linear": "INT"}.get(head, "in-process")
+  if how == "in-process":
+    kill_at(f"train.step:{mid_epoch + 1}", "INT")
+    assert _main(_train_args(data, head, killed)) == 130
+    kill_at("")
+  else:
+    env = {**data["env"], "AUTOSAM_JAX_KILL_AT": f"train.step:{mid_epoch + 1}", "AUTOSAM_JAX_KILL_SIGNAL": how}
+    process = subprocess.run([sys.executable, "-m", "autosam_jax.cli", *_train_args(data, head, killed)], env=env,
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   if how == "INT":
     assert process.returncode == 130, process.stderr[-3000:]
     assert process.stderr.strip().splitlines()[-1] == ("error: SIGINT: interrupted; rerun the same command to resume "
                                                        "(finished work is kept)"), process.stderr[-3000:]
     assert "Traceback" not in process.stderr
-  else:
+  elif how == "KILL":
     assert process.returncode == -signal.SIGKILL, process.stderr[-3000:]
   assert _checkpoint_steps(killed) == [spe, mid_epoch] and not (killed / "final_model").exists()
 

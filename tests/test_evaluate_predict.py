@@ -86,10 +86,10 @@ def test_prediction_files_have_the_source_geometry(run, evaluated):
 
 def test_ground_truth_scores_perfectly(run):
   """The targets fed through the scoring path in place of predictions: proves the stacking and the geometry."""
+  from autosam_jax.data.volumes import load_volumes
   from autosam_jax.evaluation.evaluate import _cached_cases, score_patient
   from autosam_jax.evaluation.predict import preprocess_config_from_manifest
   from autosam_jax.features.cache import FeatureCache
-  from autosam_jax.features.precompute import load_volumes
 
   root = run["root"]
   cache = FeatureCache(root / "cache")

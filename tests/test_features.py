@@ -63,7 +63,7 @@ def test_clean_views_equal_a_direct_encoder_call(reference_cache, inputs):
 
   from autosam_jax import load_sam
   from autosam_jax.data.preprocess import PreprocessConfig, encoder_input, preprocess_volume
-  from autosam_jax.features.precompute import load_volumes
+  from autosam_jax.data.volumes import load_volumes
 
   cache, items = _all(reference_cache[0])
   volumes = load_volumes(inputs["data"], inputs["tfds"]).volumes

@@ -292,7 +292,7 @@ def test_unet_matches_official_torch_architecture():
 def test_same_conv_equals_xla_convolution_with_gradients(in_features, kernel_size, lowered, monkeypatch):
   """The CPU matmul lowering of SameConv (im2col for wide inputs, a plain matmul for wide 1x1) against XLA's
   convolution with the same parameters: outputs and the gradients for input, kernel and bias."""
-  from autosam_jax.models.heads import torch_conv
+  from autosam_jax.models.init import torch_conv
   from autosam_jax.models.layers import SameConv
 
   monkeypatch.setattr(SameConv, "gemm_min_macs", 0 if lowered else float("inf"))

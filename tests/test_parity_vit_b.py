@@ -1,12 +1,14 @@
 """Full-size vit_b at 1024x1024: Meta's architecture exactly, random weights, converted with --model-type vit_b."""
 
 import numpy as np
+import pytest
 
 from autosam_jax import PRESETS, load_sam
 from weights_conversion import convert
 from weights_conversion.parity import TOLERANCES, jax_outputs, max_abs_differences, meta_outputs, random_prompts
 
 
+@pytest.mark.slow  # in the suite; `-m "not slow"` leaves it out of a quick run
 def test_vit_b_full_size_matches_meta(meta_checkpoints, tmp_path):
   config = PRESETS["vit_b"]
   torch_sam, checkpoint = meta_checkpoints("vit_b", config)

@@ -66,7 +66,7 @@ def test_loading_a_sam_twice_gives_independent_modules(meta_checkpoints, tmp_pat
 def test_torch_style_layers_draw_uniform_values_reproducibly_from_the_key():
   from flax import nnx
 
-  from autosam_jax.models.heads import torch_conv
+  from autosam_jax.models.init import torch_conv
 
   layers = [torch_conv(32, 16, 3, rngs=nnx.Rngs(7)) for _ in range(2)]
   kernels = [np.asarray(layer.kernel.get_value()) for layer in layers]

@@ -306,7 +306,7 @@ ENTRIES = ("config.json", "conversion.json", "params", "checksums.json")
 
 def check_output(out_dir: Path, overwrite: bool, inputs: list) -> None:
   """OUT_DIR must not exist, or (with --overwrite) be an earlier conversion that holds none of the inputs."""
-  from autosam_jax.data.errors import DataError
+  from autosam_jax.errors import DataError
   from autosam_jax.outputs import check_output_path, check_replaceable
 
   try:

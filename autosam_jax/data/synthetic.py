@@ -37,10 +37,11 @@ from scipy import ndimage
 
 from autosam_jax.atomic import staging_dir
 from autosam_jax.data.errors import DataError
-from autosam_jax.data.validate import ACDC_LABELS
+from autosam_jax.data.labels import ACDC_TABLE
 
 
 ACDC_GROUPS = ("DCM", "HCM", "MINF", "NOR", "RV")  # ACDC's order: patients 1-20 DCM, 21-40 HCM, ...
+_RV, _MYO, _LV = (ACDC_TABLE.to_dict()[name] for name in ("RV", "MYO", "LV"))  # the label values written
 
 # Per group: LV cavity radius at the base (mm), myocardial wall thickness (mm), ejection fraction, RV size factor.
 _GROUP_ANATOMY = {
@@ -241,9 +242,9 @@ def make_phantom_patient(seed: int, patient_number: int) -> PhantomPatient:
 
     label = np.zeros(shape, dtype=np.uint8)
     heart_label = label[crop_x, crop_y]
-    heart_label[rv] = 1
-    heart_label[epicardium] = 2
-    heart_label[cavity] = 3
+    heart_label[rv] = _RV
+    heart_label[epicardium] = _MYO
+    heart_label[cavity] = _LV
 
     # Two papillary muscles: dark in the image, labeled LV cavity as in ACDC's ground truth.
     papillary = np.zeros(cavity.shape, dtype=bool)
@@ -383,7 +384,7 @@ def write_synthetic_nnunet(out_dir: str | Path, num_cases: int, seed: int) -> Pa
         case_id = f"acdc_{patient_number:03d}_{frame_name}"
         save_nifti(staging / "imagesTr" / f"{case_id}_0000.nii.gz", frame.image, patient.affine, patient.spacing)
         save_nifti(staging / "labelsTr" / f"{case_id}.nii.gz", frame.label, patient.affine, patient.spacing)
-    dataset = {"channel_names": {"0": "cineMRI"}, "labels": ACDC_LABELS, "numTraining": num_cases,
+    dataset = {"channel_names": {"0": "cineMRI"}, "labels": ACDC_TABLE.to_dict(), "numTraining": num_cases,
                "file_ending": ".nii.gz"}
     (staging / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
   return out_dir

@@ -31,7 +31,6 @@ from autosam_jax.data.labels import ACDC_TABLE, LabelTable
 from autosam_jax.data.nifti import NiftiVolume, read_label, read_nifti
 
 
-ACDC_LABELS = ACDC_TABLE.to_dict()
 SPACING_RELATIVE_TOLERANCE = 1e-3
 # Image and label affines are compared where they matter: where each puts the corners of the voxel grid, in image
 # voxels. Below AFFINE_NOISE_VOXELS the difference is float32 rounding of the header; up to AFFINE_MAX_VOXELS (half a
@@ -263,7 +262,7 @@ def validate_acdc(data_dir: str | Path) -> ValidationReport:
   if root is None:
     raise DataError(f"{data_dir}: no ACDC patient folders (patientNNN/) here or in training/; point at the folder "
                     "that holds patient001/, patient002/, ...")
-  allowed = set(ACDC_LABELS.values())
+  allowed = set(ACDC_TABLE.values)
   cases, warnings = [], []
   seen: dict[tuple[Any, ...], Case] = {}
   for patient_dir in _acdc_patient_dirs(root):
@@ -286,7 +285,7 @@ def validate_acdc(data_dir: str | Path) -> ValidationReport:
                         info=dict(info), affine=image.affine))
       _check_duplicate(cases[-1], image, seen, warnings)
   _check_planes(root, cases, warnings)
-  return ValidationReport(layout="acdc", root=root, labels=dict(ACDC_LABELS), cases=cases, warnings=warnings)
+  return ValidationReport(layout="acdc", root=root, labels=ACDC_TABLE.to_dict(), cases=cases, warnings=warnings)
 
 
 def _read_dataset_json(path: Path) -> dict[str, Any]:

@@ -101,13 +101,12 @@ def _evaluate(model_dir, weights_dir, cache_dir, source_dir, tfds_dir, splits_fi
 
   from autosam_jax.atomic import atomic_write_bytes, atomic_write_json
   from autosam_jax.data.splits import select_split
+  from autosam_jax.data.volumes import load_volumes
   from autosam_jax.evaluation.predict import (check_cache_matches, label_nifti_bytes, load_model, make_head_forward,
-                                             preprocess_config_from_manifest)
-  from autosam_jax.features.cache import FeatureCache
-  from autosam_jax.features.precompute import load_volumes
-  from autosam_jax.models.loading import read_config
+                                             preprocess_config_from_manifest, read_model_record)
+  from autosam_jax.features.cache import FeatureCache, cache_label_table
+  from autosam_jax.models.loading import read_config, weights_digest
   from autosam_jax.parallel import all_gather_objects, barrier
-  from autosam_jax.train.loop import cache_label_table, read_model_record
 
   process, num_processes = jax.process_index(), jax.process_count()
   split = select_split(splits_file, fold)
@@ -121,7 +120,6 @@ def _evaluate(model_dir, weights_dir, cache_dir, source_dir, tfds_dir, splits_fi
   _, head, train_config = load_model(Path(model_dir), None if weights_dir is None else Path(weights_dir), encoder=False)
   sam_config = digest = None
   if train_config.head != "unet":
-    from autosam_jax.features.precompute import weights_digest
     sam_config, digest = read_config(weights_dir), weights_digest(Path(weights_dir))
   check_cache_matches(depends_on, train_config, sam_config, str(Path(cache_dir) / "manifest.json"), digest)
   preprocess_config = preprocess_config_from_manifest(depends_on)

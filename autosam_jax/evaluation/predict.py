@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -159,13 +160,37 @@ def read_train_config(model_dir: Path):
   return TrainConfig.from_dict(values, source=str(config_file))
 
 
+def read_model_record(model_dir: str | os.PathLike) -> dict[str, Any]:
+  """model.json of a saved model, with its label table parsed ("labels" becomes a LabelTable); DataError if absent
+  (a model saved before models recorded their classes) or unreadable."""
+  from autosam_jax.data.labels import LabelTable
+
+  if not Path(model_dir).is_dir():
+    raise DataError(f"{model_dir}: no such model directory; give a run's final_model/ or best_model/")
+  if not (Path(model_dir) / "train_config.json").is_file():
+    raise DataError(f"{Path(model_dir) / 'train_config.json'}: missing; give a run's final_model/ or best_model/ "
+                    "directory")
+  path = Path(model_dir) / "model.json"
+  if not path.is_file():
+    raise DataError(f"{path}: missing (a model saved by an older version records no classes); train it again")
+  try:
+    record = json.loads(path.read_text())
+  except (OSError, ValueError) as err:
+    raise DataError(f"{path}: unreadable ({type(err).__name__}: {err}); train the model again") from None
+  if not isinstance(record, dict):
+    raise DataError(f"{path}: not a model record (a JSON object was expected); train the model again")
+  record = dict(record)
+  record["labels"] = LabelTable.from_dict(record.get("labels"), f"{path} (labels)")
+  return record
+
+
 def load_model(model_dir: Path, weights_dir: Path | None, encoder: bool):
   """(sam, head, train_config); DataError or CheckpointError (both one line naming the path) when unusable.
 
   A UNet needs no SAM: `weights_dir` is ignored for it and `sam` is None.
   """
-  from autosam_jax.models.loading import load_sam, read_config
-  from autosam_jax.train.loop import load_head, read_model_record
+  from autosam_jax.models.loading import load_sam, read_config, weights_digest
+  from autosam_jax.models.trained import restore_head
 
   train_config = read_train_config(model_dir)
   record = read_model_record(model_dir)
@@ -173,13 +198,11 @@ def load_model(model_dir: Path, weights_dir: Path | None, encoder: bool):
     raise DataError(f"{Path(model_dir) / 'model.json'}: records {record['labels'].num_classes} classes but "
                     f"train_config.json {train_config.num_classes}; the model directory is damaged, train it again")
   if train_config.head == "unet":
-    head, train_config = load_head(model_dir, None)
-    return None, head, train_config
+    return None, restore_head(model_dir, train_config, None), train_config
   if weights_dir is None:
     raise DataError(f"{model_dir}: a {train_config.head} head needs --weights (the converted SAM it was trained with)")
   read_config(weights_dir)  # fails fast, before the (slow) restore, on a directory that is not converted weights
   if record.get("weights_sha256"):
-    from autosam_jax.features.precompute import weights_digest
     if weights_digest(Path(weights_dir)) not in ("", record["weights_sha256"]):
       raise DataError(f"{weights_dir}: other SAM weights than the ones {model_dir} was trained on (their SHA-256 "
                       "differs); give the converted weights the model's cache was computed with")
@@ -190,7 +213,7 @@ def load_model(model_dir: Path, weights_dir: Path | None, encoder: bool):
     import jax.numpy as jnp
     encoder_dtype = jnp.bfloat16
   sam = load_sam(weights_dir, encoder_dtype=encoder_dtype)
-  head, train_config = load_head(model_dir, sam)
+  head = restore_head(model_dir, train_config, sam)
   if not encoder:
     sam = None
   return sam, head, train_config
@@ -321,7 +344,7 @@ def predict(model_dir: Path, weights_dir: Path | None, inputs: Path, output_dir:
                                        encoder=True)
   digest = None
   if sam is not None and cache_dir is not None:
-    from autosam_jax.features.precompute import weights_digest
+    from autosam_jax.models.loading import weights_digest
     digest = weights_digest(Path(weights_dir))
   config = preprocess_config_for(train_config, None if sam is None else sam.config, cache_dir, digest, Path(model_dir))
   # Reading every file now (and again below, to keep memory to one volume) so a bad one anywhere writes nothing.

@@ -276,13 +276,12 @@ def _zero_shot(weights_dir, source_dir, tfds_dir, splits_file, out_dir, *, fold,
 
   from autosam_jax.atomic import atomic_write_bytes, atomic_write_json
   from autosam_jax.data.preprocess import PreprocessConfig, preprocess_volume
+  from autosam_jax.data.splits import select_split
+  from autosam_jax.data.volumes import load_volumes
   from autosam_jax.evaluation.evaluate import score_patient, summary_table
   from autosam_jax.evaluation.metrics import summarize
   from autosam_jax.evaluation.predict import label_nifti_bytes
-  from autosam_jax.features.precompute import load_volumes
-  from autosam_jax.data.splits import select_split
   from autosam_jax.models.loading import load_sam, read_config
-
   from autosam_jax.outputs import check_folder, check_output_path
 
   check_options(mode, prompt, batch_size, flags=True)

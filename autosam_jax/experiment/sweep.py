@@ -493,7 +493,7 @@ class Sweep:
     result = train(train_config, cache, factory, run_dir, labeled, list(split.val), progress=self.progress)
     say(f"evaluating {cell.cell_id} on {len(split.test)} test patient(s)")
     if self._volumes is None:
-      from autosam_jax.features.precompute import load_volumes
+      from autosam_jax.data.volumes import load_volumes
       self._volumes = load_volumes(self.data, self.tfds_dir)
     evaluated = evaluate(Path(result["model"]), weights, cache, self.data, self.tfds_dir, self._split_file(),
                          run_dir / "eval", fold=split.name, volumes=self._volumes)

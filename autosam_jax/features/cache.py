@@ -124,6 +124,18 @@ def read_shard_record(path: Path) -> tuple[dict[str, str] | None, str | None]:
   return {part: record[part] for part in _PARTS}, None
 
 
+def work_items(volumes, view_patients: set[str], views: int) -> list[dict[str, Any]]:
+  """The items of a cache of `volumes` (case id -> Volume), in (case, view, slice) order: every slice's clean view 0,
+  and `views` augmented views more of the slices of `view_patients`."""
+  items = []
+  for case_id, volume in volumes.items():
+    for view in range(1 + (views if volume.patient_id in view_patients else 0)):
+      for z in range(volume.image.shape[2]):
+        items.append({"case_id": case_id, "patient_id": volume.patient_id, "frame": volume.frame, "slice_index": z,
+                      "view": view})
+  return items
+
+
 def describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
   keys = sorted(set(old) | set(new))
   changed = [k for k in keys if old.get(k) != new.get(k)]
@@ -315,3 +327,37 @@ class FeatureCache:
     patients, views = set(patients), set(views)
     return np.asarray([i for i, it in enumerate(self.items) if it["patient_id"] in patients and it["view"] in views],
                       np.int64)
+
+
+def open_cache(stack, out_dir: Path, depends_on: dict[str, Any], items: list[dict[str, Any]], shard_size: int,
+               storage_dtype: str) -> CacheWriter:
+  """The `CacheWriter` of `out_dir`, once every input is checked, with the folder locked (`OutputLock`) for the rest
+  of `stack` (a contextlib.ExitStack): one process at a time writes a cache.
+
+  A cache of other inputs, a damaged manifest or a folder of other files is refused before the lock, so a refused
+  command changes nothing. An existing cache is checked, then locked, then its killed run's temporary files are
+  removed; a new cache's folder is made by the lock. Under jax.distributed only process 0 calls this."""
+  from autosam_jax.outputs import OutputLock
+
+  def writer(clean_up: bool) -> CacheWriter:
+    return CacheWriter(out_dir, depends_on, items, shard_size, storage_dtype, clean_up=clean_up)
+
+  if (out_dir / "manifest.json").exists():
+    writer(False)  # checks the existing manifest against these inputs, writing nothing
+  elif out_dir.is_dir() and any(p.name != "shards" and not p.name.startswith(".") for p in out_dir.iterdir()):
+    writer(False)  # a folder of other files: refused (nothing written)
+  stack.enter_context(OutputLock(out_dir))
+  return writer(True)
+
+
+def cache_label_table(cache: FeatureCache):
+  """The label table (`autosam_jax.data.labels.LabelTable`) a cache records; caches written before tables existed
+  are refused."""
+  from autosam_jax.data.labels import table_of_record
+
+  where = cache.cache_dir / "manifest.json"
+  table = table_of_record(cache.manifest["depends_on"], "labels", where)
+  if table is None:
+    raise DataError(f"{where}: records no label table (a cache from an older version); compute the cache again "
+                    "into a new directory")
+  return table

@@ -37,10 +37,11 @@ def write_image_cache(source_dir: str | os.PathLike, tfds_dir: str | os.PathLike
 def _write_image_cache(source_dir, tfds_dir, out_dir, mode, shard_size, *, slice_size, spacing, option_names,
                        stack) -> dict[str, Any]:
   from autosam_jax.data.preprocess import PreprocessConfig, preprocess_volume
+  from autosam_jax.data.volumes import load_volumes
   from autosam_jax.faults import kill_point
-  from autosam_jax.features.precompute import load_volumes, open_cache, work_items
-  from autosam_jax.outputs import check_folder, check_output_path
+  from autosam_jax.features.cache import open_cache, work_items
   from autosam_jax.memory import require_memory
+  from autosam_jax.outputs import check_folder, check_output_path
 
   names = {**OPTION_NAMES, **(option_names or {})}
   out_dir = check_output_path(out_dir, names["out"])

@@ -13,11 +13,12 @@ import json
 import time
 import zlib
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from autosam_jax.data.errors import DataError
+from autosam_jax.models.loading import weights_digest  # train/runs.py imports it from here too
 from autosam_jax.outputs import check_folder, check_output_path
 
 
@@ -34,59 +35,6 @@ class PrecomputeOptions:
 # What the options are called where the user gave them: on precompute's command line, or in a sweep config.
 OPTION_NAMES = {"batch_size": "--batch-size", "shard_size": "--shard-size", "views": "--views", "out": "--out",
                 "tfds_dir": "--tfds-dir"}
-
-
-def _text(value: Any) -> str:
-  return value.decode() if isinstance(value, bytes) else str(value)
-
-
-class LoadedDataset(NamedTuple):
-  volumes: dict[str, Any]  # case id -> autosam_jax.data.slices.Volume
-  fingerprint: str  # SHA-256 of the source files
-  labels: Any  # autosam_jax.data.labels.LabelTable
-
-
-def load_volumes(source_dir: Path, tfds_dir: Path, tfds_option: str = "--tfds-dir") -> LoadedDataset:
-  """Builds (or reuses) the TFDS dataset of the source folder: its volumes by case, fingerprint and label table.
-
-  `tfds_option` names the TFDS folder in an error (a file where the folder should be)."""
-  from autosam_jax.data.build import build
-  from autosam_jax.data.labels import LabelTable
-  from autosam_jax.data.slices import assemble_volumes
-  from autosam_jax.data.validate import validate
-
-  check_folder(tfds_dir, tfds_option)
-  kind = validate(source_dir).layout
-  builder = build("acdc" if kind == "acdc" else "nnunet", source_dir, tfds_dir)
-  volumes = {}
-  for split in builder.info.splits:
-    source = builder.as_data_source(split=split)
-    volumes.update(assemble_volumes(source[i] for i in range(len(source))))
-  labels = LabelTable.from_dict(builder.info.metadata.get("labels"), f"{builder.data_dir} (dataset metadata)")
-  return LoadedDataset(dict(sorted(volumes.items())), builder.info.metadata["source_fingerprint"], labels)
-
-
-def work_items(volumes, view_patients: set[str], views: int) -> list[dict[str, Any]]:
-  items = []
-  for case_id, volume in volumes.items():
-    for view in range(1 + (views if volume.patient_id in view_patients else 0)):
-      for z in range(volume.image.shape[2]):
-        items.append({"case_id": case_id, "patient_id": volume.patient_id, "frame": volume.frame, "slice_index": z,
-                      "view": view})
-  return items
-
-
-def weights_digest(weights_dir: Path) -> str:
-  info = weights_dir / "conversion.json"
-  if not info.is_file():
-    raise DataError(f"{info}: missing; give a directory written by autosam-jax convert")
-  try:
-    record = json.loads(info.read_bytes().decode())
-  except (OSError, UnicodeDecodeError, ValueError) as err:
-    record = err
-  if not isinstance(record, dict):
-    raise DataError(f"{info}: unreadable conversion record ({type(record).__name__}); convert the SAM weights again")
-  return str(record.get("source_sha256", ""))
 
 
 def _count_items(volumes, view_patients: set[str], views: int) -> int:
@@ -184,28 +132,6 @@ class _Preparer:
     return jnp.stack(inputs), np.stack(targets), np.stack(valid)
 
 
-def open_cache(stack, out_dir: Path, depends_on: dict[str, Any], items: list[dict[str, Any]], shard_size: int,
-               storage_dtype: str):
-  """The `CacheWriter` of `out_dir`, once every input is checked, with the folder locked (`OutputLock`) for the rest
-  of `stack` (a contextlib.ExitStack): one process at a time writes a cache.
-
-  A cache of other inputs, a damaged manifest or a folder of other files is refused before the lock, so a refused
-  command changes nothing. An existing cache is checked, then locked, then its killed run's temporary files are
-  removed; a new cache's folder is made by the lock. Under jax.distributed only process 0 calls this."""
-  from autosam_jax.features.cache import CacheWriter
-  from autosam_jax.outputs import OutputLock
-
-  def writer(clean_up: bool) -> CacheWriter:
-    return CacheWriter(out_dir, depends_on, items, shard_size, storage_dtype, clean_up=clean_up)
-
-  if (out_dir / "manifest.json").exists():
-    writer(False)  # checks the existing manifest against these inputs, writing nothing
-  elif out_dir.is_dir() and any(p.name != "shards" and not p.name.startswith(".") for p in out_dir.iterdir()):
-    writer(False)  # a folder of other files: refused (nothing written)
-  stack.enter_context(OutputLock(out_dir))
-  return writer(True)
-
-
 def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | Path, *, tfds_dir: str | Path,
                options: PrecomputeOptions = PrecomputeOptions(), view_patients: set[str] | None = None,
                progress: bool = True, option_names: dict[str, str] | None = None,
@@ -234,8 +160,9 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
 
   from autosam_jax.data.augment import AugmentConfig
   from autosam_jax.data.preprocess import PreprocessConfig
+  from autosam_jax.data.volumes import load_volumes
   from autosam_jax.faults import kill_point
-  from autosam_jax.features.cache import CacheWriter
+  from autosam_jax.features.cache import CacheWriter, open_cache, work_items
   from autosam_jax.models.loading import load_sam, read_config
   from autosam_jax.parallel import all_gather_objects, barrier, local_data_mesh
 

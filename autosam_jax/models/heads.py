@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 from autosam_jax.models.config import SamConfig
-from autosam_jax.models.layers import MLP, ConvTranspose2x2, SameConv, layer_norm
+from autosam_jax.models.init import torch_conv, torch_conv_transpose, torch_mlp, torch_uniform
+from autosam_jax.models.layers import MLP, ConvTranspose2x2, layer_norm
 from autosam_jax.models.mask_decoder import OutputUpscaling
 from autosam_jax.models.prompt_encoder import PositionEmbeddingRandom
 from autosam_jax.models.sam import Sam
@@ -31,6 +32,7 @@ Variant = Literal["faithful", "improved"]
 HeadKind = Literal["autosam", "cnn", "linear"]
 VARIANTS: tuple[str, ...] = ("faithful", "improved")
 HEAD_KINDS: tuple[str, ...] = ("autosam", "cnn", "linear")
+_torch_uniform = torch_uniform  # the former name of models/init.py's torch_uniform, for code that still imports it
 
 
 class Frozen(nnx.Variable):
@@ -59,56 +61,6 @@ def count_params(module: nnx.Module, kind: type[nnx.Variable] = nnx.Param) -> in
 def _check_variant(variant: str) -> None:
   if variant not in VARIANTS:
     raise ValueError(f"unknown head variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-
-
-# PyTorch's default init for Conv2d / ConvTranspose2d (kaiming_uniform with a=sqrt(5), and the bias) is
-# U(-1/sqrt(fan_in), 1/sqrt(fan_in)); new layers of the official heads start from it.
-def _torch_uniform(key: Array, shape: tuple[int, ...], fan_in: int) -> Array:
-  bound = 1.0 / np.sqrt(fan_in)
-  try:
-    words = np.asarray(jax.random.key_data(key)).ravel().tolist()
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    # Traced (nnx.eval_shape, jit): drawn by XLA; flat, because partitionable threefry compiles several times slower
-    # for a 4-D shape than for the same count in 1-D.
-    return jax.random.uniform(key, (int(np.prod(shape)),), jnp.float32, -bound, bound).reshape(shape)
-  # A concrete key: drawn on the host from the key's bits. XLA would compile one sampler per layer shape (~30 ms
-  # each, seconds per head); the draw is as reproducible, a pure function of the key.
-  values = np.random.default_rng(words).uniform(-bound, bound, int(np.prod(shape))).astype(np.float32)
-  return jnp.asarray(values.reshape(shape))
-
-
-def torch_conv(in_features: int, out_features: int, kernel_size: int, *, rngs: nnx.Rngs) -> SameConv:
-  """Conv k x k (k odd), stride 1, zero padding (k - 1) / 2, with bias, initialised as PyTorch's `nn.Conv2d`."""
-  if kernel_size % 2 != 1:
-    raise ValueError(f"kernel size {kernel_size}: only odd sizes keep the resolution with symmetric padding")
-  fan_in = in_features * kernel_size * kernel_size
-  pad = (kernel_size - 1) // 2
-  return SameConv(in_features, out_features, (kernel_size, kernel_size), padding=((pad, pad), (pad, pad)),
-                  kernel_init=lambda key, shape, dtype=None: _torch_uniform(key, shape, fan_in),
-                  bias_init=lambda key, shape, dtype=None: _torch_uniform(key, shape, fan_in), rngs=rngs)
-
-
-def torch_conv_transpose(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> ConvTranspose2x2:
-  """ConvTranspose 2x2 stride 2, initialised as PyTorch's `nn.ConvTranspose2d`.
-
-  PyTorch reads fan_in off dimension 1 of the (in, out, 2, 2) weight, i.e. out_features * 4, not in_features * 4.
-  """
-  # Built abstractly: its own default init would be drawn (and compiled) only to be replaced.
-  layer = nnx.eval_shape(lambda: ConvTranspose2x2(in_features, out_features, rngs=nnx.Rngs(0)))
-  fan_in = out_features * 4
-  layer.kernel = nnx.Param(_torch_uniform(rngs.params(), (in_features, 2, 2, out_features), fan_in))
-  layer.bias = nnx.Param(_torch_uniform(rngs.params(), (out_features,), fan_in))
-  return layer
-
-
-def torch_mlp(input_dim: int, hidden_dim: int, output_dim: int, num_layers: int, *, rngs: nnx.Rngs) -> MLP:
-  """SAM's MLP with every `nn.Linear` as PyTorch initialises it: weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  mlp = nnx.eval_shape(lambda: MLP(input_dim, hidden_dim, output_dim, num_layers, rngs=nnx.Rngs(0)))
-  for layer in mlp.layers:
-    fan_in, fan_out = layer.kernel.shape
-    layer.kernel = nnx.Param(_torch_uniform(rngs.params(), (fan_in, fan_out), fan_in))
-    layer.bias = nnx.Param(_torch_uniform(rngs.params(), (fan_out,), fan_in))
-  return mlp
 
 
 def _torch_init_upscaling(dim: int, *, rngs: nnx.Rngs) -> OutputUpscaling:

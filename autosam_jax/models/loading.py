@@ -1,4 +1,5 @@
-"""Loading converted SAM checkpoints (written by `weights_conversion`) as NNX modules."""
+"""Loading converted SAM checkpoints (written by `weights_conversion`) as NNX modules, and what such a folder records:
+its SAM config (`read_config`) and the digest of the checkpoint it was converted from (`weights_digest`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import jax
 from flax import nnx
 
 from autosam_jax.checksums import verify_checksums
-from autosam_jax.errors import CheckpointError  # noqa: F401 - importable from here too
+from autosam_jax.errors import CheckpointError, DataError
 from autosam_jax.faults import restore_or_raise
 from autosam_jax.models.config import SamConfig
 from autosam_jax.models.sam import Sam
@@ -27,6 +28,20 @@ def read_config(path: str | os.PathLike) -> SamConfig:
     return SamConfig.from_dict(json.loads(config_file.read_text()), source=str(config_file))
   except (json.JSONDecodeError, TypeError, ValueError) as err:
     raise CheckpointError(f"{config_file}: not a valid SAM config: {err}") from None
+
+
+def weights_digest(weights_dir: Path) -> str:
+  """The SHA-256 of the checkpoint a converted-weights folder was made from ("" when its record names none)."""
+  info = weights_dir / "conversion.json"
+  if not info.is_file():
+    raise DataError(f"{info}: missing; give a directory written by autosam-jax convert")
+  try:
+    record = json.loads(info.read_bytes().decode())
+  except (OSError, UnicodeDecodeError, ValueError) as err:
+    record = err
+  if not isinstance(record, dict):
+    raise DataError(f"{info}: unreadable conversion record ({type(record).__name__}); convert the SAM weights again")
+  return str(record.get("source_sha256", ""))
 
 
 def _str_keys(tree):

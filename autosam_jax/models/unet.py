@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from autosam_jax.models.heads import torch_conv, torch_conv_transpose
+from autosam_jax.models.init import torch_conv, torch_conv_transpose
 
 Array = jax.Array
 

@@ -239,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
   import torch
 
   from autosam_jax.data.synthetic import write_synthetic_acdc
+  from autosam_jax.data.volumes import load_volumes
   from autosam_jax.features.cache import FeatureCache
-  from autosam_jax.features.precompute import load_volumes
   from weights_conversion import convert
   from weights_conversion.meta_reference import build_meta_sam, save_meta_checkpoint
 

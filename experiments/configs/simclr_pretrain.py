@@ -2,12 +2,7 @@
 decay 1e-5, batch 8, 100 epochs, NT-Xent at temperature 0.5, the official cosine quirk (T_max in iterations, stepped
 once per epoch from epoch 10), the official augmentation for both views (drawn independently; spec 6.21).
 
-  autosam-jax image-cache --data ~/data/ACDC --out cache/images_faithful
-  autosam-jax pretrain-simclr --config experiments/configs/simclr_pretrain.py --cache cache/images_faithful \\
-      --splits splits/cv5.json --fold cv5-seed0-fold0 --out runs/simclr_fold0
-  autosam-jax train --config experiments/configs/unet_faithful.py --cache cache/images_faithful \\
-      --splits splits/cv5.json --fold cv5-seed0-fold0 --tr-size 1 --out runs/unet_simclr_tr1 \\
-      --set init_encoder=runs/simclr_fold0/encoder
+  autosam-jax pretrain-simclr --config experiments/configs/simclr_pretrain.py ...   (autosam-jax pretrain-simclr -h)
 
 Pretraining uses every training patient of the fold (labels unused); fine-tuning then starts the UNet's encoder
 from runs/simclr_fold0/encoder and its decoder from random, as the official `main_baseline.py --saved_model_path`
