@@ -120,6 +120,20 @@ def test_config_round_trip_and_rejections():
       SimclrConfig.from_dict(bad, source="cfg.py")
 
 
+def test_config_refusals_name_the_source_and_the_field_in_one_line():
+  for values, message in [({"augment": "none"}, "augment must be one of faithful, improved, got 'none'"),
+                          ({"schedule": "step"}, "schedule must be one of faithful, improved, got 'step'"),
+                          ({"batch_size": True}, "batch_size must be int, got bool True"),
+                          ({"temperature": 0}, "temperature must be a finite number, positive, got 0"),
+                          ({"seed": 2 ** 63}, "seed must be an integer, below 2**63, got 9223372036854775808")]:
+    with pytest.raises(DataError) as refused:
+      SimclrConfig.from_dict(values, source="cfg.py")
+    assert str(refused.value) == f"cfg.py: {message}"
+  with pytest.raises(DataError, match=r"^SimCLR config: epochs must be int, got bool True$"):
+    SimclrConfig(epochs=True)
+  assert type(SimclrConfig(weight_decay=0).weight_decay) is float
+
+
 @pytest.fixture(scope="module")
 def image_cache(tmp_path_factory):
   from autosam_jax.data.synthetic import write_synthetic_acdc
@@ -223,8 +237,20 @@ def _checkpoint_steps(run_dir):
   return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
 
 
+def _saved_learning_rate(checkpoint):
+  import jax
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as checkpointer:
+    state = checkpointer.restore((checkpoint / "state").absolute())
+  found = [np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+           if "learning_rate" in jax.tree_util.keystr(path)]
+  assert len(found) == 1, f"no learning rate in the optimizer state of {checkpoint}"
+  return found[0]
+
+
 def test_killed_run_resumes_to_the_same_encoder_and_losses(pretrained, image_cache, tmp_path, kill_at):
-  from autosam_jax.train.simclr import pretrain_simclr
+  from autosam_jax.train.simclr import learning_rate_at, pretrain_simclr
 
   reference, _ = pretrained
   out = tmp_path / "run"
@@ -234,6 +260,8 @@ def test_killed_run_resumes_to_the_same_encoder_and_losses(pretrained, image_cac
     pretrain_simclr(CONFIG, image_cache, out, PATIENTS, progress=False)
   assert _checkpoint_steps(out) == [4] and not (out / "encoder").exists()
   assert [(r["kind"], r["step"]) for r in _rows(out)][-2:] == [("step", 4), ("epoch", 4)]
+  # the optimizer state holds the learning rate, the next epoch's once the epoch has ended
+  assert _saved_learning_rate(out / "checkpoints" / "4") == np.float32(learning_rate_at(CONFIG, 1, 4, 4))
   # The rerun resumes there and is interrupted one step into the second epoch: the checkpoint is epoch 0's, and
   # step 5 was logged but not checkpointed.
   kill_at("simclr.step:1")

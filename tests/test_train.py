@@ -146,6 +146,140 @@ def test_non_finite_loss_stops_with_the_step(setup, tmp_path):
     train(CONFIG, setup["cache"], poisoned, tmp_path / "nan", list(setup["split"].labeled(1)), [], progress=False)
 
 
+def _saved_learning_rate(checkpoint):
+  """The learning rate a run checkpoint's optimizer state holds."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as checkpointer:
+    state = checkpointer.restore((checkpoint / "state").absolute())
+  found = [np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+           if "learning_rate" in jax.tree_util.keystr(path)]
+  assert len(found) == 1, f"no learning rate in the optimizer state of {checkpoint}"
+  return found[0]
+
+
+def test_the_learning_rate_is_in_the_optimizer_state_across_a_resume(setup, tmp_path, monkeypatch, kill_at):
+  """The plateau's cut (here at every epoch end from plateau_start_epoch 1: patience -1) is the optimizer state's
+  learning rate: the checkpoint after epoch 1 holds the rate of epoch 2, and the run resumed from it ends as the
+  uninterrupted one, bit for bit."""
+  import functools
+
+  from autosam_jax.train import schedules
+
+  monkeypatch.setattr(schedules, "ReduceLROnPlateau", functools.partial(schedules.ReduceLROnPlateau, patience=-1))
+  reference = tmp_path / "reference"
+  steps = _run(setup, reference)["steps"]
+  rows = [json.loads(l) for l in (reference / "metrics.jsonl").read_text().splitlines()]
+  cut = float(np.float32(CONFIG.learning_rate * 0.1))
+  assert [r["lr"] for r in rows if r["kind"] == "epoch"] == [float(np.float32(CONFIG.learning_rate))] * 2 + [cut]
+  out = tmp_path / "run"
+  kill_at("train.epoch_saved:2")  # right after the checkpoint of epoch 1
+  with pytest.raises(KeyboardInterrupt):
+    _run(setup, out)
+  saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())[-1]
+  assert saved == 2 * steps // CONFIG.epochs
+  assert _saved_learning_rate(out / "checkpoints" / str(saved)) == np.float32(cut)
+  kill_at("nowhere")
+  _run(setup, out)
+  _assert_same_run(out, reference)
+
+
+def test_a_non_finite_step_is_found_at_the_next_read_and_nothing_after_it_is_checkpointed(setup, tmp_path,
+                                                                                          monkeypatch, kill_at):
+  """One NaN image in a chosen batch: the steps run on without the host reading them, and the next read (every
+  sync_every_steps steps, or before a checkpoint) names the first non-finite step; its row, the later ones and a
+  checkpoint due after it are never written, a checkpoint before it is kept."""
+  import dataclasses
+
+  from autosam_jax import faults
+  from autosam_jax.train import loop
+
+  poisoned = {}
+  order, example = loop.HeadTraining.epoch_order, loop.HeadTraining.example
+
+  def poisoned_order(self, epoch):
+    result = order(self, epoch)
+    if epoch == 0:
+      poisoned["index"] = int(result[(poisoned["step"] - 1) * CONFIG.batch_size])  # first of that step's batch
+    return result
+
+  def poisoned_example(self, index):
+    item = example(self, index)
+    return {**item, "embedding": item["embedding"] * np.nan} if index == poisoned["index"] else item
+
+  monkeypatch.setattr(loop.HeadTraining, "epoch_order", poisoned_order)
+  monkeypatch.setattr(loop.HeadTraining, "example", poisoned_example)
+  step_rows = lambda out: [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()
+                           if json.loads(l)["kind"] == "step"]
+  checkpoints = lambda out: sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+
+  # read every 3 steps: steps 1 to 3 are dispatched, and the read after step 3 finds step 2
+  poisoned["step"] = 2
+  kill_at("train.step:1000")  # counts the steps that passed their kill point
+  with pytest.raises(NonFiniteLossError, match=r"non-finite loss or gradient at step 2 \(epoch 0\)"):
+    _run(setup, tmp_path / "periodic", sync_every_steps=3)
+  assert faults._hits["train.step"] == 2  # step 3 ran before the read that found step 2
+  assert step_rows(tmp_path / "periodic") == [1] and checkpoints(tmp_path / "periodic") == []
+
+  # checkpoints every 2 steps, no periodic read: the one at step 2 is kept, the read at the epoch's end names step 3
+  poisoned["step"] = 3
+  config = dataclasses.replace(CONFIG, checkpoint_every_steps=2)
+  with pytest.raises(NonFiniteLossError, match="at step 3 "):
+    _run(setup, tmp_path / "checkpointed", config, sync_every_steps=1000)
+  assert step_rows(tmp_path / "checkpointed") == [1, 2] and checkpoints(tmp_path / "checkpointed") == [2]
+
+
+def test_typed_config_refusals_are_one_line_naming_the_source_and_the_field():
+  import dataclasses
+
+  from autosam_jax.data.errors import DataError
+  from autosam_jax.typed_config import TypedConfig, option
+
+  @dataclasses.dataclass(frozen=True)
+  class Toy(TypedConfig):
+    OPTIONS = "toy"
+    count: int = option(1, at_least=1)
+    rate: float = option(0.5, above=0, finite=True)
+    mode: str = option("a", choices=("a", "b"))
+    sizes: tuple[int, ...] = option((1,), at_least=0)
+    label: str | None = None
+    flag: bool = False
+
+  toy = Toy.from_dict({"count": 2, "rate": 1, "sizes": [2, 3], "label": None}, source="toy.py")
+  assert toy == Toy(count=2, rate=1.0, sizes=(2, 3)) and type(toy.rate) is float and Toy.from_dict(toy.to_dict()) == toy
+  for values, message in [
+      ({"cont": 2}, "unknown toy option(s) ['cont']; known: ['count', 'flag', 'label', 'mode', 'rate', 'sizes']"),
+      ({"count": True}, "count must be int, got bool True"),  # bool is not an int
+      ({"flag": 1}, "flag must be bool, got int 1"),
+      ({"count": 0}, "count must be a positive integer, got 0"),
+      ({"rate": -1}, "rate must be a finite number, positive, got -1"),
+      ({"rate": float("inf")}, "rate must be a finite number, got inf"),
+      ({"mode": "c"}, "mode must be one of a, b, got 'c'"),
+      ({"sizes": [1, -1]}, "sizes: every item must be an integer, 0 or more, got [1, -1]"),
+      ({"sizes": 3}, "sizes must be a list of int, got int 3"),
+      ({"label": 3}, "label must be str or None, got int 3")]:
+    with pytest.raises(DataError) as refused:
+      Toy.from_dict(values, source="toy.py")
+    assert str(refused.value) == f"toy.py: {message}"
+  # constructed directly, or replaced: the same rules, named by the options' kind
+  with pytest.raises(DataError, match=r"^toy config: count must be a positive integer, got 0$"):
+    Toy(count=0)
+  with pytest.raises(DataError, match=r"^toy config: mode must be one of a, b, got 'c'$"):
+    dataclasses.replace(toy, mode="c")
+
+  for values, message in [({"scheduler": "step"}, "scheduler must be one of plateau_train_loss, plateau_val_dice, "
+                                                  "got 'step'"),
+                          ({"epochs": True}, "epochs must be int, got bool True"),
+                          ({"seed": -1}, "seed must be an integer, 0 or more, got -1"),
+                          ({"augment": "strong"}, "augment must be one of none, faithful, improved, got 'strong'")]:
+    with pytest.raises(DataError) as refused:
+      TrainConfig.from_dict(values, source="cfg.py")
+    assert str(refused.value) == f"cfg.py: {message}"
+  with pytest.raises(DataError, match=r"^training config: epochs must be int, got str '3'$"):
+    TrainConfig(epochs="3")
+
+
 def test_four_devices_give_the_same_loss_curve(setup, uninterrupted, tmp_path):
   script = f"""
 import sys, json

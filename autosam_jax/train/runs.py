@@ -1,18 +1,16 @@
-"""One training run of a split: the config from its file, the split's labeled patients, the model, the run's identity."""
+"""One training run of a split: the config from its file, the split's labeled patients, the model, the run's
+identity."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
-
-
 def load_config(path: Path, overrides: list[str]):
-  from autosam_jax.config_files import apply_overrides, read_config_file
+  """The TrainConfig of a config file's get_config() and `--set NAME=VALUE` overrides."""
   from autosam_jax.train.loop import TrainConfig
 
-  values = apply_overrides(read_config_file(path), overrides)
-  return TrainConfig.from_dict(values, source=str(path))
+  return TrainConfig.from_file(path, overrides)
 
 
 def run_inputs(config, splits_file: Path, split, tr_size: int, weights: Path | None) -> dict:

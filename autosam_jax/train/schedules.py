@@ -1,9 +1,54 @@
-"""Learning-rate control across epochs, on the host (it acts once per epoch)."""
+"""The learning rate: an injected hyperparameter of the optimizer state (so checkpoints carry it), set from the host
+by the schedules (they act at most once per step: the plateau once per epoch, the cosines per epoch or per step).
+
+  tx = injected_optimizer(optax.scale_by_adam(), learning_rate=5e-4)   # Adam whose rate lives in its state
+  opt_state = with_learning_rate(opt_state, 5e-5)                      # what a schedule's decision does
+  learning_rate_of(opt_state)                                          # the rate the next update uses
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
+
+
+def injected_optimizer(direction, learning_rate: float):
+  """`direction` (e.g. optax.scale_by_adam()), then a step of -learning_rate along it, the rate held in the
+  optimizer state (`optax.inject_hyperparams`) rather than compiled in, so a schedule changes it without recompiling
+  and a checkpoint of the state carries it."""
+  import optax
+
+  def build(learning_rate):
+    return optax.chain(direction, optax.scale_by_learning_rate(learning_rate))
+
+  return optax.inject_hyperparams(build)(learning_rate=learning_rate)
+
+
+def _injected(node: Any) -> bool:
+  return isinstance(node, tuple) and hasattr(node, "hyperparams") and hasattr(node, "inner_state")
+
+
+def learning_rate_of(opt_state) -> Any:
+  """The learning-rate hyperparameter of the (first) injected optimizer in `opt_state`, as an array."""
+  import jax
+
+  for node in jax.tree.leaves(opt_state, is_leaf=_injected):
+    if _injected(node) and "learning_rate" in node.hyperparams:
+      return node.hyperparams["learning_rate"]
+  raise ValueError("the optimizer state holds no injected learning_rate (build it with injected_optimizer)")
+
+
+def with_learning_rate(opt_state, value):
+  """`opt_state` with every injected learning_rate replaced by `value` (an array placed as the state is)."""
+  import jax
+
+  def replace(node):
+    if _injected(node) and "learning_rate" in node.hyperparams:
+      return node._replace(hyperparams={**node.hyperparams, "learning_rate": value})
+    return node
+
+  return jax.tree.map(replace, opt_state, is_leaf=_injected)
 
 
 @dataclasses.dataclass

@@ -18,9 +18,10 @@ Where this differs from the official code, and why:
 - Slices are those of the given patients (all training patients of a split), not the official `tr_size` truncation of
   `generate_contrast_dataset`.
 
-The train state is a plain pytree {"params", "opt_state", "step"}. Batches come from a numpy shuffle of
-(seed, epoch) and the augmentation key from (seed, step), so a checkpoint at each epoch's end is all a killed run
-needs to resume and end with the same parameters as an uninterrupted one.
+The train state is a plain pytree {"params", "opt_state", "step"}, trained through the trainer core
+(`train/core.py`). Batches come from a numpy shuffle of (seed, epoch) and the augmentation key from (seed, step), so a
+checkpoint at each epoch's end is all a killed run needs to resume and end with the same parameters as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -30,20 +31,20 @@ import functools
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from autosam_jax.data.augment import AugmentConfig, augment_batch
-from autosam_jax.data.errors import DataError
-from autosam_jax.models.heads import _torch_uniform
+from autosam_jax.errors import DataError
+from autosam_jax.models.init import torch_linear
 from autosam_jax.models.unet import UNetEncoder
+from autosam_jax.train.core import EpochEnd, KillPoints, LoopOptions, Method, StepProgram
+from autosam_jax.typed_config import TypedConfig, option
 
 SCHEDULES = ("faithful", "improved")
 AUGMENT_MODES = ("faithful", "improved")
@@ -52,63 +53,25 @@ ENCODER_CONFIG = "simclr_config.json"
 
 
 @dataclasses.dataclass(frozen=True)
-class SimclrConfig:
-  epochs: int = 100
-  batch_size: int = 8  # images per step; each gives two views, so NT-Xent sees 2 * batch_size samples
-  learning_rate: float = 3e-4
-  weight_decay: float = 1e-5  # L2 added to the gradient before Adam, as torch.optim.Adam(weight_decay=...) does
-  temperature: float = 0.5
+class SimclrConfig(TypedConfig):
+  OPTIONS = "SimCLR"
+
+  epochs: int = option(100, at_least=1)
+  # images per step; each gives two views, so NT-Xent sees 2 * batch_size samples
+  batch_size: int = option(8, at_least=1)
+  learning_rate: float = option(3e-4, above=0, finite=True)
+  # L2 added to the gradient before Adam, as torch.optim.Adam(weight_decay=...) does
+  weight_decay: float = option(1e-5, at_least=0, finite=True)
+  temperature: float = option(0.5, above=0, finite=True)
   # faithful: the official CosineAnnealingLR(T_max=iterations per epoch, eta_min=0) stepped once per epoch and only
   # from the end of epoch `schedule_start_epoch` on (see `learning_rate_at`); improved: cosine to 0 over all steps.
-  schedule: str = "faithful"
-  schedule_start_epoch: int = 10
-  augment: str = "faithful"  # AugmentConfig.for_mode(...) for both views
-  seed: int = 0
-  unet_base_channels: int = 64  # the official width; smaller only for quick tests
-  projection_hidden: int = 512
-  projection_dim: int = 256
-
-  def __post_init__(self):
-    if self.schedule not in SCHEDULES:
-      raise DataError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
-    if self.augment not in AUGMENT_MODES:
-      raise DataError(f"augment must be one of {list(AUGMENT_MODES)}, got {self.augment!r}")
-    for name in ("epochs", "batch_size", "unet_base_channels", "projection_hidden", "projection_dim", "seed",
-                 "schedule_start_epoch"):
-      value, least = getattr(self, name), 0 if name in ("seed", "schedule_start_epoch") else 1
-      # bool is an int to isinstance, but `epochs=True` is a mistake, not a number
-      if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise DataError(f"{name} must be {'a positive integer' if least else 'an integer, 0 or more'}, got {value!r}")
-    if self.seed >= 2 ** 63:  # jax.random.key takes a 64-bit signed seed
-      raise DataError(f"seed must be below 2**63, got {self.seed}")
-    for name, least in (("learning_rate", "positive"), ("temperature", "positive"), ("weight_decay", "0 or more")):
-      value = getattr(self, name)
-      number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-      if not number or value < 0 or (least == "positive" and value == 0):
-        raise DataError(f"{name} must be a finite number, {least}, got {value!r}")
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, values: dict[str, Any], source: str = "config") -> "SimclrConfig":
-    """Checks names and types first, so a typo in a config file or a --set is one line naming the option."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-      raise DataError(f"{source}: unknown SimCLR option(s) {unknown}; known: {sorted(fields)}")
-    defaults = cls()
-    for name, value in values.items():
-      expected = type(getattr(defaults, name))
-      # bool is an int to isinstance, but `epochs=True` is a mistake, not a number.
-      wrong = isinstance(value, bool) or not isinstance(value, expected)
-      if wrong and not (expected is float and isinstance(value, int) and not isinstance(value, bool)):
-        raise DataError(f"{source}: {name} must be {expected.__name__}, got {type(value).__name__} {value!r}")
-    values = {k: float(v) if isinstance(getattr(defaults, k), float) else v for k, v in values.items()}
-    try:
-      return cls(**values)
-    except DataError as err:
-      raise DataError(f"{source}: {err}") from None
+  schedule: str = option("faithful", choices=SCHEDULES)
+  schedule_start_epoch: int = option(10, at_least=0)
+  augment: str = option("faithful", choices=AUGMENT_MODES)  # AugmentConfig.for_mode(...) for both views
+  seed: int = option(0, at_least=0, below=2 ** 63)  # jax.random.key takes a 64-bit signed seed
+  unet_base_channels: int = option(64, at_least=1)  # the official width; smaller only for quick tests
+  projection_hidden: int = option(512, at_least=1)
+  projection_dim: int = option(256, at_least=1)
 
 
 def learning_rate_at(config: SimclrConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -128,12 +91,6 @@ def learning_rate_at(config: SimclrConfig, epoch: int, step: int, steps_per_epoc
   return config.learning_rate * (1 + math.cos(math.pi * step / total)) / 2
 
 
-def _torch_linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear:
-  """nn.Linear as PyTorch initialises it: weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  init = lambda key, shape, dtype=None: _torch_uniform(key, shape, in_features)
-  return nnx.Linear(in_features, out_features, kernel_init=init, bias_init=init, rngs=rngs)
-
-
 class SimclrModel(nnx.Module):
   """`GlobalConUnet`: UNetEncoder -> global average pool -> Linear 8f -> hidden -> Linear hidden -> dim.
 
@@ -144,8 +101,8 @@ class SimclrModel(nnx.Module):
   def __init__(self, config: SimclrConfig, in_channels: int = 3, *, rngs: nnx.Rngs):
     f = config.unet_base_channels
     self.encoder = UNetEncoder(in_channels, f, rngs=rngs)
-    self.f1 = _torch_linear(8 * f, config.projection_hidden, rngs=rngs)
-    self.f2 = _torch_linear(config.projection_hidden, config.projection_dim, rngs=rngs)
+    self.f1 = torch_linear(8 * f, config.projection_hidden, rngs=rngs)
+    self.f2 = torch_linear(config.projection_hidden, config.projection_dim, rngs=rngs)
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """(B, H, W, in_channels) -> projections (B, projection_dim)."""
@@ -185,12 +142,6 @@ def nt_xent_loss(z1, z2, temperature: float, weight=None):
   return jnp.sum(weight * per_anchor) / jnp.maximum(jnp.sum(weight), 1e-12)
 
 
-def _optimizer(config: SimclrConfig) -> optax.GradientTransformation:
-  """torch.optim.Adam(lr=1, weight_decay): the L2 term joins the gradient before the moments. The learning rate
-  multiplies the update in the step, so the schedule can change it without recompiling."""
-  return optax.chain(optax.add_decayed_weights(config.weight_decay), optax.scale_by_adam(), optax.scale(-1.0))
-
-
 @functools.partial(jax.jit, static_argnums=(0,))
 def initial_params(config: SimclrConfig) -> nnx.State:
   """The model's parameters at init, drawn in one compiled program (layer by layer eagerly, the many small random
@@ -198,78 +149,66 @@ def initial_params(config: SimclrConfig) -> nnx.State:
   return nnx.state(build_model(config, rngs=nnx.Rngs(config.seed)), nnx.Param)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnums=(0,))
-def train_step(state, batch, learning_rate, *, graphdef: nnx.GraphDef, config: SimclrConfig):
-  """One SimCLR step on a batch {"image" (B, H, W, C) clean slices, "weight" (B,)}; returns the new state (the old
-  one is donated) and {"loss", "finite"}. The graph and config are static, so every run with the same ones (a
-  resumption in the same process, a test) reuses one compiled program."""
-  images, weight = batch["image"], batch["weight"]
-  n = images.shape[0]
-  # Two independent views (spec 6.21 fixed): the whole pipeline applied to the clean slice twice, each time with its
-  # own key. augment_batch gives sample i of its batch the key split(key, 2n)[i], so one call on the batch stacked
-  # twice does this (view 1 of slice i draws from key i, view 2 from key n + i) and compiles the pipeline once.
-  # The key comes from (seed, step), so a resumed run draws the same views.
-  key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
-  stacked = jnp.concatenate([images, images])
-  no_labels = jnp.zeros(stacked.shape[:3], jnp.int32)  # augment_batch moves labels too; these are unused
-  views, _ = augment_batch(key, stacked, no_labels, AugmentConfig.for_mode(config.augment))
+@dataclasses.dataclass(frozen=True)
+class SimclrProgram(StepProgram):
+  """One SimCLR step on a batch {"image" (B, H, W, C) clean slices, "weight" (B,)}: torch.optim.Adam with L2 weight
+  decay (the L2 term joins the gradient before the moments), NT-Xent between two augmented views of every slice.
+  The graph and config are static, so every run with the same ones (a resumption in the same process, a test)
+  reuses one compiled program."""
+  graphdef: nnx.GraphDef
+  config: SimclrConfig
 
-  def loss_fn(params):
+  def optimizer(self, learning_rate):
+    import optax
+
+    from autosam_jax.train.schedules import injected_optimizer
+
+    direction = optax.chain(optax.add_decayed_weights(self.config.weight_decay), optax.scale_by_adam())
+    return injected_optimizer(direction, learning_rate)
+
+  def prepare(self, batch, step):
+    # Two independent views (spec 6.21 fixed): the whole pipeline applied to the clean slice twice, each time with its
+    # own key. augment_batch gives sample i of its batch the key split(key, 2n)[i], so one call on the batch stacked
+    # twice does this (view 1 of slice i draws from key i, view 2 from key n + i) and compiles the pipeline once.
+    # The key comes from (seed, step), so a resumed run draws the same views.
+    images = batch["image"]
+    key = jax.random.fold_in(jax.random.key(self.config.seed), step)
+    stacked = jnp.concatenate([images, images])
+    no_labels = jnp.zeros(stacked.shape[:3], jnp.int32)  # augment_batch moves labels too; these are unused
+    views, _ = augment_batch(key, stacked, no_labels, AugmentConfig.for_mode(self.config.augment))
+    return {"views": views, "weight": batch["weight"]}
+
+  def loss(self, params, frozen, batch):
     # One forward pass over both views: InstanceNorm is per sample, so this equals the official two passes.
-    z = nnx.merge(graphdef, params)(views)
-    return nt_xent_loss(z[:n], z[n:], config.temperature, weight)
-
-  loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-  updates, opt_state = _optimizer(config).update(grads, state["opt_state"], state["params"])
-  updates = jax.tree.map(lambda u: u * learning_rate, updates)
-  params = optax.apply_updates(state["params"], updates)
-  finite = jnp.isfinite(loss) & jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-  return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, {"loss": loss, "finite": finite}
+    n = batch["weight"].shape[0]
+    z = nnx.merge(self.graphdef, params)(batch["views"])
+    return nt_xent_loss(z[:n], z[n:], self.config.temperature, batch["weight"]), {}
 
 
-def epoch_batches(indices: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-  """The cache indices of each batch of an epoch: a numpy permutation drawn from (seed, epoch), cut into batches
-  (the last one may be short; it is padded when loaded)."""
-  order = np.random.default_rng([seed, epoch]).permutation(len(indices))
-  shuffled = np.asarray(indices)[order]
-  return [shuffled[start:start + batch_size] for start in range(0, len(shuffled), batch_size)]
-
-
-def load_batch(cache, chunk: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
-  """Images (batch_size, H, W, C) and weights (batch_size,); rows past the chunk are zero images of weight 0, so
-  every step has one shape and nothing recompiles."""
-  images = np.stack([np.asarray(cache[int(i)]["embedding"], np.float32) for i in chunk])
-  weight = np.ones(len(chunk), np.float32)
-  missing = batch_size - len(chunk)
-  if missing:
-    images = np.concatenate([images, np.zeros((missing, *images.shape[1:]), np.float32)])
-    weight = np.concatenate([weight, np.zeros(missing, np.float32)])
-  return {"image": images, "weight": weight}
+def epoch_order(indices: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+  """The cache indices of an epoch in the order they are trained on: a numpy permutation drawn from (seed, epoch),
+  cut into batches by the loop (the last one padded)."""
+  return np.asarray(indices)[np.random.default_rng([seed, epoch]).permutation(len(indices))]
 
 
 def plot_loss_curve(metrics_file: Path, png: Path) -> None:
   """NT-Xent per step (faint) and its mean per epoch, against the epoch."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from autosam_jax.train.core import figure, read_rows, save_figure
 
-  rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
+  rows = read_rows(metrics_file)
   epochs = [r for r in rows if r.get("kind") == "epoch"]
   if not epochs:
     return
   steps = [r for r in rows if r.get("kind") == "step"]
   steps_per_epoch = max(1, epochs[0]["step"])
-  fig, ax = plt.subplots(figsize=(6, 3.8))
+  fig, ax = figure(figsize=(6, 3.8))
   if steps:
     ax.plot([r["step"] / steps_per_epoch for r in steps], [r["loss"] for r in steps], alpha=0.3, lw=0.8,
             label="step")
   ax.plot([r["epoch"] + 1 for r in epochs], [r["train_loss"] for r in epochs], marker=".", label="epoch mean")
   ax.set_xlabel("epochs completed"), ax.set_ylabel("NT-Xent loss"), ax.legend()
   fig.tight_layout()
-  tmp = png.with_name(f".{png.name}.tmp.png")
-  fig.savefig(tmp, dpi=100)
-  plt.close(fig)
-  os.replace(tmp, png)
+  save_figure(fig, png)
 
 
 def save_encoder(directory: Path, encoder_params: dict[str, Any], config: SimclrConfig) -> None:
@@ -300,22 +239,66 @@ def check_memory(config: SimclrConfig, abstract_params, image_shape: tuple[int, 
   pixels = int(np.prod(image_shape[:2]))
   batch_bytes = config.batch_size * (8 * pixels * int(np.prod(image_shape[2:])) * 4
                                      + 2 * pixels * config.unet_base_channels * 4)
-  option = "batch_size" if batch_bytes >= param_bytes else "unet_base_channels"
-  require_memory(param_bytes + batch_bytes, f"SimCLR {option} {getattr(config, option)}",
-                 f"choose a smaller {option}")
+  option_name = "batch_size" if batch_bytes >= param_bytes else "unet_base_channels"
+  require_memory(param_bytes + batch_bytes, f"SimCLR {option_name} {getattr(config, option_name)}",
+                 f"choose a smaller {option_name}")
+
+
+class SimclrPretraining(Method):
+  """SimCLR pretraining as the trainer core's method: the clean slices of the patients, the schedule of
+  `learning_rate_at`, an epoch row of the mean and last NT-Xent, a checkpoint at every epoch's end, and at the end
+  the encoder (OUT/encoder/)."""
+
+  diverged = "SimCLR loss"
+  meta_keys = ("patients",)
+
+  def __init__(self, config: SimclrConfig, cache, indices: np.ndarray, graphdef, params, patients: list[str],
+               out_dir: Path):
+    self.simclr_config, self.config = config, config.to_dict()
+    self.program = SimclrProgram(graphdef, config)
+    self.params, self.frozen = params, None
+    self.cache, self.indices, self.patients, self.out_dir = cache, indices, patients, Path(out_dir)
+    self.steps_per_epoch = -(-len(indices) // config.batch_size)
+    image = self.example(int(indices[0]))["image"]
+    self.padding = {"image": np.zeros_like(image), "weight": np.float32(0)}
+
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    return epoch_order(self.indices, self.simclr_config.seed, epoch)
+
+  def example(self, index: int) -> dict[str, np.ndarray]:
+    return {"image": np.asarray(self.cache[index]["embedding"], np.float32), "weight": np.float32(1)}
+
+  def learning_rate(self, epoch: int, step: int) -> float:
+    return learning_rate_at(self.simclr_config, epoch, step, self.steps_per_epoch)
+
+  def end_epoch(self, end: EpochEnd) -> tuple[dict[str, Any], bool]:
+    return {"kind": "epoch", "step": end.step, "epoch": end.epoch, "train_loss": float(np.mean(end.losses)),
+            "last_loss": end.losses[-1], "lr": end.learning_rate}, True
+
+  def meta(self) -> dict[str, Any]:
+    return {"patients": self.patients}
+
+  def finish(self, state, frozen, last: dict[str, Any]) -> dict[str, Any]:
+    encoder_params = jax.device_get(nnx.to_pure_dict(state["params"])["encoder"])
+    save_encoder(self.out_dir / "encoder", encoder_params, self.simclr_config)
+    return {"slices": len(self.indices), "encoder": str(self.out_dir / "encoder")}
+
+  def plot(self, metrics_file: Path, png: Path) -> None:
+    plot_loss_curve(metrics_file, png)
 
 
 def pretrain_simclr(config: SimclrConfig, cache_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                    patients: list[str], *, progress: bool = True, stop_after_steps: int | None = None
-                    ) -> dict[str, Any]:
+                    patients: list[str], *, progress: bool = True, stop_after_steps: int | None = None,
+                    sync_every_steps: int | None = None) -> dict[str, Any]:
   """Pretrains (or resumes) the SimCLR model on the clean slices (view 0) of `patients` in an image cache.
 
   Labels are never read. Writes OUT/run.json (what the run is made from: the config, the image cache's manifest
   digest, the patients; a rerun with anything else is refused, naming the field), config.json, metrics.jsonl (a row
   per step and per epoch), curves.png, checkpoints/ (one per epoch) and, at the end, encoder/. One process at a time
   writes OUT (OUT/.lock, taken once every input is checked). `stop_after_steps` ends the run as if it had been killed
-  after that many steps (for tests of resumption). Returns timings, the step count, the encoder's directory and the
-  last epoch's row.
+  after that many steps (for tests of resumption); `sync_every_steps` is how often the host reads the losses back
+  (core.SYNC_EVERY_STEPS by default). Returns timings, the step count, the encoder's directory and the last epoch's
+  row.
   """
   import contextlib
 
@@ -324,21 +307,14 @@ def pretrain_simclr(config: SimclrConfig, cache_dir: str | os.PathLike, out_dir:
   out_dir = check_output_path(out_dir)
   with contextlib.ExitStack() as stack:  # holds OUT's lock, once taken, to the end
     return _pretrain_simclr(config, cache_dir, out_dir, patients, progress=progress,
-                            stop_after_steps=stop_after_steps, stack=stack)
+                            stop_after_steps=stop_after_steps, sync_every_steps=sync_every_steps, stack=stack)
 
 
-def _pretrain_simclr(config, cache_dir, out_dir, patients, *, progress, stop_after_steps, stack) -> dict[str, Any]:
-  import concurrent.futures
-
-  from jax.sharding import NamedSharding, PartitionSpec
-
-  from autosam_jax.atomic import atomic_write_bytes, atomic_write_json
-  from autosam_jax.faults import kill_point
+def _pretrain_simclr(config, cache_dir, out_dir, patients, *, progress, stop_after_steps, sync_every_steps,
+                     stack) -> dict[str, Any]:
   from autosam_jax.features.cache import FeatureCache
   from autosam_jax.outputs import file_digest, take_output
-  from autosam_jax.parallel import local_data_mesh
-  from autosam_jax.train.checkpointing import RunCheckpoints
-  from autosam_jax.train.loop import NonFiniteLossError
+  from autosam_jax.train.core import SYNC_EVERY_STEPS, fit, placement
 
   cache = FeatureCache(cache_dir)
   if cache.manifest["depends_on"].get("kind") != "images":
@@ -348,9 +324,7 @@ def _pretrain_simclr(config, cache_dir, out_dir, patients, *, progress, stop_aft
   indices = cache.indices(patients, views=(0,))
   if len(indices) == 0:
     raise DataError(f"{cache_dir}: no cached slices of the patients {patients[:5]}")
-  mesh = local_data_mesh()
-  if config.batch_size % mesh.devices.size:
-    raise DataError(f"batch size {config.batch_size} is not a multiple of the {mesh.devices.size} devices")
+  where = placement(config.batch_size)
   graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(config.seed))),
                                        nnx.Param)
   check_memory(config, abstract_params, np.shape(cache[int(indices[0])]["embedding"]))
@@ -359,87 +333,14 @@ def _pretrain_simclr(config, cache_dir, out_dir, patients, *, progress, stop_aft
               "cache": {"path": str(Path(cache_dir).absolute()),
                         "manifest_sha256": file_digest(Path(cache_dir) / "manifest.json")},
               "patients": patients}
-  take_output(stack, out_dir, "pretrain-simclr", identity, main=jax.process_index() == 0)
+  take_output(stack, out_dir, "pretrain-simclr", identity, main=where.main)
 
-  params = initial_params(config)
-  replicated, data = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
-  shard = lambda batch: jax.device_put(batch, data)
-  state = jax.device_put({"params": params, "opt_state": _optimizer(config).init(params), "step": np.int32(0)},
-                         replicated)
-  step_fn = functools.partial(train_step, graphdef=graphdef, config=config)
-
-  start_epoch = 0
-  checkpoints = RunCheckpoints(out_dir / "checkpoints")
-  metrics_file = out_dir / "metrics.jsonl"
-  if checkpoints.latest_step() is not None:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    state, meta = checkpoints.restore(abstract, required=("epoch", "step"))  # run.json has matched the inputs
-    start_epoch = meta["epoch"]
-    # Rows the killed run wrote after its checkpoint are dropped, so the file matches an uninterrupted run.
-    if metrics_file.exists():
-      kept = [l for l in metrics_file.read_text().splitlines() if l and json.loads(l)["step"] <= meta["step"]]
-      atomic_write_bytes(metrics_file, "".join(k + "\n" for k in kept).encode())
-  else:
-    atomic_write_json(out_dir / "config.json", config.to_dict())
-    metrics_file.write_text("")
-
-  steps_per_epoch = -(-len(indices) // config.batch_size)
-  bar = None
-  if progress:
-    from tqdm import tqdm
-    bar = tqdm(total=config.epochs * steps_per_epoch, initial=int(state["step"]), unit="step", desc="SimCLR",
-               dynamic_ncols=True)
-  started = time.perf_counter()
-  last_row: dict[str, Any] = {}
-  # The next batch is read from the cache while the device runs the current step.
-  loader = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-  try:
-    with open(metrics_file, "a") as log:
-      for epoch in range(start_epoch, config.epochs):
-        batches = epoch_batches(indices, config.batch_size, config.seed, epoch)
-        pending = loader.submit(load_batch, cache, batches[0], config.batch_size)
-        losses = []
-        for b in range(len(batches)):
-          batch = pending.result()
-          if b + 1 < len(batches):
-            pending = loader.submit(load_batch, cache, batches[b + 1], config.batch_size)
-          learning_rate = learning_rate_at(config, epoch, int(state["step"]), steps_per_epoch)
-          state, metrics = step_fn(state, shard(batch), np.float32(learning_rate))
-          step = int(state["step"])
-          loss = float(metrics["loss"])
-          if not bool(metrics["finite"]):
-            raise NonFiniteLossError(f"non-finite SimCLR loss or gradient at step {step} (epoch {epoch}); lower the "
-                                     "learning rate or check the cache")
-          losses.append(loss)
-          log.write(json.dumps({"kind": "step", "step": step, "epoch": epoch, "loss": loss,
-                                "lr": learning_rate}) + "\n")
-          if bar is not None:
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}")
-          if b + 1 < len(batches):  # an epoch's last step is followed by its checkpoint: its kill point comes after
-            kill_point("simclr.step")
-          if stop_after_steps is not None and step >= stop_after_steps:
-            return {"stopped_at_step": step}
-        last_row = {"kind": "epoch", "step": int(state["step"]), "epoch": epoch, "train_loss": float(np.mean(losses)),
-                    "last_loss": losses[-1], "lr": learning_rate}
-        log.write(json.dumps(last_row) + "\n")
-        log.flush()
-        checkpoints.save(int(state["step"]), state, {"epoch": epoch + 1, "step": int(state["step"]),
-                                                     "config": config.to_dict(), "patients": patients})
-        kill_point("simclr.step")  # after the epoch's last step and its checkpoint
-  finally:
-    loader.shutdown(wait=True)
-    checkpoints.close()
-    if bar is not None:
-      bar.close()
-  if not last_row:  # the run had already finished; its last epoch row is in the metrics
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
-    last_row = next((r for r in reversed(rows) if r["kind"] == "epoch"), {})
-  encoder_params = jax.device_get(nnx.to_pure_dict(state["params"])["encoder"])
-  save_encoder(out_dir / "encoder", encoder_params, config)
-  plot_loss_curve(metrics_file, out_dir / "curves.png")
-  return {"seconds": time.perf_counter() - started, "steps": int(state["step"]), "slices": len(indices),
-          "encoder": str(out_dir / "encoder"), "last": last_row}
+  method = SimclrPretraining(config, cache, indices, graphdef, initial_params(config), patients, out_dir)
+  options = LoopOptions(epochs=config.epochs, batch_size=config.batch_size, checkpoint_every_steps=0,
+                        sync_every_steps=sync_every_steps or SYNC_EVERY_STEPS, progress=progress,
+                        description="SimCLR", stop_after_steps=stop_after_steps,
+                        kill_points=KillPoints("simclr.step", None, last_step_after_checkpoint=True))
+  return fit(method, out_dir, options, where)
 
 
 def load_pretrained_encoder(unet, encoder_dir: str | os.PathLike):
@@ -503,10 +404,4 @@ def _as_arrays_like(restored, wanted):
 def load_config(path: Path | None, overrides: list[str]) -> SimclrConfig:
   """Options from a config file's get_config() (or the defaults), then each NAME=VALUE override (a Python literal,
   else the text)."""
-  from autosam_jax.config_files import apply_overrides, read_config_file
-
-  values = read_config_file(path) if path is not None else {}
-  source = str(path) if path is not None else "defaults"
-  if overrides:
-    source += " with --set"
-  return SimclrConfig.from_dict(apply_overrides(values, overrides), source=source)
+  return SimclrConfig.from_file(path, overrides)
