@@ -50,11 +50,12 @@ class Rule:
   below: float | None = None
   finite: bool = False
   shown: str | None = None  # the field's name in messages, e.g. "decoder_num_heads (--decoder-num-heads)"
+  kind: str | None = None  # what its type is called in messages, e.g. "a path (text)"; default: from the type hint
   needed: str = ""  # for a field without a default: what it is, in the message when it is missing
 
 
 def option(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, **rule) -> Any:
-  """A dataclass field with a `Rule` (choices=, at_least=, above=, below=, finite=, shown=, needed=)."""
+  """A dataclass field with a `Rule` (choices=, at_least=, above=, below=, finite=, shown=, kind=, needed=)."""
   return dataclasses.field(default=default, default_factory=default_factory, metadata={_RULE: Rule(**rule)})
 
 
@@ -148,7 +149,7 @@ def _checked(value: Any, hint: Any, rule: Rule, name: str, config: TypedConfig) 
   shown = rule.shown or name
   ok, conformed = _conform(value, hint)
   if not ok:
-    raise config.refusal(f"{shown} must be {_describe(hint)}, got {_shown_value(value)}")
+    raise config.refusal(f"{shown} must be {rule.kind or _describe(hint)}, got {_shown_value(value)}")
   if isinstance(conformed, tuple) and _is_sequence(hint):
     problems = [p for p in map(lambda item: _against_rule(item, rule), conformed) if p]
     if problems:

@@ -75,6 +75,24 @@ def limited_file_size(limit: int) -> list[str]:
   return [sys.executable, "-c", code]
 
 
+# The test files that take longest on a 2-core machine, longest first. Under pytest-xdist (`--dist loadfile`: a file
+# runs on one worker) the workers take files in collection order, so starting these first keeps every worker busy
+# until the end; the other files follow in their usual order.
+LONGEST_FIRST = ("test_cli_runs.py", "test_own_dataset.py", "test_distributed.py", "test_sweep.py", "test_train.py",
+                 "test_parity_vit_b.py", "test_simclr.py", "test_features.py", "test_parity_meta.py",
+                 "test_bad_inputs.py", "test_heads.py", "test_zero_shot.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests keep their order in a file
+
+
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto`: one worker per core, at most 4 (each worker holds its own JAX and session fixtures in memory)."""
+  return max(1, min(os.cpu_count() or 1, 4))
+
+
 def pytest_sessionfinish(session, exitstatus):
   """Deletes the session's compilation cache (only the one this conftest made), once every worker is done: under
   pytest-xdist the workers share the controller's cache and only the controller deletes it."""

@@ -24,7 +24,8 @@ from autosam_jax.checksums import write_checksums
 from autosam_jax.errors import ConversionError  # noqa: F401 - importable from here too
 from autosam_jax.outputs import file_digest
 from autosam_jax.faults import kill_point
-from autosam_jax.models.config import PRESETS, SamConfig, infer_config
+from autosam_jax.models.config import PRESETS, SamConfig, SamConfigError, infer_config
+from autosam_jax.typed_config import sourced
 from weights_conversion.tables import LAYOUTS, TABLES, hf_mlp_layer_names
 
 FORMAT_VERSION = 1
@@ -248,7 +249,10 @@ def convert_state(state: dict[str, np.ndarray], path: Path, model_type: str | No
     preset = PRESETS[model_type]
     overrides.setdefault("decoder_num_heads", preset.decoder_num_heads)
   try:
-    config = infer_config({k: v.shape for k, v in params.items()}, **overrides)
+    with sourced(str(path)):  # an architecture SamConfig refuses is named as the checkpoint's
+      config = infer_config({k: v.shape for k, v in params.items()}, **overrides)
+  except SamConfigError as err:
+    raise ConversionError(str(err)) from None
   except (ValueError, TypeError) as err:
     raise ConversionError(f"{path}: {err}") from None
   if model_type is not None:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from autosam_jax.data.errors import DataError
+from autosam_jax.models.trained import read_train_config
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CHANNEL_NAME = re.compile(r"(?P<case>.+)_(?P<channel>\d{4})")  # nnU-Net's CASE_0000
@@ -140,24 +141,6 @@ def check_cache_matches(depends_on: dict[str, Any], train_config, sam_config, wh
   mode = (depends_on.get("preprocess") or {}).get("mode")
   if mode != train_config.variant:
     raise DataError(f"{where}: the cache is in {mode!r} mode but the model was trained as {train_config.variant!r}")
-
-
-def read_train_config(model_dir: Path):
-  """The TrainConfig saved with a model, checked before anything slow is loaded."""
-  from autosam_jax.train.loop import TrainConfig
-
-  if not Path(model_dir).is_dir():
-    raise DataError(f"{model_dir}: no such model directory; give a run's final_model/ or best_model/")
-  config_file = Path(model_dir) / "train_config.json"
-  try:
-    values = json.loads(config_file.read_text())
-  except FileNotFoundError:
-    raise DataError(f"{config_file}: missing; give a run's final_model/ or best_model/ directory") from None
-  except (OSError, ValueError) as err:
-    raise DataError(f"{config_file}: unreadable ({type(err).__name__}: {err})") from None
-  if not isinstance(values, dict):
-    raise DataError(f"{config_file}: not a training config (a JSON object was expected)")
-  return TrainConfig.from_dict(values, source=str(config_file))
 
 
 def read_model_record(model_dir: str | os.PathLike) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from autosam_jax.data.errors import DataError
-from autosam_jax.models.loading import weights_digest  # train/runs.py imports it from here too
+from autosam_jax.models.loading import weights_digest
 from autosam_jax.outputs import check_folder, check_output_path
 
 

@@ -4,101 +4,93 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Any, Mapping
 
+from autosam_jax.errors import DataError
+from autosam_jax.typed_config import TypedConfig, option
 
-# Sizes that must be positive integers; the fields convert sets from its options (what tensor shapes do not tell).
-_POSITIVE = ("image_size", "patch_size", "encoder_embed_dim", "encoder_depth", "encoder_num_heads", "encoder_mlp_dim",
-             "prompt_embed_dim", "mask_in_chans", "decoder_depth", "decoder_num_heads", "decoder_mlp_dim",
-             "attention_downsample_rate", "iou_head_depth", "iou_head_hidden_dim")
+
+class SamConfigError(DataError, ValueError):
+  """An architecture no model can be built from. A DataError (one line, exit code 2) and a ValueError, which is what
+  the callers that turn it into a ConversionError or CheckpointError catch."""
+
+
+_BOOL = "true or false"
+_RGB = "a list of 3 numbers (red, green, blue)"
+# The options of convert that set a field (what tensor shapes do not tell), named with it in messages.
 _CONVERT_OPTIONS = {"decoder_num_heads": "--decoder-num-heads", "encoder_num_heads": "--encoder-num-heads",
                     "image_size": "--image-size"}
 
 
+def _shown(name: str) -> str:
+  return f"{name} ({_CONVERT_OPTIONS[name]})" if name in _CONVERT_OPTIONS else name
+
+
 @dataclasses.dataclass(frozen=True)
-class SamConfig:
-  """Everything needed to build a SAM model; names follow Meta's builder arguments."""
+class SamConfig(TypedConfig):
+  """Everything needed to build a SAM model; names follow Meta's builder arguments.
+
+  Refuses an architecture no model can be built from with a SamConfigError naming the field (and the convert option
+  that sets it), before any layer is built: one line where a zero or negative size would otherwise fail deep inside
+  a layer (a division by zero, a negative shape) or build a broken model."""
+
+  OPTIONS = "SAM"
+  ERROR = SamConfigError
+  UNKNOWN = "unknown SAM config key(s) {unknown}; known: {known}"
 
   # Image encoder (ViT).
-  image_size: int = 1024
-  patch_size: int = 16
-  encoder_embed_dim: int = 768
-  encoder_depth: int = 12
-  encoder_num_heads: int = 12
-  encoder_mlp_dim: int = 3072
-  encoder_global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
-  window_size: int = 14
-  use_abs_pos: bool = True
-  use_rel_pos: bool = True
-  qkv_bias: bool = True
+  image_size: int = option(1024, at_least=1, shown=_shown("image_size"))
+  patch_size: int = option(16, at_least=1)
+  encoder_embed_dim: int = option(768, at_least=1)
+  encoder_depth: int = option(12, at_least=1)
+  encoder_num_heads: int = option(12, at_least=1, shown=_shown("encoder_num_heads"))
+  encoder_mlp_dim: int = option(3072, at_least=1)
+  encoder_global_attn_indexes: tuple[int, ...] = option((2, 5, 8, 11), at_least=0)
+  window_size: int = option(14, at_least=0)  # 0: every block attends globally
+  use_abs_pos: bool = option(True, kind=_BOOL)
+  use_rel_pos: bool = option(True, kind=_BOOL)
+  qkv_bias: bool = option(True, kind=_BOOL)
   # Shared width of the neck output, prompt embeddings and decoder.
-  prompt_embed_dim: int = 256
-  # Prompt encoder.
-  mask_in_chans: int = 16
+  prompt_embed_dim: int = option(256, at_least=1)
+  # Prompt encoder; the mask downscaling starts with mask_in_chans / 4 channels.
+  mask_in_chans: int = option(16, at_least=4)
   # Mask decoder.
-  decoder_depth: int = 2
-  decoder_num_heads: int = 8
-  decoder_mlp_dim: int = 2048
-  attention_downsample_rate: int = 2
-  num_multimask_outputs: int = 3
-  iou_head_depth: int = 3
-  iou_head_hidden_dim: int = 256
+  decoder_depth: int = option(2, at_least=1)
+  decoder_num_heads: int = option(8, at_least=1, shown=_shown("decoder_num_heads"))
+  decoder_mlp_dim: int = option(2048, at_least=1)
+  attention_downsample_rate: int = option(2, at_least=1)
+  num_multimask_outputs: int = option(3, at_least=0)
+  iou_head_depth: int = option(3, at_least=1)
+  iou_head_hidden_dim: int = option(256, at_least=1)
   # Pre-processing (0..255 RGB scale, as Meta's Sam).
-  pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
-  pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+  pixel_mean: tuple[float, float, float] = option((123.675, 116.28, 103.53), finite=True, kind=_RGB)
+  pixel_std: tuple[float, float, float] = option((58.395, 57.12, 57.375), above=0, finite=True, kind=_RGB)
 
-  def __post_init__(self):
-    """Refuses an architecture no model can be built from, with a ValueError naming the field (and the convert
-    option that sets it), before any layer is built: one line where a zero or negative size would otherwise fail
-    deep inside a layer (a division by zero, a negative shape) or build a broken model."""
-    def field(name: str) -> str:
-      return f"{name} ({_CONVERT_OPTIONS[name]})" if name in _CONVERT_OPTIONS else name
-
-    for name in _POSITIVE + ("window_size", "num_multimask_outputs"):
-      value = getattr(self, name)
-      least = 0 if name in ("window_size", "num_multimask_outputs") else 1
-      if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"{field(name)} must be {'an integer, 0 or more' if least == 0 else 'a positive integer'}, "
-                         f"got {value!r}")
-    for name in ("use_abs_pos", "use_rel_pos", "qkv_bias"):
-      if not isinstance(getattr(self, name), bool):
-        raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-    try:
-      object.__setattr__(self, "encoder_global_attn_indexes", tuple(int(i) for i in self.encoder_global_attn_indexes))
-      object.__setattr__(self, "pixel_mean", tuple(float(v) for v in self.pixel_mean))
-      object.__setattr__(self, "pixel_std", tuple(float(v) for v in self.pixel_std))
-    except (TypeError, ValueError):
-      raise ValueError("encoder_global_attn_indexes, pixel_mean and pixel_std must be lists of numbers, got "
-                       f"{self.encoder_global_attn_indexes!r}, {self.pixel_mean!r}, {self.pixel_std!r}") from None
-    if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or not all(math.isfinite(v) for v in self.pixel_mean) \
-        or not all(math.isfinite(v) and v > 0 for v in self.pixel_std):
-      raise ValueError(f"pixel_mean and pixel_std must be 3 finite numbers each (std positive), got "
-                       f"{list(self.pixel_mean)} and {list(self.pixel_std)}")
+  def check(self) -> None:
+    """The rules between fields (each field's own are its `option`)."""
     if self.image_size % self.patch_size:
-      raise ValueError(f"{field('image_size')} {self.image_size} is not a multiple of patch_size {self.patch_size}")
+      raise self.refusal(f"{_shown('image_size')} {self.image_size} is not a multiple of patch_size {self.patch_size}")
     if self.encoder_embed_dim % self.encoder_num_heads:
-      raise ValueError(f"encoder_embed_dim {self.encoder_embed_dim} is not divisible by "
-                       f"{field('encoder_num_heads')} {self.encoder_num_heads}")
-    bad = [i for i in self.encoder_global_attn_indexes if not 0 <= i < self.encoder_depth]
+      raise self.refusal(f"encoder_embed_dim {self.encoder_embed_dim} is not divisible by "
+                         f"{_shown('encoder_num_heads')} {self.encoder_num_heads}")
+    bad = [i for i in self.encoder_global_attn_indexes if not i < self.encoder_depth]
     if bad:
-      raise ValueError(f"global attention block indexes {bad} outside 0..{self.encoder_depth - 1}")
+      raise self.refusal(f"encoder_global_attn_indexes {bad} are outside the encoder's blocks "
+                         f"0..{self.encoder_depth - 1} (encoder_depth {self.encoder_depth})")
     # The prompt encoder's positional encoding has prompt_embed_dim / 2 frequencies; the mask decoder upscales to
-    # prompt_embed_dim / 8 channels, and the mask downscaling starts with mask_in_chans / 4.
+    # prompt_embed_dim / 8 channels.
     if self.prompt_embed_dim % 2 or self.prompt_embed_dim < 8:
-      raise ValueError(f"prompt_embed_dim must be an even number of at least 8, got {self.prompt_embed_dim}")
-    if self.mask_in_chans < 4:
-      raise ValueError(f"mask_in_chans must be at least 4, got {self.mask_in_chans}")
+      raise self.refusal(f"prompt_embed_dim must be an even number of at least 8, got {self.prompt_embed_dim}")
     # The decoder's self-attention spans prompt_embed_dim channels, its cross-attention prompt_embed_dim divided by
     # attention_downsample_rate: the heads must divide both.
     internal = self.prompt_embed_dim // self.attention_downsample_rate
     if internal < 1:
-      raise ValueError(f"attention_downsample_rate {self.attention_downsample_rate} leaves no channels of "
-                       f"prompt_embed_dim {self.prompt_embed_dim}")
+      raise self.refusal(f"attention_downsample_rate {self.attention_downsample_rate} leaves no channels of "
+                         f"prompt_embed_dim {self.prompt_embed_dim}")
     for width in (self.prompt_embed_dim, internal):
       if width % self.decoder_num_heads:
-        raise ValueError(f"{field('decoder_num_heads')} {self.decoder_num_heads} do not divide the mask decoder's "
-                         f"attention width {width}")
+        raise self.refusal(f"{_shown('decoder_num_heads')} {self.decoder_num_heads} do not divide the mask decoder's "
+                           f"attention width {width}")
 
   @property
   def image_embedding_size(self) -> int:
@@ -107,14 +99,6 @@ class SamConfig:
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2)
-
-  @classmethod
-  def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "SamConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"{source}: unknown SAM config key(s) {unknown}")
-    return cls(**values)
 
 
 def _preset(embed_dim: int, depth: int, num_heads: int, global_attn: tuple[int, ...]) -> SamConfig:

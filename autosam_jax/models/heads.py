@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from autosam_jax.models.config import SamConfig
-from autosam_jax.models.init import torch_conv, torch_conv_transpose, torch_mlp, torch_uniform
+from autosam_jax.models.init import torch_conv, torch_conv_transpose, torch_mlp
 from autosam_jax.models.layers import MLP, ConvTranspose2x2, layer_norm
 from autosam_jax.models.mask_decoder import OutputUpscaling
 from autosam_jax.models.prompt_encoder import PositionEmbeddingRandom
@@ -32,7 +32,6 @@ Variant = Literal["faithful", "improved"]
 HeadKind = Literal["autosam", "cnn", "linear"]
 VARIANTS: tuple[str, ...] = ("faithful", "improved")
 HEAD_KINDS: tuple[str, ...] = ("autosam", "cnn", "linear")
-_torch_uniform = torch_uniform  # the former name of models/init.py's torch_uniform, for code that still imports it
 
 
 class Frozen(nnx.Variable):

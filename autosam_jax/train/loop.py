@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -22,56 +21,7 @@ import numpy as np
 
 from autosam_jax.errors import DataError, NonFiniteLossError  # noqa: F401 - NonFiniteLossError importable from here
 from autosam_jax.train.core import EpochEnd, KillPoints, LoopOptions, Method, StepProgram, local_indices  # noqa: F401
-from autosam_jax.typed_config import TypedConfig, option
-
-HEADS = ("autosam", "cnn", "linear", "unet")
-VARIANTS = ("faithful", "improved")
-# plateau_train_loss: the official code's plateau on the last batch's training loss (min mode); plateau_val_dice: on
-# validation Dice (max mode), for the improved variant.
-SCHEDULERS = ("plateau_train_loss", "plateau_val_dice")
-AUGMENT_MODES = ("none", "faithful", "improved")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig(TypedConfig):
-  OPTIONS = "training"
-
-  head: str = option("autosam", choices=HEADS)  # autosam | cnn | linear (on SAM embeddings) | unet (on images)
-  variant: str = option("faithful", choices=VARIANTS)
-  # Background included; 0 (the default): the dataset's, from the cache's label table. A value that disagrees with
-  # the data is refused (naming both) rather than training extra outputs or failing on labels beyond them.
-  num_classes: int = option(0, at_least=0)
-  epochs: int = option(120, at_least=1)
-  batch_size: int = option(4, at_least=1)
-  learning_rate: float = option(5e-4, above=0, finite=True)
-  # faithful: plateau on the last training batch's loss from epoch 10 (the official code); improved: plateau on
-  # validation Dice, and the best epoch by validation Dice is the model kept.
-  scheduler: str = option("plateau_train_loss", choices=SCHEDULERS)
-  plateau_start_epoch: int = option(10, at_least=0)
-  seed: int = option(0, at_least=0, below=2 ** 63)  # jax.random.key takes a 64-bit signed seed
-  checkpoint_every_steps: int = option(0, at_least=0)  # 0: at the end of every epoch only
-  # Validate and write the epoch checkpoint every N epochs and after the last one (1: every epoch, as the official
-  # code validates). Larger only for quick runs: the plateau on validation Dice then counts validations, not epochs.
-  eval_every_epochs: int = option(1, at_least=1)
-  # none | faithful | improved: augment_batch applied to each training batch inside the train step. Only for image
-  # caches (write_image_cache), where the "embedding" is the model image; SAM heads get augmented cached views instead.
-  augment: str = option("none", choices=AUGMENT_MODES)
-  unet_base_channels: int = option(64, at_least=1)  # the official UNet's width; smaller only for quick tests
-  # The official CNN head's (its widest layer is 16x this); smaller only for quick runs.
-  cnn_top_channels: int = option(64, at_least=1)
-  joint: bool = False  # improved AutoSAM only: all class tokens in one decoder pass (C times cheaper)
-  # UNet only: an encoder/ directory written by SimCLR pretraining (autosam-jax pretrain-simclr) to start the
-  # contracting path and center from; the decoder stays random, as in the official fine-tuning. "" = from scratch.
-  init_encoder: str = ""
-
-  def check(self) -> None:
-    if self.joint and (self.head != "autosam" or self.variant != "improved"):
-      raise self.refusal("joint decoding is an option of the improved AutoSAM head only "
-                         f"(head {self.head!r}, variant {self.variant!r}); leave joint out")
-    if self.num_classes == 1:
-      raise self.refusal("num_classes counts the background too, so it is at least 2; leave it out to take the "
-                         "dataset's")
-
+from autosam_jax.models.trained import TrainConfig
 
 _FIELDS = ("embedding", "target", "valid")
 
@@ -232,18 +182,6 @@ def plot_curves(metrics_file: Path, png: Path) -> None:
   save_figure(fig, png)
 
 
-def cache_label_table(cache):
-  """The label table a cache (`FeatureCache`) records; caches written before tables existed are refused."""
-  from autosam_jax.data.labels import table_of_record
-
-  where = cache.cache_dir / "manifest.json"
-  table = table_of_record(cache.manifest["depends_on"], "labels", where)
-  if table is None:
-    raise DataError(f"{where}: records no label table (a cache from an older version); compute the cache again "
-                    "into a new directory")
-  return table
-
-
 def model_record(labels, depends_on: dict[str, Any]) -> dict[str, Any]:
   """What a model's inputs were made from (its cache's `depends_on`), saved with it as model.json so evaluate and
   predict use exactly the same: the classes, and for SAM heads the encoder's dtype and weights."""
@@ -384,7 +322,7 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
 
 def _train(config, cache_dir, head_factory, out_dir, labeled_patients, val_patients, *, progress, stop_after_steps,
            inputs, stack, sync_every_steps) -> dict[str, Any]:
-  from autosam_jax.features.cache import FeatureCache
+  from autosam_jax.features.cache import FeatureCache, cache_label_table
   from autosam_jax.memory import require_memory
   from autosam_jax.outputs import take_output
   from autosam_jax.train.core import PREFETCH_BATCHES, SYNC_EVERY_STEPS, fit, placement
@@ -483,23 +421,15 @@ def save_model(directory: Path, params, frozen, config: TrainConfig, preprocess:
 
 
 def build_model(config: TrainConfig, sam, *, rngs):
-  """The model a config trains: a head on SAM embeddings (initialised from `sam`), or the UNet (no SAM needed).
+  """The model a config trains (`models.trained.build_model`), with a UNet's encoder copied from its SimCLR
+  pretraining when `config.init_encoder` names one."""
+  from autosam_jax.models.trained import build_model as build_architecture
 
-  `config.num_classes` must be set: `train` fills it in from the cache's label table (`resolve_config`)."""
-  if config.num_classes < 2:
-    raise ValueError("build_model needs the dataset's num_classes; resolve the config first (resolve_config)")
-  if config.head == "unet":
-    from autosam_jax.models.unet import UNet
-    unet = UNet(config.num_classes, base_channels=config.unet_base_channels, rngs=rngs)
-    if config.init_encoder:
-      from autosam_jax.train.simclr import load_pretrained_encoder
-      load_pretrained_encoder(unet, config.init_encoder)
-    return unet
-  if config.init_encoder:
-    raise DataError(f"init_encoder is for the UNet (head 'unet'), not for a {config.head} head")
-  from autosam_jax.models.heads import build_head
-  return build_head(config.head, config.num_classes, variant=config.variant, sam=sam, joint=config.joint,
-                    cnn_top_channels=config.cnn_top_channels, rngs=rngs)
+  model = build_architecture(config, sam, rngs=rngs)
+  if config.head == "unet" and config.init_encoder:
+    from autosam_jax.train.simclr import load_pretrained_encoder
+    load_pretrained_encoder(model, config.init_encoder)
+  return model
 
 
 def load_head(model_dir: str | os.PathLike, sam) -> tuple[Any, TrainConfig]:
@@ -507,56 +437,14 @@ def load_head(model_dir: str | os.PathLike, sam) -> tuple[Any, TrainConfig]:
 
   `sam` (the converted SAM the run started from, an NNX `Sam`) fixes the head's architecture; None for a UNet.
   """
-  import jax
-  import orbax.checkpoint as ocp
-  from flax import nnx
-
   from autosam_jax.checksums import verify_checksums
-  from autosam_jax.faults import restore_or_raise
+  from autosam_jax.models.trained import read_train_config, restore_head
 
   model_dir = Path(model_dir).absolute()
-  config_file = model_dir / "train_config.json"
-  if not config_file.is_file():
-    raise DataError(f"{config_file}: missing; give a run's final_model/ or best_model/ directory")
+  if not (model_dir / "train_config.json").is_file():
+    raise DataError(f"{model_dir / 'train_config.json'}: missing; give a run's final_model/ or best_model/ directory")
   verify_checksums(model_dir, DataError, "train the model again (rerun the train command into a new --out)")
-  config = TrainConfig.from_dict(json.loads(config_file.read_text()), source=str(config_file))
-  # The architecture only: pretrained encoder weights (init_encoder) would be overwritten by the restore anyway.
-  shape_config = dataclasses.replace(config, init_encoder="")
-  abstract = nnx.eval_shape(lambda: build_model(shape_config, sam, rngs=nnx.Rngs(0)))
-  graphdef, params, frozen = nnx.split(abstract, nnx.Param, ...)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's, also under jax.distributed
-  as_target = lambda state: jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device),
-                                         nnx.to_pure_dict(state))
-  def restore():
-    with ocp.StandardCheckpointer() as checkpointer:
-      return checkpointer.restore(model_dir / "state", {"params": as_target(params), "frozen": as_target(frozen)})
-
-  restored = restore_or_raise(restore, lambda reason: DataError(
-      f"{model_dir}: cannot be restored as a {config.head} head for this SAM: {reason}"))
-  nnx.replace_by_pure_dict(params, restored["params"])
-  nnx.replace_by_pure_dict(frozen, restored["frozen"])
-  return nnx.merge(graphdef, params, frozen), config
+  config = read_train_config(model_dir)  # after the checksums: a damaged config is reported as damaged
+  return restore_head(model_dir, config, sam), config
 
 
-def read_model_record(model_dir: str | os.PathLike) -> dict[str, Any]:
-  """model.json of a saved model, with its label table parsed ("labels" becomes a LabelTable); DataError if absent
-  (a model saved before models recorded their classes) or unreadable."""
-  from autosam_jax.data.labels import LabelTable
-
-  if not Path(model_dir).is_dir():
-    raise DataError(f"{model_dir}: no such model directory; give a run's final_model/ or best_model/")
-  if not (Path(model_dir) / "train_config.json").is_file():
-    raise DataError(f"{Path(model_dir) / 'train_config.json'}: missing; give a run's final_model/ or best_model/ "
-                    "directory")
-  path = Path(model_dir) / "model.json"
-  if not path.is_file():
-    raise DataError(f"{path}: missing (a model saved by an older version records no classes); train it again")
-  try:
-    record = json.loads(path.read_text())
-  except (OSError, ValueError) as err:
-    raise DataError(f"{path}: unreadable ({type(err).__name__}: {err}); train the model again") from None
-  if not isinstance(record, dict):
-    raise DataError(f"{path}: not a model record (a JSON object was expected); train the model again")
-  record = dict(record)
-  record["labels"] = LabelTable.from_dict(record.get("labels"), f"{path} (labels)")
-  return record

@@ -15,7 +15,7 @@ def load_config(path: Path, overrides: list[str]):
 
 def run_inputs(config, splits_file: Path, split, tr_size: int, weights: Path | None) -> dict:
   """What a `train` command's run folder records beyond the config, cache and patients (see loop.run_identity)."""
-  from autosam_jax.features.precompute import weights_digest
+  from autosam_jax.models.loading import weights_digest
   from autosam_jax.outputs import file_digest
 
   return {"split": {"file_sha256": file_digest(splits_file), "fold": split.name, "tr_size": tr_size},

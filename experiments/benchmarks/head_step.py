@@ -47,21 +47,19 @@ def our_counts(head) -> dict[str, int]:
 
 def our_steps(head, learning_rate: float = 5e-4):
   """(train(batch) -> loss, evaluate(batch) -> loss) with the real steps of `autosam-jax train` on `head`."""
-  import optax
   from flax import nnx
 
-  from autosam_jax.parallel import data_mesh
-  from autosam_jax.train.loop import make_steps
+  from autosam_jax.train.loop import HeadProgram, make_steps
 
   graphdef, params, frozen = nnx.split(head, nnx.Param, ...)
-  tx = optax.adam(1.0)  # as train(): the learning rate multiplies the update inside the step
-  train_step, eval_step = make_steps(graphdef, tx, data_mesh())
-  state = {"params": params, "opt_state": tx.init(params), "step": np.int32(0)}
-  rate = np.float32(learning_rate)
+  train_step, eval_step = make_steps(graphdef)
+  # the learning rate lives in the optimizer state (optax.inject_hyperparams), as in train()
+  state = {"params": params, "opt_state": HeadProgram(graphdef).optimizer(learning_rate).init(params),
+           "step": np.int32(0)}
 
   def train(batch):
     nonlocal state
-    state, metrics = train_step(state, frozen, batch, rate)
+    state, metrics = train_step(state, frozen, batch)
     return float(metrics["loss"])
 
   def evaluate(batch):
