@@ -180,7 +180,7 @@ def test_official_empty_cases_by_hand():
   empty = np.zeros_like(blob)
   assert dice_official(empty, empty) == MetricValue(1.0, BOTH_EMPTY)
   assert hd95_official(empty, empty) == MetricValue(0.0, BOTH_EMPTY)
-  # An empty prediction gets a perfect HD95 of 0 (spec section 6, item 17), and Dice 0.
+  # An empty prediction gets a perfect HD95 of 0 (paper-protocol section 6, item 17), and Dice 0.
   assert dice_official(empty, blob) == MetricValue(0.0, PRED_EMPTY)
   assert hd95_official(empty, blob) == MetricValue(0.0, PRED_EMPTY)
   assert dice_official(blob, empty) == MetricValue(0.0, TRUE_EMPTY)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from autosam_jax.commands import options
 
-DESCRIPTION = """SAM itself, prompted from the ground truth, on a split's test patients (spec 1d).
+DESCRIPTION = """SAM itself, prompted from the ground truth, on a split's test patients (paper-protocol 1d).
 
   autosam-jax zero-shot --weights weights/vit_b --data ~/data/ACDC --tfds-dir ~/tensorflow_datasets \
       --splits splits/cv5.json --fold cv5-seed0-fold0 --prompt box --mode improved --out runs/sam_zero_shot_box
@@ -22,7 +22,8 @@ come from the labels, so this is an oracle: it also tells SAM which classes are 
 Each mask is its logits > 0; a pixel that no class mask covers is background, and one that several cover goes to the
 lowest class value (the official argmax over [background, class 1, class 2, ...] with 0/1 masks).
 
---mode faithful: the official pipeline, normalisation bug included (spec 6.5): the 224 x 224 model image in [0, 1]
+--mode faithful: the official pipeline, normalisation bug included (paper-protocol 6.5): the 224 x 224 model image in
+[0, 1]
   is upsampled bilinearly to the encoder size and then normalised with SAM's pixel mean/std, which are on the 0..255
   scale, so the encoder sees an almost constant image of about -2. Prompts are computed on the 224 label and scaled to
   the encoder frame as `ResizeLongestSide` does; masks come back at 224 (the official grid).

@@ -5,8 +5,8 @@ both augmented, same shapes and dtypes. Every sample gets its own key from `jax.
 function of (key, inputs, config): the same key gives bit-identical output on the same device.
 
 Two configurations:
-- `AugmentConfig.faithful()`: spec 2.5 exactly as batchgenerators runs it, in its order (brightness, gamma, noise,
-  mirror, spatial), quirks included. Spec 2.5's ResizeTransform to 224 is not here: slices arrive at 224 already
+- `AugmentConfig.faithful()`: paper-protocol 2.5 exactly as batchgenerators runs it, in its order (brightness, gamma,
+  noise, mirror, spatial), quirks included. Spec 2.5's ResizeTransform to 224 is not here: slices arrive at 224 already
   (preprocess), and the spatial transform's patch equals the input size.
 - `AugmentConfig.improved()`: milder, SAM-friendly settings (see the field comments there).
 
@@ -384,7 +384,8 @@ def _spatial(image: jax.Array, label: jax.Array, params: AugmentParams,
 
 def augment_sample(key: jax.Array, image: jax.Array, label: jax.Array,
                    config: AugmentConfig) -> tuple[jax.Array, jax.Array]:
-  """One (H, W, C) image and (H, W) label; the order of spec 2.5. Transforms with probability 0 are not traced."""
+  """One (H, W, C) image and (H, W) label; the order of paper-protocol 2.5. Transforms with probability 0 are not
+  traced."""
   params = sample_params(key, config, image.shape[-1])
   out_dtype = image.dtype
   image = image.astype(jnp.float32)

@@ -11,7 +11,7 @@ Slices are `volume[:, :, z]`: a slice's rows are X and its columns Y. Each mode 
 
 `to_native` maps head logits or labels on the target grid back to the native slice grid of either mode.
 
-faithful (spec 2.1-2.4, the official pipeline as it ran, so results compare with the paper):
+faithful (paper-protocol 2.1-2.4, the official pipeline as it ran, so results compare with the paper):
   volume: resample in-plane to 1.25 x 1.25 mm keeping z (image: cubic spline, edge mode, anti-aliased when shrinking,
   clipped to the input range, as `skimage.transform.resize(order=3, mode='edge')` with its defaults; labels: one-hot,
   the same with order 1, argmax) -> z-score -> per-volume min-max to 0..127 uint8 (the PNG step, x127.5).
@@ -24,7 +24,7 @@ faithful (spec 2.1-2.4, the official pipeline as it ran, so results compare with
   (not NaN), and the label one-hot uses the label values present (PCL's `convert_to_one_hot` indexes channels by
   position, which scrambles volumes that lack a label value).
 
-improved (the fixes of spec 6.5 and 6.7):
+improved (the fixes of paper-protocol 6.5 and 6.7):
   volume: clip at the 0.5/99.5 percentiles and scale to 0..255 (no resampling; the native grid is kept).
   encoder: resize so the longer side is 1024 keeping the physical aspect ratio (bilinear, anti-aliased when
   shrinking), SAM pixel normalisation, then zero padding bottom/right. This is Meta's `Sam.preprocess` order, so the

@@ -1,6 +1,6 @@
 """Dice and HD95 on label volumes, under two conventions that give different numbers for the same prediction.
 
-``official`` is what the paper's `evaluate.py:test_acdc` computes (spec section 4, items 16-17 of section 6):
+``official`` is what the paper's `evaluate.py:test_acdc` computes (paper-protocol section 4, items 16-17 of section 6):
   - the volume is the per-patient stack of every ED and ES slice on the 224x224 grid, so Dice is "3D" over both frames;
   - Dice = 2|P and G| / (|P| + |G|), and 1 when both are empty;
   - HD95 = `medpy.metric.binary.hd95(P, G)` with no voxel spacing, so it is in voxels of that grid with the slice

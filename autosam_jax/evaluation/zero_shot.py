@@ -1,6 +1,7 @@
 """SAM itself, prompted from the ground truth (a box or a point per class present), on a split's test patients: the
-paper's zero-shot baseline (spec 1d), in its faithful form (the normalisation bug of spec 6.5 included) and an
-improved one. Scored as `evaluate` scores a model. The command and the two modes: `autosam_jax/commands/zero_shot.py`."""
+paper's zero-shot baseline (paper-protocol 1d), in its faithful form (the normalisation bug of paper-protocol 6.5
+included) and an improved one. Scored as `evaluate` scores a model. The command and the two modes:
+`autosam_jax/commands/zero_shot.py`."""
 
 from __future__ import annotations
 
@@ -164,7 +165,7 @@ class ZeroShotSegmenter:
     @functools.partial(jax.jit, static_argnames=("normalise",))
     def encode(state, images, normalise):
       model = nnx.merge(graphdef, state)
-      # faithful: `Sam.preprocess` applied to [0, 1] images, i.e. the official normalisation bug (spec 6.5)
+      # faithful: `Sam.preprocess` applied to [0, 1] images, i.e. the official normalisation bug (paper-protocol 6.5)
       return model.image_encoder(model.preprocess(images) if normalise else images)
 
     @jax.jit

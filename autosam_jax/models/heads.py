@@ -1,4 +1,5 @@
-"""Prompt-free segmentation heads on frozen SAM image embeddings: AutoSAM, CNN and "Linear" (spec sections 1a, 1b).
+"""Prompt-free segmentation heads on frozen SAM image embeddings: AutoSAM, CNN and "Linear" (paper-protocol sections 1a,
+1b).
 
 Contract: `head(image_embeddings) -> logits`, with embeddings (B, h, w, C) and logits (B, 4h, 4w, num_classes), both
 channels-last float32. The resize to the training target (224 or 256) is the caller's job, not the head's.
@@ -72,7 +73,7 @@ def _torch_init_upscaling(dim: int, *, rngs: nnx.Rngs) -> OutputUpscaling:
 
 
 class AutoSamHead(nnx.Module):
-  """SAM's mask decoder without prompts, with learned per-class output tokens (spec section 1a).
+  """SAM's mask decoder without prompts, with learned per-class output tokens (paper-protocol section 1a).
 
   faithful: per class c the tokens [iou_c, mask_c0, mask_c1] (IoU tokens frozen N(0, 1), mask tokens trainable
     N(0, 1)); a fresh random positional encoding; no `no_mask_embed`; transformer, upscaling and hypernetwork MLPs
@@ -194,9 +195,9 @@ class AutoSamHead(nnx.Module):
 class CnnHead(nnx.Module):
   """The official `SegDecoderCNN(num_classes, num_depth=4)`: 20,686,340 parameters for 4 classes, all new.
 
-  No normalisation; every conv has a bias. The two variants are the same network (the spec lists no fix for it).
-  (B, h, w, 256) -> 1x1 convs to 1024 -> 3x3 blocks 1024 -> 512 -> 256 -> ConvT to 2h -> 128 -> ConvT to 4h -> 64
-  -> 3x3 (no activation) -> 1x1 to num_classes.
+  No normalisation; every conv has a bias. The two variants are the same network (docs/paper-protocol.md lists no fix
+  for it). (B, h, w, 256) -> 1x1 convs to 1024 -> 3x3 blocks 1024 -> 512 -> 256 -> ConvT to 2h -> 128 -> ConvT to 4h ->
+  64 -> 3x3 (no activation) -> 1x1 to num_classes.
   """
 
   def __init__(self, num_classes: int, *, variant: Variant = "faithful", embed_dim: int = 256,
@@ -247,8 +248,9 @@ class LinearHead(nnx.Module):
   """The official `SegDecoderLinear`: SAM's output_upscaling, then 1x1 convs (75,140 parameters for 4 classes).
 
   ConvT(256 -> 64) -> LayerNorm2d -> GELU -> ConvT(64 -> 32) -> GELU -> 1x1 32 -> 32 -> ReLU -> 1x1 32 -> C.
-  faithful applies ReLU to the logits too (spec section 6.11), so no logit is ever negative; improved does not.
-  With `sam`, the upscaling starts from SAM's (the official strict=False load matches its keys); the 1x1 convs are new.
+  faithful applies ReLU to the logits too (paper-protocol section 6.11), so no logit is ever negative; improved does
+  not. With `sam`, the upscaling starts from SAM's (the official strict=False load matches its keys); the 1x1 convs are
+  new.
   """
 
   def __init__(self, num_classes: int, *, variant: Variant, sam: Sam | None = None, embed_dim: int = 256,
@@ -278,7 +280,8 @@ def build_head(kind: HeadKind, num_classes: int, *, variant: Variant, sam: Sam |
   `weights_conversion` wrote) whose decoder initialises what the head takes from it; None gives random weights of
   the same architecture (SAM's default decoder sizes). joint: improved AutoSAM only, see `AutoSamHead`.
   cnn_top_channels: the CNN head's narrowest width (the official 64 gives its 1024-wide input block; smaller values
-  shrink every layer, e.g. for a CPU demo). Only SAM's decoder parts are copied; the head keeps no reference to the image encoder.
+  shrink every layer, e.g. for a CPU demo). Only SAM's decoder parts are copied; the head keeps no reference to the
+  image encoder.
   """
   if kind not in HEAD_KINDS:
     raise ValueError(f"unknown head kind {kind!r}; choose one of {', '.join(HEAD_KINDS)}")

@@ -1,10 +1,11 @@
-"""The from-scratch UNet baseline (spec section 1d): the official `SupConUnet(num_classes=4, in_channels=3)`.
+"""The from-scratch UNet baseline (paper-protocol section 1d): the official `SupConUnet(num_classes=4, in_channels=3)`.
 
 Channels-last: images (B, H, W, 3) -> logits (B, H, W, num_classes), H and W multiples of 16 (224 for ACDC).
 Layer names follow the official module (`contr_1_1`, ..., `center`, `expand_4_1`, `upscale4`, ...); the official
-`encoder.contr_*` and `encoder.center` (what its SimCLR fine-tuning transfers) are exactly `UNet.encoder` here. Where the spec is silent the official code decides: 3x3 convs with padding 1 and bias; InstanceNorm2d
-without affine parameters (eps 1e-5, biased variance, no running statistics); LeakyReLU slope 0.01; the center ends
-ConvT -> ReLU; the upsampled map comes first in each concatenation; PyTorch's default init for every layer.
+`encoder.contr_*` and `encoder.center` (what its SimCLR fine-tuning transfers) are exactly `UNet.encoder` here. Where
+docs/paper-protocol.md is silent the official code decides: 3x3 convs with padding 1 and bias; InstanceNorm2d without
+affine parameters (eps 1e-5, biased variance, no running statistics); LeakyReLU slope 0.01; the center ends ConvT ->
+ReLU; the upsampled map comes first in each concatenation; PyTorch's default init for every layer.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The official loss: cross-entropy + batch soft Dice over the foreground classes (spec section 3).
+"""The official loss: cross-entropy + batch soft Dice over the foreground classes (paper-protocol section 3).
 
 Pixels may carry weights: 0 for padding (improved mode's padded border, or the zero-weight samples that fill the last
 batch to a fixed size), 1 otherwise, so the loss equals the official one on the real pixels.

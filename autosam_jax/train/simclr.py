@@ -1,4 +1,4 @@
-"""SimCLR pretraining of the UNet encoder, the official SimCLR baseline (spec section 1d); the command is
+"""SimCLR pretraining of the UNet encoder, the official SimCLR baseline (paper-protocol section 1d); the command is
 `autosam_jax/commands/pretrain_simclr.py`.
 
 The official `scripts/main_simclr.py` trains `GlobalConUnet`: the UNet's contracting path and center (`UNetEncoder`
@@ -9,10 +9,10 @@ decay 1e-5; batch 8, 100 epochs. Fine-tuning (`main_baseline.py --saved_model_pa
 writes exactly that encoder to OUT/encoder/ and `load_pretrained_encoder` puts it into a `UNet`.
 
 Where this differs from the official code, and why:
-- Two independent views (the fix of spec 6.21). The official `transform_contrast` augments one `data_dict` twice and
-  batchgenerators' intensity transforms work in place, so the first view also carries the second pass's intensity
-  changes and the views differ mainly by the second spatial transform. Here each view is the full pipeline applied to
-  the clean slice with its own key.
+- Two independent views (the fix of paper-protocol 6.21). The official `transform_contrast` augments one `data_dict`
+  twice and batchgenerators' intensity transforms work in place, so the first view also carries the second pass's
+  intensity changes and the views differ mainly by the second spatial transform. Here each view is the full pipeline
+  applied to the clean slice with its own key.
 - The official run keeps the model with the lowest NT-Xent on its validation loader; this one has no validation pass
   and keeps the last epoch's encoder, as the supervised faithful runs keep their last epoch.
 - Slices are those of the given patients (all training patients of a split), not the official `tr_size` truncation of
@@ -78,8 +78,8 @@ def learning_rate_at(config: SimclrConfig, epoch: int, step: int, steps_per_epoc
   """The learning rate of the step numbered `step` (0-based), which lies in epoch `epoch`.
 
   faithful: the official loop builds `CosineAnnealingLR(T_max=len(train_loader))`, i.e. T_max in iterations, but
-  calls `scheduler.step()` once per epoch and only at the end of epochs >= 10 (spec 6.22). So epochs 0..10 run at
-  the base rate, epoch e > 10 at base * (1 + cos(pi * (e - 10) / T_max)) / 2, and the decay over the whole run is
+  calls `scheduler.step()` once per epoch and only at the end of epochs >= 10 (paper-protocol 6.22). So epochs 0..10 run
+  at the base rate, epoch e > 10 at base * (1 + cos(pi * (e - 10) / T_max)) / 2, and the decay over the whole run is
   small (with ~170 iterations per epoch, 100 epochs end near 0.6 x base). PyTorch's cosine keeps going past T_max
   (period 2 T_max, rising again); the closed form here does the same.
   improved: base * (1 + cos(pi * step / total_steps)) / 2, updated every step.
@@ -167,10 +167,10 @@ class SimclrProgram(StepProgram):
     return injected_optimizer(direction, learning_rate)
 
   def prepare(self, batch, step):
-    # Two independent views (spec 6.21 fixed): the whole pipeline applied to the clean slice twice, each time with its
-    # own key. augment_batch gives sample i of its batch the key split(key, 2n)[i], so one call on the batch stacked
-    # twice does this (view 1 of slice i draws from key i, view 2 from key n + i) and compiles the pipeline once.
-    # The key comes from (seed, step), so a resumed run draws the same views.
+    # Two independent views (paper-protocol 6.21 fixed): the whole pipeline applied to the clean slice twice, each time
+    # with its own key. augment_batch gives sample i of its batch the key split(key, 2n)[i], so one call on the batch
+    # stacked twice does this (view 1 of slice i draws from key i, view 2 from key n + i) and compiles the pipeline
+    # once. The key comes from (seed, step), so a resumed run draws the same views.
     images = batch["image"]
     key = jax.random.fold_in(jax.random.key(self.config.seed), step)
     stacked = jnp.concatenate([images, images])

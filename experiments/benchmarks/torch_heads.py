@@ -1,5 +1,5 @@
-"""The heads of spec sections 1a/1b written plainly in PyTorch, with the official loss and Adam: the reference that
-`head_step` and `paper_cell` time ours against.
+"""The heads of paper-protocol sections 1a/1b written plainly in PyTorch, with the official loss and Adam: the reference
+that `head_step` and `paper_cell` time ours against.
 
 Channels-first, as the official code. The AutoSAM head is SAM's mask decoder without prompt tokens, built from
 segment_anything's own `TwoWayTransformer`, `MLP`, `LayerNorm2d` and `PositionEmbeddingRandom`. It computes what the

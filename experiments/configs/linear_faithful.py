@@ -1,4 +1,4 @@
-"""'Linear' head (spec 1b: SAM's output upscaling + 1x1 convs, ReLU on the logits), the paper's protocol.
+"""'Linear' head (paper-protocol 1b: SAM's output upscaling + 1x1 convs, ReLU on the logits), the paper's protocol.
 
   autosam-jax train --config experiments/configs/linear_faithful.py --cache cache/vit_b_faithful \\
       --weights weights/vit_b --splits splits/cv5.json --fold cv5-seed0-fold0 --tr-size 1 --out runs/linear_tr1

@@ -1,5 +1,5 @@
-"""Linear head (spec 1b), improved protocol: no ReLU on the logits, plateau on validation Dice, and the best epoch by
-validation Dice kept.
+"""Linear head (paper-protocol 1b), improved protocol: no ReLU on the logits, plateau on validation Dice, and the best
+epoch by validation Dice kept.
 
   autosam-jax train --config experiments/configs/linear_improved.py --cache cache/vit_b_improved \\
       --weights weights/vit_b --splits splits/cv5.json --fold cv5-seed0-fold0 --tr-size 1 --out runs/linear_imp_tr1

@@ -1,6 +1,6 @@
 """SimCLR pretraining of the UNet encoder (faithful): the official `main_simclr.py` options. Adam 3e-4 with L2 weight
 decay 1e-5, batch 8, 100 epochs, NT-Xent at temperature 0.5, the official cosine quirk (T_max in iterations, stepped
-once per epoch from epoch 10), the official augmentation for both views (drawn independently; spec 6.21).
+once per epoch from epoch 10), the official augmentation for both views (drawn independently; paper-protocol 6.21).
 
   autosam-jax pretrain-simclr --config experiments/configs/simclr_pretrain.py ...   (autosam-jax pretrain-simclr -h)
 
