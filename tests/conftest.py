@@ -119,6 +119,19 @@ def kill_at(monkeypatch):
   faults._hits.clear()
 
 
+def saved_learning_rate(checkpoint) -> np.ndarray:
+  """The learning rate a run checkpoint's optimizer state holds (optax.inject_hyperparams puts it there)."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as checkpointer:
+    state = checkpointer.restore((checkpoint / "state").absolute())
+  found = [np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+           if "learning_rate" in jax.tree_util.keystr(path)]
+  assert len(found) == 1, f"no learning rate in the optimizer state of {checkpoint}"
+  return found[0]
+
+
 def assert_refused_while_in_use(capsys, folder, argv) -> None:
   """`autosam-jax ARGV` while another process holds FOLDER's lock (a lock is per open file, so one this process
   holds counts as another's): one line naming the holder, exit code 2, every file under FOLDER left as it was."""

@@ -11,7 +11,7 @@ import pytest
 
 from autosam_jax.data.errors import DataError
 from autosam_jax.train.simclr import SimclrConfig
-from tests.conftest import assert_refused_while_in_use
+from tests.conftest import assert_refused_while_in_use, saved_learning_rate
 
 # A narrow UNet (the official width is 64) and one patient (14 slices: 3 full batches of 4 and one padded with two
 # empty rows), so two epochs on CPU stay fast.
@@ -237,18 +237,6 @@ def _checkpoint_steps(run_dir):
   return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def _saved_learning_rate(checkpoint):
-  import jax
-  import orbax.checkpoint as ocp
-
-  with ocp.StandardCheckpointer() as checkpointer:
-    state = checkpointer.restore((checkpoint / "state").absolute())
-  found = [np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state)
-           if "learning_rate" in jax.tree_util.keystr(path)]
-  assert len(found) == 1, f"no learning rate in the optimizer state of {checkpoint}"
-  return found[0]
-
-
 def test_killed_run_resumes_to_the_same_encoder_and_losses(pretrained, image_cache, tmp_path, kill_at):
   from autosam_jax.train.simclr import learning_rate_at, pretrain_simclr
 
@@ -261,7 +249,7 @@ def test_killed_run_resumes_to_the_same_encoder_and_losses(pretrained, image_cac
   assert _checkpoint_steps(out) == [4] and not (out / "encoder").exists()
   assert [(r["kind"], r["step"]) for r in _rows(out)][-2:] == [("step", 4), ("epoch", 4)]
   # the optimizer state holds the learning rate, the next epoch's once the epoch has ended
-  assert _saved_learning_rate(out / "checkpoints" / "4") == np.float32(learning_rate_at(CONFIG, 1, 4, 4))
+  assert saved_learning_rate(out / "checkpoints" / "4") == np.float32(learning_rate_at(CONFIG, 1, 4, 4))
   # The rerun resumes there and is interrupted one step into the second epoch: the checkpoint is epoch 0's, and
   # step 5 was logged but not checkpointed.
   kill_at("simclr.step:1")

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import saved_learning_rate
+
 from autosam_jax.train.loop import NonFiniteLossError, TrainConfig, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -146,19 +148,6 @@ def test_non_finite_loss_stops_with_the_step(setup, tmp_path):
     train(CONFIG, setup["cache"], poisoned, tmp_path / "nan", list(setup["split"].labeled(1)), [], progress=False)
 
 
-def _saved_learning_rate(checkpoint):
-  """The learning rate a run checkpoint's optimizer state holds."""
-  import jax
-  import orbax.checkpoint as ocp
-
-  with ocp.StandardCheckpointer() as checkpointer:
-    state = checkpointer.restore((checkpoint / "state").absolute())
-  found = [np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state)
-           if "learning_rate" in jax.tree_util.keystr(path)]
-  assert len(found) == 1, f"no learning rate in the optimizer state of {checkpoint}"
-  return found[0]
-
-
 def test_the_learning_rate_is_in_the_optimizer_state_across_a_resume(setup, tmp_path, monkeypatch, kill_at):
   """The plateau's cut (here at every epoch end from plateau_start_epoch 1: patience -1) is the optimizer state's
   learning rate: the checkpoint after epoch 1 holds the rate of epoch 2, and the run resumed from it ends as the
@@ -179,7 +168,7 @@ def test_the_learning_rate_is_in_the_optimizer_state_across_a_resume(setup, tmp_
     _run(setup, out)
   saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())[-1]
   assert saved == 2 * steps // CONFIG.epochs
-  assert _saved_learning_rate(out / "checkpoints" / str(saved)) == np.float32(cut)
+  assert saved_learning_rate(out / "checkpoints" / str(saved)) == np.float32(cut)
   kill_at("nowhere")
   _run(setup, out)
   _assert_same_run(out, reference)
