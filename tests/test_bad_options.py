@@ -391,3 +391,26 @@ def test_sam_config_refuses_architectures_no_model_has(bad, field):
 
   with pytest.raises(ValueError, match=field):
     SamConfig(**bad)
+
+
+def test_sam_config_refuses_fields_of_the_wrong_type():
+  """Types are strict, as for every config: text or a fraction is not a number of pixels or a block index (rather
+  than being rounded or parsed), and a refusal is a one-line DataError that callers may still catch as ValueError."""
+  from autosam_jax.models.config import SamConfig
+
+  rgb = "a list of 3 numbers (red, green, blue)"
+  cases = [({"pixel_mean": ["1", "2", "3"]}, f"pixel_mean must be {rgb}, got list ['1', '2', '3']"),
+           ({"pixel_std": [1.0, 1.0]}, f"pixel_std must be {rgb}, got list [1.0, 1.0]"),
+           ({"encoder_global_attn_indexes": [2.5]}, "encoder_global_attn_indexes must be a list of int, got list "
+                                                    "[2.5]"),
+           ({"decoder_num_heads": 8.0}, "decoder_num_heads (--decoder-num-heads) must be int, got float 8.0"),
+           ({"qkv_bias": "yes"}, "qkv_bias must be true or false, got str 'yes'"),
+           ({"windows": 14}, "unknown SAM config key(s) ['windows']; known: ['attention_downsample_rate', ")]
+  for bad, message in cases:
+    with pytest.raises(DataError) as refused:
+      SamConfig.from_dict(bad, source="config.json")
+    assert isinstance(refused.value, ValueError) and str(refused.value).startswith(f"config.json: {message}")
+  with pytest.raises(ValueError, match=r"^SAM config: window_size must be int, got str '14'$"):
+    SamConfig(window_size="14")
+  record = SamConfig.from_dict(json.loads(SamConfig(encoder_global_attn_indexes=(1, 3)).to_json()), source="c.json")
+  assert record == SamConfig(encoder_global_attn_indexes=(1, 3)) and record.pixel_mean == SamConfig().pixel_mean

@@ -3,6 +3,7 @@ fold; killed after its first finished cell and rerun, it redoes nothing that was
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -172,3 +173,33 @@ def test_val_patients_option_of_the_sweep(value, stored):
   assert SweepConfig.from_dict({"data": "acdc", "methods": ["unet"]}, "c.py").val_patients == 0.15
   with pytest.raises(DataError, match=r"^c.py: val_patients: -1 is a negative count"):
     SweepConfig.from_dict({"data": "acdc", "methods": ["unet"], "val_patients": -1}, "c.py")
+
+
+def test_sweep_config_rules_hold_however_it_is_made(tmp_path):
+  """The option rules apply to a config constructed or replaced in code as to one read from a file: a bool is not a
+  count, a method or mode outside the choices is refused, whichever way it comes."""
+  import dataclasses
+
+  from autosam_jax.experiment.sweep import SweepConfig, load_sweep_config
+
+  config = SweepConfig.from_dict({"data": "acdc", "methods": ["unet"]}, "c.py")
+  for change, message in [({"num_folds": True}, "num_folds must be int, got bool True"),
+                          ({"tr_sizes": (True, 2)}, "tr_sizes must be a list of int, got tuple (True, 2)"),
+                          ({"methods": ("unet", "resnet")}, "unknown method(s) ['resnet']; choose from"),
+                          ({"mode": "better"}, "mode must be one of faithful, improved, got 'better'"),
+                          ({"image_spacing": 0}, "image_spacing must be a finite number, positive, got 0")]:
+    with pytest.raises(DataError) as refused:
+      dataclasses.replace(config, **change)
+    assert str(refused.value).startswith(f"sweep config: {message}"), str(refused.value)
+  with pytest.raises(DataError, match=r"^c.py: split_seed must be int, got bool False$"):
+    SweepConfig.from_dict({"data": "acdc", "methods": ["unet"], "split_seed": False}, "c.py")
+  with pytest.raises(DataError, match=r"^c.py: unknown method\(s\) \['resnet'\]; choose from \['autosam', "):
+    SweepConfig.from_dict({"data": "acdc", "methods": ["resnet"]}, "c.py")
+  # paths given as Path objects are recorded as text; --set overrides are named in the refusal
+  assert SweepConfig.from_dict({"data": tmp_path, "methods": ["unet"]}, "c.py").data == str(tmp_path)
+  file = tmp_path / "sweep.py"
+  file.write_text("def get_config():\n  return {'data': 'acdc', 'methods': ['unet']}\n")
+  assert load_sweep_config(file, ["num_folds=3"]).num_folds == 3
+  with pytest.raises(DataError, match=rf"^{re.escape(str(file))} with --set: num_folds must be an integer, 2 or more, "
+                                     r"got 1$"):
+    load_sweep_config(file, ["num_folds=1"])

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from autosam_jax.data.errors import DataError
 from autosam_jax.data.splits import DEFAULT_VAL_PATIENTS, parse_val_patients
+from autosam_jax.typed_config import TypedConfig, option
 
 HEAD_METHODS = ("autosam", "cnn", "linear")
 IMAGE_METHODS = ("unet", "simclr")
@@ -27,155 +27,92 @@ LABELS = {"autosam": "AutoSAM", "cnn": "CNN head", "linear": "Linear head", "une
           "zero_shot_point": "SAM zero-shot, GT points"}
 
 
+_PATH = "a path (text)"
+_OPTIONS = "a dict of option name -> value"
+_ENCODERS = ("a dict of encoder name -> SAM checkpoint (or converted weights folder), e.g. "
+             "{'vit_b': 'sam_vit_b_01ec64.pth'}")
+
+
 @dataclasses.dataclass(frozen=True)
-class SweepConfig:
-  data: str  # ACDC (or nnU-Net raw) folder
+class SweepConfig(TypedConfig):
+  OPTIONS = "sweep"
+
+  data: str = option(kind=_PATH, needed="the ACDC folder")  # ACDC (or nnU-Net raw) folder
   # encoder name -> SAM checkpoint (Meta .pth, Hugging Face safetensors) or a directory written by autosam-jax convert
-  encoders: dict[str, str] = dataclasses.field(default_factory=dict)
-  methods: tuple[str, ...] = ("autosam", "cnn", "linear", "unet")
-  mode: str = "faithful"  # faithful | improved (the SAM heads and zero-shot SAM; the UNet baselines are faithful)
-  tr_sizes: tuple[int, ...] = (1, 2, 5)
-  num_folds: int = 5
-  folds: tuple[int, ...] = ()  # which folds to run; () = all
-  split_seed: int = 0
+  encoders: dict[str, str] = option(default_factory=dict, kind=_ENCODERS)
+  methods: tuple[str, ...] = option(("autosam", "cnn", "linear", "unet"), kind="a list of method names")
+  # faithful | improved (the SAM heads and zero-shot SAM; the UNet baselines are faithful)
+  mode: str = option("faithful", choices=("faithful", "improved"))
+  tr_sizes: tuple[int, ...] = option((1, 2, 5), at_least=1)
+  num_folds: int = option(5, at_least=2)
+  folds: tuple[int, ...] = option((), at_least=0)  # which folds to run; () = all
+  split_seed: int = option(0, at_least=0)
   # validation patients of each fold made here: a count (e.g. 1) or a fraction of the patients (at least one where the
   # dataset allows it), as make-splits --val-patients; the improved variant needs at least one
   val_patients: int | float = DEFAULT_VAL_PATIENTS
-  splits: str = ""  # a split file to use instead of cross-validation folds made here
-  views: int = 0  # augmented views per training slice in the feature cache
-  dtype: str = "bf16"  # encoder matmuls and cache storage
-  encode_batch_size: int = 8
+  splits: str = option("", kind=_PATH)  # a split file to use instead of cross-validation folds made here
+  views: int = option(0, at_least=0)  # augmented views per training slice in the feature cache
+  dtype: str = option("bf16", choices=("bf16", "fp32"))  # encoder matmuls and cache storage
+  encode_batch_size: int = option(8, at_least=1)
   # The UNet baselines' model images: image_size x image_size pixels of image_spacing mm (official: 224 at 1.25 mm)
-  image_size: int = 224
-  image_spacing: float = 1.25
-  tfds_dir: str = ""  # default OUT/tfds
-  train: dict[str, Any] = dataclasses.field(default_factory=dict)  # TrainConfig overrides for every trained method
-  method_train: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # per method, after `train`
-  simclr: dict[str, Any] = dataclasses.field(default_factory=dict)  # SimclrConfig overrides
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+  image_size: int = option(224, at_least=1)
+  image_spacing: float = option(1.25, above=0, finite=True)
+  tfds_dir: str = option("", kind=_PATH)  # default OUT/tfds
+  train: dict[str, Any] = option(default_factory=dict, kind=_OPTIONS)  # TrainConfig overrides for every trained method
+  # TrainConfig overrides per method, after `train`
+  method_train: dict[str, dict[str, Any]] = option(
+      default_factory=dict, kind="a dict of method -> training options, e.g. {'unet': {'epochs': 10}}")
+  simclr: dict[str, Any] = option(default_factory=dict, kind=_OPTIONS)  # SimclrConfig overrides
 
   @classmethod
-  def from_dict(cls, values: dict[str, Any], source: str) -> "SweepConfig":
-    """Checks every option's type where it is read, so a wrong one is one line naming it (not a traceback later)."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-      raise DataError(f"{source}: unknown sweep option(s) {unknown}; known: {sorted(fields)}")
-    if "data" not in values:
-      raise DataError(f"{source}: the sweep config needs 'data' (the ACDC folder)")
-    values = dict(values)
-    for name in ("data", "splits", "tfds_dir"):  # paths, recorded as text
-      if name in values:
-        values[name] = _path_text(values[name], name, source)
-    if not values["data"]:
-      raise DataError(f"{source}: data must name the dataset folder, got an empty path")
-    if "encoders" in values:
-      values["encoders"] = _encoders(values["encoders"], source)
-    for name, kind in (("methods", str), ("tr_sizes", int), ("folds", int)):
-      if name in values:
-        values[name] = _sequence(values[name], name, kind, source)
-    for name in ("train", "simclr"):
-      if name in values:
-        values[name] = _options(values[name], name, source)
-    if "method_train" in values:
-      method_train = values["method_train"]
-      if not isinstance(method_train, dict):
-        raise DataError(f"{source}: method_train must be a dict of method -> training options, e.g. "
-                        f"{{'unet': {{'epochs': 10}}}}, got {_typed(method_train)}")
-      values["method_train"] = {m: _options(v, f"method_train[{m!r}]", source) for m, v in method_train.items()}
-    if "val_patients" in values:  # "1" and 1 are the same setting (a rerun compares the recorded config)
-      values["val_patients"] = parse_val_patients(values["val_patients"], f"{source}: val_patients")
-    config = cls(**values)
-    config.check(source)
-    return config
+  def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "SweepConfig":
+    """The config of a sweep config file's options, refused in one line naming `source` and the option. Paths
+    (os.PathLike too) are recorded as text and val_patients as its number: "1" and 1 are the same setting (a rerun
+    compares the recorded config)."""
+    if isinstance(values, Mapping):
+      values = dict(values)
+      for name in ("data", "splits", "tfds_dir"):
+        if isinstance(values.get(name), os.PathLike):
+          values[name] = os.fspath(values[name])
+      if isinstance(values.get("encoders"), Mapping):
+        values["encoders"] = {k: os.fspath(v) if isinstance(v, os.PathLike) else v
+                              for k, v in values["encoders"].items()}
+      if "val_patients" in values:
+        values["val_patients"] = parse_val_patients(values["val_patients"], f"{source}: val_patients")
+    return super().from_dict(values, source)
 
-  def check(self, source: str) -> None:
+  def check(self) -> None:
+    """Rules between options, and those of one option that `option(...)` does not express: unknown methods named one
+    by one, plain encoder names, no repeated list items, an image size the UNet can halve four times."""
+    if not self.data:
+      raise self.refusal("data must name the dataset folder, got an empty path")
+    for name, path in self.encoders.items():
+      if not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*", name) or name in (".", ".."):
+        # names become folder and cell names
+        raise self.refusal(f"encoder name {name!r} must be a plain word (letters, digits, '_', '.', '-'), e.g. "
+                           "{'vit_b': 'sam_vit_b_01ec64.pth'}")
+      if not path:
+        raise self.refusal(f"encoders[{name!r}] must name a SAM checkpoint, got an empty path")
     unknown = [m for m in self.methods if m not in METHODS]
     if unknown or not self.methods:
-      raise DataError(f"{source}: unknown method(s) {unknown or '(none given)'}; choose from {list(METHODS)}")
-    if self.mode not in ("faithful", "improved"):
-      raise DataError(f"{source}: mode must be 'faithful' or 'improved', got {self.mode!r}")
+      raise self.refusal(f"unknown method(s) {unknown or '(none given)'}; choose from {list(METHODS)}")
     needs_sam = [m for m in self.methods if m in HEAD_METHODS + ZERO_SHOT_METHODS]
     if needs_sam and not self.encoders:
-      raise DataError(f"{source}: methods {needs_sam} need SAM weights; give encoders={{'vit_b': 'sam_vit_b.pth'}}")
-    if not self.tr_sizes or any(not _is_int(t) or t < 1 for t in self.tr_sizes):
-      raise DataError(f"{source}: tr_sizes must be positive integers, got {list(self.tr_sizes)}")
-    if any(not _is_int(k) or k < 0 for k in self.folds):
-      raise DataError(f"{source}: folds must be fold numbers (integers from 0), got {list(self.folds)}")
+      raise self.refusal(f"methods {needs_sam} need SAM weights; give encoders={{'vit_b': 'sam_vit_b.pth'}}")
+    if not self.tr_sizes:
+      raise self.refusal("tr_sizes must list at least one training-set size (labeled patients), got []")
     for name in ("methods", "tr_sizes", "folds"):
       values = list(getattr(self, name))
       repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
       if repeated:
-        raise DataError(f"{source}: {name} lists {', '.join(map(repr, repeated))} more than once")
-    if self.dtype not in ("bf16", "fp32"):
-      raise DataError(f"{source}: dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
-    parse_val_patients(self.val_patients, f"{source}: val_patients")
-    for name, least in (("views", 0), ("num_folds", 2), ("encode_batch_size", 1), ("split_seed", 0)):
-      value = getattr(self, name)
-      if not _is_int(value) or value < least:
-        kind = {0: "a non-negative integer", 1: "a positive integer", 2: "an integer, 2 or more"}[least]
-        raise DataError(f"{source}: {name} must be {kind}, got {value!r}")
-    if not _is_int(self.image_size) or self.image_size < 16 or self.image_size % 16:
-      raise DataError(f"{source}: image_size must be a positive multiple of 16 pixels (the UNet halves it four "
-                      f"times), got {self.image_size!r}")
-    if isinstance(self.image_spacing, bool) or not isinstance(self.image_spacing, (int, float)) \
-        or not (math.isfinite(self.image_spacing) and self.image_spacing > 0):
-      raise DataError(f"{source}: image_spacing must be a positive number of mm, got {self.image_spacing!r}")
+        raise self.refusal(f"{name} lists {', '.join(map(repr, repeated))} more than once")
+    parse_val_patients(self.val_patients, f"{self.source_text()}: val_patients")
+    if self.image_size % 16:
+      raise self.refusal(f"image_size must be a positive multiple of 16 pixels (the UNet halves it four times), got "
+                         f"{self.image_size!r}")
     bad = [m for m in self.method_train if m not in METHODS]
     if bad:
-      raise DataError(f"{source}: method_train names unknown method(s) {bad}")
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _typed(value: Any) -> str:
-  text = repr(value)
-  return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
-
-
-def _path_text(value: Any, name: str, source: str) -> str:
-  if isinstance(value, os.PathLike):
-    value = os.fspath(value)
-  if not isinstance(value, str):
-    raise DataError(f"{source}: {name} must be a path (text), got {_typed(value)}")
-  return value
-
-
-def _encoders(value: Any, source: str) -> dict[str, str]:
-  """encoder name -> checkpoint path; names become folder and cell names, so they are plain words."""
-  example = "e.g. {'vit_b': 'sam_vit_b_01ec64.pth'}"
-  if not isinstance(value, dict):
-    raise DataError(f"{source}: encoders must be a dict of encoder name -> SAM checkpoint (or converted weights "
-                    f"folder), {example}; got {_typed(value)}")
-  encoders = {}
-  for name, path in value.items():
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*", name) or name in (".", ".."):
-      raise DataError(f"{source}: encoder name {name!r} must be a plain word (letters, digits, '_', '.', '-'), "
-                      f"{example}")
-    encoders[name] = _path_text(path, f"encoders[{name!r}]", source)
-    if not encoders[name]:
-      raise DataError(f"{source}: encoders[{name!r}] must name a SAM checkpoint, got an empty path")
-  return encoders
-
-
-def _sequence(value: Any, name: str, kind: type, source: str) -> tuple:
-  what = {str: "names", int: "integers"}[kind]
-  if not isinstance(value, (list, tuple)):
-    raise DataError(f"{source}: {name} must be a list of {what}, got {_typed(value)}")
-  wrong = [v for v in value if not isinstance(v, kind) or isinstance(v, bool)]
-  if wrong:
-    raise DataError(f"{source}: {name} must be a list of {what}, got {_typed(wrong[0])} in it")
-  return tuple(value)
-
-
-def _options(value: Any, name: str, source: str) -> dict[str, Any]:
-  if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-    raise DataError(f"{source}: {name} must be a dict of option name -> value, got {_typed(value)}")
-  return dict(value)
+      raise self.refusal(f"method_train names unknown method(s) {bad}; choose from {list(METHODS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,9 +132,8 @@ class Cell:
 
 
 def load_sweep_config(path: Path, overrides: list[str] = ()) -> SweepConfig:
-  from autosam_jax.config_files import apply_overrides, read_config_file
-
-  return SweepConfig.from_dict(apply_overrides(read_config_file(path), list(overrides)), source=str(path))
+  """The get_config() of a sweep config file, then each `--set NAME=VALUE`."""
+  return SweepConfig.from_file(path, overrides)
 
 
 def _train_config(method: str, config: SweepConfig):

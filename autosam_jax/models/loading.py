@@ -14,7 +14,7 @@ from flax import nnx
 from autosam_jax.checksums import verify_checksums
 from autosam_jax.errors import CheckpointError, DataError
 from autosam_jax.faults import restore_or_raise
-from autosam_jax.models.config import SamConfig
+from autosam_jax.models.config import SamConfig, SamConfigError
 from autosam_jax.models.sam import Sam
 
 
@@ -25,8 +25,14 @@ def read_config(path: str | os.PathLike) -> SamConfig:
     raise CheckpointError(f"{config_file}: missing; convert the SAM weights first (autosam-jax convert CHECKPOINT "
                           f"{path})")
   try:
-    return SamConfig.from_dict(json.loads(config_file.read_text()), source=str(config_file))
-  except (json.JSONDecodeError, TypeError, ValueError) as err:
+    values = json.loads(config_file.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    raise CheckpointError(f"{config_file}: not a valid SAM config: {err}; convert the SAM weights again") from None
+  try:
+    return SamConfig.from_dict(values, source=str(config_file))
+  except SamConfigError as err:  # names the file and the field already
+    raise CheckpointError(f"{err}; convert the SAM weights again") from None
+  except (TypeError, ValueError) as err:
     raise CheckpointError(f"{config_file}: not a valid SAM config: {err}") from None
 
 
