@@ -3,13 +3,13 @@ import sys
 
 # Tests run on the CPU; keep XLA from grabbing every core's worth of threads for tiny models.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Many tests run the same programs again in subprocesses (a reference run, the killed run, its rerun): they share
-# compiled programs of at least a second's compile time through one persistent cache for the whole session.
+# Many tests run the same programs again in subprocesses (a reference run, the killed run, its rerun) or in the other
+# pytest-xdist worker: they share every compiled program through one persistent cache for the whole session.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   import tempfile
 
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="autosam-jax-test-jit-cache-")
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import numpy as np
 import pytest
