@@ -26,6 +26,7 @@ CONFIGS = REPO_ROOT / "experiments" / "configs"
 EPOCHS = 2
 BATCH_SIZE = 4
 TRAIN, VAL, TEST = "patient001", "patient002", "patient003"
+UNET_GRID = 112  # the UNet's image cache: 112 x 112 pixels of 2.5 mm
 
 
 def _main(args: list[str]) -> int:
@@ -268,7 +269,9 @@ def test_improved_mode_end_to_end(data, improved, tmp_path):
 @pytest.fixture(scope="module")
 def image_cache(data):
   cache = data["root"] / "cache_images"
-  assert _main(["image-cache", "--data", data["acdc"], "--tfds-dir", data["tfds"], "--out", cache]) == 0
+  # the official field of view (224 pixels of 1.25 mm) at a quarter of the pixels, as the demo trains its UNet
+  assert _main(["image-cache", "--data", data["acdc"], "--tfds-dir", data["tfds"], "--out", cache, "--slice-size",
+                str(UNET_GRID), "--spacing", "2.5"]) == 0
   return cache
 
 
@@ -295,7 +298,8 @@ def test_unet_through_the_command_without_weights(data, unet, tmp_path):
   report = json.loads((evaluation / "metrics.json").read_text())
   assert set(report["summary"]) == {"official", "standard"} and report["train_config"]["head"] == "unet"
   patient = report["patients"][TEST]
-  assert patient["official"]["shape"] == [sum(f["shape"][2] for f in patient["standard"].values()), 224, 224]
+  assert patient["official"]["shape"] == [sum(f["shape"][2] for f in patient["standard"].values()), UNET_GRID,
+                                          UNET_GRID]
   for case_id in patient["standard"]:
     _assert_same_geometry(evaluation / "predictions" / f"{case_id}.nii.gz", data["acdc"] / TEST / f"{case_id}.nii.gz",
                           False)
