@@ -81,8 +81,8 @@ def limited_file_size(limit: int) -> list[str]:
 LONGEST_FIRST = ("test_cli_runs.py", "test_own_dataset.py", "test_parity_meta.py", "test_sweep.py",
                  "test_distributed.py", "test_train.py", "test_features.py", "test_parity_vit_b.py", "test_simclr.py",
                  "test_heads.py", "test_augment.py", "test_faults.py", "test_zero_shot.py",
-                 "test_parity_huggingface.py", "test_unet_training.py", "test_evaluate_predict.py", "test_bad_inputs.py",
-                 "test_random_init.py")
+                 "test_parity_huggingface.py", "test_unet_training.py", "test_evaluate_predict.py",
+                 "test_bad_inputs.py", "test_random_init.py")
 
 
 def pytest_collection_modifyitems(config, items):
