@@ -13,13 +13,12 @@ checkpoint OUT_DIR/params and OUT_DIR/checksums.json (verified at every load); l
 `autosam_jax.load_sam(OUT_DIR)`. --overwrite replaces only an earlier conversion: a folder holding other files, or
 the checkpoint itself, is refused."""
 
-PRESET_NAMES = ("vit_b", "vit_h", "vit_l")  # autosam_jax.models.config.PRESETS (tested to agree)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+  from autosam_jax.models.config import PRESETS  # no JAX at import
+
   parser.add_argument("checkpoint", help="SAM checkpoint: Meta .pth, Hugging Face .safetensors, or an HF model dir")
   parser.add_argument("out_dir", help="output directory (must not exist unless --overwrite)")
-  parser.add_argument("--model-type", choices=PRESET_NAMES, default=None,
+  parser.add_argument("--model-type", choices=sorted(PRESETS), default=None,
                       help="check that the checkpoint is this preset (default: accept any SAM architecture)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace OUT_DIR if it is an earlier conversion (a folder holding only what convert writes)")

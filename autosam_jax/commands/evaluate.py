@@ -9,10 +9,10 @@ from autosam_jax.commands import options
 
 DESCRIPTION = """Dice and HD95 of a trained head on a split's test patients, under both conventions.
 
-  autosam-jax evaluate --model runs/autosam_tr1/final_model --weights weights/vit_b --cache cache/vit_b_faithful \
-      --data ~/data/ACDC --tfds-dir ~/tensorflow_datasets --splits splits/cv5.json --fold cv5-seed0-fold0 \
+  autosam-jax evaluate --model runs/autosam_tr1/final_model --weights weights/vit_b --cache cache/vit_b_faithful \\
+      --data ~/data/ACDC --tfds-dir ~/tensorflow_datasets --splits splits/cv5.json --fold cv5-seed0-fold0 \\
       --out runs/autosam_tr1/eval
-  autosam-jax evaluate --model runs/unet_tr1/final_model --cache cache/images_faithful --data ~/data/ACDC \
+  autosam-jax evaluate --model runs/unet_tr1/final_model --cache cache/images_faithful --data ~/data/ACDC \\
       --splits splits/cv5.json --fold cv5-seed0-fold0 --out runs/unet_tr1/eval      (a UNet: its image cache, no SAM)
 
 Every slice of each test patient's cases (ACDC: its ED and ES frames) is predicted from its cached clean embedding

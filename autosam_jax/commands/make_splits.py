@@ -18,11 +18,13 @@ tr_size k always means the first k patients of a split's seeded training order, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+  from autosam_jax.data.splits import DEFAULT_VAL_PATIENTS
+
   parser.add_argument("data_dir", type=Path, help="ACDC or nnU-Net NIfTI folder (its patients are read from it)")
   parser.add_argument("--protocol", choices=["official", "cv"], default="cv")
   parser.add_argument("--folds", type=int, default=5, help="folds for --protocol cv (default 5)")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--val-patients", default="0.15", metavar="COUNT|FRACTION",
+  parser.add_argument("--val-patients", default=str(DEFAULT_VAL_PATIENTS), metavar="COUNT|FRACTION",
                       help="validation patients: a count (e.g. 1; 0 for none) or a fraction of all patients (e.g. "
                       "0.15, the default, the official share); a fraction keeps at least one validation patient "
                       "whenever train and test still keep one each (int(0.15 N) is 0 below 7 patients), because "

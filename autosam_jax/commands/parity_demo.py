@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from autosam_jax.commands.convert import PRESET_NAMES
 
 DESCRIPTION = """Convert a randomly initialised SAM checkpoint and print how closely we match Meta's PyTorch code.
 
@@ -18,7 +17,9 @@ prints the largest absolute difference of each output against its tolerance (exi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--model-type", choices=PRESET_NAMES, default=None,
+  from autosam_jax.models.config import PRESETS  # no JAX at import
+
+  parser.add_argument("--model-type", choices=sorted(PRESETS), default=None,
                       help="full-size preset to check (default: a small 256-pixel, depth-4 architecture)")
   parser.add_argument("--out", type=Path, default=None,
                       help="keep the random checkpoint and the converted weights here (default: a temporary dir)")

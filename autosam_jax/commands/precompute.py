@@ -9,7 +9,7 @@ from autosam_jax.commands import options
 
 DESCRIPTION = """Run the frozen SAM encoder once over a dataset and store the embeddings.
 
-  autosam-jax precompute --data ~/data/ACDC --weights weights/vit_b --out cache/acdc_vit_b_faithful \
+  autosam-jax precompute --data ~/data/ACDC --weights weights/vit_b --out cache/acdc_vit_b_faithful \\
       --mode faithful --views 4 --splits splits/cv5.json --dtype bf16 --batch-size 8
 
 Every slice gets its exact (clean) embedding, view 0. Slices of the patients that some split labels for training get

@@ -30,8 +30,7 @@ figure stands for every tr_size)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--config", type=Path, required=True, help="sweep config: a Python file with get_config()")
-  parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a sweep option")
+  options.add_config(parser, required=True, what="sweep config")
   parser.add_argument("--out", type=Path, required=True, help="output folder (rerun the same command to resume)")
   options.add_no_progress(parser)
 

@@ -9,7 +9,7 @@ from autosam_jax.commands import options
 
 DESCRIPTION = """SAM itself, prompted from the ground truth, on a split's test patients (paper-protocol 1d).
 
-  autosam-jax zero-shot --weights weights/vit_b --data ~/data/ACDC --tfds-dir ~/tensorflow_datasets \
+  autosam-jax zero-shot --weights weights/vit_b --data ~/data/ACDC --tfds-dir ~/tensorflow_datasets \\
       --splits splits/cv5.json --fold cv5-seed0-fold0 --prompt box --mode improved --out runs/sam_zero_shot_box
 
 The paper's zero-shot baseline (`scripts/inference.py`): for every slice of each test patient's cases (ACDC: its ED

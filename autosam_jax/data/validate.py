@@ -408,15 +408,21 @@ def validate_nnunet(data_dir: str | Path) -> ValidationReport:
                           dataset_json=dataset)
 
 
-def validate(data_dir: str | Path) -> ValidationReport:
-  """Detects the layout (dataset.json or imagesTr/ -> nnU-Net; patientNNN/ here or in training/ -> ACDC), checks it."""
+def detect_layout(data_dir: str | Path) -> str:
+  """"nnunet" (dataset.json or imagesTr/) or "acdc" (patientNNN/ here or in training/), from the folder's structure
+  alone; a folder of neither layout is a DataError."""
   data_dir = Path(data_dir)
   _check_folder(data_dir)
   if (data_dir / "dataset.json").exists() or (data_dir / "imagesTr").is_dir():
-    return validate_nnunet(data_dir)
+    return "nnunet"
   if _find_acdc_root(data_dir) is not None:
-    return validate_acdc(data_dir)
+    return "acdc"
   if _ACDC_PATIENT_DIR.fullmatch(data_dir.name):
     raise DataError(f"{data_dir}: is one ACDC patient's folder; pass the folder that holds it ({data_dir.parent})")
   raise DataError(f"{data_dir}: neither ACDC (patientNNN/ folders, here or in training/) nor nnU-Net raw layout "
                   "(dataset.json, imagesTr/, labelsTr/); point at the dataset's top folder")
+
+
+def validate(data_dir: str | Path) -> ValidationReport:
+  """Detects the layout (`detect_layout`) and checks every file of it."""
+  return validate_nnunet(data_dir) if detect_layout(data_dir) == "nnunet" else validate_acdc(data_dir)

@@ -20,12 +20,11 @@ def load_volumes(source_dir: Path, tfds_dir: Path, tfds_option: str = "--tfds-di
   from autosam_jax.data.build import build
   from autosam_jax.data.labels import LabelTable
   from autosam_jax.data.slices import assemble_volumes
-  from autosam_jax.data.validate import validate
+  from autosam_jax.data.validate import detect_layout
   from autosam_jax.outputs import check_folder
 
   check_folder(tfds_dir, tfds_option)
-  kind = validate(source_dir).layout
-  builder = build("acdc" if kind == "acdc" else "nnunet", source_dir, tfds_dir)
+  builder = build(detect_layout(source_dir), source_dir, tfds_dir)  # the build validates every file
   volumes = {}
   for split in builder.info.splits:
     source = builder.as_data_source(split=split)

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from autosam_jax.errors import DataError, NonFiniteLossError  # noqa: F401 - NonFiniteLossError importable from here
-from autosam_jax.train.core import EpochEnd, KillPoints, LoopOptions, Method, StepProgram, local_indices  # noqa: F401
+from autosam_jax.train.core import EpochEnd, KillPoints, LoopOptions, Method, StepProgram, local_indices
 from autosam_jax.models.trained import TrainConfig
 
 _FIELDS = ("embedding", "target", "valid")
