@@ -15,42 +15,51 @@ from pathlib import Path
 from autosam_jax.models.config import SamConfig
 
 
+_TORCHVISION_STUBS = ("torchvision", "torchvision.ops", "torchvision.ops.boxes", "torchvision.transforms",
+                      "torchvision.transforms.functional")
+
+
 def _stub_torchvision() -> None:
   """segment_anything imports torchvision at package import, for helpers we never call; stand in for it."""
   def unavailable(*args, **kwargs):
     raise RuntimeError("torchvision is not installed; this segment_anything helper needs it")
 
-  names = {
-      "torchvision": {},
-      "torchvision.ops": {},
-      "torchvision.ops.boxes": {"batched_nms": unavailable, "box_area": unavailable},
-      "torchvision.transforms": {},
-      "torchvision.transforms.functional": {"resize": unavailable, "to_pil_image": unavailable},
-  }
-  for name, attrs in names.items():
+  attrs = {"torchvision.ops.boxes": {"batched_nms": unavailable, "box_area": unavailable},
+           "torchvision.transforms.functional": {"resize": unavailable, "to_pil_image": unavailable}}
+  for name in _TORCHVISION_STUBS:
     module = types.ModuleType(name)
-    module.__dict__.update(attrs)
-    sys.modules.setdefault(name, module)
+    module.__dict__.update(attrs.get(name, {}))
+    sys.modules[name] = module
 
 
 def import_segment_anything():
+  if "segment_anything" in sys.modules:
+    return sys.modules["segment_anything"]
   try:
     importlib.import_module("torchvision")
+    stubbed = False
   except Exception:  # missing, or a CUDA build that fails to load beside the CPU torch
     for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
       del sys.modules[name]
     _stub_torchvision()
+    stubbed = True
   try:
     return importlib.import_module("segment_anything")
   except ImportError as err:
     raise ImportError("Meta's segment-anything package is needed here: pip install 'autosam-jax[convert]'") from err
+  finally:
+    if stubbed:
+      # segment_anything holds what it took from the stubs; out of sys.modules they no longer tell other packages'
+      # probes (transformers, under peft) that torchvision is installed.
+      for name in _TORCHVISION_STUBS:
+        sys.modules.pop(name, None)
 
 
 def build_meta_sam(config: SamConfig, seed: int = 0):
   """Meta's `Sam` for `config` (eval mode, float32), every parameter and buffer drawn at random."""
   import torch
 
-  sa = import_segment_anything()
+  import_segment_anything()
   from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
   torch.manual_seed(seed)

@@ -35,12 +35,30 @@ def query_rows_per_chunk(height: int, width: int, max_tokens: int = 128) -> int:
   return max(fitting) if fitting else 1
 
 
+# How global and windowed attention are computed: "chunked" is the CPU path (all queries at once for small grids,
+# else query rows in chunks through lax.map, see query_rows_per_chunk); "xla" and "cudnn" are
+# jax.nn.dot_product_attention with that implementation, "fused" lets it choose (cuDNN's flash attention where it
+# applies, XLA otherwise), the relative-position term going in as its bias. "auto": "chunked" on CPU, "fused" on
+# accelerators. The choice is made when the encoder is traced, for the backend it runs on.
+ATTENTION_IMPLEMENTATIONS = ("auto", "chunked", "fused", "xla", "cudnn")
+
+
+def resolve_attention(implementation: str, backend: str | None = None) -> str:
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention {implementation!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+  if implementation != "auto":
+    return implementation
+  return "chunked" if (backend or jax.default_backend()) == "cpu" else "fused"
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention over a (B, H, W, C) grid with decomposed relative position bias (MViTv2)."""
 
   def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool, use_rel_pos: bool, grid_size: int,
-               dtype=None, rngs: nnx.Rngs):
+               dtype=None, attention: str = "auto", rngs: nnx.Rngs):
     self.num_heads = num_heads
+    resolve_attention(attention, "cpu")  # validated here, resolved for the backend when traced
+    self.attention = attention
     self.head_dim = dim // num_heads
     self.qkv = Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
     self.proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
@@ -64,6 +82,9 @@ class Attention(nnx.Module):
       table_w = self.rel_pos_w[...][relative_position_index(w)].astype(q.dtype)  # (W, W, head_dim)
       rel_h = jnp.einsum("bnyxd,ykd->bnyxk", q, table_h, preferred_element_type=jnp.float32)
       rel_w = jnp.einsum("bnyxd,xld->bnyxl", q, table_w, preferred_element_type=jnp.float32)
+    implementation = resolve_attention(self.attention)
+    if implementation != "chunked":
+      return self.proj(self._fused(q, k, v, rel_h, rel_w, implementation))
     scale = jnp.asarray(head_dim ** -0.5, q.dtype)
 
     def attend(q_rows, rel_h_rows, rel_w_rows):
@@ -84,6 +105,20 @@ class Attention(nnx.Module):
       out = jax.lax.map(lambda c: attend(*c), (chunks(q), chunks(rel_h), chunks(rel_w)))
       out = jnp.moveaxis(out, 0, 2).reshape(b, heads, h, w, head_dim)
     return self.proj(out.transpose(0, 2, 3, 1, 4).reshape(b, h, w, dim))
+
+  def _fused(self, q, k, v, rel_h, rel_w, implementation: str) -> Array:
+    """jax.nn.dot_product_attention over (B, H * W, heads, head_dim), the decomposed relative-position term
+    materialised as its (B, heads, H * W, H * W) bias; (B, H, W, C) out."""
+    b, heads, h, w, head_dim = q.shape
+    tokens = h * w
+    bias = None
+    if rel_h is not None:
+      bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, heads, tokens, tokens).astype(q.dtype)
+    out = jax.nn.dot_product_attention(
+        q.reshape(b, heads, tokens, head_dim).transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
+        v.transpose(0, 2, 1, 3), bias=bias, scale=head_dim ** -0.5,
+        implementation=None if implementation == "fused" else implementation)
+    return out.astype(jnp.float32).reshape(b, h, w, heads * head_dim)
 
 
 def window_partition(x: Array, window: int) -> Array:
@@ -119,12 +154,14 @@ class MLPBlock(nnx.Module):
 class Block(nnx.Module):
   """Pre-norm transformer block; windowed attention when `window_size` > 0, global attention otherwise."""
 
-  def __init__(self, config: SamConfig, window_size: int, *, dtype=None, rngs: nnx.Rngs):
+  def __init__(self, config: SamConfig, window_size: int, *, dtype=None, attention: str = "auto",
+               rngs: nnx.Rngs):
     dim = config.encoder_embed_dim
     self.window_size = window_size
     self.norm1 = layer_norm(dim, 1e-6, rngs=rngs)
     self.attn = Attention(dim, config.encoder_num_heads, qkv_bias=config.qkv_bias, use_rel_pos=config.use_rel_pos,
-                          grid_size=window_size or config.image_embedding_size, dtype=dtype, rngs=rngs)
+                          grid_size=window_size or config.image_embedding_size, dtype=dtype, attention=attention,
+                          rngs=rngs)
     self.norm2 = layer_norm(dim, 1e-6, rngs=rngs)
     self.mlp = MLPBlock(dim, config.encoder_mlp_dim, gelu, dtype=dtype, rngs=rngs)
 
@@ -177,9 +214,13 @@ class ImageEncoderViT(nnx.Module):
 
   `dtype` is the matmul dtype (e.g. jnp.bfloat16: bf16 operands, float32 accumulation); norms, softmax and the
   residual stream stay float32, and parameters are always stored in float32. The output is float32.
+  `attention` is how attention is computed (ATTENTION_IMPLEMENTATIONS; `set_attention` changes it later), and
+  `remat` wraps each block in jax.checkpoint (its activations are recomputed in the backward pass instead of kept:
+  the memory of training with the encoder in the loop).
   """
 
-  def __init__(self, config: SamConfig, *, dtype=None, rngs: nnx.Rngs):
+  def __init__(self, config: SamConfig, *, dtype=None, attention: str = "auto", remat: bool = False,
+               rngs: nnx.Rngs):
     self.config = config
     self.dtype = dtype
     dim = config.encoder_embed_dim
@@ -187,10 +228,12 @@ class ImageEncoderViT(nnx.Module):
     self.patch_embed = PatchEmbed(config.patch_size, 3, dim, dtype=dtype, rngs=rngs)
     self.pos_embed = nnx.Param(jnp.zeros((1, grid, grid, dim))) if config.use_abs_pos else None
     self.blocks = nnx.List([
-        Block(config, 0 if i in config.encoder_global_attn_indexes else config.window_size, dtype=dtype, rngs=rngs)
+        Block(config, 0 if i in config.encoder_global_attn_indexes else config.window_size, dtype=dtype,
+              attention=attention, rngs=rngs)
         for i in range(config.encoder_depth)
     ])
     self.neck = Neck(dim, config.prompt_embed_dim, dtype=dtype, rngs=rngs)
+    self.remat = remat
 
   def __call__(self, x: Array) -> Array:
     size = self.config.image_size
@@ -200,5 +243,13 @@ class ImageEncoderViT(nnx.Module):
     if self.pos_embed is not None:
       x = x + self.pos_embed[...]
     for block in self.blocks:
-      x = block(x)
+      x = nnx.remat(lambda block, x: block(x))(block, x) if self.remat else block(x)
     return self.neck(x)
+
+
+def set_attention(encoder: ImageEncoderViT, implementation: str) -> ImageEncoderViT:
+  """Every block of `encoder` computes attention with `implementation` (ATTENTION_IMPLEMENTATIONS) from now on."""
+  resolve_attention(implementation, "cpu")
+  for block in encoder.blocks:
+    block.attn.attention = implementation
+  return encoder

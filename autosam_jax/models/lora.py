@@ -1,0 +1,160 @@
+"""LoRA (low-rank adaptation) of SAM's image encoder: trainable low-rank factors beside frozen base weights.
+
+A targeted linear layer y = x W + b becomes y = x W + b + (alpha / rank) * dropout(x) A B, with A (in, rank)
+drawn as PyTorch's `kaiming_uniform_(a=sqrt(5))` draws a Linear's weight (as `peft` does) and B (rank, out) zero,
+so an adapted encoder equals the frozen one until B is trained. Targets:
+  - "q", "k", "v": a part of the fused qkv projection, each with its own factors (SAMed adapts q and v this way;
+    the default);
+  - "qkv": the whole fused projection with one pair of factors (what `peft` does with target_modules=["qkv"]);
+  - "proj": the attention's output projection; "lin1", "lin2": the MLP's two linears.
+
+The factors are `LoraParam`s (a kind of nnx.Param), so `nnx.state(model, LoraParam)` is exactly what a LoRA run
+trains and saves; the base weights stay nnx.Param of the converted checkpoint and are never updated. `merge_lora`
+folds the factors into the base kernels (inference, export).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from autosam_jax.errors import DataError
+from autosam_jax.models.layers import Linear, matmul
+from autosam_jax.typed_config import TypedConfig, option
+
+Array = jax.Array
+
+QKV_PARTS = ("q", "k", "v")
+TARGETS = (*QKV_PARTS, "qkv", "proj", "lin1", "lin2")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig(TypedConfig):
+  """Which of the encoder's linears get factors, and their rank, scaling and dropout."""
+  OPTIONS = "LoRA"
+
+  rank: int = option(4, at_least=1)
+  alpha: float = option(4.0, above=0, finite=True)  # the update is scaled by alpha / rank
+  dropout: float = option(0.0, at_least=0, below=1)  # on the factors' input, in training only
+  targets: tuple[str, ...] = option(("q", "v"), choices=TARGETS)
+
+  def check(self) -> None:
+    if not self.targets:
+      raise self.refusal(f"lora targets must name at least one of {', '.join(TARGETS)}")
+    if len(set(self.targets)) != len(self.targets):
+      raise self.refusal(f"lora targets {list(self.targets)} name a layer twice; name each once")
+    if "qkv" in self.targets and set(QKV_PARTS) & set(self.targets):
+      raise self.refusal("lora targets: 'qkv' adapts the whole fused projection; leave out 'q', 'k' and 'v' with it")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
+class LoraParam(nnx.Param):
+  """A LoRA factor: trained (and saved) while the base weights stay frozen."""
+
+
+def _torch_linear_uniform(key, shape: tuple[int, int]) -> Array:
+  """PyTorch's default Linear weight draw, kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(shape[0])
+  return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+class LoraLinear(nnx.Module):
+  """A frozen `Linear` plus low-rank updates of some of its output columns.
+
+  `parts` is a list of (name, first column, last column): one pair of factors (a_NAME, b_NAME) per part."""
+
+  def __init__(self, base: Linear, parts: list[tuple[str, int, int]], config: LoraConfig, *, rngs: nnx.Rngs):
+    self.base = base
+    self.parts = tuple(parts)
+    self.scale = config.scale
+    self.dropout_rate = config.dropout
+    self.dropout_key = None  # set around a training call (`dropout_keys`)
+    in_features = base.kernel.shape[0]
+    for name, lo, hi in self.parts:
+      setattr(self, f"a_{name}", LoraParam(_torch_linear_uniform(rngs.params(), (in_features, config.rank))))
+      setattr(self, f"b_{name}", LoraParam(jnp.zeros((config.rank, hi - lo))))
+
+  def factors(self, name: str) -> tuple[Array, Array]:
+    return getattr(self, f"a_{name}")[...], getattr(self, f"b_{name}")[...]
+
+  def delta_kernel(self) -> Array:
+    """The update of the base kernel the factors make: scale * A B in each part's columns."""
+    kernel = jnp.zeros_like(self.base.kernel[...])
+    for name, lo, hi in self.parts:
+      a, b = self.factors(name)
+      kernel = kernel.at[:, lo:hi].add(self.scale * (a @ b))
+    return kernel
+
+  def __call__(self, x: Array) -> Array:
+    y = self.base(x)
+    h = x
+    if self.dropout_key is not None and self.dropout_rate > 0:
+      keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.dropout_rate, x.shape)
+      h = jnp.where(keep, x / (1.0 - self.dropout_rate), 0.0).astype(x.dtype)
+    dtype = self.base.dtype
+    for name, lo, hi in self.parts:
+      a, b = self.factors(name)
+      delta = matmul(matmul(h, a, dtype), b, dtype) * self.scale
+      y = y.at[..., lo:hi].add(delta.astype(y.dtype)) if (lo, hi) != (0, y.shape[-1]) else y + delta
+    return y
+
+
+def _targets_of(block, config: LoraConfig) -> list[tuple[object, str, list[tuple[str, int, int]]]]:
+  """(owner module, attribute, parts) of each linear of one encoder block that `config` adapts."""
+  dim = block.attn.proj.kernel.shape[1]
+  found = []
+  qkv_parts = [(p, i * dim, (i + 1) * dim) for i, p in enumerate(QKV_PARTS) if p in config.targets]
+  if "qkv" in config.targets:
+    qkv_parts = [("qkv", 0, 3 * dim)]
+  if qkv_parts:
+    found.append((block.attn, "qkv", qkv_parts))
+  if "proj" in config.targets:
+    found.append((block.attn, "proj", [("proj", 0, dim)]))
+  for name in ("lin1", "lin2"):
+    if name in config.targets:
+      width = getattr(block.mlp, name).kernel.shape[1]
+      found.append((block.mlp, name, [(name, 0, width)]))
+  return found
+
+
+def add_lora(encoder, config: LoraConfig, *, rngs: nnx.Rngs):
+  """Wraps the targeted linears of every block of `encoder` (an `ImageEncoderViT`) in `LoraLinear`, in place;
+  returns the encoder. Factors are drawn block by block, target by target, from `rngs`."""
+  if lora_layers(encoder):
+    raise DataError("the encoder already has LoRA factors; add them to a frozen encoder once")
+  for block in encoder.blocks:
+    for owner, attribute, parts in _targets_of(block, config):
+      setattr(owner, attribute, LoraLinear(getattr(owner, attribute), parts, config, rngs=rngs))
+  return encoder
+
+
+def lora_layers(module) -> list[LoraLinear]:
+  return [m for _, m in nnx.iter_graph(module) if isinstance(m, LoraLinear)]
+
+
+def merge_lora(encoder):
+  """Folds every LoraLinear's factors into its base kernel and puts the plain Linear back, in place; returns the
+  encoder (which then computes what the adapted one did, at the frozen encoder's cost)."""
+  for block in encoder.blocks:
+    for owner in (block.attn, block.mlp):
+      for attribute in ("qkv", "proj", "lin1", "lin2"):
+        layer = getattr(owner, attribute, None)
+        if isinstance(layer, LoraLinear):
+          base = layer.base
+          base.kernel = nnx.Param(base.kernel[...] + layer.delta_kernel())
+          setattr(owner, attribute, base)
+  return encoder
+
+
+def set_dropout_key(module, key) -> None:
+  """Gives every LoraLinear under `module` its own dropout key from `key` (None: no dropout, as in inference).
+  Call on a module built inside the traced function that uses it (a merged copy), never on a stored one."""
+  for i, layer in enumerate(lora_layers(module)):
+    layer.dropout_key = None if key is None else jax.random.fold_in(key, i)
