@@ -241,9 +241,11 @@ def test_attention_paths_agree_and_remat_changes_nothing():
   def grads(remat: bool):
     from autosam_jax.models.lora import LoraParam
 
+    # as the trainer runs it: a plain jax.grad of the split factors, the encoder merged inside the trace
     small.remat = remat
-    loss = lambda m: (m(images) ** 2).mean()
-    value, grad = nnx.jit(nnx.value_and_grad(loss, argnums=nnx.DiffState(0, LoraParam)))(small)
+    graphdef, lora, rest = nnx.split(small, LoraParam, ...)
+    loss = lambda lora: (nnx.merge(graphdef, lora, rest)(images) ** 2).mean()
+    value, grad = jax.jit(jax.value_and_grad(loss))(lora)
     return float(value), jax.tree.leaves(grad)
 
   (plain, plain_grads), (remat, remat_grads) = grads(False), grads(True)

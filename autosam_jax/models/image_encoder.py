@@ -243,8 +243,16 @@ class ImageEncoderViT(nnx.Module):
     if self.pos_embed is not None:
       x = x + self.pos_embed[...]
     for block in self.blocks:
-      x = nnx.remat(lambda block, x: block(x))(block, x) if self.remat else block(x)
+      x = _checkpointed(block, x) if self.remat else block(x)
     return self.neck(x)
+
+
+def _checkpointed(block: nnx.Module, x: Array) -> Array:
+  """`block(x)` under jax.checkpoint. A pure function of the block's state (split here, merged inside), so that it
+  also traces where the encoder was itself merged inside a plain JAX transform (jax.grad over split parameters, as
+  the trainer does), where nnx.remat would have to update variables of an outer trace."""
+  graphdef, state = nnx.split(block)
+  return jax.checkpoint(lambda state, x: nnx.merge(graphdef, state)(x))(state, x)
 
 
 def set_attention(encoder: ImageEncoderViT, implementation: str) -> ImageEncoderViT:

@@ -1,0 +1,169 @@
+"""A LoRA train step of SAM's image encoder: ours (jit, optax Adam on the factors only) against segment-anything's
+PyTorch encoder adapted by `peft` (torch Adam on the factors only), the same random base weights on both sides, in
+one process; then the peak memory of a full-size step from XLA's memory analysis of the compiled step.
+
+  python -m experiments.benchmarks.lora_step                      # tiny and vit_b at 256, then vit_b at 1024 memory
+  python -m experiments.benchmarks.lora_step --sizes tiny --memory-batches ""   # the quick part only
+
+The step: embeddings of a batch, mean squared error to a fixed random target (a stand-in for a head's loss, the
+same on both sides), gradients of the LoRA factors, one Adam update. LoRA on the fused qkv (the target both
+implementations support as a whole linear), rank 4, alpha 4. Times are medians over --steps steps after two
+warm-up steps (compilation on our side); the ratio is PyTorch's time over ours (above 1: ours is faster).
+The memory rows compile the vit_b step at 1024 x 1024 without running it (abstract inputs), with and without
+per-block rematerialisation, and print XLA's figure for arguments + temporaries + outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import numpy as np
+
+from autosam_jax.models.config import PRESETS, SamConfig
+
+RANK, ALPHA = 4, 4.0
+TINY = SamConfig(image_size=128, encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=4, encoder_mlp_dim=256,
+                 encoder_global_attn_indexes=(1,), window_size=5)
+SIZES = {"tiny": (TINY, 2), "vit_b@256": (dataclasses.replace(PRESETS["vit_b"], image_size=256), 2)}
+
+
+def _median_seconds(step, steps: int) -> float:
+  for _ in range(2):
+    step()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _torch_step(torch_encoder, images: np.ndarray, target: np.ndarray):
+  import torch
+  from peft import LoraConfig as PeftLoraConfig, inject_adapter_in_model
+
+  encoder = inject_adapter_in_model(PeftLoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                                                   target_modules=r"blocks\.\d+\.attn\.qkv"), torch_encoder)
+  for name, p in encoder.named_parameters():
+    p.requires_grad_("lora_" in name)
+  trainable = [p for p in encoder.parameters() if p.requires_grad]
+  optimizer = torch.optim.Adam(trainable, lr=1e-3)
+  x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+  y = torch.from_numpy(target).permute(0, 3, 1, 2).contiguous()
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.mse_loss(encoder(x), y)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+  return step, sum(p.numel() for p in trainable)
+
+
+def _our_step(encoder, remat: bool = False):
+  """(jitted step(lora, opt_state, rest, images, target) -> (lora, opt_state, loss), graphdef, optimizer)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+
+  from autosam_jax.models.lora import LoraConfig, LoraParam, add_lora
+
+  add_lora(encoder, LoraConfig(rank=RANK, alpha=ALPHA, targets=("qkv",)), rngs=nnx.Rngs(0))
+  encoder.remat = remat
+  graphdef, lora, rest = nnx.split(encoder, LoraParam, ...)
+  optimizer = optax.adam(1e-3)
+
+  def loss_fn(lora, rest, images, target):
+    return jnp.mean((nnx.merge(graphdef, lora, rest)(images) - target) ** 2)
+
+  @jax.jit
+  def step(lora, opt_state, rest, images, target):
+    loss, grads = jax.value_and_grad(loss_fn)(lora, rest, images, target)
+    updates, opt_state = optimizer.update(grads, opt_state, lora)
+    return optax.apply_updates(lora, updates), opt_state, loss
+
+  return step, lora, rest, optimizer
+
+
+def time_size(name: str, steps: int) -> dict:
+  import jax
+
+  from weights_conversion.meta_reference import build_meta_sam
+  from weights_conversion.parity import sam_from_torch
+
+  config, batch = SIZES[name]
+  torch_sam = build_meta_sam(config, seed=0)
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(batch, config.image_size, config.image_size, 3)).astype(np.float32)
+  grid = config.image_embedding_size
+  target = rng.normal(size=(batch, grid, grid, config.prompt_embed_dim)).astype(np.float32)
+
+  step, lora, rest, optimizer = _our_step(sam_from_torch(torch_sam).image_encoder)
+  state = {"lora": lora, "opt": optimizer.init(lora)}
+
+  def ours():
+    state["lora"], state["opt"], loss = step(state["lora"], state["opt"], rest, images, target)
+    jax.block_until_ready(loss)
+
+  ours_s = _median_seconds(ours, steps)
+  torch_step, trainable = _torch_step(torch_sam.image_encoder.train(), images, target)
+  torch_s = _median_seconds(torch_step, steps)
+  return {"size": name, "batch": batch, "lora_params": trainable, "ours_s": ours_s, "torch_peft_s": torch_s,
+          "ratio": torch_s / ours_s}
+
+
+def step_memory(batch: int, remat: bool) -> int:
+  """Bytes XLA's memory analysis gives for the compiled vit_b at 1024 LoRA step (arguments, temporaries, outputs)."""
+  import jax
+  from flax import nnx
+
+  from autosam_jax.models.image_encoder import ImageEncoderViT
+
+  config = PRESETS["vit_b"]
+  encoder = nnx.eval_shape(lambda: ImageEncoderViT(config, attention="xla", rngs=nnx.Rngs(0)))
+  step, lora, rest, optimizer = _our_step(encoder, remat=remat)
+  images = jax.ShapeDtypeStruct((batch, 1024, 1024, 3), np.float32)
+  target = jax.ShapeDtypeStruct((batch, 64, 64, config.prompt_embed_dim), np.float32)
+  opt_state = jax.eval_shape(optimizer.init, lora)
+  analysis = step.lower(lora, opt_state, rest, images, target).compile().memory_analysis()
+  return (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+          - analysis.alias_size_in_bytes)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--sizes", default="tiny,vit_b@256", help=f"comma-separated, of {', '.join(SIZES)}")
+  parser.add_argument("--steps", type=int, default=5, help="timed steps per side (after two warm-up steps)")
+  parser.add_argument("--memory-batches", default="4", help="vit_b at 1024 batch sizes for the memory rows ('' none)")
+  args = parser.parse_args(argv)
+  sizes = [s for s in args.sizes.split(",") if s]
+  unknown = [s for s in sizes if s not in SIZES]
+  if unknown:
+    parser.error(f"--sizes: {', '.join(unknown)} not among {', '.join(SIZES)}")
+  import torch
+
+  print(f"torch threads {torch.get_num_threads()}; LoRA on qkv, rank {RANK}, alpha {ALPHA}; medians of {args.steps}")
+  print("| encoder | batch | LoRA params | ours (s/step) | PyTorch + peft (s/step) | PyTorch / ours |")
+  print("|---|---|---|---|---|---|")
+  for name in sizes:
+    row = time_size(name, args.steps)
+    print(f"| {row['size']} | {row['batch']} | {row['lora_params']:,} | {row['ours_s']:.3f} | "
+          f"{row['torch_peft_s']:.3f} | {row['ratio']:.2f}x |", flush=True)
+  batches = [int(b) for b in args.memory_batches.split(",") if b]
+  if batches:
+    print("\n| vit_b at 1024, LoRA step | batch | XLA memory analysis (GiB) |")
+    print("|---|---|---|")
+    for batch in batches:
+      for remat in (False, True):
+        gib = step_memory(batch, remat) / 2 ** 30
+        print(f"| {'remat per block' if remat else 'no remat'} | {batch} | {gib:.1f} |", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
