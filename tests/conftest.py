@@ -1,8 +1,14 @@
 import os
 import sys
+from pathlib import Path
 
 # Tests run on the CPU; keep XLA from grabbing every core's worth of threads for tiny models.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite's models are tiny: compiling them takes longer than running them, and XLA's backend optimisation level 0
+# compiles in about half the time. Every process the tests start inherits the flag (tests that add flags append to
+# it), so results compared between processes come from the same kind of code.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 # Many tests run the same programs again in subprocesses (a reference run, the killed run, its rerun) or in the other
 # pytest-xdist worker: they share every compiled program through one persistent cache for the whole session.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -55,15 +61,90 @@ def rng():
   return np.random.default_rng(1234)
 
 
-@pytest.fixture(scope="session")
-def tiny_weights(meta_checkpoints, tmp_path_factory):
-  """TINY_CONFIGS["dim64-win5-pad"] with random weights, converted once per session (its decoder is SAM-sized)."""
-  from weights_conversion import convert
+def _listing(folder: Path) -> dict[str, list[int]]:
+  return {str(p.relative_to(folder)): [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.rglob("*"))
+          if p.is_file() and p.name != "built.json"}
 
-  name = "dim64-win5-pad"
-  _, checkpoint = meta_checkpoints(name, TINY_CONFIGS[name])
-  weights, _ = convert(checkpoint, tmp_path_factory.mktemp("tiny_weights") / "converted")
-  return weights
+
+def shared_folder(request, tmp_path_factory, name: str, build) -> Path:
+  """A folder `build(folder)` makes once per test session and every pytest-xdist worker then reads: the first worker
+  to ask builds it under a lock, the others wait for it. Tests only read it (a test that changes one copies it
+  first); at the end of the session each worker checks that nothing in it changed."""
+  import fcntl
+  import json
+  import shutil
+
+  worker = getattr(request.config, "workerinput", None)
+  base = tmp_path_factory.getbasetemp()
+  if worker is not None:
+    base = base.parent  # this session's folder, above every worker's own
+  folder, record = base / f"shared-{name}", base / f"shared-{name}" / "built.json"
+  with open(base / f".shared-{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not record.is_file():
+      shutil.rmtree(folder, ignore_errors=True)  # a build that failed in another worker
+      folder.mkdir()
+      build(folder)
+      record.write_text(json.dumps(_listing(folder)))
+  built = json.loads(record.read_text())
+
+  def unchanged():
+    assert _listing(folder) == built, f"a test changed the shared folder {folder}; copy it before changing it"
+  request.addfinalizer(unchanged)
+  return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(request, meta_checkpoints, tmp_path_factory):
+  """TINY_CONFIGS["dim64-win5-pad"] with random weights, converted once per session (its decoder is SAM-sized)."""
+  def build(folder: Path):
+    from weights_conversion import convert
+
+    name = "dim64-win5-pad"
+    _, checkpoint = meta_checkpoints(name, TINY_CONFIGS[name])
+    convert(checkpoint, folder / "converted")
+  return shared_folder(request, tmp_path_factory, "tiny_weights", build) / "converted"
+
+
+# The linear head the tiny world trains (and which tests of its run folder are told of).
+WORLD_HEAD = dict(head="linear", variant="faithful", epochs=1, batch_size=4, learning_rate=5e-3, plateau_start_epoch=1,
+                  checkpoint_every_steps=0)
+WORLD_SPLIT = dict(train=("patient001",), val=("patient002",), test=("patient003",))
+
+
+@pytest.fixture(scope="session")
+def tiny_world(request, tiny_weights, tmp_path_factory):
+  """What many test files start from, built once per session: 3 ACDC-like phantoms (seed 11) in `acdc`, the split
+  patient001 / patient002 / patient003 (`split.json`), their TFDS build (`tfds`), the tiny SAM's fp32 feature cache
+  without augmented views (`cache`), and WORLD_HEAD trained on patient001 (`run`, its `model`). Read-only."""
+  from types import SimpleNamespace
+
+  def build(root: Path):
+    from flax import nnx
+
+    from autosam_jax import load_sam
+    from autosam_jax.data.splits import Split
+    from autosam_jax.data.synthetic import write_synthetic_acdc
+    from autosam_jax.features.precompute import PrecomputeOptions, precompute
+    from autosam_jax.models.heads import build_head
+    from autosam_jax.train.loop import TrainConfig, train
+
+    write_synthetic_acdc(root / "acdc", 3, seed=11)
+    Split(name="s", seed=0, **WORLD_SPLIT).to_json(root / "split.json")
+    precompute(root / "acdc", tiny_weights, root / "cache", tfds_dir=root / "tfds", progress=False,
+               options=PrecomputeOptions(views=0, dtype="float32", shard_size=32))
+    precompute(root / "acdc", tiny_weights, root / "cache_views", tfds_dir=root / "tfds", progress=False,
+               options=PrecomputeOptions(views=1, dtype="float32", shard_size=32, batch_size=8),
+               view_patients=set(WORLD_SPLIT["train"]))
+    make = lambda config: build_head(config.head, config.num_classes, variant=config.variant,
+                                     sam=load_sam(tiny_weights), rngs=nnx.Rngs(config.seed))
+    train(TrainConfig(**WORLD_HEAD), root / "cache", make, root / "run", list(WORLD_SPLIT["train"]), [],
+          progress=False)
+
+  root = shared_folder(request, tmp_path_factory, "tiny_world", build)
+  return SimpleNamespace(root=root, acdc=root / "acdc", split=root / "split.json", tfds=root / "tfds",
+                         cache=root / "cache", cache_views=root / "cache_views", run=root / "run", model=root / "run" / "final_model",
+                         weights=Path(tiny_weights))
 
 
 def limited_file_size(limit: int) -> list[str]:
@@ -78,11 +159,11 @@ def limited_file_size(limit: int) -> list[str]:
 # The test files that take longest on a 2-core machine, longest first (`--durations=0`, summed per file). Under
 # pytest-xdist (`--dist loadfile`: a file runs on one worker) the workers take files in collection order, so starting
 # these first keeps every worker busy until the end; the other files follow in their usual order.
-LONGEST_FIRST = ("test_cli_runs.py", "test_own_dataset.py", "test_distributed.py", "test_parity_vit_b.py",
-                 "test_sweep.py", "test_parity_meta.py", "test_features.py", "test_train.py", "test_simclr.py",
-                 "test_lora.py", "test_heads.py", "test_faults.py", "test_augment.py", "test_unet_training.py",
-                 "test_zero_shot.py", "test_bad_inputs.py", "test_random_init.py", "test_bad_options.py",
-                 "test_parity_huggingface.py", "test_evaluate_predict.py")
+LONGEST_FIRST = ("test_cli_runs.py", "test_distributed.py", "test_parity_vit_b.py", "test_own_dataset.py",
+                 "test_parity_meta.py", "test_sweep.py", "test_simclr.py", "test_train.py", "test_heads.py",
+                 "test_faults.py", "test_unet_training.py", "test_lora.py", "test_features.py", "test_bad_inputs.py",
+                 "test_parity_huggingface.py", "test_augment.py", "test_bad_options.py", "test_zero_shot.py",
+                 "test_random_init.py", "test_conversion_errors.py", "test_evaluate_predict.py")
 
 
 def pytest_collection_modifyitems(config, items):

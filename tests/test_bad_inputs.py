@@ -21,14 +21,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from autosam_jax.train.loop import TrainConfig
 from tests.conftest import TINY_CONFIGS
 
 NAME = "dim64-win5-pad"
 # A SAM whose image embedding has 128 channels (the one above has 256): a head trained on one cannot load on the other.
 OTHER_NAME = "dim48-win4-nopad-smalldecoder"
-HEAD = TrainConfig(head="linear", variant="faithful", epochs=1, batch_size=4, learning_rate=5e-3,
-                   plateau_start_epoch=1, checkpoint_every_steps=0)
 GOOD_TRAIN_CONFIG = ("def get_config():\n"
                      "  return {'head': 'linear', 'variant': 'faithful', 'epochs': 1, 'batch_size': 4}\n")
 
@@ -37,35 +34,20 @@ GOOD_TRAIN_CONFIG = ("def get_config():\n"
 
 
 @pytest.fixture(scope="module")
-def world(tiny_weights, other_weights, meta_checkpoints, tmp_path_factory):
-  """A synthetic ACDC folder of 3 patients, its TFDS build and feature cache, a split file, a trained linear head,
-  a short test image, the Meta checkpoint the tiny SAM was converted from, and a SAM of another architecture."""
-  from flax import nnx
-
-  from autosam_jax import load_sam
-  from autosam_jax.data.splits import Split
-  from autosam_jax.data.synthetic import write_synthetic_acdc
-  from autosam_jax.features.precompute import PrecomputeOptions, precompute
-  from autosam_jax.models.heads import build_head
-  from autosam_jax.train.loop import train
-
+def world(tiny_world, other_weights, meta_checkpoints, tmp_path_factory):
+  """The tiny world (tests/conftest.py: a synthetic ACDC folder of 3 patients, its TFDS build and feature cache, a
+  split file, a trained linear head), a short test image, the Meta checkpoint the tiny SAM was converted from, and a
+  SAM of another architecture."""
   root = tmp_path_factory.mktemp("bad_inputs")
-  write_synthetic_acdc(root / "acdc", 3, seed=11)
-  Split(name="s", seed=0, train=("patient001",), val=("patient002",), test=("patient003",)).to_json(root / "split.json")
-  precompute(root / "acdc", tiny_weights, root / "cache", tfds_dir=root / "tfds", progress=False,
-             options=PrecomputeOptions(views=0, dtype="float32", shard_size=32))
-  make = lambda config: build_head(config.head, config.num_classes, variant=config.variant,
-                                  sam=load_sam(tiny_weights), rngs=nnx.Rngs(config.seed))
-  run = train(HEAD, root / "cache", make, root / "run", ["patient001"], [], progress=False)
-  source = nib.load(root / "acdc" / "patient003" / "patient003_frame01.nii.gz")
+  source = nib.load(tiny_world.acdc / "patient003" / "patient003_frame01.nii.gz")
   (root / "images").mkdir()
   phantom = root / "images" / "phantom.nii.gz"
   nib.save(nib.Nifti1Image(np.asarray(source.dataobj)[:, :, :2], source.affine, source.header), phantom)
   (root / "train_config.py").write_text(GOOD_TRAIN_CONFIG)
   _, meta_checkpoint = meta_checkpoints(NAME, TINY_CONFIGS[NAME])
-  return SimpleNamespace(root=root, acdc=root / "acdc", tfds=root / "tfds", cache=root / "cache",
-                         split=root / "split.json", weights=Path(tiny_weights), run=root / "run",
-                         model=Path(run["model"]), phantom=phantom, config=root / "train_config.py",
+  return SimpleNamespace(root=root, acdc=tiny_world.acdc, tfds=tiny_world.tfds, cache=tiny_world.cache,
+                         split=tiny_world.split, weights=tiny_world.weights, run=tiny_world.run,
+                         model=tiny_world.model, phantom=phantom, config=root / "train_config.py",
                          meta_checkpoint=meta_checkpoint, other_weights=other_weights)
 
 

@@ -28,22 +28,16 @@ HUGE = str(10 ** 12)  # a batch no machine holds: refused by the memory estimate
 
 
 @pytest.fixture(scope="module")
-def small(tiny_weights, meta_checkpoints, tmp_path_factory):
-  from autosam_jax.data.splits import Split
-  from autosam_jax.data.synthetic import write_synthetic_acdc
+def small(tiny_world, meta_checkpoints, tmp_path_factory):
+  """The tiny world (tests/conftest.py), an image cache of it, a training config and the tiny SAM's checkpoint."""
   from autosam_jax.features.images import write_image_cache
-  from autosam_jax.features.precompute import PrecomputeOptions, precompute
 
   root = tmp_path_factory.mktemp("bad_options")
-  write_synthetic_acdc(root / "acdc", 3, seed=11)
-  Split(name="s", seed=0, train=("patient001",), val=("patient002",), test=("patient003",)).to_json(root / "split.json")
-  precompute(root / "acdc", tiny_weights, root / "cache", tfds_dir=root / "tfds", progress=False,
-             options=PrecomputeOptions(views=0, dtype="float32", shard_size=32))
-  write_image_cache(root / "acdc", root / "tfds", root / "images", shard_size=32, slice_size=32, spacing=8.0)
+  write_image_cache(tiny_world.acdc, tiny_world.tfds, root / "images", shard_size=32, slice_size=32, spacing=8.0)
   (root / "train_config.py").write_text(GOOD_TRAIN_CONFIG)
   _, checkpoint = meta_checkpoints(NAME, TINY_CONFIGS[NAME])
-  return SimpleNamespace(root=root, acdc=root / "acdc", tfds=root / "tfds", cache=root / "cache",
-                         images=root / "images", split=root / "split.json", weights=Path(tiny_weights),
+  return SimpleNamespace(root=root, acdc=tiny_world.acdc, tfds=tiny_world.tfds, cache=tiny_world.cache,
+                         images=root / "images", split=tiny_world.split, weights=tiny_world.weights,
                          config=root / "train_config.py", checkpoint=Path(checkpoint))
 
 

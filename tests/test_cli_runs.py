@@ -49,21 +49,15 @@ def _final_params(run_dir: Path) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def data(tiny_weights, tmp_path_factory):
-  """Three phantoms (train, val, test), the split file and the faithful feature cache, written by the command."""
-  from autosam_jax.data.splits import Split
-  from autosam_jax.data.synthetic import write_synthetic_acdc
+def data(tiny_world, tmp_path_factory):
+  """The tiny world (tests/conftest.py: three phantoms for train, val and test, the split file, the faithful feature
+  cache with a view of each training slice) and the test patient's images as a folder to predict."""
   from autosam_jax.features.cache import FeatureCache
 
+  assert tiny_world.split.is_file() and (TRAIN, VAL, TEST) == ("patient001", "patient002", "patient003")
   root = tmp_path_factory.mktemp("cli_runs")
-  write_synthetic_acdc(root / "acdc", 3, seed=11)
-  Split(name="s", seed=0, train=(TRAIN,), val=(VAL,), test=(TEST,)).to_json(root / "split.json")
-  data = {"root": root, "weights": Path(tiny_weights), "acdc": root / "acdc", "tfds": root / "tfds",
-          "splits": root / "split.json"}
-  assert _main(["precompute", "--data", data["acdc"], "--tfds-dir", data["tfds"], "--weights", data["weights"],
-                "--out", root / "cache_faithful", "--mode", "faithful", "--views", "1", "--splits", data["splits"],
-                "--dtype", "fp32", "--batch-size", "8"]) == 0
-  data["cache"] = root / "cache_faithful"
+  data = {"root": root, "weights": tiny_world.weights, "acdc": tiny_world.acdc, "tfds": tiny_world.tfds,
+          "splits": tiny_world.split, "cache": tiny_world.cache_views}
   labeled = [it for it in FeatureCache(data["cache"]).items if it["patient_id"] == TRAIN and it["view"] == 0]
   data["steps_per_epoch"] = -(-len(labeled) // BATCH_SIZE)
   assert data["steps_per_epoch"] >= 2, "the training patient needs slices for two steps an epoch"

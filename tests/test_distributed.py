@@ -1,6 +1,7 @@
-"""Several processes under jax.distributed on localhost: 2 processes x 2 CPU devices give the same feature cache,
-training losses and parameters (to round-off) as 1 process x 4 devices, training resumed from a mid-epoch checkpoint
-by both processes included, and the same evaluation."""
+"""One pipeline (precompute with an augmented view, train, evaluate) three ways: in this process on one device, in
+one process with 4 CPU devices, and as 2 processes x 2 devices under jax.distributed on localhost, the latter's
+training stopped after a mid-epoch checkpoint and resumed by both processes. All three give the same feature cache,
+training losses and parameters (to round-off) and the same evaluation."""
 
 import dataclasses
 import json
@@ -18,45 +19,51 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, BATCH_SIZE, STOP_AT, CHECKPOINT_EVERY = 2, 4, 3, 2
 TIMEOUT_S = 240
 
-# One Python process runs a whole pipeline, as `autosam-jax` commands: precompute, train (in the 2-process run first
-# stopped after STOP_AT steps through the Python API, then resumed by the command) and evaluate.
-DRIVER = """
-import json, sys
-sys.path.insert(0, REPO)
-from pathlib import Path
-from autosam_jax.cli import main
 
-a = json.loads(sys.argv[1])
-flags = a["flags"]
-assert main(["precompute", "--data", a["acdc"], "--tfds-dir", a["tfds"], "--weights", a["weights"], "--out",
-             a["cache"], "--dtype", "fp32", "--batch-size", "4", "--shard-size", "16", *flags]) == 0
-import jax
-assert (jax.process_count(), jax.device_count()) == (a["processes"], 4), (jax.process_count(), jax.device_count())
-train = ["train", "--config", a["config"], "--cache", a["cache"], "--weights", a["weights"], "--splits",
-         a["splits"], "--tr-size", "1", "--out", a["run"], *[f"--set={s}" for s in a["sets"]], *flags]
-if a["stop_at"]:
-  from flax import nnx
-  from autosam_jax.data.splits import load_splits
-  from autosam_jax.models.loading import load_sam
-  from autosam_jax.train.runs import load_config, run_inputs
-  from autosam_jax.train.loop import build_model, train as train_loop
-  config = load_config(Path(a["config"]), a["sets"])
-  split = load_splits(Path(a["splits"]))[0]
-  head = lambda config: build_model(config, load_sam(a["weights"]), rngs=nnx.Rngs(config.seed))
-  stopped = train_loop(config, a["cache"], head, a["run"], split.labeled(1), list(split.val), progress=False,
-                       stop_after_steps=a["stop_at"],
-                       inputs=run_inputs(config, Path(a["splits"]), split, 1, Path(a["weights"])))
-  assert stopped == {"stopped_at_step": a["stop_at"]}, stopped
-  steps = sorted(int(p.name) for p in Path(a["run"], "checkpoints").iterdir() if p.name.isdigit())
-  assert steps and steps[-1] < a["stop_at"], steps
-  started = Path(a["run"], "config.json").stat()
-assert main(train) == 0
-if a["stop_at"]:  # resumed, not restarted: a fresh start rewrites config.json
-  assert Path(a["run"], "config.json").stat().st_ino == started.st_ino
-assert main(["evaluate", "--model", a["eval_model"], "--weights", a["weights"], "--cache", a["eval_cache"], "--data",
-             a["acdc"], "--tfds-dir", a["tfds"], "--splits", a["splits"], "--out", a["eval"], *flags]) == 0
-print("driver done", jax.process_index())
-""".replace("REPO", repr(str(REPO_ROOT)))
+def pipeline(a: dict) -> None:
+  """A whole pipeline, as `autosam-jax` commands in this process: precompute (one augmented view of the training
+  patient's slices), train (in the 2-process run first stopped after STOP_AT steps through the Python API, then
+  resumed by the command) and evaluate."""
+  from autosam_jax.cli import main
+
+  flags = a["flags"]
+  assert main(["precompute", "--data", a["acdc"], "--tfds-dir", a["tfds"], "--weights", a["weights"], "--out",
+               a["cache"], "--dtype", "fp32", "--batch-size", "4", "--shard-size", "16", "--views", "1", "--splits",
+               a["splits"], *flags]) == 0
+  import jax
+  assert (jax.process_count(), jax.device_count()) == (a["processes"], a["devices"]), jax.devices()
+  train = ["train", "--config", a["config"], "--cache", a["cache"], "--weights", a["weights"], "--splits",
+           a["splits"], "--tr-size", "1", "--out", a["run"], *[f"--set={s}" for s in a["sets"]], *flags]
+  if a["stop_at"]:
+    from flax import nnx
+    from autosam_jax.data.splits import load_splits
+    from autosam_jax.models.loading import load_sam
+    from autosam_jax.train.runs import load_config, run_inputs
+    from autosam_jax.train.loop import build_model, train as train_loop
+    config = load_config(Path(a["config"]), a["sets"])
+    split = load_splits(Path(a["splits"]))[0]
+    head = lambda config: build_model(config, load_sam(a["weights"]), rngs=nnx.Rngs(config.seed))
+    stopped = train_loop(config, a["cache"], head, a["run"], split.labeled(1), list(split.val), progress=False,
+                         stop_after_steps=a["stop_at"],
+                         inputs=run_inputs(config, Path(a["splits"]), split, 1, Path(a["weights"])))
+    assert stopped == {"stopped_at_step": a["stop_at"]}, stopped
+    steps = sorted(int(p.name) for p in Path(a["run"], "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] < a["stop_at"], steps
+    started = Path(a["run"], "config.json").stat()
+  assert main(train) == 0
+  if a["stop_at"]:  # resumed, not restarted: a fresh start rewrites config.json
+    assert Path(a["run"], "config.json").stat().st_ino == started.st_ino
+  assert main(["evaluate", "--model", a["eval_model"], "--weights", a["weights"], "--cache", a["eval_cache"], "--data",
+               a["acdc"], "--tfds-dir", a["tfds"], "--splits", a["splits"], "--out", a["eval"], *flags]) == 0
+  print("driver done", jax.process_index())
+
+
+DRIVER = f"""
+import json, sys
+sys.path.insert(0, {str(REPO_ROOT)!r})
+from tests.test_distributed import pipeline
+pipeline(json.loads(sys.argv[1]))
+"""
 
 
 def _free_port() -> int:
@@ -70,7 +77,8 @@ def _launch(arguments: list[dict], devices: int, extra_env: list[dict], jax_cach
   processes = []
   for args, env in zip(arguments, extra_env):
     # The compilation cache spares the resumed training its recompilation.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags,
            "JAX_COMPILATION_CACHE_DIR": str(jax_cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **env}
     processes.append(subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(args)], env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
@@ -139,65 +147,78 @@ def runs(tiny_weights, tmp_path_factory):
   _, params, frozen = nnx.split(build_model(config, load_sam(tiny_weights), rngs=nnx.Rngs(2)), nnx.Param, ...)
   save_model(root / "eval_model", params, frozen, config,
              record=model_record(ACDC_TABLE, {"dtype": "float32"}))  # the phantoms' classes, fp32 cache
-  one = {**common, "flags": [], "processes": 1, "stop_at": 0,
+  one = {**common, "flags": [], "processes": 1, "devices": 4, "stop_at": 0,
          **{k: str(root / "one" / k) for k in ("cache", "run", "eval")}}
   single_output = _launch([one], 4, [{}], root / "jax_cache")
+  # the same pipeline on this process's one device (its programs are those the other test files compile)
+  pipeline({**one, "devices": 1, **{k: str(root / "single" / k) for k in ("cache", "run", "eval")}})
   port = _free_port()
   two = []
   for i in range(2):
     paths = {k: str(root / "two" / k) for k in ("cache", "run", "eval")}
     # Process 0 takes the flags, process 1 JAX's environment variables.
     flags = ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", "0"] if i == 0 else []
-    two.append({**common, **paths, "flags": flags, "processes": 2, "stop_at": STOP_AT})
+    two.append({**common, **paths, "flags": flags, "processes": 2, "devices": 4, "stop_at": STOP_AT})
   env = [{}, {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}]
   outputs = _launch(two, 2, env, root / "jax_cache")
-  return {"one": root / "one", "two": root / "two", "outputs": [single_output[0], *outputs], "weights": tiny_weights}
+  return {"single": root / "single", "one": root / "one", "two": root / "two",
+          "outputs": [single_output[0], *outputs], "weights": tiny_weights}
 
 
-def test_two_processes_write_the_same_cache_as_one_with_four_devices(runs):
+def test_one_device_four_devices_and_two_processes_write_the_same_cache(runs):
   assert all("on 2 device(s) x 2 process(es)" in o for o in runs["outputs"][1:]), runs["outputs"]
   assert "on 4 device(s) x 1 process(es)" in runs["outputs"][0]
-  expected, got = _cache(runs["one"] / "cache"), _cache(runs["two"] / "cache")
-  assert len(got) == len(expected) > 0
-  for a, b in zip(expected, got):
-    assert (a["case_id"], a["slice_index"], a["view"]) == (b["case_id"], b["slice_index"], b["view"])
-    np.testing.assert_allclose(a["embedding"], b["embedding"], atol=1e-5, rtol=0)
-    np.testing.assert_array_equal(a["target"], b["target"])
+  expected = _cache(runs["single"] / "cache")
+  assert {item["view"] for item in expected} == {0, 1}  # the augmented views too
+  for other in ("one", "two"):
+    got = _cache(runs[other] / "cache")
+    assert len(got) == len(expected) > 0
+    for a, b in zip(expected, got):
+      assert (a["case_id"], a["slice_index"], a["view"]) == (b["case_id"], b["slice_index"], b["view"])
+      np.testing.assert_allclose(a["embedding"], b["embedding"], atol=1e-5, rtol=0, err_msg=other)
+      np.testing.assert_array_equal(a["target"], b["target"], err_msg=other)
+      np.testing.assert_array_equal(a["valid"], b["valid"], err_msg=other)
 
 
-def test_two_processes_train_as_one_with_four_devices(runs):
-  one, two = runs["one"] / "run", runs["two"] / "run"
-  steps_one, steps_two = _rows(one, "step"), _rows(two, "step")
+def test_two_processes_and_one_device_train_as_one_process_with_four_devices(runs):
+  single, one, two = runs["single"] / "run", runs["one"] / "run", runs["two"] / "run"
+  steps_one, steps_two, steps_single = _rows(one, "step"), _rows(two, "step"), _rows(single, "step")
   assert STOP_AT < len(steps_one) // EPOCHS, "the stop must fall inside the first epoch, after a checkpoint"
-  assert [r["step"] for r in steps_two] == [r["step"] for r in steps_one] == list(range(1, len(steps_one) + 1))
+  assert ([r["step"] for r in steps_two] == [r["step"] for r in steps_one] == [r["step"] for r in steps_single]
+          == list(range(1, len(steps_one) + 1)))
   np.testing.assert_allclose([r["loss"] for r in steps_two], [r["loss"] for r in steps_one], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose([r["loss"] for r in steps_single], [r["loss"] for r in steps_one], rtol=1e-4, atol=1e-5)
   epochs_one, epochs_two = _rows(one, "epoch"), _rows(two, "epoch")
   assert len(epochs_one) == len(epochs_two) == EPOCHS
   for a, b in zip(epochs_one, epochs_two):
     assert a.keys() == b.keys() and "val_dice" in a and (a["step"], a["epoch"]) == (b["step"], b["epoch"])
     numbers = [k for k in a if k != "kind"]
     np.testing.assert_allclose([b[k] for k in numbers], [a[k] for k in numbers], rtol=1e-5, atol=1e-6)
-  expected, got = _params(one / "final_model", runs["weights"]), _params(two / "final_model", runs["weights"])
-  assert len(expected) == len(got) > 0
-  for a, b in zip(expected, got):  # round-off of the reduction order reaches ~2e-6; a wrong batch moves ~lr = 5e-3
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+  expected = _params(one / "final_model", runs["weights"])
+  for other in (two, single):
+    got = _params(other / "final_model", runs["weights"])
+    assert len(expected) == len(got) > 0
+    for a, b in zip(expected, got):  # round-off of the reduction order reaches ~2e-6; a wrong batch moves ~lr = 5e-3
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=str(other))
   assert (two / "curves.png").is_file() and (two / "config.json").is_file()
   assert not list(runs["two"].glob("run/.*partial*"))
   # The trained model prints once (process 0), the resumed run's summary included.
   assert sum("trained linear (faithful)" in o for o in runs["outputs"][1:]) == 1
 
 
-def test_two_processes_evaluate_as_one(runs):
+def test_two_processes_and_one_device_evaluate_as_one_process_with_four_devices(runs):
   import nibabel as nib
 
-  one, two = runs["one"] / "eval", runs["two"] / "eval"
+  one = runs["one"] / "eval"
   report = json.loads((one / "metrics.json").read_text())
-  assert json.loads((two / "metrics.json").read_text()) == report
   assert list(report["patients"]) == ["patient003", "patient004"]  # one for each process
   assert all(report["summary"]["official"]["classes"][c]["hd95"]["value"] > 0 for c in ("RV", "MYO", "LV"))
-  assert (two / "metrics.md").read_text() == (one / "metrics.md").read_text()
   files = sorted(p.name for p in (one / "predictions").iterdir())
-  assert files and sorted(p.name for p in (two / "predictions").iterdir()) == files
-  for name in files:
-    np.testing.assert_array_equal(np.asarray(nib.load(two / "predictions" / name).dataobj),
-                                  np.asarray(nib.load(one / "predictions" / name).dataobj))
+  assert files
+  for other in (runs["two"] / "eval", runs["single"] / "eval"):
+    assert json.loads((other / "metrics.json").read_text()) == report
+    assert (other / "metrics.md").read_text() == (one / "metrics.md").read_text()
+    assert sorted(p.name for p in (other / "predictions").iterdir()) == files
+    for name in files:
+      np.testing.assert_array_equal(np.asarray(nib.load(other / "predictions" / name).dataobj),
+                                    np.asarray(nib.load(one / "predictions" / name).dataobj))

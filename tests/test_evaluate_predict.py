@@ -7,41 +7,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from autosam_jax.train.loop import TrainConfig, train
-from tests.conftest import TINY_CONFIGS
-
-NAME = "dim64-win5-pad"
-CONFIG = TrainConfig(head="linear", variant="faithful", epochs=1, batch_size=4, learning_rate=5e-3,
-                     plateau_start_epoch=1, checkpoint_every_steps=0)
+from autosam_jax.train.loop import TrainConfig
 
 
 @pytest.fixture(scope="module")
-def run(meta_checkpoints, tmp_path_factory):
-  from flax import nnx
-
-  from autosam_jax import load_sam
-  from autosam_jax.data.splits import Split
-  from autosam_jax.data.synthetic import write_synthetic_acdc
-  from autosam_jax.features.precompute import PrecomputeOptions, precompute
-  from autosam_jax.models.heads import build_head
-  from weights_conversion import convert
-
-  root = tmp_path_factory.mktemp("evaluate")
-  _, checkpoint = meta_checkpoints(NAME, TINY_CONFIGS[NAME])
-  weights, _ = convert(checkpoint, root / "weights")
-  write_synthetic_acdc(root / "acdc", 3, seed=11)
-  split = Split(name="s", seed=0, train=("patient001",), val=("patient002",), test=("patient003",))
-  split.to_json(root / "split.json")
-  precompute(root / "acdc", weights, root / "cache", tfds_dir=root / "tfds", progress=False,
-             options=PrecomputeOptions(views=0, dtype="float32", shard_size=32))
-  make = lambda config: build_head(config.head, config.num_classes, variant=config.variant, sam=load_sam(weights),
-                                  rngs=nnx.Rngs(config.seed))
-  result = train(CONFIG, root / "cache", make, root / "run", ["patient001"], [], progress=False)
-  return {"root": root, "weights": weights, "model": result["model"]}
+def run(tiny_world, tmp_path_factory):
+  """The tiny world (tests/conftest.py) and its trained linear head; `root` holds what these tests write."""
+  return {"root": tmp_path_factory.mktemp("evaluate"), "world": tiny_world, "weights": tiny_world.weights,
+          "model": str(tiny_world.model)}
 
 
 def _evaluate_args(run, out):
-  root = run["root"]
+  root = run["world"].root
   return ["evaluate", "--model", run["model"], "--weights", str(run["weights"]), "--cache", str(root / "cache"),
           "--data", str(root / "acdc"), "--tfds-dir", str(root / "tfds"), "--splits", str(root / "split.json"),
           "--out", str(out)]
@@ -77,7 +54,7 @@ def test_prediction_files_have_the_source_geometry(run, evaluated):
 
   report = json.loads((evaluated / "metrics.json").read_text())
   for case_id in report["patients"]["patient003"]["standard"]:
-    source = read_nifti(run["root"] / "acdc" / "patient003" / f"{case_id}.nii.gz")
+    source = read_nifti(run["world"].acdc / "patient003" / f"{case_id}.nii.gz")
     prediction = nib.load(evaluated / "predictions" / f"{case_id}.nii.gz")
     assert prediction.shape == source.shape
     np.testing.assert_allclose(prediction.affine, source.affine, atol=1e-5)
@@ -91,7 +68,7 @@ def test_ground_truth_scores_perfectly(run):
   from autosam_jax.evaluation.predict import preprocess_config_from_manifest
   from autosam_jax.features.cache import FeatureCache
 
-  root = run["root"]
+  root = run["world"].root
   cache = FeatureCache(root / "cache")
   config = preprocess_config_from_manifest(cache.manifest["depends_on"])
   volumes, _, table = load_volumes(root / "acdc", root / "tfds")
@@ -116,7 +93,7 @@ def test_ground_truth_scores_perfectly(run):
 
 @pytest.fixture(scope="module")
 def phantom(run):
-  src = run["root"] / "acdc" / "patient003" / "patient003_frame01.nii.gz"
+  src = run["world"].acdc / "patient003" / "patient003_frame01.nii.gz"
   image = nib.load(src)
   data = np.asarray(image.dataobj)[:, :, :3]  # a short stack keeps the encoder cheap on the CPU
   out = run["root"] / "phantom_in"

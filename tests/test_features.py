@@ -1,5 +1,5 @@
-"""Feature cache: equal to a direct encoder call, 1 vs 4 devices, kill and resume, stale and corrupted caches, one
-writer at a time (precompute and image-cache)."""
+"""Feature cache: equal to a direct encoder call, kill and resume, stale and corrupted caches, one writer at a time
+(precompute and image-cache). The same cache from 1 device, 4 devices and 2 processes: tests/test_distributed.py."""
 
 import json
 import os
@@ -186,38 +186,3 @@ def test_image_cache_interrupted_after_a_shard_resumes_and_refuses_a_second_writ
   for a, b in zip(expected, got):
     for key in ("embedding", "target", "valid"):
       np.testing.assert_array_equal(a[key], b[key])
-
-
-def test_four_devices_give_the_same_features(reference_cache, inputs, split_file, tmp_path):
-  out = tmp_path / "four"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  result = subprocess.run(_command(inputs, out), env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert "on 4 device(s)" in result.stdout, result.stdout
-  _, expected = _all(reference_cache[0])
-  _, got = _all(out)
-  for a, b in zip(expected, got):
-    np.testing.assert_allclose(a["embedding"], b["embedding"], atol=1e-5, rtol=0)
-    np.testing.assert_array_equal(a["target"], b["target"])
-
-
-def test_two_processes_write_one_cache(reference_cache, inputs, split_file, tmp_path):
-  """jax.distributed on localhost: 2 processes x 2 devices, each writing its share of the shards."""
-  import socket
-
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  out = tmp_path / "two_processes"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  processes = [subprocess.Popen(_command(inputs, out, "--coordinator", f"localhost:{port}", "--num-processes", "2",
-                                         "--process-id", str(i)), env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=600) for p in processes]
-  assert [p.returncode for p in processes] == [0, 0], [o[1][-1500:] for o in outputs]
-  assert all("x 2 process(es)" in o[0] for o in outputs), outputs
-  _, expected = _all(reference_cache[0])
-  _, got = _all(out)
-  for a, b in zip(expected, got):
-    np.testing.assert_allclose(a["embedding"], b["embedding"], atol=1e-5, rtol=0)
-    np.testing.assert_array_equal(a["target"], b["target"])

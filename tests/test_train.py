@@ -1,9 +1,8 @@
-"""Head training on a feature cache: loss, learning, resumption, 1 vs 4 devices, non-finite guard, CLI."""
+"""Head training on a feature cache: loss, learning, resumption, non-finite guard, CLI. 1 vs 4 devices and 2
+processes: tests/test_distributed.py."""
 
 import json
 import os
-import subprocess
-import sys
 
 from pathlib import Path
 
@@ -20,19 +19,13 @@ CONFIG = TrainConfig(head="linear", variant="faithful", epochs=3, batch_size=4, 
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_weights, tmp_path_factory):
+def setup(tiny_world, tmp_path_factory):
+  """The tiny world's cache with augmented views of patient001, its split; `root` holds what these tests write."""
   from autosam_jax.data.splits import Split
-  from autosam_jax.data.synthetic import write_synthetic_acdc
-  from autosam_jax.features.precompute import PrecomputeOptions, precompute
 
   root = tmp_path_factory.mktemp("train")
-  weights = tiny_weights
-  write_synthetic_acdc(root / "acdc", 3, seed=11)
-  split = Split(name="s", seed=0, train=("patient001",), val=("patient002",), test=("patient003",))
-  split.to_json(root / "split.json")
-  precompute(root / "acdc", weights, root / "cache", tfds_dir=root / "tfds", progress=False,
-             options=PrecomputeOptions(views=1, dtype="float32", shard_size=32), view_patients=set(split.train))
-  return {"root": root, "weights": weights, "cache": root / "cache", "split": split}
+  return {"root": root, "weights": tiny_world.weights, "cache": tiny_world.cache_views,
+          "split": Split.from_json(tiny_world.split), "split_file": tiny_world.split}
 
 
 def _factory(setup, config):
@@ -269,30 +262,12 @@ def test_typed_config_refusals_are_one_line_naming_the_source_and_the_field():
     TrainConfig(epochs="3")
 
 
-def test_four_devices_give_the_same_loss_curve(setup, uninterrupted, tmp_path):
-  script = f"""
-import sys, json
-sys.path.insert(0, {repr(str(REPO_ROOT))})
-from tests.test_train import CONFIG, _run
-from autosam_jax.data.splits import Split
-setup = {{"weights": {repr(str(setup['weights']))}, "cache": {repr(str(setup['cache']))},
-          "split": Split.from_json({repr(str(setup['root'] / 'split.json'))})}}
-import jax
-assert jax.device_count() == 4
-_run(setup, {repr(str(tmp_path / 'four'))})
-"""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-2000:]
-  np.testing.assert_allclose(_losses(tmp_path / "four"), _losses(uninterrupted[0]), rtol=1e-4, atol=1e-5)
-
-
 def test_train_command(setup, tmp_path, capsys):
   from autosam_jax.cli import main
 
   common = ["train", "--config", str(REPO_ROOT / "experiments/configs/linear_faithful.py"),
             "--cache", str(setup["cache"]),
-            "--weights", str(setup["weights"]), "--splits", str(setup["root"] / "split.json"), "--tr-size", "1"]
+            "--weights", str(setup["weights"]), "--splits", str(setup["split_file"]), "--tr-size", "1"]
   assert main([*common, "--out", str(tmp_path / "run"), "--set", "epochs=1"]) == 0
   assert "trained linear (faithful)" in capsys.readouterr().out
   assert (tmp_path / "run" / "final_model" / "train_config.json").exists()
@@ -360,7 +335,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(setup, uninterru
 def _command(setup, out, *extra, splits=None):
   return ["train", "--config", str(REPO_ROOT / "experiments/configs/linear_faithful.py"), "--cache",
           str(setup["cache"]), "--weights", str(setup["weights"]), "--splits",
-          str(splits or setup["root"] / "split.json"), "--tr-size", "1", "--out", str(out), "--set", "epochs=2",
+          str(splits or setup["split_file"]), "--tr-size", "1", "--out", str(out), "--set", "epochs=2",
           "--set", "checkpoint_every_steps=2", "--no-progress", *extra]
 
 
