@@ -115,8 +115,9 @@ WORLD_SPLIT = dict(train=("patient001",), val=("patient002",), test=("patient003
 @pytest.fixture(scope="session")
 def tiny_world(request, tiny_weights, tmp_path_factory):
   """What many test files start from, built once per session: 3 ACDC-like phantoms (seed 11) in `acdc`, the split
-  patient001 / patient002 / patient003 (`split.json`), their TFDS build (`tfds`), the tiny SAM's fp32 feature cache
-  without augmented views (`cache`), and WORLD_HEAD trained on patient001 (`run`, its `model`). Read-only."""
+  patient001 / patient002 / patient003 (`split.json`), their TFDS build (`tfds`), the tiny SAM's fp32 feature caches
+  without augmented views (`cache`) and with one view of each of patient001's slices (`cache_views`), and WORLD_HEAD
+  trained on patient001 (`run`, its `model`). Read-only."""
   from types import SimpleNamespace
 
   def build(root: Path):
@@ -143,8 +144,8 @@ def tiny_world(request, tiny_weights, tmp_path_factory):
 
   root = shared_folder(request, tmp_path_factory, "tiny_world", build)
   return SimpleNamespace(root=root, acdc=root / "acdc", split=root / "split.json", tfds=root / "tfds",
-                         cache=root / "cache", cache_views=root / "cache_views", run=root / "run", model=root / "run" / "final_model",
-                         weights=Path(tiny_weights))
+                         cache=root / "cache", cache_views=root / "cache_views", run=root / "run",
+                         model=root / "run" / "final_model", weights=Path(tiny_weights))
 
 
 def limited_file_size(limit: int) -> list[str]:

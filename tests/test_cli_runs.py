@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.conftest import limited_file_size
+from tests.conftest import WORLD_SPLIT, limited_file_size
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "experiments" / "configs"
@@ -54,7 +54,7 @@ def data(tiny_world, tmp_path_factory):
   cache with a view of each training slice) and the test patient's images as a folder to predict."""
   from autosam_jax.features.cache import FeatureCache
 
-  assert tiny_world.split.is_file() and (TRAIN, VAL, TEST) == ("patient001", "patient002", "patient003")
+  assert ((TRAIN,), (VAL,), (TEST,)) == (WORLD_SPLIT["train"], WORLD_SPLIT["val"], WORLD_SPLIT["test"])
   root = tmp_path_factory.mktemp("cli_runs")
   data = {"root": root, "weights": tiny_world.weights, "acdc": tiny_world.acdc, "tfds": tiny_world.tfds,
           "splits": tiny_world.split, "cache": tiny_world.cache_views}
