@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="encoder matmul and storage dtype (default bf16: half the disk, twice the speed on AMX/GPU)")
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--store", choices=["embeddings", "inputs"], default="embeddings",
+                      help="embeddings (default: what frozen-encoder heads train on) or inputs: the preprocessed "
+                           "encoder inputs, an input cache for LoRA runs (the encoder in the loop; no encoder runs)")
   parser.add_argument("--shard-size", type=int, default=64, help="slices per shard file")
   options.add_distributed(parser)
 
@@ -45,10 +48,12 @@ def run(args: argparse.Namespace) -> int:
   from autosam_jax.features.precompute import PrecomputeOptions, precompute
 
   choices = PrecomputeOptions(mode=args.mode, views=args.views, dtype="bfloat16" if args.dtype == "bf16" else "float32",
-                              batch_size=args.batch_size, seed=args.seed, shard_size=args.shard_size)
+                              batch_size=args.batch_size, seed=args.seed, shard_size=args.shard_size,
+                              store=args.store)
   summary = precompute(args.data, args.weights, args.out, tfds_dir=args.tfds_dir.expanduser(), options=choices,
                        splits_file=args.splits)
-  print(f"cache {args.out}: {summary['items']} embeddings in {summary['shards']} shards, "
+  what = "encoder inputs" if args.store == "inputs" else "embeddings"
+  print(f"cache {args.out}: {summary['items']} {what} in {summary['shards']} shards, "
         f"{summary['bytes'] / 2**20:.1f} MiB; computed {summary['computed']} now at "
         f"{summary['images_per_second']:.2f} images/s on {summary['devices']} device(s) x "
         f"{summary['processes']} process(es)")

@@ -128,11 +128,14 @@ def preprocess_config_from_manifest(depends_on: dict[str, Any]):
 def check_cache_matches(depends_on: dict[str, Any], train_config, sam_config, where: str,
                         weights_digest: str | None = None) -> None:
   """A cache made with another SAM or in another mode than the model would silently give wrong predictions; an image
-  cache feeds only the UNet, and a SAM feature cache only the heads."""
-  images = depends_on.get("kind") == "images"
-  if images != (train_config.head == "unet"):
-    have = "an image cache (autosam-jax image-cache)" if images else "a SAM feature cache (autosam-jax precompute)"
-    raise DataError(f"{where}: {have} cannot feed a {train_config.head} model")
+  cache feeds only the UNet, an input cache only LoRA models, and a SAM feature cache only the frozen-encoder
+  heads."""
+  from autosam_jax.models.trained import cache_kind, kind_refusal
+
+  refusal = kind_refusal(where, depends_on, train_config)
+  if refusal is not None:
+    raise refusal
+  images = cache_kind(depends_on) == "images"
   if not images and depends_on.get("sam_config") != json.loads(sam_config.to_json()):
     raise DataError(f"{where}: the cache was computed with another SAM than --weights")
   if not images and weights_digest and depends_on.get("weights_sha256") not in (None, "", weights_digest):
@@ -170,10 +173,15 @@ def read_model_record(model_dir: str | os.PathLike) -> dict[str, Any]:
 def load_model(model_dir: Path, weights_dir: Path | None, encoder: bool):
   """(sam, head, train_config); DataError or CheckpointError (both one line naming the path) when unusable.
 
-  A UNet needs no SAM: `weights_dir` is ignored for it and `sam` is None.
+  `head` maps the items of the model's cache to logits: embeddings for a frozen-encoder head, model images for the
+  UNet, encoder inputs for a LoRA model (an `AdaptedSam` with its factors merged into the encoder). With `encoder`,
+  `sam` is the SAM that makes the head's inputs from images, and `head` takes embeddings: for a LoRA model its
+  encoder is the merged adapted one and `head` the model's head. A UNet needs no SAM: `weights_dir` is ignored for it
+  and `sam` is None.
   """
   from autosam_jax.models.loading import load_sam, read_config, weights_digest
-  from autosam_jax.models.trained import restore_head
+  from autosam_jax.models.lora import merge_lora
+  from autosam_jax.models.trained import jnp_dtype, restore_head
 
   train_config = read_train_config(model_dir)
   record = read_model_record(model_dir)
@@ -191,12 +199,12 @@ def load_model(model_dir: Path, weights_dir: Path | None, encoder: bool):
                       "differs); give the converted weights the model's cache was computed with")
   # The encoder in the dtype the training embeddings were computed in: a head trained on bf16 features is applied to
   # bf16 features, not to slightly different fp32 ones.
-  encoder_dtype = None
-  if record.get("encoder_dtype") == "bfloat16":
-    import jax.numpy as jnp
-    encoder_dtype = jnp.bfloat16
-  sam = load_sam(weights_dir, encoder_dtype=encoder_dtype)
-  head = restore_head(model_dir, train_config, sam)
+  sam = load_sam(weights_dir, encoder_dtype=jnp_dtype(record.get("encoder_dtype")))
+  head = restore_head(model_dir, train_config, sam)  # a LoRA model's factors are added to sam's encoder
+  if train_config.lora:
+    merge_lora(head.encoder)  # the adapted encoder at the frozen one's cost; sam.image_encoder is the same module
+    if encoder:
+      head = head.head
   if not encoder:
     sam = None
   return sam, head, train_config

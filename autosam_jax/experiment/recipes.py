@@ -26,6 +26,22 @@ def train_recipe(head: str, variant: str) -> dict:
   return recipe
 
 
+# LoRA as SAMed adapts SAM's encoder: rank 4 on the q and v parts of every block's fused qkv, alpha = rank (scale 1),
+# no dropout; the encoder computes in bf16, each block rematerialised in the backward pass. Under the project's one
+# protocol its optimiser, epochs and schedule are the AutoSAM head's (SAMed's own recipe trains with AdamW and warm-up).
+LORA = {"lora_rank": 4, "lora_alpha": 4.0, "lora_dropout": 0.0, "lora_targets": ("q", "v"),
+        "encoder_dtype": "bfloat16", "remat": True}
+
+
+def lora_recipe(variant: str) -> dict:
+  """The TrainConfig options of the LoRA method under `variant`: the AutoSAM head's recipe with the encoder adapted
+  (the improved AutoSAM decodes every class in one pass, as the joint head does)."""
+  recipe = {**train_recipe("autosam", variant), **LORA}
+  if variant == "improved":
+    recipe["joint"] = True
+  return recipe
+
+
 # The official SimCLR script: 100 epochs of batch 8, Adam at 3e-4 with weight decay 1e-5, temperature 0.5, the
 # learning rate stepped once per epoch from epoch 10, the projection 512 -> 256 on the UNet encoder's pooled features.
 SIMCLR = {"epochs": 100, "batch_size": 8, "learning_rate": 3e-4, "weight_decay": 1e-5, "temperature": 0.5,

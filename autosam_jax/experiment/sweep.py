@@ -18,11 +18,13 @@ from autosam_jax.data.errors import DataError
 from autosam_jax.data.splits import DEFAULT_VAL_PATIENTS, parse_val_patients
 from autosam_jax.typed_config import TypedConfig, option
 
-HEAD_METHODS = ("autosam", "cnn", "linear")
+HEAD_METHODS = ("autosam", "cnn", "linear")  # frozen encoder, heads on its cached embeddings
+LORA_METHODS = ("lora",)  # the encoder in the loop: LoRA factors and the AutoSAM head, on an input cache
 IMAGE_METHODS = ("unet", "simclr")
 ZERO_SHOT_METHODS = ("zero_shot_box", "zero_shot_point")
-METHODS = HEAD_METHODS + IMAGE_METHODS + ZERO_SHOT_METHODS
-LABELS = {"autosam": "AutoSAM", "cnn": "CNN head", "linear": "Linear head", "unet": "UNet (scratch)",
+METHODS = HEAD_METHODS + LORA_METHODS + IMAGE_METHODS + ZERO_SHOT_METHODS
+LABELS = {"autosam": "AutoSAM", "cnn": "CNN head", "linear": "Linear head", "lora": "LoRA + AutoSAM head",
+          "unet": "UNet (scratch)",
           "simclr": "UNet (SimCLR)", "zero_shot_box": "SAM zero-shot, GT boxes",
           "zero_shot_point": "SAM zero-shot, GT points"}
 
@@ -96,7 +98,7 @@ class SweepConfig(TypedConfig):
     unknown = [m for m in self.methods if m not in METHODS]
     if unknown or not self.methods:
       raise self.refusal(f"unknown method(s) {unknown or '(none given)'}; choose from {list(METHODS)}")
-    needs_sam = [m for m in self.methods if m in HEAD_METHODS + ZERO_SHOT_METHODS]
+    needs_sam = [m for m in self.methods if m in HEAD_METHODS + LORA_METHODS + ZERO_SHOT_METHODS]
     if needs_sam and not self.encoders:
       raise self.refusal(f"methods {needs_sam} need SAM weights; give encoders={{'vit_b': 'sam_vit_b.pth'}}")
     if not self.tr_sizes:
@@ -138,12 +140,12 @@ def load_sweep_config(path: Path, overrides: list[str] = ()) -> SweepConfig:
 
 def _train_config(method: str, config: SweepConfig):
   """The TrainConfig of a method: its recipe (`recipes.train_recipe`), then the sweep's overrides."""
-  from autosam_jax.experiment.recipes import train_recipe
+  from autosam_jax.experiment.recipes import lora_recipe, train_recipe
   from autosam_jax.train.loop import TrainConfig
 
   head = "unet" if method in IMAGE_METHODS else method
   mode = "faithful" if head == "unet" else config.mode
-  values = train_recipe(head, mode)
+  values = lora_recipe(mode) if method in LORA_METHODS else train_recipe(head, mode)
   values.update(config.train)
   values.update(config.method_train.get(method, {}))
   return TrainConfig.from_dict(values, source=f"sweep config, method {method}")
@@ -180,7 +182,7 @@ def _cells(config: SweepConfig, splits) -> list[Cell]:
       if method in ZERO_SHOT_METHODS:
         cells += [Cell(method, encoder, 0, split.name) for encoder in encoders]
         continue
-      for encoder in (encoders if method in HEAD_METHODS else ["-"]):
+      for encoder in (encoders if method in HEAD_METHODS + LORA_METHODS else ["-"]):
         cells += [Cell(method, encoder, tr_size, split.name) for tr_size in config.tr_sizes]
   return cells
 
@@ -341,22 +343,25 @@ class Sweep:
     self.weights = prepare_weights(self.config, self.out) if self.config.encoders else {}
     return _cells(self.config, self.splits)
 
-  def feature_cache(self, encoder: str) -> Path:
+  def feature_cache(self, encoder: str, store: str = "embeddings") -> Path:
+    """The cache of `encoder`'s embeddings (or, with store "inputs", its input cache for the LoRA methods), made or
+    finished once per sweep."""
     from autosam_jax.features.precompute import PrecomputeOptions, precompute
 
-    cache = self.out / "cache" / f"{encoder}-{self.config.mode}"
-    if encoder not in self._checked_caches:  # once per sweep: precompute checks the manifest, then finishes or skips
-      self._checked_caches.add(encoder)
+    inputs = store == "inputs"
+    cache = self.out / "cache" / (f"{encoder}-{self.config.mode}" + ("-inputs" if inputs else ""))
+    if cache.name not in self._checked_caches:  # once per sweep: precompute checks the manifest, then finishes or skips
+      self._checked_caches.add(cache.name)
       if not _cache_complete(cache):
-        say(f"encoding every slice with {encoder} into {cache}")
+        say(f"{'preparing the encoder inputs of' if inputs else 'encoding'} every slice for {encoder} into {cache}")
       dtype = "bfloat16" if self.config.dtype == "bf16" else "float32"
       options = PrecomputeOptions(mode=self.config.mode, views=self.config.views, dtype=dtype,
-                                  batch_size=self.config.encode_batch_size)
+                                  batch_size=self.config.encode_batch_size, store=store)
       view_patients = {p for s in self.splits for p in s.train}
       summary = precompute(self.data, self.weights[encoder], cache, tfds_dir=self.tfds_dir, options=options,
                            view_patients=view_patients, progress=self.progress, option_names=PRECOMPUTE_NAMES)
       if summary["computed"]:
-        say(f"{summary['items']} embeddings; {summary['computed']} computed at "
+        say(f"{summary['items']} {'encoder inputs' if inputs else 'embeddings'}; {summary['computed']} computed at "
              f"{summary['images_per_second']:.2f} images/s")
     return cache
 
@@ -410,6 +415,7 @@ class Sweep:
 
     from autosam_jax.evaluation.evaluate import evaluate
     from autosam_jax.models.loading import load_sam
+    from autosam_jax.models.trained import jnp_dtype
     from autosam_jax.train.loop import build_model, train
 
     train_config = _train_config(cell.method, self.config)
@@ -418,10 +424,11 @@ class Sweep:
     if cell.method in IMAGE_METHODS:
       cache, weights = self.image_cache(), None
     else:
-      cache, weights = self.feature_cache(cell.encoder), self.weights[cell.encoder]
+      store = "inputs" if cell.method in LORA_METHODS else "embeddings"
+      cache, weights = self.feature_cache(cell.encoder, store), self.weights[cell.encoder]
 
     def factory(config):
-      sam = load_sam(weights) if weights is not None else None
+      sam = load_sam(weights, encoder_dtype=jnp_dtype(config.encoder_dtype)) if weights is not None else None
       return build_model(config, sam, rngs=nnx.Rngs(config.seed))
 
     labeled = split.labeled(cell.tr_size)

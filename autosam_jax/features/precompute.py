@@ -1,7 +1,7 @@
 """The frozen SAM encoder run once over a dataset, its embeddings stored in a feature cache (`features/cache.py`).
 
 Every slice gets its clean embedding (view 0); the training patients' slices also get K augmented views, seeded per
-item. The encoder is jitted with the batch sharded over the "data" mesh; host preprocessing of the next batch
+item. With store "inputs" the cache holds the encoder's inputs instead (an input cache, for LoRA runs). The encoder is jitted with the batch sharded over the "data" mesh; host preprocessing of the next batch
 overlaps the device's work. Resumable shard by shard; under jax.distributed each process takes every P-th shard.
 The command and its options: `autosam_jax/commands/precompute.py`."""
 
@@ -30,6 +30,9 @@ class PrecomputeOptions:
   batch_size: int = 8
   seed: int = 0
   shard_size: int = 64
+  # embeddings: the frozen encoder's output (what the heads train on); inputs: the encoder's inputs themselves, the
+  # preprocessed (and augmented) slices, for training with the encoder in the loop (LoRA): kind "sam_inputs".
+  store: str = "embeddings"
 
 
 # What the options are called where the user gave them: on precompute's command line, or in a sweep config.
@@ -58,6 +61,8 @@ def check_memory(config, options: PrecomputeOptions, batch_size: int, num_items:
 
   image_bytes = config.image_size * config.image_size * 3 * 4
   embedding_bytes = config.image_embedding_size ** 2 * config.prompt_embed_dim * 4
+  if options.store == "inputs":  # the stored item is the encoder input
+    embedding_bytes = image_bytes
   batch = batch_size * (4 * image_bytes + 2 * embedding_bytes)
   shard = 3 * min(options.shard_size, num_items) * embedding_bytes
   if batch >= shard:
@@ -195,7 +200,8 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
     require_memory(_count_items(volumes, view_patients, options.views) * ITEM_BYTES,
                    f"{names['views']} {options.views}", f"choose fewer {names['views']}")
   items = work_items(volumes, view_patients, options.views)
-  depends_on = {"weights_sha256": weights_digest(weights_dir), "sam_config": json.loads(config.to_json()),
+  inputs_only = options.store == "inputs"
+  depends_on = {**({"kind": "sam_inputs"} if inputs_only else {}), "weights_sha256": weights_digest(weights_dir), "sam_config": json.loads(config.to_json()),
                 "preprocess": preprocess_config.to_dict(), "dataset_fingerprint": fingerprint,
                 "views": options.views, "view_patients": sorted(view_patients), "seed": options.seed,
                 "augment": augment_config.to_dict() if options.views else None, "dtype": options.dtype,
@@ -206,6 +212,7 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
   batch_size = -(-options.batch_size // len(devices)) * len(devices)
   check_memory(config, options, batch_size, len(items), names)
   encoder_dtype = jnp.bfloat16 if options.dtype == "bfloat16" else None
+  # An input cache needs no encoder, but its weights are read (and digested) all the same: a LoRA run adapts them.
   sam = load_sam(weights_dir, encoder_dtype=encoder_dtype,
                  sharding=NamedSharding(mesh, PartitionSpec()))
   # Process 0 checks the folder, locks it and clears temporary files before the others open the cache; every process
@@ -229,6 +236,8 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
 
   @jax.jit
   def encode(state, images):
+    if inputs_only:
+      return images
     return nnx.merge(graphdef, state)(images)
 
   preparer = _Preparer(volumes, preprocess_config, augment_config, options.seed)
@@ -283,3 +292,5 @@ def check_options(options: PrecomputeOptions, names: dict[str, str] = OPTION_NAM
     raise DataError(f"mode must be 'faithful' or 'improved', got {options.mode!r}")
   if options.dtype not in ("bfloat16", "float32"):
     raise DataError(f"dtype must be 'bfloat16' or 'float32', got {options.dtype!r}")
+  if options.store not in ("embeddings", "inputs"):
+    raise DataError(f"store must be 'embeddings' or 'inputs', got {options.store!r}")

@@ -158,3 +158,23 @@ def set_dropout_key(module, key) -> None:
   Call on a module built inside the traced function that uses it (a merged copy), never on a stored one."""
   for i, layer in enumerate(lora_layers(module)):
     layer.dropout_key = None if key is None else jax.random.fold_in(key, i)
+
+
+class AdaptedSam(nnx.Module):
+  """SAM's image encoder with LoRA factors and a prompt-free head on its embeddings: (B, S, S, 3) encoder inputs ->
+  the head's logits. What a LoRA run trains (`TRAINABLE`: the factors and the head's parameters) and saves."""
+
+  def __init__(self, encoder, head):
+    self.encoder = encoder
+    self.head = head
+
+  def __call__(self, images: Array) -> Array:
+    return self.head(self.encoder(images).astype(jnp.float32))
+
+
+def _trainable(path, value) -> bool:
+  return isinstance(value, LoraParam) or (bool(path) and path[0] == "head" and isinstance(value, nnx.Param))
+
+
+# The nnx filter of what an AdaptedSam trains: its LoRA factors and its head's parameters, never the base weights.
+TRAINABLE = _trainable

@@ -26,6 +26,9 @@ VARIANTS = ("faithful", "improved")
 # validation Dice (max mode), for the improved variant.
 SCHEDULERS = ("plateau_train_loss", "plateau_val_dice")
 AUGMENT_MODES = ("none", "faithful", "improved")
+# The encoder's linears LoRA can adapt (`models/lora.py`, whose LoraConfig checks the combination).
+LORA_TARGETS = ("q", "k", "v", "qkv", "proj", "lin1", "lin2")
+ENCODER_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,14 +62,76 @@ class TrainConfig(TypedConfig):
   # UNet only: an encoder/ directory written by SimCLR pretraining (autosam-jax pretrain-simclr) to start the
   # contracting path and center from; the decoder stays random, as in the official fine-tuning. "" = from scratch.
   init_encoder: str = ""
+  # LoRA on SAM's image encoder (the encoder in the loop, on an input cache: autosam-jax precompute --store inputs).
+  # 0: the encoder stays frozen and the head trains on cached embeddings. The update of a targeted linear is
+  # (lora_alpha / lora_rank) * dropout(x) A B, B starting at zero; lora_targets: "q", "k", "v" (parts of the fused
+  # qkv, SAMed's choice "q", "v"), "qkv" (all of it), "proj", "lin1", "lin2".
+  lora_rank: int = option(0, at_least=0)
+  lora_alpha: float = option(4.0, above=0, finite=True)
+  lora_dropout: float = option(0.0, at_least=0, below=1)
+  lora_targets: tuple[str, ...] = option(("q", "v"), choices=LORA_TARGETS)
+  # LoRA only: the compute dtype of the encoder's matmuls in training and in the saved model's use (norms, softmax
+  # and residuals stay float32), and jax.checkpoint per encoder block (recomputed in the backward pass: less memory).
+  encoder_dtype: str = option("float32", choices=ENCODER_DTYPES)
+  remat: bool = False
+
+  @property
+  def lora(self) -> bool:
+    return self.lora_rank > 0
+
+  def lora_config(self):
+    """The LoraConfig of the lora_* fields (LoRA runs only)."""
+    from autosam_jax.models.lora import LoraConfig
+
+    return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                      targets=self.lora_targets)
 
   def check(self) -> None:
+    if self.lora and self.head == "unet":
+      raise self.refusal("lora_rank adapts SAM's encoder, and the UNet has none; leave lora_rank out for head 'unet'")
+    if not self.lora and (self.remat or self.encoder_dtype != "float32"):
+      raise self.refusal("remat and encoder_dtype are options of the encoder in the loop; set lora_rank (e.g. 4) "
+                         "or leave them out")
+    if self.lora:
+      if not self.lora_targets:
+        raise self.refusal(f"lora_targets must name at least one of {', '.join(LORA_TARGETS)}")
+      if len(set(self.lora_targets)) != len(self.lora_targets):
+        raise self.refusal(f"lora_targets {list(self.lora_targets)} name a layer twice; name each once")
+      if "qkv" in self.lora_targets and {"q", "k", "v"} & set(self.lora_targets):
+        raise self.refusal("lora_targets: 'qkv' adapts the whole fused projection; leave out 'q', 'k' and 'v' "
+                           "with it")
     if self.joint and (self.head != "autosam" or self.variant != "improved"):
       raise self.refusal("joint decoding is an option of the improved AutoSAM head only "
                          f"(head {self.head!r}, variant {self.variant!r}); leave joint out")
     if self.num_classes == 1:
       raise self.refusal("num_classes counts the background too, so it is at least 2; leave it out to take the "
                          "dataset's")
+
+
+# What a cache's items are (its manifest's depends_on "kind"; absent in a feature cache) and the model they feed.
+CACHE_KINDS = {"images": "model images", "sam_inputs": "SAM encoder inputs", "sam_embeddings": "SAM embeddings"}
+
+
+def cache_kind(depends_on: dict[str, Any]) -> str:
+  return depends_on.get("kind") or "sam_embeddings"
+
+
+def needed_kind(config) -> str:
+  """The cache kind a model trains and is evaluated on: images (UNet), encoder inputs (LoRA) or embeddings."""
+  return "images" if config.head == "unet" else "sam_inputs" if config.lora else "sam_embeddings"
+
+
+def kind_refusal(where: str, depends_on: dict[str, Any], config) -> DataError | None:
+  """The error for a cache of another kind than `config`'s model takes, naming the command that makes the right one
+  (None if it is of the right kind)."""
+  have, need = cache_kind(depends_on), needed_kind(config)
+  if have == need:
+    return None
+  model = f"a {config.head} head" + (f" with LoRA (lora_rank {config.lora_rank})" if config.lora else "")
+  make = {"images": "an image cache (autosam-jax image-cache)",
+          "sam_inputs": "an input cache (autosam-jax precompute --store inputs)",
+          "sam_embeddings": "a feature cache (autosam-jax precompute)"}[need]
+  return DataError(f"{where}: holds {CACHE_KINDS.get(have, have)}, but {model} takes {CACHE_KINDS[need]}; give {make}")
 
 
 def read_train_config(model_dir: Path):
@@ -86,8 +151,10 @@ def read_train_config(model_dir: Path):
 
 
 def build_model(config, sam, *, rngs):
-  """The architecture a config names, freshly initialised: a head on SAM embeddings (initialised from `sam`), or the
-  UNet (no SAM needed).
+  """The architecture a config names, freshly initialised: a head on SAM embeddings (initialised from `sam`), the
+  UNet (no SAM needed), or with lora_rank an `AdaptedSam`: `sam`'s image encoder with LoRA factors (added to it in
+  place: `sam.image_encoder` is the adapted encoder afterwards) and the head on it. The head is drawn from `rngs`
+  before the factors, so an adapted model's head starts as the frozen-encoder run's of the same seed.
 
   `config.num_classes` must be set (`train` takes it from the cache's label table). A UNet's `init_encoder` (the
   SimCLR encoder a training run starts from) is not loaded here: the UNet comes back randomly initialised, and the
@@ -100,8 +167,26 @@ def build_model(config, sam, *, rngs):
   if config.init_encoder:
     raise DataError(f"init_encoder is for the UNet (head 'unet'), not for a {config.head} head")
   from autosam_jax.models.heads import build_head
-  return build_head(config.head, config.num_classes, variant=config.variant, sam=sam, joint=config.joint,
+  head = build_head(config.head, config.num_classes, variant=config.variant, sam=sam, joint=config.joint,
                     cnn_top_channels=config.cnn_top_channels, rngs=rngs)
+  if not config.lora:
+    return head
+  from autosam_jax.models.lora import AdaptedSam, add_lora
+
+  encoder = sam.image_encoder
+  if jnp_dtype(config.encoder_dtype) != encoder.dtype:
+    raise ValueError(f"build_model: the SAM's encoder computes in {encoder.dtype}, the config asks for "
+                     f"{config.encoder_dtype}; load it with encoder_dtype=jnp_dtype(config.encoder_dtype)")
+  encoder.remat = config.remat
+  return AdaptedSam(add_lora(encoder, config.lora_config(), rngs=rngs), head)
+
+
+def jnp_dtype(name: str):
+  """The encoder compute dtype of a config's or a cache's name ("float32": None, the parameters' own)."""
+  if name == "bfloat16":
+    import jax.numpy as jnp
+    return jnp.bfloat16
+  return None
 
 
 def restore_head(model_dir: str | os.PathLike, config, sam) -> Any:
@@ -124,18 +209,35 @@ def restore_head(model_dir: str | os.PathLike, config, sam) -> Any:
   verify_checksums(model_dir, DataError, "train the model again (rerun the train command into a new --out)")
   # The architecture only: pretrained encoder weights (init_encoder) would be overwritten by the restore anyway.
   shape_config = dataclasses.replace(config, init_encoder="")
-  abstract = nnx.eval_shape(lambda: build_model(shape_config, sam, rngs=nnx.Rngs(0)))
-  graphdef, params, frozen = nnx.split(abstract, nnx.Param, ...)
+  if config.lora:  # built for real: the factors are added to `sam`'s encoder, whose base weights are not saved
+    from autosam_jax.models.lora import TRAINABLE
+    model = build_model(shape_config, sam, rngs=nnx.Rngs(0))
+    graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
+  else:
+    abstract = nnx.eval_shape(lambda: build_model(shape_config, sam, rngs=nnx.Rngs(0)))
+    graphdef, params, frozen = nnx.split(abstract, nnx.Param, ...)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's, also under jax.distributed
-  as_target = lambda state: jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device),
-                                         nnx.to_pure_dict(state))
+  as_target = lambda tree: jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device), tree)
+  saved_frozen = saved_part(nnx.to_pure_dict(frozen), config)
 
   def restore():
     with ocp.StandardCheckpointer() as checkpointer:
-      return checkpointer.restore(model_dir / "state", {"params": as_target(params), "frozen": as_target(frozen)})
+      return checkpointer.restore(model_dir / "state", {"params": as_target(nnx.to_pure_dict(params)),
+                                                        "frozen": as_target(saved_frozen)})
 
+  what = f"a {config.head} head" + (f" with rank-{config.lora_rank} LoRA factors" if config.lora else "")
   restored = restore_or_raise(restore, lambda reason: DataError(
-      f"{model_dir}: cannot be restored as a {config.head} head for this SAM: {reason}"))
+      f"{model_dir}: cannot be restored as {what} for this SAM: {reason}"))
   nnx.replace_by_pure_dict(params, restored["params"])
-  nnx.replace_by_pure_dict(frozen, restored["frozen"])
+  frozen_values = nnx.to_pure_dict(frozen)
+  frozen_values.update(restored["frozen"])
+  nnx.replace_by_pure_dict(frozen, frozen_values)
   return nnx.merge(graphdef, params, frozen)
+
+
+def saved_part(frozen: dict, config) -> dict:
+  """What a saved model keeps of the frozen part (a pure dict): all of it, except for a LoRA model the encoder's
+  base weights (the converted SAM's, named by the model's weights digest)."""
+  if not config.lora:
+    return frozen
+  return {k: v for k, v in frozen.items() if k != "encoder"}

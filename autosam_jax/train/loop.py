@@ -6,6 +6,11 @@ Each epoch, every labeled slice is seen once, through one of its cached views (v
 from (seed, epoch); batches come in the order of a grain shuffle from (seed, epoch), the last one padded with
 zero-weight samples so every step has the same shape and nothing recompiles. The head's frozen parts and graph stay
 outside the train state; its trainable parameters are the nnx.Param of the head.
+
+With lora_rank, the encoder is in the loop: the cache holds encoder inputs (autosam-jax precompute --store inputs,
+its views the augmentation), the model is an `AdaptedSam` (the encoder with LoRA factors, the head on it), and the
+trainable parameters are the factors and the head's (`models.lora.TRAINABLE`); the encoder's base weights are frozen,
+passed to every step and left out of the saved model.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import numpy as np
 
 from autosam_jax.errors import DataError, NonFiniteLossError  # noqa: F401 - NonFiniteLossError importable from here
 from autosam_jax.train.core import EpochEnd, KillPoints, LoopOptions, Method, StepProgram, local_indices
-from autosam_jax.models.trained import TrainConfig
+from autosam_jax.models.trained import CACHE_KINDS, TrainConfig, cache_kind, kind_refusal
 
 _FIELDS = ("embedding", "target", "valid")
 
@@ -64,11 +69,15 @@ def to_batch(examples: dict[str, Any], batch_size: int) -> dict[str, np.ndarray]
   return {"embedding": embeddings, "target": targets, "weight": weights}
 
 
-def _logits(graphdef, params, frozen, embedding, target_size: int):
+def _logits(graphdef, params, frozen, embedding, target_size: int, dropout_key=None):
   import jax
   from flax import nnx
 
-  logits = nnx.merge(graphdef, params, frozen)(embedding)
+  model = nnx.merge(graphdef, params, frozen)
+  if dropout_key is not None:
+    from autosam_jax.models.lora import set_dropout_key
+    set_dropout_key(model, dropout_key)
+  logits = model(embedding)
   if logits.shape[1] != target_size:  # faithful: 256 -> 224 bilinear, as AutoSamSeg's final interpolate
     logits = jax.image.resize(logits, (logits.shape[0], target_size, target_size, logits.shape[3]), "bilinear",
                               antialias=False)
@@ -79,10 +88,12 @@ def _logits(graphdef, params, frozen, embedding, target_size: int):
 class HeadProgram(StepProgram):
   """The head's train step: Adam (the learning rate in its state), the official CE + soft Dice loss. With `augment`
   other than "none", the batch's (image, target) are augmented with the key fold_in(key(seed), step) before the
-  forward pass: a fresh draw every step, the same after a resumption."""
+  forward pass: a fresh draw every step, the same after a resumption. With `dropout` (a LoRA model's factor dropout),
+  the dropout masks come from fold_in(fold_in(key(seed), step), 1) the same way."""
   graphdef: Any
   augment: str = "none"
   seed: int = 0
+  dropout: bool = False
 
   def optimizer(self, learning_rate):
     import optax
@@ -92,20 +103,25 @@ class HeadProgram(StepProgram):
     return injected_optimizer(optax.scale_by_adam(), learning_rate)
 
   def prepare(self, batch, step):
-    if self.augment == "none":
+    if self.augment == "none" and not self.dropout:
       return batch
     import jax
 
     from autosam_jax.data.augment import AugmentConfig, augment_batch
 
     key = jax.random.fold_in(jax.random.key(self.seed), step)
+    if self.dropout:
+      batch = {**batch, "dropout_key": jax.random.fold_in(key, 1)}
+    if self.augment == "none":
+      return batch
     images, targets = augment_batch(key, batch["embedding"], batch["target"], AugmentConfig.for_mode(self.augment))
     return {**batch, "embedding": images, "target": targets}
 
   def loss(self, params, frozen, batch):
     from autosam_jax.train.losses import segmentation_loss
 
-    logits = _logits(self.graphdef, params, frozen, batch["embedding"], batch["target"].shape[1])
+    logits = _logits(self.graphdef, params, frozen, batch["embedding"], batch["target"].shape[1],
+                     batch.get("dropout_key"))
     return segmentation_loss(logits, batch["target"], batch["weight"])
 
 
@@ -182,11 +198,13 @@ def plot_curves(metrics_file: Path, png: Path) -> None:
   save_figure(fig, png)
 
 
-def model_record(labels, depends_on: dict[str, Any]) -> dict[str, Any]:
+def model_record(labels, depends_on: dict[str, Any], config: TrainConfig | None = None) -> dict[str, Any]:
   """What a model's inputs were made from (its cache's `depends_on`), saved with it as model.json so evaluate and
-  predict use exactly the same: the classes, and for SAM heads the encoder's dtype and weights."""
-  return {"labels": labels.to_dict(), "input": "images" if depends_on.get("kind") == "images" else "sam_embeddings",
-          "encoder_dtype": depends_on.get("dtype"), "weights_sha256": depends_on.get("weights_sha256"),
+  predict use exactly the same: the classes, and for SAM heads the encoder's dtype and weights (for a LoRA model, the
+  dtype it was trained in and the base weights its factors adapt)."""
+  dtype = config.encoder_dtype if config is not None and config.lora else depends_on.get("dtype")
+  return {"labels": labels.to_dict(), "input": cache_kind(depends_on), "encoder_dtype": dtype,
+          "weights_sha256": depends_on.get("weights_sha256"),
           "dataset_fingerprint": depends_on.get("dataset_fingerprint")}
 
 
@@ -229,10 +247,11 @@ class HeadTraining(Method):
                where, out_dir: Path, preprocess, record):
     from flax import nnx
 
+    from autosam_jax.models.lora import TRAINABLE
     from autosam_jax.train.schedules import ReduceLROnPlateau
 
-    graphdef, self.params, self.frozen = nnx.split(head, nnx.Param, ...)
-    self.program = HeadProgram(graphdef, config.augment, config.seed)
+    graphdef, self.params, self.frozen = nnx.split(head, TRAINABLE if config.lora else nnx.Param, ...)
+    self.program = HeadProgram(graphdef, config.augment, config.seed, dropout=config.lora and config.lora_dropout > 0)
     self.eval_step = functools.partial(_compiled_eval_step(), graphdef=graphdef)
     self.train_config, self.config = config, config.to_dict()
     self.cache, self.views_of_slices, self.val_indices = cache, views_of_slices, val_indices
@@ -335,7 +354,7 @@ def _train(config, cache_dir, head_factory, out_dir, labeled_patients, val_patie
   depends_on = cache.manifest["depends_on"]
   views = int(depends_on.get("views", 0))
   preprocess = depends_on.get("preprocess")  # saved with the model, for predict
-  record = model_record(labels, depends_on)
+  record = model_record(labels, depends_on, config)
   labeled = sorted({(it["case_id"], it["slice_index"]) for it in cache.items
                     if it["patient_id"] in set(labeled_patients) and it["view"] == 0})
   if not labeled:
@@ -343,15 +362,13 @@ def _train(config, cache_dir, head_factory, out_dir, labeled_patients, val_patie
   val_indices = cache.indices(val_patients, views=(0,))
   slice_views = views if set(labeled_patients) <= set(depends_on.get("view_patients", [])) else 0
   views_of_slices = view_table(cache, labeled, slice_views)
-  images = depends_on.get("kind") == "images"
-  if images != (config.head == "unet"):
-    raise DataError(f"{cache_dir}: holds {'model images' if images else 'SAM embeddings'}, but a {config.head} head "
-                    f"trains on {'images' if config.head == 'unet' else 'SAM embeddings'}; give "
-                    + ("an image cache (autosam-jax image-cache)" if config.head == "unet" else
-                       "a feature cache (autosam-jax precompute)"))
-  if config.augment != "none" and not images:
-    raise DataError(f"{cache_dir}: augment {config.augment!r} transforms images, but this cache holds SAM embeddings; "
-                    "use an image cache (autosam-jax image-cache) or augment 'none'")
+  refusal = kind_refusal(str(cache_dir), depends_on, config)
+  if refusal is not None:
+    raise refusal
+  if config.augment != "none" and cache_kind(depends_on) != "images":
+    raise DataError(f"{cache_dir}: augment {config.augment!r} transforms model images, but this cache holds "
+                    f"{CACHE_KINDS[cache_kind(depends_on)]}; augment 'none' (SAM heads and LoRA runs are augmented "
+                    "through the cache's views: precompute --views K)")
   # the host side of a step: the batches the loader keeps ready, the one being stacked, and the device copy, for
   # every process's rows
   require_memory((PREFETCH_BATCHES + 2) * config.batch_size * example_bytes(cache, int(views_of_slices[0, 0])),
@@ -377,7 +394,8 @@ MODEL_FILES = ("state", "train_config.json", "preprocess.json", "model.json")
 
 def save_model(directory: Path, params, frozen, config: TrainConfig, preprocess: dict[str, Any] | None = None,
                record: dict[str, Any] | None = None) -> None:
-  """The trained head: its parameters and frozen parts as an orbax checkpoint, plus the training config and (when
+  """The trained head: its parameters and frozen parts as an orbax checkpoint (of a LoRA model, its factors and head:
+  not the encoder's base weights), plus the training config and (when
   given) the preprocessing of the cache it was trained on (preprocess.json), so `predict` maps new scans the same way,
   and what its inputs were made from (model.json: the label table, the encoder dtype and weights digest).
 
@@ -403,8 +421,11 @@ def save_model(directory: Path, params, frozen, config: TrainConfig, preprocess:
       staging.mkdir()
     barrier("autosam_jax.save_model.staging")
   try:
+    from autosam_jax.models.trained import saved_part
+
     with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(staging / "state", {"params": nnx.to_pure_dict(params), "frozen": nnx.to_pure_dict(frozen)})
+      checkpointer.save(staging / "state", {"params": nnx.to_pure_dict(params),
+                                            "frozen": saved_part(nnx.to_pure_dict(frozen), config)})
     if main:
       atomic_write_json(staging / "train_config.json", config.to_dict())
       if preprocess is not None:

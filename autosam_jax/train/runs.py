@@ -31,6 +31,7 @@ def train_split(config, cache: Path, weights: Path | None, splits_file: Path, fo
   from autosam_jax.data.errors import DataError
   from autosam_jax.data.splits import require_validation_patients, select_split
   from autosam_jax.models.loading import load_sam
+  from autosam_jax.models.trained import jnp_dtype
   from autosam_jax.train.loop import build_model, train
 
   split = select_split(splits_file, fold)
@@ -41,7 +42,8 @@ def train_split(config, cache: Path, weights: Path | None, splits_file: Path, fo
     raise DataError(f"--weights is needed to initialise a {config.head} head from SAM")
 
   def head_factory(config):  # num_classes filled in from the cache's label table
-    sam = load_sam(weights) if config.head != "unet" else None  # the UNet is trained from scratch
+    # the UNet is trained from scratch; a LoRA run's encoder computes in its encoder_dtype
+    sam = load_sam(weights, encoder_dtype=jnp_dtype(config.encoder_dtype)) if config.head != "unet" else None
     return build_model(config, sam, rngs=nnx.Rngs(config.seed))
 
   inputs = run_inputs(config, splits_file, split, tr_size, weights)

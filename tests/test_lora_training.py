@@ -1,0 +1,220 @@
+"""LoRA runs (the encoder in the loop) through the trainer: the input cache, step 0 equal to the frozen model, what is
+trained and saved, exact resumption, evaluate and predict on a LoRA model, and the refusals of mismatched caches."""
+
+import dataclasses
+import json
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autosam_jax.train.loop import TrainConfig, train
+
+# The improved AutoSAM head (joint decoding) on the tiny SAM's encoder with rank-2 factors on q and v.
+LORA = TrainConfig(head="autosam", variant="improved", joint=True, epochs=2, batch_size=4, learning_rate=5e-3,
+                   scheduler="plateau_val_dice", lora_rank=2, lora_alpha=4.0, checkpoint_every_steps=3)
+
+
+@pytest.fixture(scope="module")
+def world(tiny_world, tmp_path_factory):
+  """The tiny world's input cache (one augmented view of patient001's slices) and a LoRA run on patient001."""
+  from types import SimpleNamespace
+
+  from autosam_jax.data.splits import Split
+  from autosam_jax.features.precompute import PrecomputeOptions, precompute
+
+  root = tmp_path_factory.mktemp("lora_training")
+  precompute(tiny_world.acdc, tiny_world.weights, root / "inputs", tfds_dir=tiny_world.tfds, progress=False,
+             options=PrecomputeOptions(mode="improved", views=1, dtype="float32", shard_size=32, store="inputs"),
+             view_patients={"patient001"})
+  split = Split.from_json(tiny_world.split)
+  ns = SimpleNamespace(root=root, inputs=root / "inputs", weights=tiny_world.weights, split=split,
+                       split_file=tiny_world.split, acdc=tiny_world.acdc, tfds=tiny_world.tfds,
+                       cache=tiny_world.cache)
+  ns.result = _run(ns, root / "run")
+  return ns
+
+
+def _factory(weights):
+  def make(config):
+    from flax import nnx
+
+    from autosam_jax import load_sam
+    from autosam_jax.models.trained import jnp_dtype
+    from autosam_jax.train.loop import build_model
+    return build_model(config, load_sam(weights, encoder_dtype=jnp_dtype(config.encoder_dtype)),
+                       rngs=nnx.Rngs(config.seed))
+  return make
+
+
+def _run(world, out, config=LORA, cache=None, **kwargs):
+  return train(config, cache or world.inputs, _factory(world.weights), out, list(world.split.labeled(1)),
+               list(world.split.val), progress=False, **kwargs)
+
+
+def _saved_state(model_dir: Path):
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore((model_dir / "state").absolute())
+
+
+def _leaves(tree, prefix=()):
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _leaves(v, prefix + (str(k),))
+  else:
+    yield prefix, np.asarray(tree)
+
+
+def test_the_input_cache_holds_the_encoders_inputs(world):
+  from autosam_jax.features.cache import FeatureCache
+  from autosam_jax.models.loading import read_config
+
+  cache = FeatureCache(world.inputs)
+  size = read_config(world.weights).image_size
+  depends_on = cache.manifest["depends_on"]
+  assert depends_on["kind"] == "sam_inputs" and depends_on["views"] == 1
+  assert cache[0]["embedding"].shape == (size, size, 3)
+  views = [it for it in cache.items if it["view"] == 1]
+  assert views and {it["patient_id"] for it in views} == {"patient001"}
+  clean = cache.items.index(next(it for it in cache.items if it["view"] == 0 and it["patient_id"] == "patient001"
+                                 and any(v["case_id"] == it["case_id"] and v["slice_index"] == it["slice_index"]
+                                         for v in views)))
+  view = next(i for i, it in enumerate(cache.items) if it["view"] == 1 and it["case_id"] == cache.items[clean]["case_id"]
+              and it["slice_index"] == cache.items[clean]["slice_index"])
+  assert not np.array_equal(cache[clean]["embedding"], cache[view]["embedding"])  # an augmented view differs
+
+
+def test_step_zero_equals_the_frozen_model(world):
+  """B starts at zero: the adapted encoder with its head computes what the frozen encoder with the same head does."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from autosam_jax import load_sam
+  from autosam_jax.features.cache import FeatureCache
+  from autosam_jax.train.loop import build_model
+
+  config = dataclasses.replace(LORA, num_classes=4)
+  frozen_config = dataclasses.replace(config, lora_rank=0)
+  adapted = build_model(config, load_sam(world.weights), rngs=nnx.Rngs(0))
+  sam = load_sam(world.weights)
+  head = build_model(frozen_config, sam, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.stack([FeatureCache(world.inputs)[i]["embedding"] for i in range(2)]))
+  expected = np.asarray(nnx.jit(lambda head, encoder, x: head(encoder(x)))(head, sam.image_encoder, x))
+  np.testing.assert_allclose(np.asarray(nnx.jit(lambda model, x: model(x))(adapted, x)), expected, atol=1e-5, rtol=0)
+  assert np.abs(expected).max() > 1e-3  # the comparison is of real logits
+
+
+def test_a_lora_run_trains_only_the_factors_and_the_head_and_saves_no_base_weights(world):
+  from flax import nnx
+
+  from autosam_jax import load_sam
+  from autosam_jax.models.lora import LoraParam, TRAINABLE
+  from autosam_jax.train.loop import build_model
+
+  config = dataclasses.replace(LORA, num_classes=4)
+  model = build_model(config, load_sam(world.weights), rngs=nnx.Rngs(0))
+  _, params, frozen = nnx.split(model, TRAINABLE, ...)
+  trained = [(tuple(map(str, p)), v) for p, v in nnx.to_flat_state(params)]
+  factors = [p for p, v in trained if isinstance(v, LoraParam)]
+  depth = len(model.encoder.blocks)
+  assert len(factors) == depth * 2 * 2  # q and v of every block, A and B each
+  assert all(p[0] == "head" for p, v in trained if not isinstance(v, LoraParam))
+  assert any(p[0] == "head" for p, _ in trained)
+  frozen_paths = [tuple(map(str, p)) for p, _ in nnx.to_flat_state(frozen)]
+  assert any(p[:2] == ("encoder", "blocks") and p[-1] == "kernel" for p in frozen_paths)  # base weights: frozen
+
+  state = _saved_state(Path(world.result["model"]))
+  saved = dict(_leaves(state["params"]))
+  assert "encoder" not in state["frozen"]  # the base weights are the converted SAM's, not the model's
+  assert sorted(p for p in saved if p[0] == "encoder") == sorted(factors)
+  b = [v for p, v in saved.items() if p[-1].startswith("b_")]
+  assert b and all(np.abs(v).max() > 0 for v in b)  # the B factors left zero: training reached them
+  model_json = json.loads((Path(world.result["model"]) / "model.json").read_text())
+  assert model_json["input"] == "sam_inputs" and model_json["encoder_dtype"] == "float32"
+  from autosam_jax.models.loading import weights_digest
+  assert model_json["weights_sha256"] == weights_digest(world.weights)
+
+
+def test_a_killed_lora_run_resumes_to_the_same_parameters(world, tmp_path):
+  out = tmp_path / "run"
+  stopped = _run(world, out, stop_after_steps=4)  # after the mid-epoch checkpoint at step 3
+  assert stopped == {"stopped_at_step": 4}
+  _run(world, out)
+  resumed = dict(_leaves(_saved_state(out / "final_model")["params"]))
+  uninterrupted = dict(_leaves(_saved_state(world.root / "run" / "final_model")["params"]))
+  assert resumed.keys() == uninterrupted.keys()
+  for path, value in uninterrupted.items():
+    np.testing.assert_array_equal(resumed[path], value, err_msg="/".join(path))
+
+
+def test_evaluate_and_predict_take_a_lora_model(world, tmp_path):
+  """Evaluate (merged model over the input cache) agrees with the unmerged model, and predict on the test patient's
+  scans writes what evaluate wrote for them."""
+  import jax.numpy as jnp
+  import nibabel as nib
+
+  from autosam_jax import load_sam
+  from autosam_jax.evaluation.evaluate import evaluate
+  from autosam_jax.evaluation.predict import load_model, predict
+  from autosam_jax.features.cache import FeatureCache
+  from autosam_jax.models.trained import read_train_config, restore_head
+
+  model_dir = Path(world.result["model"])
+  _, merged, config = load_model(model_dir, world.weights, encoder=False)
+  unmerged = restore_head(model_dir, read_train_config(model_dir), load_sam(world.weights))
+  cache = FeatureCache(world.inputs)
+  x = jnp.asarray(np.stack([cache[i]["embedding"] for i in cache.indices(["patient003"])[:3]]))
+  np.testing.assert_allclose(np.asarray(merged(x)), np.asarray(unmerged(x)), atol=1e-4, rtol=1e-4)
+
+  evaluated = evaluate(model_dir, world.weights, world.inputs, world.acdc, world.tfds, world.split_file,
+                       tmp_path / "eval")
+  dice = evaluated["report"]["summary"]["official"]["overall"]["dice"]["value"]
+  assert 0 <= dice <= 1
+  images = sorted((world.acdc / "patient003").glob("patient003_frame??.nii.gz"))
+  assert images
+  written = predict(model_dir, world.weights, images[0], tmp_path / "predicted")
+  predicted = np.asarray(nib.load(written[0]).dataobj)
+  evaluated_case = np.asarray(nib.load(tmp_path / "eval" / "predictions" / images[0].name).dataobj)
+  assert predicted.shape == evaluated_case.shape
+  assert np.mean(predicted == evaluated_case) > 0.999
+
+
+@pytest.mark.parametrize("case", ["lora_on_embeddings", "head_on_inputs", "evaluate_lora_on_embeddings"])
+def test_a_cache_of_the_wrong_kind_is_refused_in_one_line(world, tmp_path, case):
+  from autosam_jax.errors import DataError
+
+  with pytest.raises(DataError) as err:
+    if case == "lora_on_embeddings":
+      _run(world, tmp_path / "run", cache=world.cache)
+    elif case == "head_on_inputs":
+      _run(world, tmp_path / "run", config=dataclasses.replace(LORA, lora_rank=0))
+    else:
+      from autosam_jax.evaluation.evaluate import evaluate
+      evaluate(Path(world.result["model"]), world.weights, world.cache, world.acdc, world.tfds, world.split_file,
+               tmp_path / "eval")
+  message = str(err.value)
+  assert "\n" not in message
+  if case == "head_on_inputs":
+    assert "SAM encoder inputs" in message and "autosam-jax precompute)" in message
+  else:
+    assert "holds SAM embeddings" in message and "precompute --store inputs" in message
+  assert not (tmp_path / "run").exists() and not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(head="unet", lora_rank=4), "the UNet has none"),
+    (dict(remat=True), "set lora_rank"),
+    (dict(encoder_dtype="bfloat16"), "set lora_rank"),
+    (dict(lora_rank=4, lora_targets=["q", "q"]), "name a layer twice"),
+    (dict(lora_rank=4, lora_targets=["qkv", "v"]), "leave out 'q', 'k' and 'v'"),
+    (dict(lora_rank=4, lora_targets=["attn"]), "lora_targets"),
+    (dict(lora_rank=-1), "lora_rank"),
+])
+def test_lora_training_options_are_checked(values, message):
+  from autosam_jax.errors import DataError
+
+  with pytest.raises(DataError, match=message):
+    TrainConfig.from_dict(values, source="cfg.py")
