@@ -155,6 +155,7 @@ def test_evaluate_and_predict_take_a_lora_model(world, tmp_path):
   scans writes what evaluate wrote for them."""
   import jax.numpy as jnp
   import nibabel as nib
+  from flax import nnx
 
   from autosam_jax import load_sam
   from autosam_jax.evaluation.evaluate import evaluate
@@ -168,6 +169,14 @@ def test_evaluate_and_predict_take_a_lora_model(world, tmp_path):
   cache = FeatureCache(world.inputs)
   x = jnp.asarray(np.stack([cache[i]["embedding"] for i in cache.indices(["patient003"])[:3]]))
   np.testing.assert_allclose(np.asarray(merged(x)), np.asarray(unmerged(x)), atol=1e-4, rtol=1e-4)
+
+  sam, head, _ = load_model(model_dir, world.weights, encoder=True)  # what predict runs: SAM's encoder merged
+  encode = nnx.jit(lambda encoder, x: encoder(x))
+  adapted = np.asarray(encode(unmerged.encoder, x))
+  np.testing.assert_allclose(np.asarray(encode(sam.image_encoder, x)), adapted, atol=1e-4, rtol=1e-4)
+  assert np.abs(adapted - np.asarray(encode(load_sam(world.weights).image_encoder, x))).max() > 1e-4
+  np.testing.assert_allclose(np.asarray(nnx.jit(lambda h, e: h(e))(head, adapted)), np.asarray(unmerged(x)),
+                             atol=1e-4, rtol=1e-4)
 
   evaluated = evaluate(model_dir, world.weights, world.inputs, world.acdc, world.tfds, world.split_file,
                        tmp_path / "eval")
@@ -218,3 +227,44 @@ def test_lora_training_options_are_checked(values, message):
 
   with pytest.raises(DataError, match=message):
     TrainConfig.from_dict(values, source="cfg.py")
+
+
+def _main(args) -> int:
+  from autosam_jax.cli import main
+
+  return main([str(a) for a in args])
+
+
+def test_export_merged_writes_weights_every_command_loads(world, tiny_world, tmp_path, capsys):
+  """The exported SAM's encoder computes what the trained (unmerged) adapted encoder does; a frozen-encoder head and
+  an existing folder are refused in one line, writing nothing."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from autosam_jax import load_sam
+  from autosam_jax.features.cache import FeatureCache
+  from autosam_jax.models.trained import read_train_config, restore_head
+
+  model_dir, out = Path(world.result["model"]), tmp_path / "merged"
+  assert _main(["export-merged", model_dir, "--weights", world.weights, "--out", out]) == 0
+  assert "rank-2 LoRA factors" in capsys.readouterr().out
+  exported = load_sam(out)
+  unmerged = restore_head(model_dir, read_train_config(model_dir), load_sam(world.weights))
+  base = load_sam(world.weights)
+  x = jnp.asarray(np.stack([FeatureCache(world.inputs)[i]["embedding"] for i in range(2)]))
+  encode = nnx.jit(lambda encoder, x: encoder(x))
+  adapted = np.asarray(encode(unmerged.encoder, x))
+  np.testing.assert_allclose(np.asarray(encode(exported.image_encoder, x)), adapted, atol=1e-4, rtol=1e-4)
+  assert np.abs(adapted - np.asarray(encode(base.image_encoder, x))).max() > 1e-4  # the factors changed something
+  mask_decoder = lambda sam: [np.asarray(v[...]) for _, v in nnx.to_flat_state(nnx.state(sam.mask_decoder))]
+  for a, b in zip(mask_decoder(exported), mask_decoder(base)):
+    np.testing.assert_array_equal(a, b)
+  conversion = json.loads((out / "conversion.json").read_text())
+  assert conversion["lora_rank"] == 2 and conversion["source"] == str(model_dir.absolute())
+
+  for args, named in (([tiny_world.model, "--weights", world.weights, "--out", tmp_path / "other"], "no LoRA factors"),
+                      ([model_dir, "--weights", world.weights, "--out", out], "already exists")):
+    assert _main(["export-merged", *args]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and named in err and "\n" not in err
+  assert not (tmp_path / "other").exists()

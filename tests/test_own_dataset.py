@@ -92,14 +92,15 @@ def math_nan(value) -> bool:
 
 
 def test_sweep_on_a_two_class_isotropic_dataset_in_another_voxel_order(world, capsys):
-  """The improved protocol on 6 patients (a validation patient kept), a head, the UNet and zero-shot SAM."""
+  """The improved protocol on 6 patients (a validation patient kept), a head, LoRA on the encoder, the UNet and
+  zero-shot SAM."""
   brain, root = world["brain"], world["root"]
   assert _main(["validate", brain]) == 0
   summary = capsys.readouterr().out
   assert "0 background, 1 grey matter, 2 white matter" in summary and "6 patients" in summary
 
   values = {"data": str(brain), "encoders": {"tiny": str(world["weights"])},
-            "methods": ["autosam", "unet", "zero_shot_box"], "mode": "improved", "tr_sizes": [1, 2], "num_folds": 2,
+            "methods": ["autosam", "lora", "unet", "zero_shot_box"], "mode": "improved", "tr_sizes": [1, 2], "num_folds": 2,
             "folds": [0], "dtype": "fp32", "train": {"epochs": 2, "learning_rate": 5e-3, "batch_size": 4},
             "method_train": {"unet": {"unet_base_channels": 8}, "autosam": {"joint": True}},
             "image_size": 64, "image_spacing": 1.0}
@@ -111,7 +112,7 @@ def test_sweep_on_a_two_class_isotropic_dataset_in_another_voxel_order(world, ca
 
   results = json.loads((out / "results.json").read_text())
   assert results["labels"] == _labels_of(brain) == {"background": 0, "grey matter": 1, "white matter": 2}
-  assert results["classes"] == BRAIN and results["finished"] == results["total"] == 5
+  assert results["classes"] == BRAIN and results["finished"] == results["total"] == 7
   splits = json.loads((out / "splits.json").read_text())["splits"][0]
   assert len(splits["val"]) >= 1  # the improved protocol's plateau and best model need one
   for cell in results["cells"]:
@@ -127,6 +128,12 @@ def test_sweep_on_a_two_class_isotropic_dataset_in_another_voxel_order(world, ca
   model = out / autosam["run_dir"] / "best_model"
   assert json.loads((model / "model.json").read_text())["labels"] == _labels_of(brain)
   assert json.loads((model / "train_config.json").read_text())["num_classes"] == 3
+  lora = next(c for c in results["cells"] if c["method"] == "lora" and c["tr_size"] == 1)
+  lora_config = json.loads((out / lora["run_dir"] / "best_model" / "train_config.json").read_text())
+  assert lora_config["lora_rank"] == 4 and lora_config["joint"] and lora_config["num_classes"] == 3
+  assert json.loads((out / "cache" / "tiny-improved-inputs" / "manifest.json").read_text())["depends_on"]["kind"] \
+      == "sam_inputs"
+  assert "LoRA + AutoSAM head (tiny)" in table
 
 
 @pytest.fixture(scope="module")

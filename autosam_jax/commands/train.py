@@ -7,7 +7,7 @@ from pathlib import Path
 
 from autosam_jax.commands import options
 
-DESCRIPTION = """Train a prompt-free head on cached SAM embeddings.
+DESCRIPTION = """Train a prompt-free head on cached SAM embeddings, or LoRA factors of SAM's encoder with the head.
 
   autosam-jax train --config experiments/configs/autosam_faithful.py --cache cache/vit_b_faithful \\
       --weights weights/vit_b --splits splits/cv5.json --fold cv5-seed0-fold0 --tr-size 1 --out runs/autosam_tr1
@@ -23,11 +23,16 @@ best_model/ in the improved variant).
 
 Several processes (jax.distributed: --coordinator/--num-processes/--process-id, or JAX's environment variables) train
 one model together: the batch is split over every process's devices, with the same batches and results (to
-round-off) as one process with as many devices. All processes need the same files, OUT included."""
+round-off) as one process with as many devices. All processes need the same files, OUT included.
+
+With lora_rank (experiments/configs/lora_autosam.py) the encoder is in the loop: --cache is an input cache
+(autosam-jax precompute --store inputs, its --views the augmentation), the factors and the head are trained, and the
+saved model holds them and the digest of --weights, whose base weights it needs (export-merged folds them in)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--cache", type=Path, required=True, help="feature cache (autosam-jax precompute)")
+  parser.add_argument("--cache", type=Path, required=True,
+                      help="feature cache (autosam-jax precompute); for LoRA an input cache (--store inputs)")
   parser.add_argument("--weights", type=Path, help="converted SAM (to initialise decoder heads; not for head unet)")
   options.add_split(parser)
   parser.add_argument("--tr-size", type=int, required=True, help="number of labeled training patients")

@@ -200,9 +200,10 @@ def load_model(model_dir: Path, weights_dir: Path | None, encoder: bool):
   # The encoder in the dtype the training embeddings were computed in: a head trained on bf16 features is applied to
   # bf16 features, not to slightly different fp32 ones.
   sam = load_sam(weights_dir, encoder_dtype=jnp_dtype(record.get("encoder_dtype")))
-  head = restore_head(model_dir, train_config, sam)  # a LoRA model's factors are added to sam's encoder
+  head = restore_head(model_dir, train_config, sam)
   if train_config.lora:
-    merge_lora(head.encoder)  # the adapted encoder at the frozen one's cost; sam.image_encoder is the same module
+    merge_lora(head.encoder)  # the adapted encoder at the frozen one's cost
+    sam.image_encoder = head.encoder  # the restored model is a copy: sam's own encoder holds the initial factors
     if encoder:
       head = head.head
   if not encoder:
