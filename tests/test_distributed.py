@@ -1,7 +1,9 @@
 """One pipeline (precompute with an augmented view, train, evaluate) three ways: in this process on one device, in
 one process with 4 CPU devices, and as 2 processes x 2 devices under jax.distributed on localhost, the latter's
 training stopped after a mid-epoch checkpoint and resumed by both processes. All three give the same feature cache,
-training losses and parameters (to round-off) and the same evaluation."""
+training losses and parameters (to round-off) and the same evaluation. The batch of 3 is padded with zero-weight
+rows to 4 on the devices. The 1-device and 4-device runs also train LoRA factors with the AutoSAM head on an input
+cache, with the same losses."""
 
 import dataclasses
 import json
@@ -16,7 +18,8 @@ import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-EPOCHS, BATCH_SIZE, STOP_AT, CHECKPOINT_EVERY = 2, 4, 3, 2
+EPOCHS, BATCH_SIZE, STOP_AT, CHECKPOINT_EVERY = 2, 3, 3, 2
+LORA_SETS = ["epochs=1", f"batch_size={BATCH_SIZE}", "learning_rate=0.005", "lora_rank=2", "plateau_start_epoch=1"]
 TIMEOUT_S = 240
 
 
@@ -55,6 +58,13 @@ def pipeline(a: dict) -> None:
     assert Path(a["run"], "config.json").stat().st_ino == started.st_ino
   assert main(["evaluate", "--model", a["eval_model"], "--weights", a["weights"], "--cache", a["eval_cache"], "--data",
                a["acdc"], "--tfds-dir", a["tfds"], "--splits", a["splits"], "--out", a["eval"], *flags]) == 0
+  if a.get("lora"):  # the encoder in the loop: an input cache, LoRA factors and the AutoSAM head
+    inputs = str(Path(a["cache"]).with_name("inputs"))
+    assert main(["precompute", "--data", a["acdc"], "--tfds-dir", a["tfds"], "--weights", a["weights"], "--out",
+                 inputs, "--dtype", "fp32", "--store", "inputs", "--shard-size", "64", *flags]) == 0
+    assert main(["train", "--config", a["lora"], "--cache", inputs, "--weights", a["weights"], "--splits",
+                 a["splits"], "--tr-size", "1", "--out", str(Path(a["run"]).with_name("lora")),
+                 *[f"--set={s}" for s in LORA_SETS], *flags]) == 0
   print("driver done", jax.process_index())
 
 
@@ -148,6 +158,7 @@ def runs(tiny_weights, tmp_path_factory):
   save_model(root / "eval_model", params, frozen, config,
              record=model_record(ACDC_TABLE, {"dtype": "float32"}))  # the phantoms' classes, fp32 cache
   one = {**common, "flags": [], "processes": 1, "devices": 4, "stop_at": 0,
+         "lora": str(REPO_ROOT / "experiments/configs/autosam_faithful.py"),
          **{k: str(root / "one" / k) for k in ("cache", "run", "eval")}}
   single_output = _launch([one], 4, [{}], root / "jax_cache")
   # the same pipeline on this process's one device (its programs are those the other test files compile)
@@ -204,6 +215,25 @@ def test_two_processes_and_one_device_train_as_one_process_with_four_devices(run
   assert not list(runs["two"].glob("run/.*partial*"))
   # The trained model prints once (process 0), the resumed run's summary included.
   assert sum("trained linear (faithful)" in o for o in runs["outputs"][1:]) == 1
+
+
+def test_a_lora_run_on_four_devices_trains_as_on_one(runs):
+  """Batches of 3 on 4 devices (a zero-weight row on one of them) against 1 device: the same losses and factors."""
+  from autosam_jax import load_sam
+  from autosam_jax.models.trained import read_train_config, restore_head
+
+  one, single = runs["one"] / "lora", runs["single"] / "lora"
+  steps_one, steps_single = _rows(one, "step"), _rows(single, "step")
+  assert len(steps_one) == len(steps_single) > 1
+  np.testing.assert_allclose([r["loss"] for r in steps_single], [r["loss"] for r in steps_one], rtol=1e-4, atol=1e-5)
+  config = read_train_config(one / "final_model")
+  assert config.lora_rank == 2 and config.batch_size == 3
+  models = [restore_head(run / "final_model", config, load_sam(runs["weights"])) for run in (one, single)]
+  from autosam_jax.models.lora import lora_layers
+  factors = [[np.asarray(layer.b_q[...]) for layer in lora_layers(m.encoder)] for m in models]
+  assert factors[0] and all(np.abs(b).max() > 0 for b in factors[0])
+  for a, b in zip(*factors):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
 
 def test_two_processes_and_one_device_evaluate_as_one_process_with_four_devices(runs):

@@ -135,7 +135,8 @@ def _compiled_step():
 @dataclasses.dataclass(frozen=True)
 class Placement:
   """Where a run's arrays live: the state replicated over the "data" mesh, each global batch split along it, this
-  process holding rows [rows[0], rows[1]) of every batch."""
+  process holding rows [rows[0], rows[1]) of every batch. `batch_size` is the global batch on the devices: the
+  run's batch rounded up to a multiple of the device count, the added rows zero-weight padding."""
   mesh: Any
   replicated: Any
   data: Any
@@ -162,36 +163,42 @@ class Placement:
 
 
 def placement(batch_size: int) -> Placement:
-  """The placement of a run with global batches of `batch_size`; refused unless the devices divide it."""
+  """The placement of a run with global batches of `batch_size` examples: on the devices, batches of the next
+  multiple of the device count (a batch of 4 on 8 devices: 4 examples and 4 zero-weight rows, one row per device),
+  so every batch size runs on every mesh with the losses of one device."""
   from jax.sharding import NamedSharding, PartitionSpec
 
-  from autosam_jax.errors import DataError
   from autosam_jax.parallel import data_mesh, local_rows
 
   mesh = data_mesh()
-  if batch_size % mesh.devices.size:
-    raise DataError(f"batch size {batch_size} is not a multiple of the {mesh.devices.size} devices")
+  on_devices = -(-batch_size // mesh.devices.size) * mesh.devices.size
   data = NamedSharding(mesh, PartitionSpec("data"))
-  return Placement(mesh, NamedSharding(mesh, PartitionSpec()), data, local_rows(data, batch_size), batch_size)
+  return Placement(mesh, NamedSharding(mesh, PartitionSpec()), data, local_rows(data, on_devices), on_devices)
 
 
-def local_indices(order: np.ndarray, batch_size: int, rows: tuple[int, int]) -> np.ndarray:
-  """Rows [lo, hi) of each global batch of `batch_size` taken in `order` (-1 past its end), batch after batch."""
+def local_indices(order: np.ndarray, batch_size: int, rows: tuple[int, int], width: int | None = None) -> np.ndarray:
+  """Rows [lo, hi) of each global batch of `batch_size` taken in `order`, batch after batch; -1 past its end and in
+  the columns a batch is widened by to `width` (the batch on the devices, `Placement.batch_size`)."""
   steps = -(-len(order) // batch_size)
   padded = np.full(steps * batch_size, -1, np.int64)
   padded[:len(order)] = order
-  return padded.reshape(steps, batch_size)[:, rows[0]:rows[1]].ravel()
+  batches = padded.reshape(steps, batch_size)
+  if width is not None and width > batch_size:
+    batches = np.concatenate([batches, np.full((steps, width - batch_size), -1, np.int64)], axis=1)
+  return batches[:, rows[0]:rows[1]].ravel()
 
 
 def batch_pipeline(order: np.ndarray, example: Callable[[int], dict], padding: dict, batch_size: int,
-                   rows: tuple[int, int], collate: Callable[[dict], dict] | None = None, iterator_state=None):
+                   rows: tuple[int, int], collate: Callable[[dict], dict] | None = None, iterator_state=None,
+                   width: int | None = None):
   """A grain iterator over this process's rows of the global batches of `order` (example ids): each example
   loaded by `example(id)`, rows past the end of `order` `padding` (a zero-weight example, so every step has one
   shape and nothing recompiles), stacked and `collate`d in LOADER_THREADS threads, PREFETCH_BATCHES ahead of the
-  step. `iterator_state` (a `get_state()` of an iterator over the same order) continues where that one stopped."""
+  step. `iterator_state` (a `get_state()` of an iterator over the same order) continues where that one stopped.
+  `width`: the batch on the devices (`local_indices`)."""
   import grain
 
-  local = local_indices(np.asarray(order), batch_size, rows)
+  local = local_indices(np.asarray(order), batch_size, rows, width)
   dataset = grain.MapDataset.source(local).map(lambda i: padding if i < 0 else example(int(i)))
   dataset = dataset.batch(rows[1] - rows[0])
   if collate is not None:
@@ -430,7 +437,7 @@ def fit(method: Method, out_dir: Path, options: LoopOptions, where: Placement) -
           order = method.epoch_order(epoch)
           batches = -(-len(order) // options.batch_size)
           iterator = batch_pipeline(order, method.example, method.padding, options.batch_size, where.rows,
-                                    method.collate, iterator_state)
+                                    method.collate, iterator_state, width=where.batch_size)
           iterator_state = None
           rate = None
           for examples in iterator:

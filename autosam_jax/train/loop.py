@@ -159,16 +159,17 @@ def make_steps(graphdef, augment: str = "none", seed: int = 0):
 
 
 def validate(eval_step, params, frozen, cache, indices, batch_size: int, rows: tuple[int, int],
-             put) -> dict[str, float]:
+             put, width: int | None = None) -> dict[str, float]:
   """Validation loss and pixel-aggregated Dice per foreground class over the given (clean) cache items.
 
-  Each process loads rows [lo, hi) of every batch; `put` makes the global batch of the processes' parts."""
+  Each process loads rows [lo, hi) of every batch (widened to `width` rows with zero-weight padding); `put` makes
+  the global batch of the processes' parts."""
   if len(indices) == 0:
     return {}
   padding = _padding(cache, int(indices[0]))
   losses, intersection, total = [], 0.0, 0.0
   for start in range(0, len(indices), batch_size):
-    local = local_indices(indices[start:start + batch_size], batch_size, rows)
+    local = local_indices(indices[start:start + batch_size], batch_size, rows, width)
     chunk = [_example(cache, padding, int(i)) for i in local]
     batch = to_batch({k: np.stack([c[k] for c in chunk]) for k in _FIELDS}, rows[1] - rows[0])
     loss, inter, tot = eval_step(params, frozen, put(batch))
@@ -284,7 +285,7 @@ class HeadTraining(Method):
            "lr": end.learning_rate}
     if evaluated:
       row.update(validate(self.eval_step, end.state["params"], end.frozen, self.cache, self.val_indices,
-                          config.batch_size, self.where.rows, self.where.put))
+                          config.batch_size, self.where.rows, self.where.put, self.where.batch_size))
     row = all_gather_objects(row)[0]  # every process takes the same scheduler and best-model decisions
     if config.scheduler == "plateau_train_loss":
       if end.epoch >= config.plateau_start_epoch:
