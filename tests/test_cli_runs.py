@@ -322,11 +322,13 @@ def test_mismatched_models_and_caches_are_refused(data, improved, unet, tmp_path
   common = ["--data", data["acdc"], "--tfds-dir", data["tfds"], "--splits", data["splits"]]
   # a UNet cannot read SAM embeddings
   _assert_refused(capsys, ["evaluate", "--model", unet["model"], "--cache", data["cache"], *common,
-                           "--out", tmp_path / "unet_on_features"], ("SAM feature cache", "unet"),
+                           "--out", tmp_path / "unet_on_features"],
+                  ("holds SAM embeddings", "unet head takes model images", "autosam-jax image-cache"),
                   tmp_path / "unet_on_features")
   # a SAM head cannot read images
   _assert_refused(capsys, ["evaluate", "--model", improved["model"], "--weights", data["weights"], "--cache",
-                           unet["cache"], *common, "--out", tmp_path / "head_on_images"], ("image cache", "autosam"),
+                           unet["cache"], *common, "--out", tmp_path / "head_on_images"],
+                  ("holds model images", "autosam head takes SAM embeddings", "autosam-jax precompute"),
                   tmp_path / "head_on_images")
   # a SAM head needs the SAM it was trained with
   _assert_refused(capsys, ["predict", "--model", improved["model"], "--input", data["images"], "--output",

@@ -1,0 +1,622 @@
+"""Every benchmark that needs an accelerator, in one process, into one JSON file and one Markdown table.
+
+  python -m experiments.benchmarks.gpu_suite                        # a GPU machine: under 8 minutes on an H100/H200
+  python -m experiments.benchmarks.gpu_suite --out runs/h100        # results.json and results.md in runs/h100
+  python -m experiments.benchmarks.gpu_suite --tiny --out /tmp/s    # tiny models on the CPU, seconds: the same code
+
+Rows (each with our figure, the reference figure where there is one, their ratio, the unit and JAX's device kind),
+in the order they run, vit_h's last as the costliest:
+  1. image encoder images/s, vit_b and vit_h, fp32 and bf16, batch 1 and 8, beside segment-anything's PyTorch
+     `ImageEncoderViT` on the same device (fp32, and bf16 under torch.autocast), with the same random weights
+     (Meta's model converted through our key tables) and the same input. Medians over --repeats calls after one
+     warm-up call (ours: compilation, given as `first_call_s`), each ended by block_until_ready or
+     torch.cuda.synchronize (`encoder_throughput.median_seconds`). fp32 is each library's default: JAX's default
+     matmul precision uses TF32 on GPUs that have it, PyTorch's keeps TF32 off for matmuls and on for cuDNN
+     convolutions. bf16 rows also give the ratio to PyTorch fp32 (`ratio_vs_torch_fp32`).
+  2. fp32 parity: our vit_b embeddings at JAX precision "highest" against Meta's encoder with TF32 off, batch 1,
+     max abs difference (PyTorch runs on the CPU when it has no CUDA).
+  3. our bf16 embeddings against our fp32 ones at precision "highest" (vit_b, batch 1): max and mean absolute
+     difference, and the relative (L2) one.
+  4. LoRA train step, vit_b at 1024, batch 4 and 16, remat off and on (`lora_step._our_step`): median step time
+     after two warm-up steps (`lora_step._median_seconds`), and peak memory from XLA's memory analysis of the
+     compiled step (arguments + temporaries + outputs - aliased); beside segment-anything + peft on the same
+     device (`lora_step._torch_step`, its tensors created on the device), whose peak is
+     torch.cuda.max_memory_allocated over its steps (peft has no remat: one PyTorch figure per batch). A step whose
+     analysis exceeds the device's memory is compiled but not run.
+  5. each head's train step (autosam, cnn, linear; `head_step.our_steps` against `torch_heads`), batch 4 of
+     64x64x256 embeddings, 224x224 labels.
+Precompute end to end is left out (its row says so): `precompute_throughput.py` has no function that returns its
+figures, only a `main` that prints them, and its synthetic dataset and TFDS build would take the tiny run past its
+time; run `python -m experiments.benchmarks.precompute_throughput --model-type vit_b --patients 1 --dtype bf16` on
+the same machine instead.
+
+ratio: ours / reference for images/s, reference / ours for s/step and GiB; above 1, ours is better. A row that
+cannot run (PyTorch without CUDA, out of memory, the time budget spent) is kept, marked skipped with the reason; a
+missing reference figure has its reason too. No row starts after --budget-s seconds, so that a run ends within
+about a minute of it. Both result files are rewritten (temporary file, then rename) after each group of rows, so a
+killed run leaves the rows finished so far; `complete` says whether the run finished. --out is created if needed;
+a folder holding anything but this suite's own files is refused before any work.
+
+--tiny: a 128-pixel encoder of depth 2 and width 64 (`lora_step.TINY`) instead of vit_b and vit_h, encoder batch 1
+and 2, LoRA batch 1, heads on 4x4 embeddings and 32x32 labels (the CNN head 8 channels wide at its narrowest instead
+of 64, on both sides), one timed call or step each, everything on the CPU (JAX_PLATFORMS=cpu, XLA's backend
+optimisation level 0 unless XLA_FLAGS sets one); its figures check the code paths, they measure nothing.
+Without --tiny, a machine where JAX sees no accelerator gets one error line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import gc
+import importlib
+import json
+import math
+import os
+import platform
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+SUITE = "autosam-jax gpu_suite"
+TITLE = "# autosam-jax GPU suite"
+HEAD_NAMES = ("autosam", "cnn", "linear")
+HIGHER_IS_BETTER = ("images/s",)
+LOWER_IS_BETTER = ("s/step", "GiB")
+RATIO_TEXT = "ours / reference for images/s, reference / ours for s/step and GiB: above 1, ours is better"
+PRECOMPUTE_COMMAND = ("python -m experiments.benchmarks.precompute_throughput --model-type vit_b --patients 1 "
+                      "--dtype bf16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a run measures: full-size models on an accelerator, or tiny ones on the CPU."""
+  encoders: tuple  # (name, SamConfig) for the throughput rows, the parity model first
+  batches: tuple[int, ...]
+  lora_batches: tuple[int, ...]
+  head_grid: int
+  head_target: int
+  head_batch: int
+  cnn_top: int  # the CNN head's narrowest width (64: the official head)
+  repeats: int
+  steps: int
+
+
+def make_plan(tiny: bool, repeats: int | None, steps: int | None) -> Plan:
+  from autosam_jax.models.config import PRESETS
+  from experiments.benchmarks.lora_step import TINY
+
+  if tiny:
+    return Plan(encoders=(("tiny", TINY),), batches=(1, 2), lora_batches=(1,), head_grid=4, head_target=32,
+                head_batch=2, cnn_top=8, repeats=repeats or 1, steps=steps or 1)
+  return Plan(encoders=(("vit_b", PRESETS["vit_b"]), ("vit_h", PRESETS["vit_h"])), batches=(1, 8),
+              lora_batches=(4, 16), head_grid=64, head_target=224, head_batch=4, cnn_top=64, repeats=repeats or 10,
+              steps=steps or 5)
+
+
+def _one_line(err: BaseException) -> str:
+  text = str(err).strip()
+  return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:300].rstrip(": ")
+
+
+def _finite(value):
+  if value is None:
+    return None
+  value = float(value)
+  return value if math.isfinite(value) else None
+
+
+def _release_torch_memory() -> None:
+  gc.collect()
+  torch = sys.modules.get("torch")
+  if torch is not None and torch.cuda.is_available():
+    torch.cuda.empty_cache()
+
+
+class Suite:
+  """The rows so far, the time budget, where the PyTorch references run, and the result files."""
+
+  def __init__(self, out: Path, plan: Plan, tiny: bool, budget_s: float, environment: dict, start: float):
+    self.out, self.plan, self.tiny, self.budget_s, self.environment = out, plan, tiny, budget_s, environment
+    self.device_kind = environment["device_kind"]
+    self.torch_device = environment["torch_device"]  # "cuda", "cpu" (--tiny) or None: no references
+    self.torch_reason = environment["torch_reason"]
+    self.rows: list[dict] = []
+    self.start = start  # the process's start: imports and the device check count in the budget
+
+  def measure(self, fn):
+    """(fn(), None), or (None, why it did not run): the time budget spent, or the error it raised."""
+    if time.perf_counter() - self.start > self.budget_s:
+      return None, f"time budget spent (--budget-s {self.budget_s:g})"
+    try:
+      return fn(), None
+    except Exception as err:  # noqa: BLE001 - kept in the row: out of memory, an unsupported kernel, ...
+      _release_torch_memory()
+      return None, _one_line(err)
+
+  def add(self, name: str, unit: str, ours, reason: str | None = None, reference=None,
+          reference_reason: str | None = None, reference_device: str | None = None, note: str | None = None,
+          **extra) -> dict:
+    ours, reference = _finite(ours), _finite(reference)
+    if ours is None and reason is None:
+      reason = "not a finite number"
+    ratio = None
+    if ours is not None and reference is not None and ours > 0 and reference > 0:
+      ratio = ours / reference if unit in HIGHER_IS_BETTER else reference / ours if unit in LOWER_IS_BETTER else None
+    row = {"name": name, "ours": ours, "reference": reference, "ratio": ratio, "unit": unit,
+           "device_kind": self.device_kind, "reference_device": reference_device if reference is not None else None,
+           "status": "ok" if ours is not None else "skipped", "reason": None if ours is not None else reason,
+           "reference_reason": reference_reason if reference is None else None, "note": note,
+           **{k: _finite(v) if isinstance(v, float) else v for k, v in extra.items()}}
+    self.rows.append(row)
+    return row
+
+  def save(self, complete: bool) -> None:
+    from autosam_jax.atomic import atomic_write_bytes
+
+    wall = time.perf_counter() - self.start
+    report = {"suite": SUITE, "complete": complete, "tiny": self.tiny, "device_kind": self.device_kind,
+              "wall_s": wall, "ratio": RATIO_TEXT, "environment": self.environment, "rows": self.rows}
+    atomic_write_bytes(self.out / "results.json", (json.dumps(report, indent=1, allow_nan=False) + "\n").encode())
+    atomic_write_bytes(self.out / "results.md", markdown(report).encode())
+
+
+def _number(value) -> str:
+  if value is None:
+    return "-"
+  if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+    return f"{value:.3e}"
+  return f"{value:.4g}"
+
+
+def markdown(report: dict) -> str:
+  env = report["environment"]
+  cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")
+  lines = [TITLE, "",
+           f"device: {report['device_kind']} ({env['jax_backend']}), jax {env['jax']}; PyTorch references: "
+           f"{env['torch_device_name'] or 'none'} (torch {env['torch']}){'; --tiny' if report['tiny'] else ''}; "
+           f"wall time {report['wall_s']:.1f} s; {'complete' if report['complete'] else 'INCOMPLETE (stopped early)'}",
+           "", f"ratio: {report['ratio']}.", "",
+           "| row | ours | reference | ratio | unit | device | status | notes |", "|---|---|---|---|---|---|---|---|"]
+  for row in report["rows"]:
+    status = "ok" if row["status"] == "ok" else f"skipped: {row['reason']}"
+    notes = "; ".join(n for n in (row["note"], row["reference_reason"] and f"no reference: {row['reference_reason']}")
+                      if n)
+    ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
+    lines.append(f"| {cell(row['name'])} | {_number(row['ours'])} | {_number(row['reference'])} | {ratio} | "
+                 f"{row['unit']} | {cell(row['device_kind'])} | {cell(status)} | {cell(notes)} |")
+  return "\n".join(lines) + "\n"
+
+
+# --- the output folder and the device, checked before any work
+
+
+def _written_here(path: Path) -> bool:
+  """Whether `path` in the output folder is one of this suite's files (or a temporary one of an unfinished write)."""
+  if path.is_symlink() or not path.is_file():
+    return False
+  if re.fullmatch(r"\.results\.(json|md)\..+\.tmp", path.name):
+    return True
+  try:
+    if path.name == "results.json":
+      return json.loads(path.read_text()).get("suite") == SUITE
+    if path.name == "results.md":
+      return path.read_text().split("\n", 1)[0] == TITLE
+  except (OSError, ValueError, AttributeError):
+    return False
+  return False
+
+
+def check_out(out: str) -> Path:
+  from autosam_jax.errors import DataError
+  from autosam_jax.outputs import check_output_path
+
+  path = check_output_path(out, "--out")
+  if path.is_dir():
+    foreign = sorted(p.name for p in path.iterdir() if not _written_here(p))
+    if foreign:
+      shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+      raise DataError(f"--out {path}: holds files this suite did not write ({shown}); empty it or choose a new "
+                      "folder")
+  return path
+
+
+def check_device(tiny: bool) -> dict:
+  """The environment the rows ran in; without --tiny, an error when JAX sees no accelerator."""
+  import logging
+
+  from autosam_jax.errors import DataError
+
+  bridge = logging.getLogger("jax._src.xla_bridge")
+  level = bridge.level
+  if not tiny:  # its "GPU may be present" warning would be a second line beside the one error line
+    bridge.setLevel(logging.ERROR)
+  try:
+    import jax
+
+    devices = jax.devices()
+  except RuntimeError as err:
+    raise DataError(f"device: JAX could not start its backend ({_one_line(err)}); check JAX_PLATFORMS and the CUDA "
+                    "install, or pass --tiny to check the suite on the CPU") from None
+  finally:
+    bridge.setLevel(level)
+  backend = jax.default_backend()
+  if backend == "cpu" and not tiny:
+    platforms = os.environ.get("JAX_PLATFORMS")
+    raise DataError(f"device: JAX sees no GPU (backend cpu{f', JAX_PLATFORMS={platforms}' if platforms else ''}, "
+                    f"jax {jax.__version__}); run on a GPU machine with a CUDA-enabled jax (pip install "
+                    "'jax[cuda12]'), or pass --tiny to check the suite on the CPU")
+  import torch
+
+  from autosam_jax.models.image_encoder import resolve_attention
+
+  if tiny:
+    torch_device, torch_reason, torch_name = "cpu", None, "cpu"
+  elif torch.cuda.is_available():
+    torch_device, torch_reason, torch_name = "cuda", None, torch.cuda.get_device_name(0)
+  else:
+    torch_device, torch_name = None, None
+    torch_reason = f"torch {torch.__version__} has no CUDA; install a CUDA build of torch for the PyTorch rows"
+  return {"device_kind": devices[0].device_kind, "jax_backend": backend, "jax_devices": len(devices),
+          "jax": jax.__version__, "attention": resolve_attention("auto"), "torch": torch.__version__,
+          "torch_device": torch_device, "torch_device_name": torch_name, "torch_reason": torch_reason,
+          "torch_tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
+          "machine": platform.machine(), "python": platform.python_version(), "cpus": os.cpu_count(),
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "argv": sys.argv[1:]}
+
+
+# --- PyTorch helpers
+
+
+def _synchronize(device: str) -> None:
+  import torch
+
+  if device == "cuda":
+    torch.cuda.synchronize()
+
+
+def _autocast(device: str, dtype: str):
+  import torch
+
+  return torch.autocast(device, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _torch_fp32():
+  """PyTorch in full float32 (no TF32 in matmuls or cuDNN convolutions), for parity."""
+  import torch
+
+  saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+  torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+  try:
+    yield
+  finally:
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def _tensors_on(device: str):
+  """torch.from_numpy's tensors put on `device` meanwhile: `lora_step._torch_step` builds its inputs with it."""
+  import torch
+
+  original = torch.from_numpy
+  if device != "cpu":
+    torch.from_numpy = lambda array: original(array).to(device)
+  try:
+    yield
+  finally:
+    torch.from_numpy = original
+
+
+# --- the rows
+
+
+DTYPES = (("fp32", None), ("bf16", "bfloat16"))
+BF16_ROWS = (("max abs diff", "abs"), ("mean abs diff", "abs"), ("relative (L2) diff", "relative"))
+
+
+def build_models(config) -> tuple:
+  """(Meta's Sam with random weights, on the CPU; {"fp32", "bf16": our encoder from its weights, nnx.split})."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from weights_conversion.meta_reference import build_meta_sam
+  from weights_conversion.parity import sam_from_torch
+
+  torch_sam = build_meta_sam(config, seed=0)
+  ours = {label: nnx.split(sam_from_torch(torch_sam, encoder_dtype=dtype and getattr(jnp, dtype)).image_encoder)
+          for label, dtype in DTYPES}
+  return torch_sam, ours
+
+
+def encoder_rows(suite: Suite, name: str, config, models: tuple | None, reason: str | None, parity: bool) -> None:
+  """Throughput of both sides for each batch and dtype; with `parity`, the parity and bf16 rows too. `models`:
+  `build_models(config)`, or None when that failed for `reason`."""
+  import jax
+  import torch
+  from flax import nnx
+
+  from experiments.benchmarks.encoder_throughput import median_seconds
+
+  plan, device = suite.plan, suite.torch_device
+  size = config.image_size
+  images = np.random.default_rng(0).normal(size=(max(plan.batches), size, size, 3)).astype(np.float32)
+  parity_name = f"parity {name} fp32 (precision highest) vs segment-anything fp32 (TF32 off): max abs diff"
+  bf16_name = f"bf16 vs fp32 (precision highest) embeddings, {name}, batch 1"
+  if models is None:
+    for label, _ in DTYPES:
+      for batch in plan.batches:
+        suite.add(f"encoder {name} {label} batch {batch}", "images/s", None, reason)
+    if parity:
+      suite.add(parity_name, "abs", None, reason)
+      for kind, unit in BF16_ROWS:
+        suite.add(f"{bf16_name}: {kind}", unit, None, reason)
+    return
+  torch_sam, ours = models
+  torch_encoder = torch_sam.image_encoder
+
+  reference, reference_reason = {}, {}
+  torch_embedding = None
+  if device is not None:
+    torch_encoder.to(device)
+    for batch in plan.batches:
+      x = torch.from_numpy(images[:batch].transpose(0, 3, 1, 2).copy()).to(device)
+      for label, _ in DTYPES:
+        def call(x=x, label=label):
+          with torch.inference_mode(), _autocast(device, label):
+            torch_encoder(x)
+          _synchronize(device)
+        seconds, why = suite.measure(lambda: median_seconds(call, plan.repeats)[0])
+        reference[batch, label] = None if seconds is None else batch / seconds
+        reference_reason[batch, label] = why
+      del x
+  if parity:  # Meta's encoder in full fp32, on the CPU where PyTorch has no CUDA
+    parity_device = device or "cpu"
+    torch_encoder.to(parity_device)
+
+    def torch_parity():
+      x = torch.from_numpy(images[:1].transpose(0, 3, 1, 2).copy()).to(parity_device)
+      with torch.inference_mode(), _torch_fp32():
+        return torch_encoder(x).float().cpu().numpy().transpose(0, 2, 3, 1)
+    torch_embedding, torch_parity_reason = suite.measure(torch_parity)
+  torch_encoder.to("cpu")
+  _release_torch_memory()
+
+  bf16_embedding = None
+  for label, _ in DTYPES:
+    graphdef, state = ours[label]
+    encode = jax.jit(lambda state, x, graphdef=graphdef: nnx.merge(graphdef, state)(x))
+    for batch in plan.batches:
+      x = jax.device_put(images[:batch])
+
+      def run(x=x, encode=encode, state=state):
+        seconds, first = median_seconds(lambda: encode(state, x).block_until_ready(), plan.repeats)
+        return seconds, first, (np.asarray(encode(state, x[:1])) if batch == 1 else None)
+      measured, why = suite.measure(run)
+      ref = reference.get((batch, label))
+      extra = {}
+      if label == "bf16":
+        fp32_ref = reference.get((batch, "fp32"))
+        extra["ratio_vs_torch_fp32"] = None if measured is None or fp32_ref is None else (
+            batch / measured[0]) / fp32_ref
+        if measured is not None and measured[2] is not None:
+          bf16_embedding = measured[2]
+      suite.add(f"encoder {name} {label} batch {batch}", "images/s", None if measured is None else batch / measured[0],
+                why, ref, reference_reason.get((batch, label), suite.torch_reason), device, batch=batch, dtype=label,
+                first_call_s=None if measured is None else measured[1], **extra)
+  if not parity:
+    return
+
+  graphdef, state = ours["fp32"]
+
+  def highest():
+    with jax.default_matmul_precision("highest"):
+      encode = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+      return np.asarray(encode(state, jax.device_put(images[:1])))
+  fp32_embedding, why = suite.measure(highest)
+  if fp32_embedding is None or torch_embedding is None:
+    suite.add(parity_name, "abs", None, why or torch_parity_reason)
+  else:
+    difference = np.abs(fp32_embedding.astype(np.float64) - torch_embedding)
+    relative = np.linalg.norm(difference) / np.linalg.norm(torch_embedding)
+    suite.add(parity_name, "abs", float(difference.max()), reference_device=parity_device,
+              note=f"batch 1; PyTorch on {parity_device}; relative (L2) {relative:.2e}; largest |embedding| "
+                   f"{np.abs(torch_embedding).max():.3g}")
+  if fp32_embedding is None or bf16_embedding is None:
+    reason = why or "the bf16 batch-1 row did not run"
+    for kind, unit in BF16_ROWS:
+      suite.add(f"{bf16_name}: {kind}", unit, None, reason)
+  else:
+    difference = np.abs(bf16_embedding.astype(np.float64) - fp32_embedding)
+    suite.add(f"{bf16_name}: max abs diff", "abs", float(difference.max()))
+    suite.add(f"{bf16_name}: mean abs diff", "abs", float(difference.mean()))
+    suite.add(f"{bf16_name}: relative (L2) diff", "relative",
+              float(np.linalg.norm(difference) / np.linalg.norm(fp32_embedding)))
+
+
+def lora_rows(suite: Suite, name: str, config, models: tuple | None, build_reason: str | None) -> None:
+  """Our LoRA step (remat off and on) and PyTorch + peft's, for each batch: time and peak memory. `models`:
+  `build_models(config)`, or None when that failed for `build_reason`."""
+  import jax
+  import torch
+  from flax import nnx
+
+  from experiments.benchmarks.lora_step import _median_seconds, _our_step, _torch_step
+
+  plan, device = suite.plan, suite.torch_device
+  stats = jax.devices()[0].memory_stats() or {}
+  limit = stats.get("bytes_limit")
+  size, grid = config.image_size, config.image_embedding_size
+  built = None if models is None else (models[0], nnx.merge(*models[1]["fp32"]))
+  for batch in plan.lora_batches:
+    label = f"lora {name} at {size}, batch {batch}"
+    rng = np.random.default_rng(batch)
+    images = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+    target = rng.normal(size=(batch, grid, grid, config.prompt_embed_dim)).astype(np.float32)
+    torch_result, torch_reason = None, build_reason or suite.torch_reason
+    if built is not None and device is not None:
+      def torch_side():
+        encoder = copy.deepcopy(built[0].image_encoder).to(device).train()
+        with _tensors_on(device):
+          step, _ = _torch_step(encoder, images, target)
+        if device == "cuda":
+          torch.cuda.reset_peak_memory_stats()
+        seconds = _median_seconds(step, plan.steps)
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+        return seconds, peak
+      torch_result, torch_reason = suite.measure(torch_side)
+      _release_torch_memory()
+    torch_seconds = None if torch_result is None else torch_result[0]
+    torch_gib = None if torch_result is None or torch_result[1] is None else torch_result[1] / 2**30
+    memory_reason = torch_reason if torch_result is None else (
+        None if torch_gib is not None else "PyTorch runs on the CPU: torch.cuda.max_memory_allocated has no CPU "
+        "counterpart")
+    for remat in (False, True):
+      row = f"{label}, remat {'on' if remat else 'off'}"
+
+      def compile_step(remat=remat):
+        step, lora, rest, optimizer = _our_step(nnx.clone(built[1]), remat=remat)
+        state = {"lora": lora, "opt": optimizer.init(lora), "images": jax.device_put(images),
+                 "target": jax.device_put(target)}
+        compiled = step.lower(state["lora"], state["opt"], rest, state["images"], state["target"]).compile()
+        analysis = compiled.memory_analysis()
+        used = (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+                - analysis.alias_size_in_bytes)
+        return compiled, state, rest, used
+      compiled, why = (None, build_reason) if built is None else suite.measure(compile_step)
+      seconds = gib = None
+      memory_why = why
+      if compiled is not None:
+        compiled, state, rest, used = compiled
+        gib = used / 2**30
+        if limit is not None and used > limit:
+          why = f"not run: XLA's analysis ({used / 2**30:.1f} GiB) exceeds the device's {limit / 2**30:.1f} GiB"
+        else:
+          def one_step():
+            state["lora"], state["opt"], loss = compiled(state["lora"], state["opt"], rest, state["images"],
+                                                         state["target"])
+            jax.block_until_ready(loss)
+          seconds, why = suite.measure(lambda: _median_seconds(one_step, plan.steps))
+        del compiled, state, rest
+      suite.add(f"{row}: step time", "s/step", seconds, why, torch_seconds, torch_reason, device, batch=batch,
+                remat=remat, note="PyTorch + peft on qkv (rank 4), no remat")
+      suite.add(f"{row}: peak memory", "GiB", gib, memory_why, torch_gib, memory_reason, device, batch=batch,
+                remat=remat,
+                note="ours: XLA memory analysis of the compiled step (arguments + temporaries + outputs - aliased); "
+                     "PyTorch: torch.cuda.max_memory_allocated over its steps")
+  _release_torch_memory()
+
+
+def head_rows(suite: Suite) -> None:
+  """Each head's train step: ours (the step `autosam-jax train` runs) against the same head in PyTorch."""
+  import jax
+  import torch
+  from flax import nnx
+
+  from autosam_jax.models.heads import build_head
+  from experiments.benchmarks import torch_heads
+  from experiments.benchmarks.head_step import HEADS, our_steps
+  from experiments.benchmarks.lora_step import _median_seconds
+
+  plan, device = suite.plan, suite.torch_device
+  num_classes, b, grid, size = 4, plan.head_batch, plan.head_grid, plan.head_target
+  rng = np.random.default_rng(0)
+  embeddings = rng.normal(size=(b, grid, grid, 256)).astype(np.float32)
+  targets = rng.integers(0, num_classes, size=(b, size, size)).astype(np.int32)
+  batch = jax.device_put({"embedding": embeddings, "target": targets, "weight": np.ones((b, size, size), np.float32)})
+  for name in HEAD_NAMES:
+    kind, variant, joint = HEADS[name]
+    torch_seconds, torch_reason = None, suite.torch_reason
+    if device is not None:
+      def torch_side():
+        torch.manual_seed(0)
+        head = (torch_heads.CnnHead(num_classes, top=plan.cnn_top) if kind == "cnn" else
+                torch_heads.build(kind, num_classes, variant, joint))
+        step = torch_heads.make_train_step(head.to(device))
+        x = torch.from_numpy(embeddings.transpose(0, 3, 1, 2).copy()).to(device)
+        y = torch.from_numpy(targets.astype(np.int64)).to(device)
+        return _median_seconds(lambda: step(x, y), plan.steps)  # each step ends with loss.item()
+      torch_seconds, torch_reason = suite.measure(torch_side)
+      _release_torch_memory()
+
+    def ours():
+      train, _ = our_steps(build_head(kind, num_classes, variant=variant, joint=joint, cnn_top_channels=plan.cnn_top,
+                                      rngs=nnx.Rngs(0)))
+      return _median_seconds(lambda: train(batch), plan.steps)  # each step ends with the loss on the host
+    seconds, why = suite.measure(ours)
+    suite.add(f"head {name} train step, batch {b}, {grid}x{grid} embeddings, {size}x{size} labels", "s/step",
+              seconds, why, torch_seconds, torch_reason, device)
+
+
+def _import_quietly(module: str) -> None:
+  try:
+    importlib.import_module(module)
+  except Exception:  # noqa: BLE001 - the import where it is used raises it again, into its row
+    pass
+
+
+def run(args) -> int:
+  out = check_out(args.out)
+  if args.tiny:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+      os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+  else:  # JAX would otherwise take 75% of the GPU's memory at start, leaving PyTorch the rest
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  environment = check_device(args.tiny)
+  if environment["torch_device"] is not None:
+    # peft takes seconds to import (transformers); it loads meanwhile, the LoRA rows' import then finds it loaded
+    threading.Thread(target=_import_quietly, args=("peft",), daemon=True).start()
+  plan = make_plan(args.tiny, args.repeats, args.steps)
+  environment.update(repeats=plan.repeats, steps=plan.steps, budget_s=args.budget_s)
+  out.mkdir(parents=True, exist_ok=True)
+  suite = Suite(out, plan, args.tiny, args.budget_s, environment, args.start)
+  suite.save(complete=False)
+  for i, (name, config) in enumerate(plan.encoders):
+    models, reason = suite.measure(lambda: build_models(config))
+    encoder_rows(suite, name, config, models, reason, parity=i == 0)
+    suite.save(complete=False)
+    if i == 0:  # the LoRA rows adapt the first encoder, then the heads; both before the costliest encoder
+      lora_rows(suite, name, config, models, reason)
+      suite.save(complete=False)
+      head_rows(suite)
+      suite.save(complete=False)
+    del models
+    _release_torch_memory()
+  suite.add("precompute end to end", "images/s", None,
+            f"not in this suite (precompute_throughput.py only prints its figures); run {PRECOMPUTE_COMMAND}")
+  suite.save(complete=True)
+  skipped = sum(row["status"] != "ok" for row in suite.rows)
+  print(f"{len(suite.rows)} rows ({skipped} skipped) in {time.perf_counter() - suite.start:.1f} s: "
+        f"{out / 'results.json'}, {out / 'results.md'}")
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  start = time.perf_counter()
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--out", default="gpu_suite_results", help="folder for results.json and results.md")
+  parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: checks the suite in seconds")
+  parser.add_argument("--repeats", type=int, help="timed encoder calls per row (default 10; --tiny 1)")
+  parser.add_argument("--steps", type=int, help="timed train steps per row, after 2 warm-up steps (default 5; "
+                      "--tiny 1)")
+  parser.add_argument("--budget-s", type=float, default=360.0,
+                      help="no row starts after this many seconds (default 360: the run ends within 8 minutes)")
+  args = parser.parse_args(argv)
+  args.start = start
+  for option in ("repeats", "steps"):
+    if getattr(args, option) is not None and getattr(args, option) < 1:
+      parser.error(f"--{option} must be at least 1")
+  from autosam_jax.faults import run_command
+
+  return run_command(run, args)
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
