@@ -2,7 +2,7 @@
 one process with 4 CPU devices, and as 2 processes x 2 devices under jax.distributed on localhost, the latter's
 training stopped after a mid-epoch checkpoint and resumed by both processes. All three give the same feature cache,
 training losses and parameters (to round-off) and the same evaluation. The batch of 3 is padded with zero-weight
-rows to 4 on the devices. The 1-device and 4-device runs also train LoRA factors with the AutoSAM head on an input
+rows to 4 on the devices. The 1-device and 4-device runs also train LoRA factors with the linear head on an input
 cache, with the same losses."""
 
 import dataclasses
@@ -158,7 +158,7 @@ def runs(tiny_weights, tmp_path_factory):
   save_model(root / "eval_model", params, frozen, config,
              record=model_record(ACDC_TABLE, {"dtype": "float32"}))  # the phantoms' classes, fp32 cache
   one = {**common, "flags": [], "processes": 1, "devices": 4, "stop_at": 0,
-         "lora": str(REPO_ROOT / "experiments/configs/autosam_faithful.py"),
+         "lora": str(REPO_ROOT / "experiments/configs/linear_faithful.py"),
          **{k: str(root / "one" / k) for k in ("cache", "run", "eval")}}
   single_output = _launch([one], 4, [{}], root / "jax_cache")
   # the same pipeline on this process's one device (its programs are those the other test files compile)

@@ -107,6 +107,22 @@ def test_step_zero_equals_the_frozen_model(world):
   assert np.abs(expected).max() > 1e-3  # the comparison is of real logits
 
 
+def test_the_encoder_options_of_a_lora_config_reach_the_model(world):
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from autosam_jax import load_sam
+  from autosam_jax.models.trained import jnp_dtype
+  from autosam_jax.train.loop import build_model
+
+  config = TrainConfig(head="linear", num_classes=3, lora_rank=2, attention="xla", remat=True, encoder_dtype="bfloat16")
+  model = build_model(config, load_sam(world.weights, encoder_dtype=jnp_dtype("bfloat16")), rngs=nnx.Rngs(0))
+  assert model.encoder.remat and model.encoder.dtype == jnp.bfloat16
+  assert [b.attn.attention for b in model.encoder.blocks] == ["xla"] * len(model.encoder.blocks)
+  with pytest.raises(ValueError, match="load it with encoder_dtype"):  # an fp32 SAM for a bf16 config
+    build_model(config, load_sam(world.weights), rngs=nnx.Rngs(0))
+
+
 def test_a_lora_run_trains_only_the_factors_and_the_head_and_saves_no_base_weights(world):
   from flax import nnx
 
@@ -217,6 +233,8 @@ def test_a_cache_of_the_wrong_kind_is_refused_in_one_line(world, tmp_path, case)
     (dict(head="unet", lora_rank=4), "the UNet has none"),
     (dict(remat=True), "set lora_rank"),
     (dict(encoder_dtype="bfloat16"), "set lora_rank"),
+    (dict(attention="chunked"), "set lora_rank"),
+    (dict(lora_rank=4, attention="flash"), "attention"),
     (dict(lora_rank=4, lora_targets=["q", "q"]), "name a layer twice"),
     (dict(lora_rank=4, lora_targets=["qkv", "v"]), "leave out 'q', 'k' and 'v'"),
     (dict(lora_rank=4, lora_targets=["attn"]), "lora_targets"),

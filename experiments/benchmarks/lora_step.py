@@ -117,15 +117,16 @@ def time_size(name: str, steps: int) -> dict:
           "ratio": torch_s / ours_s}
 
 
-def step_memory(batch: int, remat: bool) -> int:
-  """Bytes XLA's memory analysis gives for the compiled vit_b at 1024 LoRA step (arguments, temporaries, outputs)."""
+def step_memory(batch: int, remat: bool, attention: str = "xla") -> int:
+  """Bytes XLA's memory analysis gives for the compiled vit_b at 1024 LoRA step (arguments, temporaries, outputs),
+  the encoder's attention computed by `attention` (image_encoder.ATTENTION_IMPLEMENTATIONS)."""
   import jax
   from flax import nnx
 
   from autosam_jax.models.image_encoder import ImageEncoderViT
 
   config = PRESETS["vit_b"]
-  encoder = nnx.eval_shape(lambda: ImageEncoderViT(config, attention="xla", rngs=nnx.Rngs(0)))
+  encoder = nnx.eval_shape(lambda: ImageEncoderViT(config, attention=attention, rngs=nnx.Rngs(0)))
   step, lora, rest, optimizer = _our_step(encoder, remat=remat)
   images = jax.ShapeDtypeStruct((batch, 1024, 1024, 3), np.float32)
   target = jax.ShapeDtypeStruct((batch, 64, 64, config.prompt_embed_dim), np.float32)
@@ -140,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--sizes", default="tiny,vit_b@256", help=f"comma-separated, of {', '.join(SIZES)}")
   parser.add_argument("--steps", type=int, default=5, help="timed steps per side (after two warm-up steps)")
   parser.add_argument("--memory-batches", default="4", help="vit_b at 1024 batch sizes for the memory rows ('' none)")
+  parser.add_argument("--memory-attention", default="xla,chunked",
+                      help="attention implementations of the memory rows: xla (jax.nn.dot_product_attention, as on "
+                           "GPU without cuDNN) and chunked (query chunks, each recomputed in the backward pass)")
   args = parser.parse_args(argv)
   sizes = [s for s in args.sizes.split(",") if s]
   unknown = [s for s in sizes if s not in SIZES]
@@ -156,12 +160,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{row['torch_peft_s']:.3f} | {row['ratio']:.2f}x |", flush=True)
   batches = [int(b) for b in args.memory_batches.split(",") if b]
   if batches:
-    print("\n| vit_b at 1024, LoRA step | batch | XLA memory analysis (GiB) |")
-    print("|---|---|---|")
-    for batch in batches:
-      for remat in (False, True):
-        gib = step_memory(batch, remat) / 2 ** 30
-        print(f"| {'remat per block' if remat else 'no remat'} | {batch} | {gib:.1f} |", flush=True)
+    print("\n| vit_b at 1024, LoRA step | attention | batch | XLA memory analysis (GiB) |")
+    print("|---|---|---|---|")
+    for attention in [a for a in args.memory_attention.split(",") if a]:
+      for batch in batches:
+        for remat in (False, True):
+          gib = step_memory(batch, remat, attention) / 2 ** 30
+          print(f"| {'remat per block' if remat else 'no remat'} | {attention} | {batch} | {gib:.1f} |", flush=True)
   return 0
 
 
