@@ -53,6 +53,12 @@ def _run(world, out, config=LORA, cache=None, **kwargs):
                list(world.split.val), progress=False, **kwargs)
 
 
+def _main(args) -> int:
+  from autosam_jax.cli import main
+
+  return main([str(a) for a in args])
+
+
 def _saved_state(model_dir: Path):
   import orbax.checkpoint as ocp
 
@@ -154,11 +160,26 @@ def test_a_lora_run_trains_only_the_factors_and_the_head_and_saves_no_base_weigh
   assert model_json["weights_sha256"] == weights_digest(world.weights)
 
 
-def test_a_killed_lora_run_resumes_to_the_same_parameters(world, tmp_path):
+def test_a_lora_run_killed_with_sigkill_resumes_to_the_same_parameters(world, tmp_path, capsys):
+  """The train command killed (SIGKILL) one step after its mid-epoch checkpoint at step 3, then rerun: the same
+  factors and head, to the bit, as the uninterrupted run."""
+  import os
+  import signal
+  import subprocess
+  import sys
+
+  config = tmp_path / "lora.py"
+  config.write_text(f"def get_config():\n  return {LORA.to_dict()!r}\n")
   out = tmp_path / "run"
-  stopped = _run(world, out, stop_after_steps=4)  # after the mid-epoch checkpoint at step 3
-  assert stopped == {"stopped_at_step": 4}
-  _run(world, out)
+  args = ["train", "--config", config, "--cache", world.inputs, "--weights", world.weights, "--splits",
+          world.split_file, "--tr-size", "1", "--out", out, "--no-progress"]
+  env = {**os.environ, "AUTOSAM_JAX_KILL_AT": "train.step:4", "AUTOSAM_JAX_KILL_SIGNAL": "KILL",
+         "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+  killed = subprocess.run([sys.executable, "-m", "autosam_jax.cli", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert not (out / "final_model").exists() and (out / "checkpoints").is_dir()
+  assert _main(args) == 0
   resumed = dict(_leaves(_saved_state(out / "final_model")["params"]))
   uninterrupted = dict(_leaves(_saved_state(world.root / "run" / "final_model")["params"]))
   assert resumed.keys() == uninterrupted.keys()
@@ -245,12 +266,6 @@ def test_lora_training_options_are_checked(values, message):
 
   with pytest.raises(DataError, match=message):
     TrainConfig.from_dict(values, source="cfg.py")
-
-
-def _main(args) -> int:
-  from autosam_jax.cli import main
-
-  return main([str(a) for a in args])
 
 
 def test_export_merged_writes_weights_every_command_loads(world, tiny_world, tmp_path, capsys):

@@ -103,18 +103,23 @@ def time_size(name: str, steps: int) -> dict:
   grid = config.image_embedding_size
   target = rng.normal(size=(batch, grid, grid, config.prompt_embed_dim)).astype(np.float32)
 
-  step, lora, rest, optimizer = _our_step(sam_from_torch(torch_sam).image_encoder)
-  state = {"lora": lora, "opt": optimizer.init(lora)}
+  def our_seconds(encoder_dtype) -> float:
+    step, lora, rest, optimizer = _our_step(sam_from_torch(torch_sam, encoder_dtype=encoder_dtype).image_encoder)
+    state = {"lora": lora, "opt": optimizer.init(lora)}
 
-  def ours():
-    state["lora"], state["opt"], loss = step(state["lora"], state["opt"], rest, images, target)
-    jax.block_until_ready(loss)
+    def ours():
+      state["lora"], state["opt"], loss = step(state["lora"], state["opt"], rest, images, target)
+      jax.block_until_ready(loss)
 
-  ours_s = _median_seconds(ours, steps)
+    return _median_seconds(ours, steps)
+
+  import jax.numpy as jnp
+
+  ours_s, ours_bf16_s = our_seconds(None), our_seconds(jnp.bfloat16)
   torch_step, trainable = _torch_step(torch_sam.image_encoder.train(), images, target)
   torch_s = _median_seconds(torch_step, steps)
-  return {"size": name, "batch": batch, "lora_params": trainable, "ours_s": ours_s, "torch_peft_s": torch_s,
-          "ratio": torch_s / ours_s}
+  return {"size": name, "batch": batch, "lora_params": trainable, "ours_s": ours_s, "ours_bf16_s": ours_bf16_s,
+          "torch_peft_s": torch_s, "ratio": torch_s / ours_s, "ratio_bf16": torch_s / ours_bf16_s}
 
 
 def step_memory(batch: int, remat: bool, attention: str = "xla") -> int:
@@ -152,12 +157,14 @@ def main(argv: list[str] | None = None) -> int:
   import torch
 
   print(f"torch threads {torch.get_num_threads()}; LoRA on qkv, rank {RANK}, alpha {ALPHA}; medians of {args.steps}")
-  print("| encoder | batch | LoRA params | ours (s/step) | PyTorch + peft (s/step) | PyTorch / ours |")
-  print("|---|---|---|---|---|---|")
+  print("| encoder | batch | LoRA params | ours fp32 (s/step) | ours bf16 matmuls (s/step) | PyTorch + peft fp32 "
+        "(s/step) | PyTorch / ours fp32 | PyTorch / ours bf16 |")
+  print("|---|---|---|---|---|---|---|---|")
   for name in sizes:
     row = time_size(name, args.steps)
     print(f"| {row['size']} | {row['batch']} | {row['lora_params']:,} | {row['ours_s']:.3f} | "
-          f"{row['torch_peft_s']:.3f} | {row['ratio']:.2f}x |", flush=True)
+          f"{row['ours_bf16_s']:.3f} | {row['torch_peft_s']:.3f} | {row['ratio']:.2f}x | {row['ratio_bf16']:.2f}x |",
+          flush=True)
   batches = [int(b) for b in args.memory_batches.split(",") if b]
   if batches:
     print("\n| vit_b at 1024, LoRA step | attention | batch | XLA memory analysis (GiB) |")
