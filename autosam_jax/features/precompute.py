@@ -1,8 +1,9 @@
 """The frozen SAM encoder run once over a dataset, its embeddings stored in a feature cache (`features/cache.py`).
 
 Every slice gets its clean embedding (view 0); the training patients' slices also get K augmented views, seeded per
-item. With store "inputs" the cache holds the encoder's inputs instead (an input cache, for LoRA runs). The encoder is jitted with the batch sharded over the "data" mesh; host preprocessing of the next batch
-overlaps the device's work. Resumable shard by shard; under jax.distributed each process takes every P-th shard.
+item. With store "inputs" the cache holds the encoder's inputs instead (an input cache, for LoRA runs). The encoder
+is jitted with the batch sharded over the "data" mesh; host preprocessing of the next batch overlaps the device's
+work. Resumable shard by shard; under jax.distributed each process takes every P-th shard.
 The command and its options: `autosam_jax/commands/precompute.py`."""
 
 from __future__ import annotations
@@ -201,7 +202,8 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
                    f"{names['views']} {options.views}", f"choose fewer {names['views']}")
   items = work_items(volumes, view_patients, options.views)
   inputs_only = options.store == "inputs"
-  depends_on = {**({"kind": "sam_inputs"} if inputs_only else {}), "weights_sha256": weights_digest(weights_dir), "sam_config": json.loads(config.to_json()),
+  depends_on = {**({"kind": "sam_inputs"} if inputs_only else {}), "weights_sha256": weights_digest(weights_dir),
+                "sam_config": json.loads(config.to_json()),
                 "preprocess": preprocess_config.to_dict(), "dataset_fingerprint": fingerprint,
                 "views": options.views, "view_patients": sorted(view_patients), "seed": options.seed,
                 "augment": augment_config.to_dict() if options.views else None, "dtype": options.dtype,

@@ -160,8 +160,9 @@ def read_train_config(model_dir: Path):
 def build_model(config, sam, *, rngs):
   """The architecture a config names, freshly initialised: a head on SAM embeddings (initialised from `sam`), the
   UNet (no SAM needed), or with lora_rank an `AdaptedSam`: `sam`'s image encoder with LoRA factors (added to it in
-  place: `sam.image_encoder` is the adapted encoder afterwards, with the initial factors) and the head on it. The head is drawn from `rngs`
-  before the factors, so an adapted model's head starts as the frozen-encoder run's of the same seed.
+  place: `sam.image_encoder` is the adapted encoder afterwards, with the initial factors) and the head on it. The
+  head is drawn from `rngs` before the factors, so an adapted model's head starts as the frozen-encoder run's of the
+  same seed.
 
   `config.num_classes` must be set (`train` takes it from the cache's label table). A UNet's `init_encoder` (the
   SimCLR encoder a training run starts from) is not loaded here: the UNet comes back randomly initialised, and the
