@@ -3,7 +3,9 @@
 CACHE_DIR/
   manifest.json          format, what the features depend on, the ordered item list, shard size; "complete" once
                          every shard is written
-  shards/NNNNN.emb.npy   (n, h, w, C) embeddings, bfloat16 (stored as its uint16 bit pattern) or float32
+  shards/NNNNN.emb.npy   (n, h, w, C) embeddings, bfloat16 (stored as its uint16 bit pattern) or float32; in an
+                         input cache (depends_on kind "sam_inputs") the (n, S, S, 3) encoder inputs, in an image
+                         cache (kind "images") the (n, T, T, 3) model images
   shards/NNNNN.tgt.npy   (n, T, T) uint8 head targets
   shards/NNNNN.val.npy   (n, T, T) bool, target pixels that hold image (all true in faithful mode)
   shards/NNNNN.done      JSON with each file's SHA-256; written last, so a shard counts only once it is whole
