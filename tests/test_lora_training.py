@@ -11,8 +11,9 @@ import pytest
 
 from autosam_jax.train.loop import TrainConfig, train
 
-# The improved AutoSAM head (joint decoding) on the tiny SAM's encoder with rank-2 factors on q and v.
-LORA = TrainConfig(head="autosam", variant="improved", joint=True, epochs=2, batch_size=4, learning_rate=5e-3,
+# The improved linear head on the tiny SAM's encoder with rank-2 factors on q and v (the sweep's LoRA cells in
+# tests/test_own_dataset.py run the recipe: the joint AutoSAM head).
+LORA = TrainConfig(head="linear", variant="improved", epochs=2, batch_size=4, learning_rate=5e-3,
                    scheduler="plateau_val_dice", lora_rank=2, lora_alpha=4.0, checkpoint_every_steps=3)
 
 

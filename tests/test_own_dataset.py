@@ -102,7 +102,9 @@ def test_sweep_on_a_two_class_isotropic_dataset_in_another_voxel_order(world, ca
   values = {"data": str(brain), "encoders": {"tiny": str(world["weights"])},
             "methods": ["autosam", "lora", "unet", "zero_shot_box"], "mode": "improved", "tr_sizes": [2],
             "num_folds": 2, "folds": [0], "dtype": "fp32", "train": {"epochs": 2, "learning_rate": 5e-3, "batch_size": 4},
-            "method_train": {"unet": {"unet_base_channels": 8}, "autosam": {"joint": True}},
+            # LoRA in fp32 without remat, as on a CPU (bf16 and remat: tests/test_lora*.py)
+            "method_train": {"unet": {"unet_base_channels": 8}, "autosam": {"joint": True},
+                             "lora": {"encoder_dtype": "float32", "remat": False}},
             "image_size": 64, "image_spacing": 1.0}
   config = root / "brain_sweep.py"
   config.write_text(f"def get_config():\n  return {values!r}\n")

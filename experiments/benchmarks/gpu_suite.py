@@ -329,9 +329,16 @@ def build_models(config) -> tuple:
   from weights_conversion.meta_reference import build_meta_sam
   from weights_conversion.parity import sam_from_torch
 
+  from autosam_jax.models.image_encoder import ImageEncoderViT
+
   torch_sam = build_meta_sam(config, seed=0)
-  ours = {label: nnx.split(sam_from_torch(torch_sam, encoder_dtype=dtype and getattr(jnp, dtype)).image_encoder)
-          for label, dtype in DTYPES}
+  encoder = sam_from_torch(torch_sam).image_encoder  # converted once; each dtype is a graph over its parameters
+  state = nnx.state(encoder)
+  ours = {}
+  for label, dtype in DTYPES:
+    dtype = dtype and getattr(jnp, dtype)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: ImageEncoderViT(encoder.config, dtype=dtype, rngs=nnx.Rngs(0))))
+    ours[label] = (graphdef, state)
   return torch_sam, ours
 
 
