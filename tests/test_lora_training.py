@@ -298,3 +298,36 @@ def test_export_merged_writes_weights_every_command_loads(world, tiny_world, tmp
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and named in err and "\n" not in err
   assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_lora_dropout_draws_its_masks_from_the_step(world, remat):
+  """With lora_dropout the factors see dropped-out inputs, drawn from (seed, step): the same step gives the same loss
+  (also under remat), another step another one, and no dropout the plain loss."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from autosam_jax import load_sam
+  from autosam_jax.features.cache import FeatureCache
+  from autosam_jax.models.lora import TRAINABLE, lora_layers
+  from autosam_jax.train.loop import HeadProgram, build_model
+
+  config = dataclasses.replace(LORA, num_classes=4, lora_dropout=0.5, remat=remat)
+  model = build_model(config, load_sam(world.weights), rngs=nnx.Rngs(0))
+  for i, layer in enumerate(lora_layers(model.encoder)):  # B away from zero, so that the factors' input matters
+    for name, _, _ in layer.parts:
+      b = getattr(layer, f"b_{name}")
+      b[...] = jax.random.normal(jax.random.key(i), b.shape) * 0.5
+  graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
+  cache = FeatureCache(world.inputs)
+  items = [cache[i] for i in range(2)]
+  batch = {"embedding": jnp.asarray(np.stack([it["embedding"] for it in items])),
+           "target": jnp.asarray(np.stack([it["target"] for it in items]).astype(np.int32)),
+           "weight": jnp.asarray(np.stack([it["valid"] for it in items]).astype(np.float32))}
+  program = HeadProgram(graphdef, seed=3, dropout=True)
+  loss = jax.jit(lambda params, frozen, batch, step: program.loss(params, frozen, program.prepare(batch, step))[0])
+  first, again, other = (float(loss(params, frozen, batch, jnp.int32(s))) for s in (0, 0, 1))
+  plain = float(jax.jit(lambda p, f, b: HeadProgram(graphdef).loss(p, f, b)[0])(params, frozen, batch))
+  assert np.isfinite([first, other, plain]).all()
+  assert first == again and first != other and first != plain
