@@ -256,13 +256,24 @@ def test_a_cache_of_the_wrong_kind_is_refused_in_one_line(world, tmp_path, case)
     (dict(lora_rank=4, lora_targets=["q", "q"]), "name a layer twice"),
     (dict(lora_rank=4, lora_targets=["qkv", "v"]), "leave out 'q', 'k' and 'v'"),
     (dict(lora_rank=4, lora_targets=["attn"]), "lora_targets"),
+    (dict(lora_rank=4, lora_targets=[]), "at least one of"),
     (dict(lora_rank=-1), "lora_rank"),
 ])
 def test_lora_training_options_are_checked(values, message):
   from autosam_jax.errors import DataError
 
-  with pytest.raises(DataError, match=message):
+  with pytest.raises(DataError, match=message) as err:
     TrainConfig.from_dict(values, source="cfg.py")
+  assert str(err.value).startswith("cfg.py: ")
+
+
+def test_the_training_configs_choices_are_the_models():
+  """TrainConfig spells out the LoRA targets and attention implementations (it imports no JAX); they must stay the
+  models' own lists."""
+  from autosam_jax.models import image_encoder, lora, trained
+
+  assert trained.LORA_TARGETS == lora.TARGETS
+  assert trained.ATTENTIONS == image_encoder.ATTENTION_IMPLEMENTATIONS
 
 
 def test_export_merged_writes_weights_every_command_loads(world, tiny_world, tmp_path, capsys):

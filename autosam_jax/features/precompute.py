@@ -214,9 +214,13 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
   batch_size = -(-options.batch_size // len(devices)) * len(devices)
   check_memory(config, options, batch_size, len(items), names)
   encoder_dtype = jnp.bfloat16 if options.dtype == "bfloat16" else None
-  # An input cache needs no encoder, but its weights are read (and digested) all the same: a LoRA run adapts them.
-  sam = load_sam(weights_dir, encoder_dtype=encoder_dtype,
-                 sharding=NamedSharding(mesh, PartitionSpec()))
+  if inputs_only:  # no encoder runs; the weights a LoRA run will adapt are checked whole (and digested above)
+    from autosam_jax.checksums import verify_checksums
+    from autosam_jax.errors import CheckpointError
+    verify_checksums(weights_dir, CheckpointError,
+                     f"convert the SAM weights again (autosam-jax convert CHECKPOINT {weights_dir})")
+  else:
+    sam = load_sam(weights_dir, encoder_dtype=encoder_dtype, sharding=NamedSharding(mesh, PartitionSpec()))
   # Process 0 checks the folder, locks it and clears temporary files before the others open the cache; every process
   # learns its outcome, so a refusal stops them all (instead of leaving them at a barrier).
   refusal = None
@@ -233,14 +237,15 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
   if process != 0:
     writer = CacheWriter(out_dir, depends_on, items, options.shard_size, options.dtype, clean_up=False)
   todo = [s for s in range(writer.num_shards) if s % num_processes == process and not writer.shard_done(s)]
-  graphdef, state = nnx.split(sam.image_encoder)
   data_sharding = NamedSharding(mesh, PartitionSpec("data"))
+  if inputs_only:
+    state, encode = None, lambda state, images: images
+  else:
+    graphdef, state = nnx.split(sam.image_encoder)
 
-  @jax.jit
-  def encode(state, images):
-    if inputs_only:
-      return images
-    return nnx.merge(graphdef, state)(images)
+    @jax.jit
+    def encode(state, images):
+      return nnx.merge(graphdef, state)(images)
 
   preparer = _Preparer(volumes, preprocess_config, augment_config, options.seed)
   batches: list[tuple[int, list[dict[str, Any]]]] = []

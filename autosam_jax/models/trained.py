@@ -100,13 +100,7 @@ class TrainConfig(TypedConfig):
       raise self.refusal("remat, encoder_dtype and attention are options of the encoder in the loop; set lora_rank "
                          "(e.g. 4) or leave them out")
     if self.lora:
-      if not self.lora_targets:
-        raise self.refusal(f"lora_targets must name at least one of {', '.join(LORA_TARGETS)}")
-      if len(set(self.lora_targets)) != len(self.lora_targets):
-        raise self.refusal(f"lora_targets {list(self.lora_targets)} name a layer twice; name each once")
-      if "qkv" in self.lora_targets and {"q", "k", "v"} & set(self.lora_targets):
-        raise self.refusal("lora_targets: 'qkv' adapts the whole fused projection; leave out 'q', 'k' and 'v' "
-                           "with it")
+      self.lora_config()  # LoraConfig's rules between the targets, refused under this config's source
     if self.joint and (self.head != "autosam" or self.variant != "improved"):
       raise self.refusal("joint decoding is an option of the improved AutoSAM head only "
                          f"(head {self.head!r}, variant {self.variant!r}); leave joint out")
