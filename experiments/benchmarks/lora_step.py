@@ -7,8 +7,10 @@ one process; then the peak memory of a full-size step from XLA's memory analysis
 
 The step: embeddings of a batch, mean squared error to a fixed random target (a stand-in for a head's loss, the
 same on both sides), gradients of the LoRA factors, one Adam update. LoRA on the fused qkv (the target both
-implementations support as a whole linear), rank 4, alpha 4. Times are medians over --steps steps after two
-warm-up steps (compilation on our side); the ratio is PyTorch's time over ours (above 1: ours is faster).
+implementations support as a whole linear), rank 4, alpha 4. Times are medians over --steps rounds, after two
+warm-up steps of each side (compilation on our side); a round runs one step of every side in turn, so that a change
+of the machine's speed during the run falls on every side alike. The ratio is PyTorch's time over ours (above 1:
+ours is faster).
 The memory rows compile the vit_b step at 1024 x 1024 without running it (abstract inputs), with and without
 per-block rematerialisation, and print XLA's figure for arguments + temporaries + outputs.
 """
@@ -30,15 +32,19 @@ TINY = SamConfig(image_size=128, encoder_embed_dim=64, encoder_depth=2, encoder_
 SIZES = {"tiny": (TINY, 2), "vit_b@256": (dataclasses.replace(PRESETS["vit_b"], image_size=256), 2)}
 
 
-def _median_seconds(step, steps: int) -> float:
-  for _ in range(2):
-    step()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+def _interleaved_medians(steps: dict, rounds: int) -> dict:
+  """Median seconds of each of `steps` (name -> callable): two warm-up calls each, then `rounds` rounds that call
+  every step once in turn, so that a change of this machine's speed during the run falls on all sides alike."""
+  for step in steps.values():
+    for _ in range(2):
+      step()
+  times = {name: [] for name in steps}
+  for _ in range(rounds):
+    for name, step in steps.items():
+      start = time.perf_counter()
+      step()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _torch_step(torch_encoder, images: np.ndarray, target: np.ndarray):
@@ -103,7 +109,7 @@ def time_size(name: str, steps: int) -> dict:
   grid = config.image_embedding_size
   target = rng.normal(size=(batch, grid, grid, config.prompt_embed_dim)).astype(np.float32)
 
-  def our_seconds(encoder_dtype) -> float:
+  def our_step(encoder_dtype):
     step, lora, rest, optimizer = _our_step(sam_from_torch(torch_sam, encoder_dtype=encoder_dtype).image_encoder)
     state = {"lora": lora, "opt": optimizer.init(lora)}
 
@@ -111,15 +117,16 @@ def time_size(name: str, steps: int) -> dict:
       state["lora"], state["opt"], loss = step(state["lora"], state["opt"], rest, images, target)
       jax.block_until_ready(loss)
 
-    return _median_seconds(ours, steps)
+    return ours
 
   import jax.numpy as jnp
 
-  ours_s, ours_bf16_s = our_seconds(None), our_seconds(jnp.bfloat16)
-  torch_step, trainable = _torch_step(torch_sam.image_encoder.train(), images, target)
-  torch_s = _median_seconds(torch_step, steps)
-  return {"size": name, "batch": batch, "lora_params": trainable, "ours_s": ours_s, "ours_bf16_s": ours_bf16_s,
-          "torch_peft_s": torch_s, "ratio": torch_s / ours_s, "ratio_bf16": torch_s / ours_bf16_s}
+  sides = {"ours_s": our_step(None), "ours_bf16_s": our_step(jnp.bfloat16)}
+  sides["torch_peft_s"], trainable = _torch_step(torch_sam.image_encoder.train(), images, target)
+  seconds = _interleaved_medians(sides, steps)
+  return {"size": name, "batch": batch, "lora_params": trainable, **seconds,
+          "ratio": seconds["torch_peft_s"] / seconds["ours_s"],
+          "ratio_bf16": seconds["torch_peft_s"] / seconds["ours_bf16_s"]}
 
 
 def step_memory(batch: int, remat: bool, attention: str = "xla") -> int:
@@ -144,7 +151,7 @@ def step_memory(batch: int, remat: bool, attention: str = "xla") -> int:
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--sizes", default="tiny,vit_b@256", help=f"comma-separated, of {', '.join(SIZES)}")
-  parser.add_argument("--steps", type=int, default=5, help="timed steps per side (after two warm-up steps)")
+  parser.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each side per round, after two warm-up steps each)")
   parser.add_argument("--memory-batches", default="4", help="vit_b at 1024 batch sizes for the memory rows ('' none)")
   parser.add_argument("--memory-attention", default="xla,chunked",
                       help="attention implementations of the memory rows: xla (jax.nn.dot_product_attention, as on "
