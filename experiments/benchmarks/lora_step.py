@@ -47,6 +47,11 @@ def _interleaved_medians(steps: dict, rounds: int) -> dict:
   return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _median_seconds(step, steps: int) -> float:
+  """Median seconds of one `step` over `steps` calls, after two warm-up calls."""
+  return _interleaved_medians({"step": step}, steps)["step"]
+
+
 def _torch_step(torch_encoder, images: np.ndarray, target: np.ndarray):
   import torch
   from peft import LoraConfig as PeftLoraConfig, inject_adapter_in_model
