@@ -110,3 +110,27 @@ def test_bf16_encoder_close_to_fp32(meta_checkpoints, tmp_path, rng):
   assert half.dtype == np.float32
   relative = np.linalg.norm(half - full) / np.linalg.norm(full)
   assert 0 < relative < 2e-2, relative
+
+
+@pytest.mark.parametrize("size, window", [(64, 5), (80, 14), (96, 4)],
+                         ids=["one-window-larger-than-the-grid", "window-larger-than-a-5x5-grid", "6x6-grid-of-4s"])
+def test_windowed_attention_on_ragged_windows_matches_meta(size, window, rng):
+  """Windows that overhang the grid: our windowed blocks attend only their real tokens' queries and project only
+  real tokens (the tiny configs above cover windows that divide the grid, and grids of several windows per axis
+  that overhang it); Meta pads, and attends with every token."""
+  import jax.numpy as jnp
+  import torch
+
+  from autosam_jax import SamConfig
+  from weights_conversion.meta_reference import build_meta_sam
+  from weights_conversion.parity import sam_from_torch
+
+  config = SamConfig(image_size=size, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_mlp_dim=64,
+                     encoder_global_attn_indexes=(1,), window_size=window)
+  torch_sam = build_meta_sam(config, seed=1)
+  images = rng.normal(size=(2, size, size, 3)).astype(np.float32)
+  with torch.no_grad():
+    reference = torch_sam.image_encoder(torch.from_numpy(images).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+  ours = np.asarray(sam_from_torch(torch_sam).image_encoder(jnp.asarray(images)))
+  assert np.std(reference) > 0.1
+  np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)

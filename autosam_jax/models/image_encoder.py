@@ -71,82 +71,67 @@ class Attention(nnx.Module):
   def __call__(self, x: Array) -> Array:
     return self.proj(self.mix(self.qkv(x)))
 
-  def mix(self, qkv: Array) -> Array:
-    """The attention between the projections: (B, H, W, 3C) queries, keys and values -> (B, H, W, C), the input of
-    `proj`. (A windowed block runs `qkv` and `proj`, which act token by token, on its unpadded grid.)"""
+  def mix(self, qkv: Array, query_rows: int | None = None, query_cols: int | None = None) -> Array:
+    """The attention between the projections: (B, H, W, 3C) queries, keys and values -> (B, R, C', C), the input of
+    `proj`, for the queries of the top-left R x C' tokens only (default: all of them; every token is still a key).
+    A windowed block attends its padded windows' real tokens this way, and runs `qkv` and `proj`, which act token by
+    token, on its unpadded grid."""
     b, h, w, three_dim = qkv.shape
     dim = three_dim // 3
+    rows, cols = query_rows or h, query_cols or w
     heads, head_dim = self.num_heads, self.head_dim
     # Head-major (3, B, heads, H, W, head_dim): every matmul below then has its batch axes leading.
     qkv = qkv.astype(self.dtype or jnp.float32)
     qkv = qkv.reshape(b, h, w, 3, heads, head_dim).transpose(3, 0, 4, 1, 2, 5)
-    q, k, v = qkv[0], qkv[1].reshape(b, heads, h * w, head_dim), qkv[2].reshape(b, heads, h * w, head_dim)
+    q = qkv[0] if (rows, cols) == (h, w) else qkv[0][:, :, :rows, :cols]
+    k, v = qkv[1].reshape(b, heads, h * w, head_dim), qkv[2].reshape(b, heads, h * w, head_dim)
     rel_h = rel_w = None
     if self.use_rel_pos:
       # Meta adds the bias computed from the unscaled query.
-      table_h = self.rel_pos_h[...][relative_position_index(h)].astype(q.dtype)  # (H, H, head_dim)
-      table_w = self.rel_pos_w[...][relative_position_index(w)].astype(q.dtype)  # (W, W, head_dim)
+      table_h = self.rel_pos_h[...][relative_position_index(h)[:rows]].astype(q.dtype)  # (R, H, head_dim)
+      table_w = self.rel_pos_w[...][relative_position_index(w)[:cols]].astype(q.dtype)  # (C', W, head_dim)
       rel_h = jnp.einsum("bnyxd,ykd->bnyxk", q, table_h, preferred_element_type=jnp.float32)
       rel_w = jnp.einsum("bnyxd,xld->bnyxl", q, table_w, preferred_element_type=jnp.float32)
     implementation = resolve_attention(self.attention)
     if implementation != "chunked":
-      return self._fused(q, k, v, rel_h, rel_w, implementation)
+      return self._fused(q, k, v, rel_h, rel_w, (h, w), implementation)
     scale = jnp.asarray(head_dim ** -0.5, q.dtype)
 
     def attend(q_rows, rel_h_rows, rel_w_rows):
-      rows = q_rows.shape[2]
+      chunk = q_rows.shape[2]
       logits = jnp.einsum("bnyxd,bnkd->bnyxk", q_rows * scale, k, preferred_element_type=jnp.float32)
       if rel_h_rows is not None:
-        logits = logits.reshape(b, heads, rows, w, h, w) + rel_h_rows[..., :, None] + rel_w_rows[..., None, :]
-        logits = logits.reshape(b, heads, rows, w, h * w)
+        logits = logits.reshape(b, heads, chunk, cols, h, w) + rel_h_rows[..., :, None] + rel_w_rows[..., None, :]
+        logits = logits.reshape(b, heads, chunk, cols, h * w)
       return jnp.einsum("bnyxk,bnkd->bnyxd", softmax(logits).astype(v.dtype), v,
                         preferred_element_type=jnp.float32)
 
-    rows = query_rows_per_chunk(h, w)
-    if rows == h:
+    chunk = query_rows_per_chunk(rows, cols)
+    if chunk == rows:
       out = attend(q, rel_h, rel_w)
     else:
-      def chunks(a):  # (B, heads, H, ...) -> (H / rows, B, heads, rows, ...)
-        return None if a is None else jnp.moveaxis(a.reshape(b, heads, h // rows, rows, *a.shape[3:]), 2, 0)
+      def chunks(a):  # (B, heads, R, ...) -> (R / chunk, B, heads, chunk, ...)
+        return None if a is None else jnp.moveaxis(a.reshape(b, heads, rows // chunk, chunk, *a.shape[3:]), 2, 0)
       # Each chunk under jax.checkpoint: a backward pass recomputes one chunk's logits at a time instead of keeping
       # every chunk's (the whole (B, heads, H * W, H * W) attention of a global block, 3.2 GB at vit_b's 64 x 64
       # grid and batch 4); a forward pass alone is unchanged.
       out = jax.lax.map(jax.checkpoint(lambda c: attend(*c)), (chunks(q), chunks(rel_h), chunks(rel_w)))
-      out = jnp.moveaxis(out, 0, 2).reshape(b, heads, h, w, head_dim)
-    return out.transpose(0, 2, 3, 1, 4).reshape(b, h, w, dim)
+      out = jnp.moveaxis(out, 0, 2).reshape(b, heads, rows, cols, head_dim)
+    return out.transpose(0, 2, 3, 1, 4).reshape(b, rows, cols, dim)
 
-  def _fused(self, q, k, v, rel_h, rel_w, implementation: str) -> Array:
-    """jax.nn.dot_product_attention over (B, H * W, heads, head_dim), the decomposed relative-position term
-    materialised as its (B, heads, H * W, H * W) bias; (B, H, W, C) out."""
-    b, heads, h, w, head_dim = q.shape
-    tokens = h * w
+  def _fused(self, q, k, v, rel_h, rel_w, key_grid: tuple[int, int], implementation: str) -> Array:
+    """jax.nn.dot_product_attention over (B, tokens, heads, head_dim), the decomposed relative-position term
+    materialised as its (B, heads, queries, keys) bias; (B, R, C', C) out for (B, heads, R, C', head_dim) queries."""
+    b, heads, rows, cols, head_dim = q.shape
+    queries, keys = rows * cols, key_grid[0] * key_grid[1]
     bias = None
     if rel_h is not None:
-      bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, heads, tokens, tokens).astype(q.dtype)
+      bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, heads, queries, keys).astype(q.dtype)
     out = jax.nn.dot_product_attention(
-        q.reshape(b, heads, tokens, head_dim).transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
+        q.reshape(b, heads, queries, head_dim).transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
         v.transpose(0, 2, 1, 3), bias=bias, scale=head_dim ** -0.5,
         implementation=None if implementation == "fused" else implementation)
-    return out.astype(jnp.float32).reshape(b, h, w, heads * head_dim)
-
-
-def window_partition(x: Array, window: int) -> Array:
-  """(B, H, W, C) -> (B * nH * nW, window, window, C), zero-padding H and W up to multiples of `window`."""
-  b, h, w, c = x.shape
-  pad_h, pad_w = -h % window, -w % window
-  x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
-  hp, wp = h + pad_h, w + pad_w
-  x = x.reshape(b, hp // window, window, wp // window, window, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(-1, window, window, c)
-
-
-def window_unpartition(windows: Array, window: int, height: int, width: int) -> Array:
-  """Inverse of `window_partition`, dropping the padding."""
-  hp, wp = height + (-height % window), width + (-width % window)
-  c = windows.shape[-1]
-  b = windows.shape[0] // ((hp // window) * (wp // window))
-  x = windows.reshape(b, hp // window, wp // window, window, window, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, hp, wp, c)[:, :height, :width]
+    return out.astype(jnp.float32).reshape(b, rows, cols, heads * head_dim)
 
 
 class MLPBlock(nnx.Module):
@@ -185,10 +170,14 @@ class Block(nnx.Module):
     return x + self.mlp(self.norm2(x))
 
   def _windowed_attention(self, x: Array) -> Array:
-    """Meta's windowed attention: zero-pad the grid to whole windows, attend within each window, crop. `qkv` and
-    `proj` act token by token, so they run on the unpadded grid: a padding token's projections are those of a zero
-    token (the biases), and its outputs are cropped. The same numbers as projecting the padded grid, for a third of
-    the projections' work at vit_b's 16 x 16 grid of 256 px (padded to 28 x 28) and 84% at 1024 px."""
+    """Meta's windowed attention: zero-pad the grid to whole windows, attend within each window, crop. The same
+    numbers for less work:
+      - `qkv` and `proj` act token by token, so they run on the unpadded grid: a padding token's projections are
+        those of a zero token (the biases), and its outputs would be cropped;
+      - the padding tokens are keys and values as in Meta's, but never queries: the windows on the grid's last row
+        and column attend their real tokens' queries only (each group of windows with the same real size at once).
+    At vit_b's 16 x 16 grid of 256 px (padded to 28 x 28) that is a third of the projections' and the attention's
+    queries; at 1024 px (64 x 64 padded to 70 x 70), 84%."""
     window = self.window_size
     b, h, w, dim = x.shape
     qkv = self.attn.qkv(x)
@@ -198,7 +187,26 @@ class Block(nnx.Module):
       real = np.zeros((1, h + pad_h, w + pad_w, 1), bool)
       real[:, :h, :w] = True
       qkv = jnp.where(real, jnp.pad(qkv, ((0, 0), (0, pad_h), (0, pad_w), (0, 0))), padding_token)
-    mixed = window_unpartition(self.attn.mix(window_partition(qkv, window)), window, h, w)
+    n_h, n_w = (h + pad_h) // window, (w + pad_w) // window
+    windows = qkv.reshape(b, n_h, window, n_w, window, -1).transpose(0, 1, 3, 2, 4, 5)  # (B, nH, nW, ws, ws, 3C)
+
+    def groups(n: int, size: int) -> list[tuple[slice, int]]:  # (windows, real tokens in each) along one axis
+      last = size - (n - 1) * window
+      if last == window:
+        return [(slice(0, n), window)]
+      return ([(slice(0, n - 1), window)] if n > 1 else []) + [(slice(n - 1, n), last)]
+
+    bands = []
+    for row_windows, rows in groups(n_h, h):
+      parts = []
+      for col_windows, cols in groups(n_w, w):
+        group = windows[:, row_windows, col_windows]
+        gr, gc = group.shape[1:3]
+        out = self.attn.mix(group.reshape(b * gr * gc, window, window, -1), rows, cols)  # (B gr gc, rows, cols, C)
+        out = out.reshape(b, gr, gc, rows, cols, dim).transpose(0, 1, 3, 2, 4, 5)
+        parts.append(out.reshape(b, gr * rows, gc * cols, dim))
+      bands.append(parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=2))
+    mixed = bands[0] if len(bands) == 1 else jnp.concatenate(bands, axis=1)  # (B, H, W, C)
     return self.attn.proj(mixed)
 
 
