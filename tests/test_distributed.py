@@ -1,9 +1,9 @@
 """One pipeline (precompute with an augmented view, train, evaluate) three ways: in this process on one device, in
 one process with 4 CPU devices, and as 2 processes x 2 devices under jax.distributed on localhost, the latter's
-training stopped after a mid-epoch checkpoint and resumed by both processes. All three give the same feature cache,
-training losses and parameters (to round-off) and the same evaluation. The batch of 3 is padded with zero-weight
-rows to 4 on the devices. The 1-device and 4-device runs also train LoRA factors with the linear head on an input
-cache, with the same losses."""
+training stopped after a mid-epoch checkpoint and resumed by both processes. All three give the same feature cache (to
+round-off) and, trained on one of the caches, the same losses and parameters and the same evaluation. The batch of 3
+is padded with zero-weight rows to 4 on the devices. The 1-device and 4-device runs also train LoRA factors with the
+linear head on an input cache, with the same losses."""
 
 import dataclasses
 import json
@@ -26,7 +26,9 @@ TIMEOUT_S = 240
 def pipeline(a: dict) -> None:
   """A whole pipeline, as `autosam-jax` commands in this process: precompute (one augmented view of the training
   patient's slices), train (in the 2-process run first stopped after STOP_AT steps through the Python API, then
-  resumed by the command) and evaluate."""
+  resumed by the command) and evaluate. Every run trains on the 4-device run's cache and evaluates one model on it:
+  the caches agree to round-off, not bitwise (XLA:CPU's matmul kernels depend on the batch's shape), and a training
+  of ten steps would carry that round-off into its losses; each stage is compared on the same inputs."""
   from autosam_jax.cli import main
 
   flags = a["flags"]
@@ -35,7 +37,7 @@ def pipeline(a: dict) -> None:
                a["splits"], *flags]) == 0
   import jax
   assert (jax.process_count(), jax.device_count()) == (a["processes"], a["devices"]), jax.devices()
-  train = ["train", "--config", a["config"], "--cache", a["cache"], "--weights", a["weights"], "--splits",
+  train = ["train", "--config", a["config"], "--cache", a["train_cache"], "--weights", a["weights"], "--splits",
            a["splits"], "--tr-size", "1", "--out", a["run"], *[f"--set={s}" for s in a["sets"]], *flags]
   if a["stop_at"]:
     from flax import nnx
@@ -46,7 +48,7 @@ def pipeline(a: dict) -> None:
     config = load_config(Path(a["config"]), a["sets"])
     split = load_splits(Path(a["splits"]))[0]
     head = lambda config: build_model(config, load_sam(a["weights"]), rngs=nnx.Rngs(config.seed))
-    stopped = train_loop(config, a["cache"], head, a["run"], split.labeled(1), list(split.val), progress=False,
+    stopped = train_loop(config, a["train_cache"], head, a["run"], split.labeled(1), list(split.val), progress=False,
                          stop_after_steps=a["stop_at"],
                          inputs=run_inputs(config, Path(a["splits"]), split, 1, Path(a["weights"])))
     assert stopped == {"stopped_at_step": a["stop_at"]}, stopped
@@ -148,7 +150,8 @@ def runs(tiny_weights, tmp_path_factory):
             "splits": str(root / "split.json"), "config": str(REPO_ROOT / "experiments/configs/linear_faithful.py"),
             "sets": [f"epochs={EPOCHS}", f"batch_size={BATCH_SIZE}", "learning_rate=0.005",
                      f"checkpoint_every_steps={CHECKPOINT_EVERY}", "plateau_start_epoch=1"],
-            "eval_model": str(root / "eval_model"), "eval_cache": str(root / "one" / "cache")}
+            "eval_model": str(root / "eval_model"), "eval_cache": str(root / "one" / "cache"),
+            "train_cache": str(root / "one" / "cache")}
   # Both runs evaluate one untrained head, whose predictions hold every class (the briefly trained ones are empty).
   from autosam_jax.data.labels import ACDC_TABLE
   from autosam_jax.train.loop import model_record
