@@ -11,8 +11,8 @@ implementations support as a whole linear), rank 4, alpha 4. Times are medians o
 warm-up steps of each side (compilation on our side); a round runs one step of every side in turn, so that a change
 of the machine's speed during the run falls on every side alike. The ratio is PyTorch's time over ours (above 1:
 ours is faster).
-The memory rows compile the vit_b step at 1024 x 1024 without running it (abstract inputs), with and without
-per-block rematerialisation, and print XLA's figure for arguments + temporaries + outputs.
+The memory rows compile the vit_b step at --memory-image-size (1024 x 1024, SAM's) without running it (abstract
+inputs), with and without per-block rematerialisation, and print XLA's figure for arguments + temporaries + outputs.
 """
 
 from __future__ import annotations
@@ -134,19 +134,20 @@ def time_size(name: str, steps: int) -> dict:
           "ratio_bf16": seconds["torch_peft_s"] / seconds["ours_bf16_s"]}
 
 
-def step_memory(batch: int, remat: bool, attention: str = "xla") -> int:
-  """Bytes XLA's memory analysis gives for the compiled vit_b at 1024 LoRA step (arguments, temporaries, outputs),
-  the encoder's attention computed by `attention` (image_encoder.ATTENTION_IMPLEMENTATIONS)."""
+def step_memory(batch: int, remat: bool, attention: str = "xla", image_size: int = 1024) -> int:
+  """Bytes XLA's memory analysis gives for the compiled vit_b LoRA step at `image_size` (arguments, temporaries,
+  outputs), the encoder's attention computed by `attention` (image_encoder.ATTENTION_IMPLEMENTATIONS)."""
   import jax
   from flax import nnx
 
   from autosam_jax.models.image_encoder import ImageEncoderViT
 
-  config = PRESETS["vit_b"]
+  config = dataclasses.replace(PRESETS["vit_b"], image_size=image_size)
   encoder = nnx.eval_shape(lambda: ImageEncoderViT(config, attention=attention, rngs=nnx.Rngs(0)))
   step, lora, rest, optimizer = _our_step(encoder, remat=remat)
-  images = jax.ShapeDtypeStruct((batch, 1024, 1024, 3), np.float32)
-  target = jax.ShapeDtypeStruct((batch, 64, 64, config.prompt_embed_dim), np.float32)
+  grid = image_size // config.patch_size
+  images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), np.float32)
+  target = jax.ShapeDtypeStruct((batch, grid, grid, config.prompt_embed_dim), np.float32)
   opt_state = jax.eval_shape(optimizer.init, lora)
   analysis = step.lower(lora, opt_state, rest, images, target).compile().memory_analysis()
   return (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes + analysis.output_size_in_bytes
@@ -157,11 +158,15 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--sizes", default="tiny,vit_b@256", help=f"comma-separated, of {', '.join(SIZES)}")
   parser.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each side per round, after two warm-up steps each)")
-  parser.add_argument("--memory-batches", default="4", help="vit_b at 1024 batch sizes for the memory rows ('' none)")
+  parser.add_argument("--memory-batches", default="4", help="vit_b batch sizes for the memory rows ('' none)")
+  parser.add_argument("--memory-image-size", type=int, default=1024,
+                      help="image size of the memory rows' vit_b (a multiple of 16; SAM's is 1024)")
   parser.add_argument("--memory-attention", default="xla,chunked",
                       help="attention implementations of the memory rows: xla (jax.nn.dot_product_attention, as on "
                            "GPU without cuDNN) and chunked (query chunks, each recomputed in the backward pass)")
   args = parser.parse_args(argv)
+  if args.memory_image_size <= 0 or args.memory_image_size % 16:
+    parser.error(f"--memory-image-size: {args.memory_image_size} is not a positive multiple of 16 (the patch size)")
   sizes = [s for s in args.sizes.split(",") if s]
   unknown = [s for s in sizes if s not in SIZES]
   if unknown:
@@ -179,13 +184,13 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
   batches = [int(b) for b in args.memory_batches.split(",") if b]
   if batches:
-    print("\n| vit_b at 1024, LoRA step | attention | batch | XLA memory analysis (GiB) |")
+    print(f"\n| vit_b at {args.memory_image_size}, LoRA step | attention | batch | XLA memory analysis (GiB) |")
     print("|---|---|---|---|")
     for attention in [a for a in args.memory_attention.split(",") if a]:
       for batch in batches:
         for remat in (False, True):
-          gib = step_memory(batch, remat, attention) / 2 ** 30
-          print(f"| {'remat per block' if remat else 'no remat'} | {attention} | {batch} | {gib:.1f} |", flush=True)
+          gib = step_memory(batch, remat, attention, args.memory_image_size) / 2 ** 30
+          print(f"| {'remat per block' if remat else 'no remat'} | {attention} | {batch} | {gib:.2f} |", flush=True)
   return 0
 
 
