@@ -22,6 +22,7 @@ from autosam_jax.data.validate import validate
 SHAPE = (8, 8, 3)
 SPACING = (1.5, 1.5, 8.0)
 DIM_OFFSET, PIXDIM_OFFSET = 40, 76  # NIfTI-1 header: dim is 8 int16 at byte 40, pixdim 8 float32 at byte 76
+XYZT_UNITS_OFFSET, SFORM_CODE_OFFSET = 123, 254  # xyzt_units one byte, sform_code int16
 LABELS = (0, 1, 2, 3)
 
 
@@ -141,17 +142,88 @@ def test_rgb_voxels_are_refused(tmp_path, read):
 @pytest.mark.parametrize("axis", [0, 2])
 @pytest.mark.parametrize("read", [read_nifti, read_as_label])
 def test_spacing_that_is_not_positive_and_finite_is_refused(tmp_path, value, axis, read):
-  path = edit_header(write(tmp_path / "bad_spacing.nii.gz"), PIXDIM_OFFSET + 4 * (axis + 1), "<f", value)
+  path = write(tmp_path / "bad_spacing.nii.gz")
+  if value == 0:  # a zero pixdim is only "unset" where the sform gives the voxel size: here there is no sform
+    edit_header(path, SFORM_CODE_OFFSET, "<h", 0)
+  edit_header(path, PIXDIM_OFFSET + 4 * (axis + 1), "<f", value)
   refusal(read, path, "voxel spacing", "is not three positive numbers", "pixdim")
 
 
-def test_zero_spacing_in_both_image_and_label_fails_validation(tmp_path):
+def test_zero_spacing_without_an_sform_fails_validation(tmp_path):
   write_synthetic_acdc(tmp_path / "acdc", 1, 3)
   image = tmp_path / "acdc" / "patient001" / "patient001_frame01.nii.gz"
   for path in (image, image.with_name("patient001_frame01_gt.nii.gz")):
+    edit_header(path, SFORM_CODE_OFFSET, "<h", 0)
     edit_header(path, PIXDIM_OFFSET + 4 * 3, "<f", 0.0)
   with pytest.raises(DataError, match=f"^{image}: voxel spacing \\(1\\.\\d+, 1\\.\\d+, 0\\) is not three positive"):
     validate(tmp_path / "acdc")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3b. the spacing comes from the geometry nibabel uses, in the header's unit
+
+
+def oblique_sform(spacing):
+  """An sform whose columns are a rotation scaled by `spacing` (so pixdim cannot be read off its diagonal)."""
+  angle = np.deg2rad(20.0)
+  rotation = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]])
+  affine = np.eye(4)
+  affine[:3, :3] = rotation * np.asarray(spacing)[None, :]
+  return affine
+
+
+@pytest.mark.parametrize("read", [read_nifti, read_as_label])
+def test_zero_pixdim_with_an_sform_takes_the_sform_voxel_size(tmp_path, read):
+  """nibabel reads a zero pixdim as 1.0 mm; the sform nibabel uses for the geometry holds the real voxel size."""
+  path = tmp_path / "zero_pixdim.nii.gz"
+  image = nib.Nifti1Image(np.arange(np.prod(SHAPE), dtype=np.int16).reshape(SHAPE) % 4, oblique_sform(SPACING))
+  image.header.set_zooms(SPACING)
+  nib.save(image, str(path))
+  edit_header(path, PIXDIM_OFFSET + 4 * 1, "<f", 0.0)
+  assert nib.load(str(path)).header.get_zooms()[0] == 1.0  # what the spacing was read as
+  assert read(path).spacing == pytest.approx(SPACING, rel=1e-6)
+
+
+@pytest.mark.parametrize("read", [read_nifti, read_as_label])
+def test_pixdim_that_disagrees_with_the_sform_is_refused(tmp_path, read):
+  path = tmp_path / "disagree.nii.gz"
+  image = nib.Nifti1Image(np.arange(np.prod(SHAPE), dtype=np.int16).reshape(SHAPE) % 4, oblique_sform(SPACING))
+  image.header.set_zooms((1.5, 1.5, 5.0))  # the sform says 8 mm between slices
+  nib.save(image, str(path))
+  refusal(read, path, "pixdim (1.5, 1.5, 5) and the sform's voxel size (1.5, 1.5, 8) disagree", "fix pixdim or the sform")
+  # rounding of the float32 copies is no disagreement
+  image.header.set_zooms((1.5, 1.5, 8.0 * (1 + 1e-5)))
+  nib.save(image, str(path))
+  assert read(path).spacing == pytest.approx(SPACING, rel=1e-6)
+
+
+@pytest.mark.parametrize("unit, stored", [("micron", (1500.0, 1500.0, 8000.0)), ("meter", (0.0015, 0.0015, 0.008)),
+                                          ("mm", SPACING), ("unknown", SPACING)])
+@pytest.mark.parametrize("with_sform", [True, False])
+@pytest.mark.parametrize("read", [read_nifti, read_as_label])
+def test_spacing_is_converted_from_the_header_unit(tmp_path, unit, stored, with_sform, read):
+  path = tmp_path / f"{unit}.nii.gz"
+  image = nib.Nifti1Image(np.arange(np.prod(SHAPE), dtype=np.int16).reshape(SHAPE) % 4, oblique_sform(stored))
+  image.header.set_zooms(stored)
+  image.header.set_xyzt_units(unit, "sec")
+  if not with_sform:
+    image.set_sform(None, code=0)
+    image.set_qform(oblique_sform(stored), code=1)
+  nib.save(image, str(path))
+  assert read(path).spacing == pytest.approx(SPACING, rel=1e-5)
+
+
+def test_plausible_numbers_in_micrometres_are_not_read_as_millimetres(tmp_path):
+  """5 x 5 x 20 micron voxels look like a coarse mm scan; read as mm they would be accepted with the wrong size."""
+  path = write(tmp_path / "microscopy.nii.gz", spacing=(5.0, 5.0, 20.0))
+  edit_header(path, XYZT_UNITS_OFFSET, "<B", 3 | 8)  # micron, seconds
+  refusal(read_nifti, path, "voxel spacing (0.005, 0.005, 0.02) mm (from micron by xyzt_units)", "plausible")
+
+
+@pytest.mark.parametrize("code", [4, 7])
+def test_unknown_space_unit_code_is_refused(tmp_path, code):
+  path = edit_header(write(tmp_path / "odd_unit.nii.gz"), XYZT_UNITS_OFFSET, "<B", code)
+  refusal(read_nifti, path, f"spatial unit code {code}", "fix xyzt_units")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

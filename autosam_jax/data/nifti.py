@@ -28,8 +28,8 @@ _GZIP_MAX_RATIO = 1100
 class NiftiVolume:
   """A 3D volume as stored: axes (X, Y, Z) in voxel order, slices along Z."""
   data: np.ndarray  # float32 for images (scaling applied), uint8 for labels
-  affine: np.ndarray  # (4, 4) float64 voxel -> scanner mm (sform if set, else qform)
-  spacing: tuple[float, float, float]  # the stored pixdims of the spatial axes, in mm
+  affine: np.ndarray  # (4, 4) float64 voxel -> scanner space in the header's unit (sform if set, else qform)
+  spacing: tuple[float, float, float]  # mm: the affine's voxel size (sform) or pixdim, by xyzt_units
   header: nib.Nifti1Header
   path: Path
 
@@ -201,20 +201,68 @@ def _as_3d(path: Path, data: np.ndarray) -> np.ndarray:
   return data
 
 
-def _spacing(path: Path, header: nib.Nifti1Header) -> tuple[float, float, float]:
-  """The stored pixdims of the three spatial axes (mm); `DataError` unless each is finite, positive and within
-  `spacing_range()`."""
-  spacing = tuple(float(p) for p in header["pixdim"][1:4])
-  shown = "(" + ", ".join(f"{s:.6g}" for s in spacing) + ")"
-  if not all(math.isfinite(s) and s > 0 for s in spacing):
-    raise DataError(f"{path}: voxel spacing {shown} is not three positive numbers; fix pixdim in the NIfTI header "
-                    "(the voxel size in mm)")
+# NIfTI's xyzt_units, its low three bits: the unit of pixdim[1:4] and of the affine. 0 ("unknown") is what many tools
+# write for millimetres, and what nnU-Net and ITK read as millimetres.
+SPACE_UNITS = {0: ("unknown", 1.0), 1: ("m", 1000.0), 2: ("mm", 1.0), 3: ("micron", 1e-3)}
+# pixdim and the sform's voxel size are float32 copies of one number when a header is sound; beyond this relative
+# difference one of them is wrong, and which one the scanner meant cannot be told.
+PIXDIM_AFFINE_TOLERANCE = 1e-3
+
+
+def _affine_source(header: nib.Nifti1Header) -> str:
+  """Which of the header's geometries nibabel's `image.affine` is: "sform", "qform" or "pixdim" (neither code set)."""
+  if int(header["sform_code"]) > 0:
+    return "sform"
+  return "qform" if int(header["qform_code"]) > 0 else "pixdim"
+
+
+def _space_unit(path: Path, header: nib.Nifti1Header) -> tuple[str, float]:
+  """(unit name, millimetres per unit) of the header's spatial unit code; `DataError` for a code NIfTI does not
+  define."""
+  code = int(header["xyzt_units"]) & 0x07
+  if code not in SPACE_UNITS:
+    raise DataError(f"{path}: xyzt_units gives the spatial unit code {code}, which NIfTI does not define (0 unknown, "
+                    "1 metre, 2 mm, 3 micron); fix xyzt_units in the NIfTI header (2 for mm)")
+  return SPACE_UNITS[code]
+
+
+def _spacing(path: Path, header: nib.Nifti1Header, affine: np.ndarray) -> tuple[float, float, float]:
+  """The voxel spacing in mm of the three spatial axes, from the geometry nibabel's `affine` was made of: the sform's
+  column lengths when the sform is set (a zero pixdim there is only unset), else the pixdims; converted from the
+  header's unit (xyzt_units) to mm. `DataError` when a pixdim is negative or not finite, when pixdim and the sform
+  disagree, for an unknown unit code, and unless each spacing lies within `spacing_range()`."""
+  pixdim = tuple(float(p) for p in header["pixdim"][1:4])
+  unit, to_mm = _space_unit(path, header)
+  source = _affine_source(header)
+
+  def shown(values) -> str:
+    return "(" + ", ".join(f"{s:.6g}" for s in values) + ")"
+
+  valid = [math.isfinite(s) and s > 0 for s in pixdim]
+  if source == "sform" and all(math.isfinite(s) and s >= 0 for s in pixdim):
+    columns = np.asarray(affine, np.float64)[:3, :3]
+    spacing = tuple(float(n) for n in np.linalg.norm(columns, axis=0))
+    if not all(math.isfinite(s) and s > 0 for s in spacing):
+      raise DataError(f"{path}: the sform's voxel size {shown(spacing)} is not three positive numbers; fix the sform "
+                      "(srow_x/y/z) in the NIfTI header")
+    for axis, (set_value, from_affine) in enumerate(zip(pixdim, spacing)):
+      if valid[axis] and abs(set_value - from_affine) > PIXDIM_AFFINE_TOLERANCE * max(set_value, from_affine):
+        raise DataError(f"{path}: pixdim {shown(pixdim)} and the sform's voxel size {shown(spacing)} disagree (axis "
+                        f"{axis}); one of them is wrong: fix pixdim or the sform in the NIfTI header so both give "
+                        "the voxel size")
+  elif not all(valid):
+    raise DataError(f"{path}: voxel spacing {shown(pixdim)} is not three positive numbers; fix pixdim in the NIfTI "
+                    "header (the voxel size in mm)")
+  else:
+    spacing = pixdim
+  spacing = tuple(s * to_mm for s in spacing)
   low, high = spacing_range()
   # pixdims are float32: a spacing of exactly 0.01 mm is stored as 0.0099999998.
   if not all(low * (1 - 1e-6) <= s <= high * (1 + 1e-6) for s in spacing):
-    raise DataError(f"{path}: voxel spacing {shown} mm is outside the plausible {low:g}-{high:g} mm range (micrometres "
-                    f"or metres stored as mm?); fix pixdim in the NIfTI header, or if it is right set "
-                    f"{SPACING_RANGE_VARIABLE}=LOW,HIGH (mm) to a range that holds it")
+    unit_text = "" if to_mm == 1.0 else f" (from {unit} by xyzt_units)"
+    raise DataError(f"{path}: voxel spacing {shown(spacing)} mm{unit_text} is outside the plausible {low:g}-{high:g} "
+                    f"mm range (micrometres or metres stored as mm?); fix pixdim or xyzt_units in the NIfTI header, "
+                    f"or if it is right set {SPACING_RANGE_VARIABLE}=LOW,HIGH (mm) to a range that holds it")
   return spacing
 
 
@@ -235,8 +283,8 @@ def read_nifti(path: str | Path) -> NiftiVolume:
   image, header, data = _load(path, as_float=True)
   data = _as_3d(path, data)
   _check_finite(path, data)
-  return NiftiVolume(data=data, affine=np.asarray(image.affine, dtype=np.float64), spacing=_spacing(path, header),
-                     header=image.header, path=path)
+  return NiftiVolume(data=data, affine=np.asarray(image.affine, dtype=np.float64),
+                     spacing=_spacing(path, header, image.affine), header=image.header, path=path)
 
 
 def read_label(path: str | Path, allowed_labels: Iterable[int]) -> NiftiVolume:
@@ -262,4 +310,4 @@ def read_label(path: str | Path, allowed_labels: Iterable[int]) -> NiftiVolume:
     raise DataError(f"{path}: unexpected label values {shown} (allowed: {', '.join(map(str, allowed))}); relabel the "
                     "file or declare these labels")
   return NiftiVolume(data=data.astype(np.uint8, copy=False), affine=np.asarray(image.affine, dtype=np.float64),
-                     spacing=_spacing(path, header), header=image.header, path=path)
+                     spacing=_spacing(path, header, image.affine), header=image.header, path=path)
