@@ -92,6 +92,8 @@ def test_training_learns_and_writes_its_outputs(uninterrupted):
   epochs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"epoch"' in l
             and json.loads(l)["kind"] == "epoch"]
   assert len(epochs) == CONFIG.epochs and all("val_dice" in e for e in epochs)
+  # per-class entries are named by the cache's label table (ACDC's)
+  assert {k for k in epochs[-1] if k.startswith("val_dice_")} == {"val_dice_rv", "val_dice_myo", "val_dice_lv"}
   assert (out / "curves.png").stat().st_size > 1000 and (out / "final_model" / "train_config.json").exists()
 
 
@@ -210,6 +212,68 @@ def test_a_non_finite_step_is_found_at_the_next_read_and_nothing_after_it_is_che
   with pytest.raises(NonFiniteLossError, match="at step 3 "):
     _run(setup, tmp_path / "checkpointed", config, sync_every_steps=1000)
   assert step_rows(tmp_path / "checkpointed") == [1, 2] and checkpoints(tmp_path / "checkpointed") == [2]
+
+
+def _validation(examples, batch_size, class_names=("gray matter", "white/matter")):
+  """`validate` with the real eval step on a model whose logits are its input: each example is (logits (H, W, C),
+  target (H, W), valid (H, W)), the cache a list of them."""
+  from flax import nnx
+
+  from autosam_jax.train import loop
+
+  class Logits(nnx.Module):
+    def __call__(self, x):
+      return x
+
+  graphdef, params, frozen = nnx.split(Logits(), nnx.Param, ...)
+  step = lambda p, f, batch: loop._compiled_eval_step()(p, f, batch, graphdef=graphdef)
+  cache = [{"embedding": np.asarray(x, np.float32), "target": np.asarray(t, np.int32),
+            "valid": np.asarray(v, np.float32)} for x, t, v in examples]
+  return loop.validate(step, params, frozen, cache, np.arange(len(cache)), batch_size, (0, batch_size),
+                       lambda batch: batch, class_names=list(class_names))
+
+
+def _labels_to_logits(labels, num_classes=3):
+  return np.eye(num_classes, dtype=np.float32)[labels] * 5.0
+
+
+def test_validation_dice_leaves_out_classes_absent_from_targets_and_predictions():
+  """Class 2 is in no target and no prediction: its Dice is 0 / 0, undefined, so it has no entry and stays out of
+  the mean (it used to count as 0, halving val_dice here). Entries are named by the label table."""
+  target, predicted = np.zeros((4, 4), np.int64), np.zeros((4, 4), np.int64)
+  target[0, :] = 1  # |G| = 4
+  predicted[0, :2], predicted[1, 0] = 1, 1  # |P| = 3, |P and G| = 2: Dice 4 / 7
+  ones, background = np.ones((4, 4)), np.zeros((4, 4), np.int64)
+  row = _validation([(_labels_to_logits(predicted), target, ones),
+                     (_labels_to_logits(background), background, ones)], batch_size=2)
+  assert set(row) == {"val_loss", "val_dice", "val_dice_gray_matter"}, row
+  assert row["val_dice"] == pytest.approx(4 / 7) and row["val_dice_gray_matter"] == pytest.approx(4 / 7)
+  # no class anywhere: no Dice at all, the loss still
+  row = _validation([(_labels_to_logits(background), background, ones)] * 2, batch_size=2)
+  assert set(row) == {"val_loss"} and np.isfinite(row["val_loss"])
+
+
+def test_validation_loss_is_the_mean_over_real_pixels_not_over_batches():
+  """Three examples in batches of 2: the last batch holds one example and a zero-weight row, and that example has
+  only half its pixels weighted (the improved mode's padded border). Each batch's loss is a mean over its weighted
+  pixels, so the validation loss weighs the batches by them (32 and 8 pixels), not 1 : 1 as a mean of the batch
+  means did."""
+  from autosam_jax.train.losses import segmentation_loss
+
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(3, 4, 4, 3)).astype(np.float32) * 3
+  targets = rng.integers(0, 3, size=(3, 4, 4))
+  valid = np.ones((3, 4, 4), np.float32)
+  valid[2, :, 2:] = 0
+  row = _validation(list(zip(logits, targets, valid)), batch_size=2)
+  first = float(segmentation_loss(logits[:2], targets[:2], valid[:2])[0])
+  last = float(segmentation_loss(logits[2:], targets[2:], valid[2:])[0])
+  assert row["val_loss"] == pytest.approx((32 * first + 8 * last) / 40, rel=1e-5)
+  assert abs((first + last) / 2 - row["val_loss"]) > 0.05  # what the mean of batch means gave
+  # the keys of odd class names: ASCII, lower case, one "_" per run of other characters, distinct
+  from autosam_jax.train.loop import class_keys
+  assert class_keys(["Gray  matter", "Körper (L)", "gray-matter", "???"]) == [
+      "gray_matter", "korper_l", "class3", "class4"]
 
 
 def test_typed_config_refusals_are_one_line_naming_the_source_and_the_field():

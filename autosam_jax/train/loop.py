@@ -137,7 +137,9 @@ def _eval_step(params, frozen, batch, *, graphdef):
   num_classes = logits.shape[-1]
   p = jax.nn.one_hot(predicted, num_classes) * batch["weight"][..., None]
   g = jax.nn.one_hot(batch["target"], num_classes) * batch["weight"][..., None]
-  return loss, jnp.sum(p * g, axis=(0, 1, 2)), jnp.sum(p, axis=(0, 1, 2)) + jnp.sum(g, axis=(0, 1, 2))
+  # the batch's loss is a mean over its weighted pixels: their number lets validation weigh batches by it
+  return (loss, jnp.sum(p * g, axis=(0, 1, 2)), jnp.sum(p, axis=(0, 1, 2)) + jnp.sum(g, axis=(0, 1, 2)),
+          jnp.sum(batch["weight"]))
 
 
 @functools.cache
@@ -150,7 +152,7 @@ def _compiled_eval_step():
 
 def make_steps(graphdef, augment: str = "none", seed: int = 0):
   """(train_step(state, frozen, batch) -> (state, metrics), eval_step(params, frozen, batch) -> (loss, intersection,
-  total)), jit-compiled, the state donated: the steps `train` runs, for benchmarks. The state is {"params",
+  total, weight)), jit-compiled, the state donated: the steps `train` runs, for benchmarks. The state is {"params",
   "opt_state": HeadProgram(...).optimizer(learning_rate).init(params), "step"}."""
   import jax
 
@@ -158,26 +160,57 @@ def make_steps(graphdef, augment: str = "none", seed: int = 0):
   return jax.jit(program.__call__, donate_argnums=(0,)), functools.partial(_compiled_eval_step(), graphdef=graphdef)
 
 
+def class_keys(names) -> list[str]:
+  """A metric-key part per class name, in order: ASCII letters and digits, lower case, other runs as "_" ("Gray
+  matter" -> "gray_matter", "Körper" -> "korper"); a name that leaves nothing, or the key of an earlier class,
+  gets its label value ("class3"), so every key is distinct."""
+  import re
+  import unicodedata
+
+  keys: list[str] = []
+  for value, name in enumerate(names, 1):
+    plain = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode()
+    key = re.sub(r"[^0-9a-z]+", "_", plain.lower()).strip("_")
+    if not key or key in keys:
+      key = f"class{value}"
+    while key in keys:
+      key += f"_{value}"
+    keys.append(key)
+  return keys
+
+
 def validate(eval_step, params, frozen, cache, indices, batch_size: int, rows: tuple[int, int],
-             put, width: int | None = None) -> dict[str, float]:
+             put, width: int | None = None, class_names=None) -> dict[str, float]:
   """Validation loss and pixel-aggregated Dice per foreground class over the given (clean) cache items.
+
+  val_loss is the mean over the real (weighted) pixels: each batch's loss, a mean over its weighted pixels, counts
+  by their number, so a short or padded last batch weighs what it holds. A class with no pixel in the targets nor
+  in the predictions has no Dice (0 / 0 is undefined; `evaluation.metrics` leaves undefined values out of its means
+  too): it gets no val_dice_<class> entry and is left out of val_dice, the mean over the others; with no class left
+  there is no val_dice. Entries are named by `class_names` (the label table's foreground; `class_keys`), class1,
+  class2, ... without.
 
   Each process loads rows [lo, hi) of every batch (widened to `width` rows with zero-weight padding); `put` makes
   the global batch of the processes' parts."""
   if len(indices) == 0:
     return {}
   padding = _padding(cache, int(indices[0]))
-  losses, intersection, total = [], 0.0, 0.0
+  loss_sum, weight_sum, intersection, total = 0.0, 0.0, 0.0, 0.0
   for start in range(0, len(indices), batch_size):
     local = local_indices(indices[start:start + batch_size], batch_size, rows, width)
     chunk = [_example(cache, padding, int(i)) for i in local]
     batch = to_batch({k: np.stack([c[k] for c in chunk]) for k in _FIELDS}, rows[1] - rows[0])
-    loss, inter, tot = eval_step(params, frozen, put(batch))
-    losses.append(float(loss))
+    loss, inter, tot, weight = eval_step(params, frozen, put(batch))
+    loss_sum, weight_sum = loss_sum + float(loss) * float(weight), weight_sum + float(weight)
     intersection, total = intersection + np.asarray(inter), total + np.asarray(tot)
-  dice = 2 * intersection[1:] / np.maximum(total[1:], 1e-9)
-  return {"val_loss": float(np.mean(losses)), "val_dice": float(np.mean(dice)),
-          **{f"val_dice_class{c + 1}": float(d) for c, d in enumerate(dice)}}
+  row = {"val_loss": loss_sum / max(weight_sum, 1e-9)}
+  keys = class_keys(class_names) if class_names is not None else [f"class{c}" for c in range(1, len(total))]
+  dice = {key: 2 * float(i) / float(t) for key, i, t in zip(keys, intersection[1:], total[1:], strict=True)
+          if t > 0}
+  if dice:
+    row["val_dice"] = float(np.mean(list(dice.values())))
+    row.update({f"val_dice_{key}": value for key, value in dice.items()})
+  return row
 
 
 def plot_curves(metrics_file: Path, png: Path) -> None:
@@ -257,6 +290,7 @@ class HeadTraining(Method):
     self.train_config, self.config = config, config.to_dict()
     self.cache, self.views_of_slices, self.val_indices = cache, views_of_slices, val_indices
     self.where, self.out_dir, self.preprocess, self.record = where, Path(out_dir), preprocess, record
+    self.class_names = sorted(record["labels"], key=record["labels"].get)[1:]  # the foreground, by label value
     self.padding = _padding(cache, int(views_of_slices[0, 0]))
     self.plateau = ReduceLROnPlateau(mode="min" if config.scheduler == "plateau_train_loss" else "max")
     self.best = {"score": float("-inf"), "epoch": -1}
@@ -285,8 +319,11 @@ class HeadTraining(Method):
            "lr": end.learning_rate}
     if evaluated:
       row.update(validate(self.eval_step, end.state["params"], end.frozen, self.cache, self.val_indices,
-                          config.batch_size, self.where.rows, self.where.put, self.where.batch_size))
+                          min(config.batch_size, self.where.batch_size), self.where.rows, self.where.put,
+                          self.where.batch_size, class_names=self.class_names))
     row = all_gather_objects(row)[0]  # every process takes the same scheduler and best-model decisions
+    # A validation without val_dice (no class in the validation slices' targets or predictions) says nothing about
+    # the model: it neither steps the plateau on validation Dice nor competes for the best model.
     if config.scheduler == "plateau_train_loss":
       if end.epoch >= config.plateau_start_epoch:
         self.plateau.step(row["train_loss"])
