@@ -366,3 +366,109 @@ def test_predict_refuses_ambiguous_inputs_before_writing(unet_model, scan, tmp_p
   message = str(caught.value)
   assert message.startswith(str(tmp_path / "in" / culprit) + ":") and words in message and "\n" not in message
   assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One frame per dataset: short-axis stacks planned a few degrees apart are cut alike, wherever they lie against the
+# world axes (here in-plane axes near 45 degrees between R and A, where the per-volume choice jumps).
+
+
+def about(axis, degrees: float) -> np.ndarray:
+  axis = np.asarray(axis, float) / np.linalg.norm(axis)
+  cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+  angle = np.deg2rad(degrees)
+  return np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
+
+
+def short_axis_stacks(num_cases: int, jitter_degrees: float, seed: int, in_plane_degrees: float = 45.0):
+  """{case id: (affine, spacing)}: cardiac short-axis stacks (1.4 x 1.4 x 8 mm) whose first in-plane axis lies
+  `in_plane_degrees` from R towards A, each turned in-plane and tilted by up to `jitter_degrees` (planning per
+  patient), stored in a random one of the 48 voxel orders."""
+  rng = np.random.default_rng(seed)
+  normal = np.array([-0.35, 0.3, -0.89]) / np.linalg.norm([-0.35, 0.3, -0.89])
+  first = about(normal, in_plane_degrees) @ (np.array([1.0, 0.0, 0.0]) - normal[0] * normal)
+  first /= np.linalg.norm(first)
+  base = np.stack([first, np.cross(normal, first), normal], axis=1)
+  stacks = {}
+  for i in range(num_cases):
+    frame = about(normal, rng.uniform(-jitter_degrees, jitter_degrees)) @ base
+    frame = about(np.cross(normal, rng.normal(size=3)), rng.uniform(0.0, jitter_degrees)) @ frame
+    affine = make_affine(frame, (1.4, 1.4, 8.0))
+    ornt = ALL_ORNTS[int(rng.integers(len(ALL_ORNTS)))]
+    _, affine, spacing = reorder(np.zeros((6, 7, 4)), affine, (1.4, 1.4, 8.0), ornt)
+    stacks[f"patient{i:03d}"] = (affine, spacing)
+  return stacks
+
+
+def in_plane_angles(frames: dict) -> np.ndarray:
+  """The largest angle (degrees) between the same in-plane canonical axis of any two cases."""
+  stacked = np.stack([frame[:, :2] for frame in frames.values()])  # (n, 3, 2)
+  cosines = np.einsum("adi,bdi->abi", stacked, stacked)
+  return float(np.degrees(np.arccos(np.clip(cosines, -1, 1))).max())
+
+
+@pytest.mark.parametrize("jitter", [5.0, 20.0])
+def test_oblique_stacks_with_planning_jitter_are_cut_alike(jitter):
+  from autosam_jax.data.orientation import choose_dataset_orientations, world_frame
+
+  stacks = short_axis_stacks(60, jitter, seed=int(jitter))
+  own = {c: world_frame(a, choose_orientation(a, s)) for c, (a, s) in stacks.items()}
+  assert in_plane_angles(own) > 90  # the per-volume choice cuts some of these stacks transposed or mirrored
+  chosen = choose_dataset_orientations(stacks)
+  frames = {c: world_frame(stacks[c][0], chosen.orientations[c]) for c in stacks}
+  # every pair of cases: their canonical in-plane axes differ by no more than the planning jitter (turn + tilt each)
+  assert in_plane_angles(frames) <= 4 * jitter + 1e-6
+  assert all(np.sum(f[:, 2] * frames["patient000"][:, 2]) > 0 for f in frames.values())  # slices stacked one way
+  assert len(chosen.references) == 1 and chosen.references[0]["cases"] == 60 and not chosen.warnings
+  for case_id, (affine, spacing) in stacks.items():  # a new scan of the dataset is cut the same way
+    assert align_to_dataset(chosen, affine, spacing) == chosen.orientations[case_id]
+
+
+def align_to_dataset(chosen, affine, spacing):
+  from autosam_jax.data.orientation import align_orientation, reference_for
+
+  return align_orientation(affine, spacing, reference_for(chosen.references, affine, spacing))
+
+
+def test_the_dataset_frame_keeps_axis_aligned_scans_as_the_per_volume_choice():
+  from autosam_jax.data.orientation import choose_dataset_orientations
+
+  rng = np.random.default_rng(4)
+  stacks = {}
+  for i, ornt in enumerate(ALL_ORNTS[::5]):
+    _, affine, spacing = reorder(np.zeros((6, 7, 4)), make_affine(rotation(rng, 10.0), (1.0, 1.2, 6.0)),
+                                 (1.0, 1.2, 6.0), ornt)
+    stacks[f"case{i}"] = (affine, spacing)
+  chosen = choose_dataset_orientations(stacks)
+  assert {c: choose_orientation(a, s) for c, (a, s) in stacks.items()} == chosen.orientations
+
+
+def test_a_case_turned_far_from_the_others_is_named():
+  from autosam_jax.data.orientation import choose_dataset_orientations
+
+  stacks = short_axis_stacks(6, 3.0, seed=1, in_plane_degrees=10.0)
+  stacks.update({f"turned{i}": a for i, a in enumerate(short_axis_stacks(1, 0.0, seed=2, in_plane_degrees=50.0)
+                                                       .values())})
+  chosen = choose_dataset_orientations(stacks)
+  assert len(chosen.warnings) == 1 and chosen.warnings[0].startswith("1 case(s)")
+  assert chosen.warnings[0].split("nearest reordering: ")[1].startswith("turned0 (38 degrees);")
+  assert chosen.references[0]["case"].startswith("patient")
+
+
+def test_the_build_cuts_every_case_in_the_dataset_frame_and_records_it(tmp_path):
+  from autosam_jax.data.nnunet import build_nnunet
+  from autosam_jax.data.orientation import Orientation, choose_dataset_orientations
+  from autosam_jax.data.slices import assemble_volumes
+
+  stacks = short_axis_stacks(4, 10.0, seed=3)
+  own = {c: choose_orientation(a, s) for c, (a, s) in stacks.items()}
+  chosen = choose_dataset_orientations(stacks)
+  assert own != chosen.orientations  # the per-volume choice would cut some of them otherwise
+  _write_nnunet(tmp_path / "sax", {c: a for c, (a, _) in stacks.items()}, {c: s for c, (_, s) in stacks.items()})
+  builder = build_nnunet(tmp_path / "sax", tmp_path / "tfds")
+  source = builder.as_data_source(split="train")
+  volumes = assemble_volumes(source[i] for i in range(len(source)))
+  assert {c: v.orientation for c, v in volumes.items()} == chosen.orientations
+  recorded = builder.info.metadata["orientation_references"]
+  assert [r["case"] for r in recorded] == [r["case"] for r in chosen.references]
+  assert all(Orientation(**{k: v for k, v in o.to_dict().items()}) == o for o in chosen.orientations.values())

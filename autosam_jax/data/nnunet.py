@@ -31,10 +31,12 @@ def _dataset_name(source_dir: Path) -> str:
 class NnunetRaw(tfds.core.GeneratorBasedBuilder):
   """2D slices of an nnU-Net raw dataset's training cases, labels as declared in its dataset.json."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {"1.0.0": "2D slices with geometry for reassembly.",
                    "1.1.0": "Slices along the through-plane axis of a canonical voxel order chosen from the geometry, "
-                            "with the orientation recorded; spacing in canonical order."}
+                            "with the orientation recorded; spacing in canonical order.",
+                   "1.2.0": "In-plane order chosen once per dataset (reference frames in the metadata); spacing from "
+                            "the sform in the header's unit."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the nnU-Net raw dataset folder (holding dataset.json) as the source directory."
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -42,7 +44,7 @@ class NnunetRaw(tfds.core.GeneratorBasedBuilder):
                                  metadata=tfds.core.MetadataDict())
 
   def _split_generators(self, dl_manager):
-    from autosam_jax.data.validate import validate_nnunet
+    from autosam_jax.data.validate import dataset_orientation, validate_nnunet
 
     source = Path(dl_manager.manual_dir)
     report = validate_nnunet(source)  # parses dataset.json's labels, v1 or v2, into one table
@@ -50,10 +52,12 @@ class NnunetRaw(tfds.core.GeneratorBasedBuilder):
     self.info.metadata["class_names"] = list(table.names)
     self.info.metadata["labels"] = table.to_dict()
     self.info.metadata["source_fingerprint"] = source_fingerprint(report.cases)
-    return {"train": self._generate_examples(report.cases, table.values)}
+    chosen = dataset_orientation(report.cases)
+    self.info.metadata["orientation_references"] = chosen.references
+    return {"train": self._generate_examples(report.cases, table.values, chosen.orientations)}
 
-  def _generate_examples(self, cases, allowed_labels):
-    yield from case_examples(cases, allowed_labels)
+  def _generate_examples(self, cases, allowed_labels, orientations):
+    yield from case_examples(cases, allowed_labels, orientations)
 
 
 def build_nnunet(source_dir: str | os.PathLike, data_dir: str | os.PathLike) -> NnunetRaw:

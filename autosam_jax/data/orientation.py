@@ -16,11 +16,19 @@ Which voxel axis is closest to which world axis is nibabel's `io_orientation`, w
 uniquely. The same world content stored in any of the 48 voxel orders therefore gives one canonical array, and an
 axial RAS-stored volume is left as it is. `Orientation.to_stored` undoes the mapping exactly, so predictions made on
 the canonical array are written in the file's own voxel order, with its own affine.
+
+That per-volume choice jumps where an in-plane axis lies 45 degrees between two world axes: two short-axis stacks
+planned a few degrees apart on either side of it would be cut transposed or mirrored relative to each other. A
+dataset is therefore cut in one frame: `choose_dataset_orientations` takes a reference frame from the cases (per
+acquisition plane, the case whose own frame the others agree with best), then gives every case the permutation and
+flip of its axes nearest to that reference, and names the cases whose axes still point far from it. The references
+are recorded with the dataset, so new scans (`predict`) are cut the same way (`align_orientation`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -213,3 +221,127 @@ def plane_disagreement(normals: Mapping[str, np.ndarray], limit: int = 5) -> str
     parts.append(f"{len(cases)} with slices stacked along {WORLD_AXES[axis]} ({PLANES[axis]}-like: {shown})")
   return (f"cases are cut in planes more than {PLANE_ANGLE_DEGREES:g} degrees apart: " + "; ".join(parts) +
           "; a 2D model trained on one plane segments the others poorly: keep one acquisition plane per dataset")
+
+
+# A case whose in-plane axes still point further than this from its dataset's reference frame, after the nearest
+# permutation and flip, is named in a warning: its slices show the anatomy turned that far from the others'.
+REFERENCE_DISAGREEMENT_DEGREES = 30.0
+
+
+def world_frame(affine: np.ndarray, orientation: Orientation) -> np.ndarray:
+  """(3, 3): column i is the unit world direction canonical axis i runs along (towards increasing canonical index)."""
+  columns = np.asarray(affine, np.float64)[:3, :3]
+  frame = np.stack([columns[:, a] * (-1.0 if f else 1.0) for a, f in zip(orientation.axes, orientation.flips)], axis=1)
+  return frame / np.linalg.norm(frame, axis=0, keepdims=True)
+
+
+def _in_plane_candidates(affine: np.ndarray, slice_axis: int) -> list[tuple[tuple[int, int], tuple[bool, bool]]]:
+  """The 8 ways to order and flip the two in-plane stored axes: ((first, second), (flip first, flip second))."""
+  in_plane = [a for a in range(3) if a != slice_axis]
+  return [(order, flips) for order in (tuple(in_plane), tuple(in_plane[::-1]))
+          for flips in itertools.product((False, True), repeat=2)]
+
+
+def _candidate_frames(affine: np.ndarray, slice_axis: int) -> np.ndarray:
+  """(8, 3, 2) world directions of the in-plane axes under each of `_in_plane_candidates`."""
+  columns = np.asarray(affine, np.float64)[:3, :3]
+  columns = columns / np.linalg.norm(columns, axis=0, keepdims=True)
+  return np.stack([np.stack([columns[:, a] * (-1.0 if f else 1.0) for a, f in zip(order, flips)], axis=1)
+                   for order, flips in _in_plane_candidates(affine, slice_axis)])
+
+
+def align_orientation(affine: np.ndarray, spacing: Sequence[float], reference: Mapping[str, Any]) -> Orientation:
+  """The orientation of a volume cut like its dataset: its own through-plane axis, then the order and flips of the
+  stored axes whose world directions are nearest to the reference frame's (`reference`: {"frame": (3, 3) world
+  directions of the canonical axes, "world": the reference orientation's world axes})."""
+  own = choose_orientation(affine, spacing)
+  frame = np.asarray(reference["frame"], np.float64)
+  slice_axis = own.slice_axis
+  scores = np.einsum("kdi,di->k", _candidate_frames(affine, slice_axis), frame[:, :2])
+  (first, second), (flip_first, flip_second) = _in_plane_candidates(affine, slice_axis)[int(np.argmax(scores))]
+  columns = np.asarray(affine, np.float64)[:3, :3]
+  flip_slice = bool(columns[:, slice_axis] @ frame[:, 2] < 0)
+  return Orientation(axes=(first, second, slice_axis), flips=(flip_first, flip_second, flip_slice),
+                     world=tuple(int(w) for w in reference["world"]))
+
+
+def frame_disagreement_degrees(affine: np.ndarray, orientation: Orientation, reference: Mapping[str, Any]) -> float:
+  """The largest angle between an in-plane canonical axis of this volume and the reference's same axis."""
+  frame = world_frame(affine, orientation)
+  reference_frame = np.asarray(reference["frame"], np.float64)
+  cosines = np.clip(np.sum(frame[:, :2] * reference_frame[:, :2], axis=0), -1.0, 1.0)
+  return float(np.degrees(np.arccos(cosines)).max())
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetOrientation:
+  """How a dataset's cases are cut: each case's orientation, the reference frames they were aligned to (one per
+  acquisition plane, JSON-ready: {"case", "frame", "world", "cases"}) and warnings naming the cases that disagree."""
+  orientations: dict[str, Orientation]
+  references: list[dict[str, Any]]
+  warnings: list[str]
+
+
+def _plane_groups(normals: Mapping[str, np.ndarray]) -> list[list[str]]:
+  """Case ids grouped by slice plane: each joins the first group whose first member's plane is within
+  PLANE_ANGLE_DEGREES of its own (the groups `plane_disagreement` names)."""
+  limit_cos = np.cos(np.deg2rad(PLANE_ANGLE_DEGREES))
+  groups: list[list[str]] = []
+  for case_id in sorted(normals):
+    for members in groups:
+      if abs(float(normals[members[0]] @ normals[case_id])) >= limit_cos:
+        members.append(case_id)
+        break
+    else:
+      groups.append([case_id])
+  return groups
+
+
+def choose_dataset_orientations(geometries: Mapping[str, tuple[np.ndarray, Sequence[float]]],
+                                wheres: Mapping[str, Any] | None = None, limit: int = 5) -> DatasetOrientation:
+  """One frame per dataset: `geometries` {case id: (affine, spacing)}; `wheres` {case id: file} names a degenerate
+  affine's file in its error. Per plane group, the reference is the case whose own frame (`choose_orientation`) the
+  group agrees with best (the largest sum over cases of the best alignment score, ties to the first case id); every
+  case then takes `align_orientation` to it. Deterministic: the result depends only on the geometries."""
+  wheres = wheres or {}
+  own = {case_id: orientation_of(affine, spacing, wheres.get(case_id, case_id))
+         for case_id, (affine, spacing) in geometries.items()}
+  normals = {case_id: world_frame(geometries[case_id][0], own[case_id])[:, 2] for case_id in own}
+  orientations: dict[str, Orientation] = {}
+  references, warnings = [], []
+  for members in _plane_groups(normals):
+    candidates = np.stack([_candidate_frames(geometries[c][0], own[c].slice_axis) for c in members])  # (n, 8, 3, 2)
+    frames = np.stack([world_frame(geometries[c][0], own[c])[:, :2] for c in members])  # (n, 3, 2)
+    agreement = np.einsum("nkdi,mdi->nmk", candidates, frames).max(axis=2).sum(axis=0)  # (m,)
+    chosen = members[int(np.argmax(agreement))]
+    reference = {"case": chosen, "frame": world_frame(geometries[chosen][0], own[chosen]).tolist(),
+                 "world": list(own[chosen].world), "cases": len(members)}
+    references.append(reference)
+    far = []
+    for case_id in members:
+      affine, spacing = geometries[case_id]
+      orientations[case_id] = align_orientation(affine, spacing, reference)
+      degrees = frame_disagreement_degrees(affine, orientations[case_id], reference)
+      if degrees > REFERENCE_DISAGREEMENT_DEGREES:
+        far.append(f"{case_id} ({degrees:.0f} degrees)")
+    if far:
+      shown = ", ".join(far[:limit]) + (" ..." if len(far) > limit else "")
+      warnings.append(f"{len(far)} case(s) have in-plane axes more than {REFERENCE_DISAGREEMENT_DEGREES:g} degrees "
+                      f"from the dataset's reference frame (case {chosen}) even after the nearest reordering: "
+                      f"{shown}; their slices show the anatomy turned against the others': check their planning "
+                      "or headers")
+  return DatasetOrientation(orientations=orientations, references=references, warnings=warnings)
+
+
+def reference_for(references: Sequence[Mapping[str, Any]], affine: np.ndarray, spacing: Sequence[float]
+                  ) -> Mapping[str, Any] | None:
+  """The recorded reference whose slice plane is nearest to a new volume's (None when there is none within
+  PLANE_ANGLE_DEGREES: the volume is cut in its own frame)."""
+  own = choose_orientation(affine, spacing)
+  normal = world_frame(affine, own)[:, 2]
+  best, best_cos = None, np.cos(np.deg2rad(PLANE_ANGLE_DEGREES))
+  for reference in references:
+    cosine = abs(float(np.asarray(reference["frame"], np.float64)[:, 2] @ normal))
+    if cosine >= best_cos:
+      best, best_cos = reference, cosine
+  return best

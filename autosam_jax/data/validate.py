@@ -241,17 +241,27 @@ def _check_folder(data_dir: Path) -> None:
                     "dataset (dataset.json, imagesTr/, labelsTr/)")
 
 
-def _check_planes(root: Path, cases: list[Case], warnings: list[str]) -> None:
-  """Warns when the cases are acquired in different planes (slice planes far apart in world space): slices
-  are cut along each case's own through-plane axis, so a model trained on the majority's plane sees the others' rarely.
-  Uses the affines the checks above read: no file is opened again."""
-  from autosam_jax.data.orientation import orientation_of, plane_disagreement, slice_normal
+def dataset_orientation(cases: list[Case]):
+  """How the cases are cut (`orientation.choose_dataset_orientations`): one reference frame per acquisition plane,
+  each case's axes ordered and flipped nearest to it. Uses the affines validation read: no file is opened again."""
+  from autosam_jax.data.orientation import choose_dataset_orientations
 
-  normals = {case.case_id: slice_normal(case.affine, orientation_of(case.affine, case.spacing, case.image_path))
-             for case in cases}
+  return choose_dataset_orientations({case.case_id: (case.affine, case.spacing) for case in cases},
+                                     {case.case_id: case.image_path for case in cases})
+
+
+def _check_planes(root: Path, cases: list[Case], warnings: list[str]) -> None:
+  """Warns when the cases are acquired in different planes (slice planes far apart in world space), so a model
+  trained on the majority's plane sees the others' rarely, and names the cases whose in-plane axes stay far from their
+  plane's reference frame (`dataset_orientation`)."""
+  from autosam_jax.data.orientation import plane_disagreement, slice_normal
+
+  chosen = dataset_orientation(cases)
+  normals = {case.case_id: slice_normal(case.affine, chosen.orientations[case.case_id]) for case in cases}
   warning = plane_disagreement(normals)
   if warning:
     warnings.append(f"{root}: {warning}")
+  warnings.extend(f"{root}: {warning}" for warning in chosen.warnings)
 
 
 def validate_acdc(data_dir: str | Path) -> ValidationReport:
