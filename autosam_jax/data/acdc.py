@@ -31,16 +31,16 @@ ACDC cannot be downloaded automatically: its terms require registration.
 """
 
 
-def case_examples(cases, allowed_labels):
+def case_examples(cases, allowed_labels, orientations):
   """Slice examples of validated cases (`autosam_jax.data.validate.Case`), each cut along its through-plane axis in
-  the canonical voxel order chosen from the image's geometry (`autosam_jax.data.orientation`)."""
+  the canonical voxel order chosen once for the dataset (`orientations`: {case id: Orientation}, from
+  `validate.dataset_orientation`), so stacks planned a few degrees apart are not cut mirrored against each other."""
   from autosam_jax.data.nifti import read_label, read_nifti
-  from autosam_jax.data.orientation import orientation_of
 
   for case in cases:
     image = read_nifti(case.image_path)
     label = read_label(case.label_path, set(allowed_labels))
-    orientation = orientation_of(image.affine, image.spacing, case.image_path)
+    orientation = orientations[case.case_id]
     for example in volume_to_examples(case.case_id, case.patient_id, case.frame or "", image.data, label.data,
                                       image.spacing, image.affine, orientation):
       kill_point("build.example")
@@ -64,10 +64,12 @@ def source_fingerprint(cases) -> str:
 class Acdc(tfds.core.GeneratorBasedBuilder):
   """ACDC cine-MRI, ED and ES frames, as 2D short-axis slices with labels 0 bg, 1 RV, 2 MYO, 3 LV."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {"1.0.0": "2D slices of the ED and ES frames with geometry for reassembly.",
                    "1.1.0": "Slices along the through-plane axis of a canonical voxel order chosen from the geometry, "
-                            "with the orientation recorded; spacing in canonical order."}
+                            "with the orientation recorded; spacing in canonical order.",
+                   "1.2.0": "In-plane order chosen once per dataset (reference frames in the metadata); spacing from "
+                            "the sform in the header's unit."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -77,12 +79,17 @@ class Acdc(tfds.core.GeneratorBasedBuilder):
         metadata=tfds.core.MetadataDict(class_names=list(ACDC_TABLE.names), labels=ACDC_TABLE.to_dict()))
 
   def _split_generators(self, dl_manager):
-    reports = validated_acdc_parts(Path(dl_manager.manual_dir))
-    self.info.metadata["source_fingerprint"] = source_fingerprint([c for r in reports.values() for c in r.cases])
-    return {split: self._generate_examples(report.cases) for split, report in reports.items()}
+    from autosam_jax.data.validate import dataset_orientation
 
-  def _generate_examples(self, cases):
-    yield from case_examples(cases, ACDC_TABLE.values)
+    reports = validated_acdc_parts(Path(dl_manager.manual_dir))
+    cases = [c for r in reports.values() for c in r.cases]
+    self.info.metadata["source_fingerprint"] = source_fingerprint(cases)
+    chosen = dataset_orientation(cases)  # training and testing patients cut in one frame
+    self.info.metadata["orientation_references"] = chosen.references
+    return {split: self._generate_examples(report.cases, chosen.orientations) for split, report in reports.items()}
+
+  def _generate_examples(self, cases, orientations):
+    yield from case_examples(cases, ACDC_TABLE.values, orientations)
 
 
 def validated_acdc_parts(root: Path) -> dict:
@@ -119,6 +126,10 @@ def prepare(builder, source_dir: Path, fingerprint: str):
 
   data_path = Path(builder.data_dir)
   dataset_dir = data_path.parent
+  if not (data_path / "dataset_info.json").exists():  # a finished build is only read: a read-only folder serves
+    from autosam_jax.outputs import check_writable
+
+    check_writable(dataset_dir, "--tfds-dir")
   dataset_dir.mkdir(parents=True, exist_ok=True)
   lock = os.open(dataset_dir, os.O_RDONLY)
   try:
@@ -128,8 +139,9 @@ def prepare(builder, source_dir: Path, fingerprint: str):
     if (data_path / "dataset_info.json").exists():
       built_from = builder.info.metadata.get("source_fingerprint")
       if built_from != fingerprint:
-        raise DataError(f"{data_path}: was built from other source files than {source_dir}; delete it or choose "
-                        "another --data-dir")
+        raise DataError(f"{data_path}: was built from other source files than {source_dir} (changed since, or "
+                        "another dataset of the same layout); delete that folder to rebuild it, or choose another "
+                        "--tfds-dir (a sweep's tfds_dir)")
       return builder
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(source_dir)))
     return builder
