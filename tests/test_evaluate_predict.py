@@ -47,6 +47,31 @@ def test_evaluate_writes_both_conventions(run, evaluated, capsys):
   table = (evaluated / "metrics.md").read_text()
   for word in ("| RV |", "| MYO |", "| LV |", "| mean |", "Dice (official)", "HD95 (standard, mm)", "voxel"):
     assert word in table
+  # a row per case: the patient's official volume, then each frame under the standard convention
+  rows = table.split("### Per case")[1].strip().splitlines()
+  assert rows[0] == "| case | convention | RV | MYO | LV | mean Dice | mean HD95 |"
+  assert [r.split(" | ")[:2] for r in rows[2:]] == [["| patient003", "official, model grid"]] + [
+      [f"| {case}", f"standard, native grid, {f['frame']}"] for case, f in patient["standard"].items()]
+
+
+def test_summary_notes_where_the_conventions_disagree_and_why():
+  """A class whose mean Dice differs by more than 0.05 between the conventions is named, with the grid each one
+  counts on; classes within 0.05 are not."""
+  from autosam_jax.evaluation.evaluate import summary_table
+
+  def part(units, values):
+    return {"n_cases": 1, "units": units,
+            "classes": {k: {"dice": {"value": v}, "hd95": {"value": 1.0}} for k, v in values.items()},
+            "overall": {"dice": {"value": 0.5, "n_excluded": 0}, "hd95": {"value": 1.0, "n_excluded": 0}}}
+
+  summary = {"official": part("voxel", {"gray matter": 0.90, "WM": 0.80}),
+             "standard": part("mm", {"gray matter": 0.70, "WM": 0.78})}
+  notes = summary_table(summary, ["gray matter", "WM"]).split("\n\n")[1]
+  gap = [line for line in notes.splitlines() if "between the conventions" in line]
+  assert len(gap) == 1 and "gray matter (0.9000 official, 0.7000 standard)" in gap[0] and "WM" not in gap[0]
+  assert "model's grid" in gap[0] and "native grid" in gap[0]
+  summary["standard"] = part("mm", {"gray matter": 0.88, "WM": 0.78})
+  assert "between the conventions" not in summary_table(summary, ["gray matter", "WM"])
 
 
 def test_prediction_files_have_the_source_geometry(run, evaluated):

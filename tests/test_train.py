@@ -3,6 +3,7 @@ processes: tests/test_distributed.py."""
 
 import json
 import os
+import re
 
 from pathlib import Path
 
@@ -276,6 +277,29 @@ def test_validation_loss_is_the_mean_over_real_pixels_not_over_batches():
       "gray_matter", "korper_l", "class3", "class4"]
 
 
+def test_a_config_of_another_protocol_than_the_cache_is_warned_of(setup, tmp_path, capsys):
+  """The improved variant on a faithful cache: one warning line naming both (evaluate and predict refuse the
+  model with that cache); the run is not refused (here it stops when the head is built)."""
+  import dataclasses
+
+  class Built(Exception):
+    pass
+
+  def stop(config):
+    raise Built
+
+  capsys.readouterr()
+  with pytest.raises(Built):
+    train(dataclasses.replace(CONFIG, variant="improved"), setup["cache"], stop, tmp_path / "run",
+          list(setup["split"].labeled(1)), list(setup["split"].val), progress=False)
+  warnings = capsys.readouterr().err.strip().splitlines()
+  assert len(warnings) == 1 and warnings[0].startswith(f"warning: {setup['cache']}: ") and \
+      "under the faithful protocol but the config trains the improved variant" in warnings[0], warnings
+  with pytest.raises(Built):
+    train(CONFIG, setup["cache"], stop, tmp_path / "run", list(setup["split"].labeled(1)), [], progress=False)
+  assert capsys.readouterr().err == ""
+
+
 def test_typed_config_refusals_are_one_line_naming_the_source_and_the_field():
   import dataclasses
 
@@ -333,7 +357,14 @@ def test_train_command(setup, tmp_path, capsys):
             "--cache", str(setup["cache"]),
             "--weights", str(setup["weights"]), "--splits", str(setup["split_file"]), "--tr-size", "1"]
   assert main([*common, "--out", str(tmp_path / "run"), "--set", "epochs=1"]) == 0
-  assert "trained linear (faithful)" in capsys.readouterr().out
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[0] == "fold s: training on 1 patient(s) (patient001); validating on 1 patient(s) (patient002)"
+  assert lines[-1].startswith("trained linear (faithful)"), lines
+  # the last epoch's entries: classes by name, numbers rounded (metrics.jsonl keeps them whole)
+  last = lines[-1].split("last epoch 0 (step ")[1]
+  assert "val_dice_rv " in last and "val_dice_class" not in last and not re.search(r"\d\.\d{5,}", last), last
+  row = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+  assert f"val_loss {row['val_loss']:.4f}," in last and len(repr(row["val_loss"])) > 8
   assert (tmp_path / "run" / "final_model" / "train_config.json").exists()
   assert main([*common, "--out", str(tmp_path / "bad"), "--set", "epochs='many'"]) == 2
   assert "epochs must be int" in capsys.readouterr().err

@@ -52,9 +52,30 @@ def run(args: argparse.Namespace) -> int:
   if args.debug_nans:
     jax.config.update("jax_debug_nans", True)
   config = load_config(args.config, args.set)
+  main = options.is_main_process()
+
+  def announce(fold: str, labeled: list[str], validation: list[str]) -> None:
+    if main:  # flushed: the line comes before the progress bar (stderr) and any error
+      print(f"fold {fold}: training on {_patients(labeled)}; validating on {_patients(validation)}", flush=True)
+
   result = train_split(config, args.cache, args.weights, args.splits, args.fold, args.tr_size, args.out,
-                       progress=not args.no_progress)
-  if options.is_main_process():
+                       progress=not args.no_progress, announce=announce)
+  if main:
     print(f"trained {config.head} ({config.variant}) on {len(result['labeled'])} patient(s): {result['steps']} steps "
-          f"in {result['seconds']:.1f}s; model in {result['model']}; last epoch {result['last']}")
+          f"in {result['seconds']:.1f}s; model in {result['model']}; {last_epoch(result['last'])}")
   return 0
+
+
+def _patients(patients: list[str]) -> str:
+  return f"{len(patients)} patient(s) ({', '.join(patients)})" if patients else "no patients"
+
+
+def last_epoch(row: dict) -> str:
+  """The last epoch's row of metrics.jsonl as a line: its entries (per-class Dice named by the dataset's classes),
+  losses and Dice to 4 decimals, the learning rate to 4 significant digits; metrics.jsonl keeps them whole."""
+  if not row:
+    return "no epoch finished"
+  rounded = lambda key, value: f"{value:.4g}" if key == "lr" else f"{value:.4f}" if isinstance(value, float) else value
+  values = ", ".join(f"{key} {rounded(key, value)}" for key, value in row.items()
+                     if key not in ("kind", "epoch", "step"))
+  return f"last epoch {row.get('epoch')} (step {row.get('step')}): {values}"

@@ -185,7 +185,8 @@ def _evaluate(model_dir, weights_dir, cache_dir, source_dir, tfds_dir, splits_fi
   table = summary_table(summary, labels.foreground_names, frames)
   if process == 0:
     atomic_write_json(Path(out_dir) / "metrics.json", report)
-    atomic_write_bytes(Path(out_dir) / "metrics.md", (table + "\n").encode())
+    cases = case_table(patients, labels.foreground_names)  # in the file only: the command prints the summary
+    atomic_write_bytes(Path(out_dir) / "metrics.md", f"{table}\n\n{cases}\n".encode())
   barrier("autosam_jax.evaluate.written")
   return {"report": report, "table": table}
 
@@ -223,4 +224,50 @@ def summary_table(summary: dict[str, Any], class_names: list[str], frames: list[
     notes.append(f"standard: mean over {standard['n_cases']} {unit}(s){apart} on the native grid; HD95 in "
                  f"mm (MONAI); values undefined for empty masks left out (Dice: {excluded['dice']}, HD95: "
                  f"{excluded['hd95']} class-{unit} values).")
+  notes += _convention_gaps(summary, class_names)
   return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
+# Mean Dice of a class under the two conventions further apart than this gets a note on where each was measured.
+CONVENTION_GAP = 0.05
+
+
+def _convention_gaps(summary: dict[str, Any], class_names: list[str]) -> list[str]:
+  """A note naming the classes whose mean Dice differs by more than CONVENTION_GAP between the conventions, and the
+  grids behind the difference (empty masks, the other cause, are in the notes before it)."""
+  official, standard = summary.get("official"), summary.get("standard")
+  if not official or not standard:
+    return []
+  gaps = []
+  for name in class_names:
+    a = official["classes"].get(name, {}).get("dice", {}).get("value")
+    b = standard["classes"].get(name, {}).get("dice", {}).get("value")
+    if a is not None and b is not None and abs(a - b) > CONVENTION_GAP:
+      gaps.append(f"{name} ({a:.4f} official, {b:.4f} standard)")
+  if not gaps:
+    return []
+  return [f"Dice differs by more than {CONVENTION_GAP} between the conventions for {', '.join(gaps)}: official "
+          "Dice counts pixels of the model's grid (the slices resampled for the model), standard Dice voxels of "
+          "the scans' native grid (the prediction mapped back to each file), and they treat empty masks apart (see "
+          "above)."]
+
+
+def case_table(patients: dict[str, Any], class_names: list[str]) -> str:
+  """Markdown: a row per case of the report's `patients`: each patient's official volume (model grid), then each of
+  its cases (frames) under the standard convention (native grid); Dice per class, their mean and mean HD95."""
+  lines = ["### Per case", "", "| case | convention | " + " | ".join(class_names) + " | mean Dice | mean HD95 |",
+           "|---|---|" + "---:|" * (len(class_names) + 2)]
+
+  def row(case: str, convention: str, result: dict[str, Any]) -> str:
+    dice = [_fmt(result["classes"].get(name, {}).get("dice", {}).get("value"), 4) for name in class_names]
+    hd95 = result["mean"]["hd95"]["value"]
+    units = "vox" if result["units"] == "voxel" else result["units"]
+    return (f"| {case} | {convention} | " + " | ".join(dice) + f" | {_fmt(result['mean']['dice']['value'], 4)} | "
+            + ("n/a" if hd95 is None else f"{hd95:.2f} {units}") + " |")
+
+  for patient_id, patient in patients.items():
+    lines.append(row(patient_id, "official, model grid", patient["official"]))
+    for case_id, result in patient["standard"].items():
+      frame = f", {result['frame']}" if result.get("frame") else ""
+      lines.append(row(case_id, f"standard, native grid{frame}", result))
+  return "\n".join(lines)

@@ -262,6 +262,16 @@ def run_identity(config: TrainConfig, cache, labeled_patients, val_patients,
           "labeled_patients": sorted(labeled_patients), "val_patients": sorted(val_patients), **(inputs or {})}
 
 
+def warn_main(message: str) -> None:
+  """`warning: MESSAGE` on stderr, from process 0 only (every process checks the same inputs)."""
+  import sys
+
+  import jax
+
+  if jax.process_index() == 0:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def example_bytes(cache, index: int) -> int:
   return sum(np.asarray(v).nbytes for v in _example(cache, {}, index).values())
 
@@ -393,6 +403,11 @@ def _train(config, cache_dir, head_factory, out_dir, labeled_patients, val_patie
   views = int(depends_on.get("views", 0))
   preprocess = depends_on.get("preprocess")  # saved with the model, for predict
   record = model_record(labels, depends_on, config)
+  mode = (preprocess or {}).get("mode")
+  if mode not in (None, config.variant):
+    warn_main(f"{cache_dir}: the cache was computed under the {mode} protocol but the config trains the "
+              f"{config.variant} variant; evaluate and predict refuse such a model with this cache (precompute "
+              f"--mode {config.variant}, or set variant={mode})")
   labeled = sorted({(it["case_id"], it["slice_index"]) for it in cache.items
                     if it["patient_id"] in set(labeled_patients) and it["view"] == 0})
   if not labeled:

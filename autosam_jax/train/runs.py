@@ -23,9 +23,10 @@ def run_inputs(config, splits_file: Path, split, tr_size: int, weights: Path | N
 
 
 def train_split(config, cache: Path, weights: Path | None, splits_file: Path, fold: str | None, tr_size: int,
-                out: Path, progress: bool = True) -> dict:
+                out: Path, progress: bool = True, announce=None) -> dict:
   """Trains `config`'s model on the first `tr_size` training patients of the split `fold` of `splits_file` (validated
-  on its validation patients); returns `train`'s summary and the labeled patients."""
+  on its validation patients); returns `train`'s summary and the labeled patients. `announce(fold, labeled,
+  validation)`, if given, is called with the split's name and patients before the run starts (or resumes)."""
   from flax import nnx
 
   from autosam_jax.data.errors import DataError
@@ -47,5 +48,7 @@ def train_split(config, cache: Path, weights: Path | None, splits_file: Path, fo
     return build_model(config, sam, rngs=nnx.Rngs(config.seed))
 
   inputs = run_inputs(config, splits_file, split, tr_size, weights)
+  if announce is not None:
+    announce(split.name, list(labeled), list(split.val))
   result = train(config, cache, head_factory, out, labeled, list(split.val), progress=progress, inputs=inputs)
   return {**result, "labeled": labeled}
