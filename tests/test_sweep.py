@@ -203,3 +203,12 @@ def test_sweep_config_rules_hold_however_it_is_made(tmp_path):
   with pytest.raises(DataError, match=rf"^{re.escape(str(file))} with --set: num_folds must be an integer, 2 or more, "
                                      r"got 1$"):
     load_sweep_config(file, ["num_folds=1"])
+
+
+def test_cells_without_an_encoder_leave_it_out_of_their_names(tmp_path):
+  from autosam_jax.experiment.sweep import Cell
+
+  unet, linear = Cell("unet", "-", 1, "f0"), Cell("linear", "vit_b", 2, "f0")
+  assert (unet.cell_id, linear.cell_id) == ("unet--tr1--f0", "linear--vit_b--tr2--f0")  # not unet-----tr1--f0
+  assert unet.run_dir(tmp_path) == tmp_path / "runs" / "unet" / "f0" / "tr1"  # no folder named "-"
+  assert linear.run_dir(tmp_path) == tmp_path / "runs" / "linear" / "vit_b" / "f0" / "tr2"

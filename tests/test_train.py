@@ -300,6 +300,18 @@ def test_a_config_of_another_protocol_than_the_cache_is_warned_of(setup, tmp_pat
   assert capsys.readouterr().err == ""
 
 
+def test_a_head_needing_sam_weights_is_refused_without_them_in_plain_words(tmp_path):
+  from autosam_jax.data.errors import DataError
+  from autosam_jax.data.splits import Split
+  from autosam_jax.train.runs import train_split
+
+  Split(name="s", seed=0, train=("p1",), val=("p2",), test=("p3",)).to_json(tmp_path / "split.json")
+  with pytest.raises(DataError, match=r"^--weights is needed to initialise an autosam head from SAM$"):
+    train_split(TrainConfig(head="autosam"), tmp_path / "cache", None, tmp_path / "split.json", None, 1,
+                tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
 def test_typed_config_refusals_are_one_line_naming_the_source_and_the_field():
   import dataclasses
 

@@ -23,7 +23,7 @@ def export_merged(model_dir: str | os.PathLike, weights_dir: str | os.PathLike, 
   from flax import nnx
 
   from autosam_jax.evaluation.predict import load_model
-  from autosam_jax.models.trained import read_train_config
+  from autosam_jax.models.trained import a_head, read_train_config
   from autosam_jax.outputs import file_digest
   from weights_conversion.convert import FORMAT_VERSION, check_output, write_converted
 
@@ -31,7 +31,7 @@ def export_merged(model_dir: str | os.PathLike, weights_dir: str | os.PathLike, 
   check_output(out_dir.absolute(), overwrite, [model_dir, weights_dir])
   config = read_train_config(model_dir)
   if not config.lora:
-    raise DataError(f"{model_dir}: a {config.head} head on the frozen encoder has no LoRA factors to merge; export a "
+    raise DataError(f"{model_dir}: {a_head(config.head)} on the frozen encoder has no LoRA factors to merge; export a "
                     "model trained with lora_rank")
   sam, _, _ = load_model(model_dir, weights_dir, encoder=True)  # its encoder: the merged adapted one
   flat = {tuple(str(k) for k in path): np.asarray(value[...], np.float32)

@@ -191,7 +191,8 @@ def load_model(model_dir: Path, weights_dir: Path | None, encoder: bool):
   if train_config.head == "unet":
     return None, restore_head(model_dir, train_config, None), train_config
   if weights_dir is None:
-    raise DataError(f"{model_dir}: a {train_config.head} head needs --weights (the converted SAM it was trained with)")
+    from autosam_jax.models.trained import a_head
+    raise DataError(f"{model_dir}: {a_head(train_config.head)} needs --weights (the converted SAM it was trained with)")
   read_config(weights_dir)  # fails fast, before the (slow) restore, on a directory that is not converted weights
   if record.get("weights_sha256"):
     if weights_digest(Path(weights_dir)) not in ("", record["weights_sha256"]):

@@ -126,11 +126,14 @@ class Cell:
 
   @property
   def cell_id(self) -> str:
-    return f"{self.method}--{self.encoder}--tr{self.tr_size}--{self.fold}"
+    # a cell without an encoder ("-") leaves it out: unet--tr1--FOLD, not unet-----tr1--FOLD
+    encoder = () if self.encoder == "-" else (self.encoder,)
+    return "--".join((self.method, *encoder, f"tr{self.tr_size}", self.fold))
 
   def run_dir(self, out: Path) -> Path:
     tr = "no-training" if self.tr_size == 0 else f"tr{self.tr_size}"
-    return out / "runs" / self.method / self.encoder / self.fold / tr
+    encoder = () if self.encoder == "-" else (self.encoder,)  # no folder named "-"
+    return Path(out, "runs", self.method, *encoder, self.fold, tr)
 
 
 def load_sweep_config(path: Path, overrides: list[str] = ()) -> SweepConfig:

@@ -117,6 +117,11 @@ def cache_kind(depends_on: dict[str, Any]) -> str:
   return depends_on.get("kind") or "sam_embeddings"
 
 
+def a_head(head: str) -> str:
+  """The head named with its article, as it is said: "an autosam head", "a cnn head", "a unet head"."""
+  return f"{'an' if head[:1] in ('a', 'e', 'i', 'o') else 'a'} {head} head"
+
+
 def needed_kind(config) -> str:
   """The cache kind a model trains and is evaluated on: images (UNet), encoder inputs (LoRA) or embeddings."""
   return "images" if config.head == "unet" else "sam_inputs" if config.lora else "sam_embeddings"
@@ -128,7 +133,7 @@ def kind_refusal(where: str, depends_on: dict[str, Any], config) -> DataError | 
   have, need = cache_kind(depends_on), needed_kind(config)
   if have == need:
     return None
-  model = f"a {config.head} head" + (f" with LoRA (lora_rank {config.lora_rank})" if config.lora else "")
+  model = a_head(config.head) + (f" with LoRA (lora_rank {config.lora_rank})" if config.lora else "")
   make = {"images": "an image cache (autosam-jax image-cache)",
           "sam_inputs": "an input cache (autosam-jax precompute --store inputs)",
           "sam_embeddings": "a feature cache (autosam-jax precompute)"}[need]
@@ -167,7 +172,7 @@ def build_model(config, sam, *, rngs):
     from autosam_jax.models.unet import UNet
     return UNet(config.num_classes, base_channels=config.unet_base_channels, rngs=rngs)
   if config.init_encoder:
-    raise DataError(f"init_encoder is for the UNet (head 'unet'), not for a {config.head} head")
+    raise DataError(f"init_encoder is for the UNet (head 'unet'), not for {a_head(config.head)}")
   from autosam_jax.models.heads import build_head
   head = build_head(config.head, config.num_classes, variant=config.variant, sam=sam, joint=config.joint,
                     cnn_top_channels=config.cnn_top_channels, rngs=rngs)
@@ -230,7 +235,7 @@ def restore_head(model_dir: str | os.PathLike, config, sam) -> Any:
       return checkpointer.restore(model_dir / "state", {"params": as_target(nnx.to_pure_dict(params)),
                                                         "frozen": as_target(saved_frozen)})
 
-  what = f"a {config.head} head" + (f" with rank-{config.lora_rank} LoRA factors" if config.lora else "")
+  what = a_head(config.head) + (f" with rank-{config.lora_rank} LoRA factors" if config.lora else "")
   restored = restore_or_raise(restore, lambda reason: DataError(
       f"{model_dir}: cannot be restored as {what} for this SAM: {reason}"))
   nnx.replace_by_pure_dict(params, restored["params"])

@@ -40,7 +40,8 @@ def train_split(config, cache: Path, weights: Path | None, splits_file: Path, fo
   if config.variant == "improved":  # its plateau and best model need validation Dice: refuse before writing
     require_validation_patients(split, splits_file)
   if config.head != "unet" and weights is None:
-    raise DataError(f"--weights is needed to initialise a {config.head} head from SAM")
+    from autosam_jax.models.trained import a_head
+    raise DataError(f"--weights is needed to initialise {a_head(config.head)} from SAM")
 
   def head_factory(config):  # num_classes filled in from the cache's label table
     # the UNet is trained from scratch; a LoRA run's encoder computes in its encoder_dtype
