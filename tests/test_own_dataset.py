@@ -1,7 +1,8 @@
 """Datasets that are not ACDC, through the command line as a user runs them: nnU-Net's raw layout with their own
-classes and names, isotropic voxels in a non-standard voxel order (v1 dataset.json), and five classes on thick
-slices (v2). Every output names exactly the dataset's classes; Dice per class is checked against MONAI on the
-written predictions; permuted and flipped copies of a scan give the permuted and flipped prediction."""
+classes and names, isotropic voxels in a non-standard voxel order (v1 dataset.json), and five classes plus nnU-Net's
+ignore label on thick slices (v2). Every output names exactly the dataset's scored classes; Dice per class is checked
+against MONAI on the written predictions (with the ignore label's pixels left out, as nnU-Net scores); permuted and
+flipped copies of a scan give the permuted and flipped prediction."""
 
 import json
 from pathlib import Path
@@ -38,7 +39,8 @@ def world(meta_checkpoints, tmp_path_factory):
   brain = write_shapes_dataset(root / "Dataset201_Brain", num_cases=6, class_names=BRAIN, seed=3,
                                spacing=(1.0, 1.0, 1.0), shape=(36, 40, 32), voxel_order=(2, 0, 1),
                                flips=(True, False, True), dataset_json_version=1)
-  organs = write_shapes_dataset(root / "Dataset202_Organs", num_cases=6, class_names=ORGANS, seed=4,
+  # The last class is nnU-Net's ignore label: unannotated blobs, never a class of the model or of a report.
+  organs = write_shapes_dataset(root / "Dataset202_Organs", num_cases=6, class_names=[*ORGANS, "ignore"], seed=4,
                                 spacing=(1.5, 1.5, 5.0), shape=(48, 44, 10))
   assert _main(["convert", checkpoint, root / "weights"]) == 0
   return {"root": root, "checkpoint": checkpoint, "brain": brain, "organs": organs, "weights": root / "weights"}
@@ -64,8 +66,10 @@ def _check_report(eval_dir: Path, dataset: Path, names: list[str]) -> None:
   for convention in ("official", "standard"):
     assert list(report["summary"][convention]["classes"]) == names
   table = (eval_dir / "metrics.md").read_text()
-  rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+  summary, _, per_case = table.partition("### Per case")
+  rows = [line.split("|")[1].strip() for line in summary.splitlines() if line.startswith("| ") and "---" not in line]
   assert rows == ["class", *names, "mean"]
+  assert per_case.splitlines()[2] == "| case | convention | " + " | ".join(names) + " | mean Dice | mean HD95 |"
   assert not any(word in table.replace("SAM", "") for word in ACDC_WORDS), table
   scored = 0
   for patient in report["patients"].values():
@@ -77,9 +81,13 @@ def _check_report(eval_dir: Path, dataset: Path, names: list[str]) -> None:
       assert written.shape == label_file.shape
       np.testing.assert_allclose(written.affine, label_file.affine, atol=1e-5)
       prediction, truth = np.asarray(written.dataobj), np.asarray(label_file.dataobj)
-      assert set(np.unique(prediction).tolist()) <= set(range(len(names) + 1))
+      assert set(np.unique(prediction).tolist()) <= set(range(len(names) + 1))  # never the ignore label
+      ignore = _labels_of(dataset).get("ignore")
+      if ignore is not None:  # nnU-Net's scoring: the ignore label's pixels count for no class
+        assert (truth == ignore).any() and (prediction[truth == ignore] > 0).any()
+        prediction, truth = np.where(truth == ignore, 0, prediction), np.where(truth == ignore, 0, truth)
       for name, value in _labels_of(dataset).items():
-        if value == 0:
+        if value == 0 or name == "ignore":
           continue
         ours, monai = result["classes"][name]["dice"]["value"], _monai_dice(prediction, truth, value)
         assert (math_nan(ours) and math_nan(monai)) or ours == pytest.approx(monai, abs=1e-6), (case_id, name)
@@ -159,7 +167,7 @@ def organs_run(world):
 def test_five_classes_through_train_evaluate_and_predict(world, organs_run, tmp_path, capsys):
   organs, weights, run = world["organs"], world["weights"], organs_run["run"]
   config = json.loads((run / "final_model" / "train_config.json").read_text())
-  assert config["num_classes"] == 6  # from the data, not a default
+  assert config["num_classes"] == 6  # from the data, not a default: background and 5 classes, not the ignore label
   _check_report(run / "eval", organs, ORGANS)
 
   # predict on the raw nnU-Net images: outputs named by case (the channel suffix dropped), the file's geometry kept
@@ -221,3 +229,48 @@ def test_a_config_with_other_classes_is_refused_naming_both(world, organs_run, t
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "liver" in err[0] and "grey matter" in err[0], err
   assert not (tmp_path / "eval").exists()
+
+
+def test_each_source_folder_gets_its_own_default_tfds_folder(tmp_path, monkeypatch, capsys):
+  """Two datasets of one layout and one name in different places: without --tfds-dir each is built in a folder of
+  its own (the same for every spelling of its path); in one --tfds-dir (or its old name --data-dir) the second is
+  refused, naming the fix."""
+  from autosam_jax.data.shapes import write_shapes_dataset
+  from autosam_jax.data.volumes import default_tfds_dir
+
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.chdir(tmp_path)
+  first, second = (write_shapes_dataset(tmp_path / where / "Dataset201_Brain", num_cases=2, class_names=BRAIN,
+                                        seed=seed, shape=(24, 24, 6)) for where, seed in (("a", 1), ("b", 2)))
+  assert default_tfds_dir("a/Dataset201_Brain") == default_tfds_dir(first) == default_tfds_dir(f"{first}/")
+  assert default_tfds_dir(first) != default_tfds_dir(second)
+  assert default_tfds_dir(first).parent == tmp_path / "home" / "tensorflow_datasets" / "autosam-jax"
+  for dataset in (first, second):
+    assert _main(["build-dataset", "nnunet", dataset]) == 0
+    assert f"in {default_tfds_dir(dataset)}/" in capsys.readouterr().out
+  assert _main(["build-dataset", "nnunet", first, "--data-dir", tmp_path / "shared"]) == 0
+  assert (tmp_path / "shared" / "nnunet_raw").is_dir()
+  capsys.readouterr()
+  assert _main(["build-dataset", "nnunet", second, "--tfds-dir", tmp_path / "shared"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "built from other source files" in err[0] and "another --tfds-dir" in err[0], err
+
+
+def test_the_own_dataset_sweep_config_fits_six_cases_and_is_the_readmes(tmp_path):
+  """experiments/configs/own_dataset_sweep.py on a dataset of 6 cases (the README's practice dataset): 3 folds of
+  tr_size 1 and 2 with a validation patient each, a LoRA cell among them; its docstring's command is the README's."""
+  import ast
+  import re
+
+  from autosam_jax.experiment.sweep import _cells, load_sweep_config, prepare_splits
+
+  path = CONFIGS / "own_dataset_sweep.py"
+  config = load_sweep_config(path, ["data=Dataset201_Brain", "encoders={'vit_b': 'weights/vit_b'}"])
+  splits, _ = prepare_splits(config, tmp_path, [f"case_{i:03d}" for i in range(6)])
+  assert [len(s.val) for s in splits] == [1, 1, 1]
+  cells = _cells(config, splits)
+  assert len(cells) == 24 and {c.method for c in cells} >= {"lora", "unet"}
+  docstring = ast.get_docstring(ast.parse(path.read_text()))
+  flat = lambda text: " ".join(text.replace("\\\n", " ").split())
+  command = re.search(r"autosam-jax sweep --config \S+own_dataset_sweep.py.*?\}\"", docstring, re.S).group(0)
+  assert flat(command) in flat((REPO_ROOT / "README.md").read_text())

@@ -6,7 +6,9 @@
   table.num_classes, table.foreground                              # 3, {1: "GM", 2: "WM"}
 
 Values are consecutive integers from 0 (background), as nnU-Net requires, so a class's value is also its channel in
-the models' logits and the label a prediction writes. The table is recorded as a plain {name: value} object (the v2
+the models' logits and the label a prediction writes. nnU-Net v2's ignore label (a class named "ignore", which must
+hold the highest value) marks unannotated pixels: it is no class of the models (no logit channel, never predicted),
+its pixels carry no loss and are left out of every score, and it is no column of any report. The table is recorded as a plain {name: value} object (the v2
 form of dataset.json) in the TFDS dataset's metadata, the cache manifest, each run and each saved model; every later
 stage reads it from there and refuses data or models of another table, naming both.
 """
@@ -19,6 +21,7 @@ from typing import Any
 
 from autosam_jax.data.errors import DataError
 
+IGNORE_NAME = "ignore"  # nnU-Net v2's name for the label of unannotated pixels
 
 @dataclasses.dataclass(frozen=True)
 class LabelTable:
@@ -33,30 +36,41 @@ class LabelTable:
       raise ValueError(f"class names must be distinct, got {list(names)}")
     if not all(isinstance(n, str) and n.strip() for n in names):
       raise ValueError(f"class names must be non-empty strings, got {list(names)}")
+    if IGNORE_NAME in names[:-1]:
+      raise ValueError(f"the {IGNORE_NAME!r} label must hold the highest value (nnU-Net's rule), got {list(names)}")
+    if names[-1] == IGNORE_NAME and len(names) < 3:
+      raise ValueError(f"a label table needs a class besides the background and {IGNORE_NAME!r}, got {list(names)}")
+
+  @property
+  def ignore(self) -> int | None:
+    """The value of nnU-Net's ignore label (unannotated pixels: no loss, no score, never predicted), or None."""
+    return len(self.names) - 1 if self.names[-1] == IGNORE_NAME else None
 
   @property
   def num_classes(self) -> int:
-    """Background included: the number of logit channels a model of this dataset has."""
-    return len(self.names)
+    """Background included, the ignore label not: the number of logit channels a model of this dataset has."""
+    return len(self.names) - (self.ignore is not None)
 
   @property
   def values(self) -> tuple[int, ...]:
+    """Every value a label file may hold (the ignore label's too)."""
     return tuple(range(len(self.names)))
 
   @property
   def foreground(self) -> dict[int, str]:
-    """{value: name} of the classes that are scored (every class but the background)."""
-    return {value: name for value, name in enumerate(self.names) if value}
+    """{value: name} of the classes that are scored (every class but the background and the ignore label)."""
+    return {value: name for value, name in enumerate(self.names[:self.num_classes]) if value}
 
   @property
   def foreground_names(self) -> list[str]:
-    return list(self.names[1:])
+    return list(self.names[1:self.num_classes])
 
   def to_dict(self) -> dict[str, int]:
     return {name: value for value, name in enumerate(self.names)}
 
   def describe(self) -> str:
-    return ", ".join(f"{value} {name}" for value, name in enumerate(self.names))
+    return ", ".join(f"{value} {name}" + (" (not scored)" if value == self.ignore else "")
+                     for value, name in enumerate(self.names))
 
   @classmethod
   def from_dict(cls, labels: Any, where: str) -> "LabelTable":
@@ -95,6 +109,11 @@ class LabelTable:
       raise DataError(f"{where}: class names {names} are not distinct; give each class its own name")
     if any(not name.strip() for name in names):
       raise DataError(f"{where}: a class has an empty name; name every class")
+    if IGNORE_NAME in names[:-1]:
+      raise DataError(f"{where}: the {IGNORE_NAME!r} label has the value {names.index(IGNORE_NAME)}, not the highest "
+                      f"({len(names) - 1}); nnU-Net requires the ignore label to be the highest value: renumber it")
+    if names[-1] == IGNORE_NAME and len(names) < 3:
+      raise DataError(f"{where}: only the background and {IGNORE_NAME!r} are declared; add the classes to segment")
     return cls(tuple(names))
 
   def check_values(self, present: Iterable[int], where: Any) -> None:

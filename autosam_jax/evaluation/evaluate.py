@@ -25,12 +25,13 @@ class PatientScore:
 
 def score_patient(patient_id: str, predictions: dict[str, np.ndarray], targets: dict[str, np.ndarray],
                   volumes: dict[str, Any], preprocess_config, classes: dict[int, str],
-                  native_predictions: dict[str, np.ndarray] | None = None) -> PatientScore:
+                  native_predictions: dict[str, np.ndarray] | None = None, ignore: int | None = None) -> PatientScore:
   """Scores one patient from its frames' target-grid predictions, on the dataset's classes ({value: name}).
 
   predictions: per case, (Z, T, T, C) logits or (Z, T, T) labels on the target grid; targets: per case, the cache's
   (Z, T, T) targets. The official stack is every frame's slices in case order (ED before ES in ACDC's naming).
   `native_predictions` replaces the mapping back to the native grid (to check the scoring on the ground truth).
+  `ignore`: the dataset's ignore label (`LabelTable.ignore`), whose pixels no score counts.
   """
   from autosam_jax.data.preprocess import preprocess_volume
   from autosam_jax.evaluation.predict import native_labels
@@ -50,9 +51,9 @@ def score_patient(patient_id: str, predictions: dict[str, np.ndarray], targets: 
         else np.asarray(native_predictions[case_id], np.uint8)
     native[case_id] = pred_native
     standard[case_id] = evaluate_volume(pred_native, volume.label, tuple(float(s) for s in volume.spacing),
-                                        classes=classes, convention="standard", case_id=case_id)
+                                        classes=classes, convention="standard", case_id=case_id, ignore=ignore)
   official = evaluate_volume(np.concatenate(official_pred), np.concatenate(official_true), classes=classes,
-                             convention="official", case_id=patient_id)
+                             convention="official", case_id=patient_id, ignore=ignore)
   return PatientScore(official, standard, native)
 
 
@@ -131,7 +132,8 @@ def _evaluate(model_dir, weights_dir, cache_dir, source_dir, tfds_dir, splits_fi
       barrier("autosam_jax.evaluate.dataset_built")
   volumes, fingerprint, data_labels = volumes
   if depends_on.get("dataset_fingerprint") not in (None, fingerprint):
-    raise DataError(f"{cache_dir}: the cache was computed from other data than {source_dir}")
+    raise DataError(f"{cache_dir}: the cache was computed from other data than {source_dir}; give the --data it was "
+                    "computed from, or precompute a cache of this data")
   labels.check_same(data_labels, model_dir, "the model", f"the dataset {source_dir}")
   classes = labels.foreground
   frames = sorted({v.frame for v in volumes.values() if v.frame})
@@ -159,7 +161,7 @@ def _evaluate(model_dir, weights_dir, cache_dir, source_dir, tfds_dir, splits_fi
       items = [cache[i] for i in indices]
       logits[case_id] = forward(np.stack([np.asarray(it["embedding"], np.float32) for it in items]))
       targets[case_id] = np.stack([it["target"] for it in items])
-    score = score_patient(patient_id, logits, targets, volumes, preprocess_config, classes)
+    score = score_patient(patient_id, logits, targets, volumes, preprocess_config, classes, ignore=labels.ignore)
     for case_id, predicted in score.native.items():
       volume = volumes[case_id]  # scored in canonical order, written in the file's own voxel order and affine
       atomic_write_bytes(predictions_dir / f"{case_id}.nii.gz",

@@ -297,11 +297,14 @@ class VolumeResult:
 
 
 def evaluate_volume(pred_labels: Any, true_labels: Any, spacing: SpacingLike = None, *,
-                    classes: Mapping[int, str], convention: Convention, case_id: str | None = None) -> VolumeResult:
+                    classes: Mapping[int, str], convention: Convention, case_id: str | None = None,
+                    ignore: int | None = None) -> VolumeResult:
   """Per-class Dice and HD95 of a predicted label volume against the true one.
 
   classes: {label value: name} of exactly the classes to score, the dataset's foreground
     (`LabelTable.foreground`); there is no default, so no dataset is scored with another one's classes.
+  ignore: the value of nnU-Net's ignore label (`LabelTable.ignore`): where the ground truth holds it, neither the
+    prediction nor the ground truth counts for any class (both read as background there), as nnU-Net scores.
 
   official: pass the patient's ED and ES slices stacked along one axis on the 224 grid (as the paper's `test()` does)
     and no spacing: HD95 is in voxels of whatever grid the arrays are on.
@@ -324,6 +327,11 @@ def evaluate_volume(pred_labels: Any, true_labels: Any, spacing: SpacingLike = N
   names = list(classes.values())
   if len(set(names)) != len(names):
     raise ValueError(f"class names must be distinct: {names}")
+  if ignore is not None:
+    if ignore in classes:
+      raise ValueError(f"the ignore label {ignore} cannot be a scored class")
+    unannotated = true_labels == ignore
+    pred_labels, true_labels = np.where(unannotated, 0, pred_labels), np.where(unannotated, 0, true_labels)
 
   dice_values, hd95_values = {}, {}
   for label, name in classes.items():

@@ -304,6 +304,8 @@ def _zero_shot(weights_dir, source_dir, tfds_dir, splits_file, out_dir, *, fold,
     raise DataError(f"{splits_file}: test patients of split {split.name!r} not in {source_dir}: "
                     f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
   sam = load_sam(weights_dir)
+  from autosam_jax.models.image_encoder import set_attention
+  set_attention(sam.image_encoder, "auto", frozen=True)  # nothing is differentiated: cuDNN's attention where it applies
   config = PreprocessConfig(mode=mode, encoder_size=sam.config.image_size,
                             head_size=4 * sam.config.image_embedding_size)
   segmenter = ZeroShotSegmenter(sam, classes=tuple(classes), mode=mode, prompt=prompt, batch_size=batch_size)
@@ -327,7 +329,8 @@ def _zero_shot(weights_dir, source_dir, tfds_dir, splits_file, out_dir, *, fold,
         result = segmenter.segment(pre, volume.label, on_batch=None if bar is None else bar.update)
         target_labels[case_id], native[case_id] = result.target_labels, result.native_labels
         targets[case_id] = pre.targets
-      score = score_patient(patient_id, target_labels, targets, volumes, config, classes, native_predictions=native)
+      score = score_patient(patient_id, target_labels, targets, volumes, config, classes, native_predictions=native,
+                            ignore=table.ignore)
       predictions.update(score.native)
       official_results.append(score.official)
       standard_results += list(score.standard.values())

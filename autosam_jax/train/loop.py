@@ -129,17 +129,18 @@ def _eval_step(params, frozen, batch, *, graphdef):
   import jax
   import jax.numpy as jnp
 
-  from autosam_jax.train.losses import segmentation_loss
+  from autosam_jax.train.losses import scored, segmentation_loss
 
   logits = _logits(graphdef, params, frozen, batch["embedding"], batch["target"].shape[1])
   loss, _ = segmentation_loss(logits, batch["target"], batch["weight"])
   predicted = jnp.argmax(logits, axis=-1)
   num_classes = logits.shape[-1]
-  p = jax.nn.one_hot(predicted, num_classes) * batch["weight"][..., None]
-  g = jax.nn.one_hot(batch["target"], num_classes) * batch["weight"][..., None]
+  target, weight = scored(batch["target"], batch["weight"], num_classes)  # the ignore label's pixels weigh 0
+  p = jax.nn.one_hot(predicted, num_classes) * weight[..., None]
+  g = jax.nn.one_hot(target, num_classes) * weight[..., None]
   # the batch's loss is a mean over its weighted pixels: their number lets validation weigh batches by it
   return (loss, jnp.sum(p * g, axis=(0, 1, 2)), jnp.sum(p, axis=(0, 1, 2)) + jnp.sum(g, axis=(0, 1, 2)),
-          jnp.sum(batch["weight"]))
+          jnp.sum(weight))
 
 
 @functools.cache
@@ -300,7 +301,10 @@ class HeadTraining(Method):
     self.train_config, self.config = config, config.to_dict()
     self.cache, self.views_of_slices, self.val_indices = cache, views_of_slices, val_indices
     self.where, self.out_dir, self.preprocess, self.record = where, Path(out_dir), preprocess, record
-    self.class_names = sorted(record["labels"], key=record["labels"].get)[1:]  # the foreground, by label value
+    from autosam_jax.data.labels import LabelTable
+
+    # the scored classes, by label value (not the background, not an ignore label)
+    self.class_names = LabelTable.from_dict(record["labels"], "the model record").foreground_names
     self.padding = _padding(cache, int(views_of_slices[0, 0]))
     self.plateau = ReduceLROnPlateau(mode="min" if config.scheduler == "plateau_train_loss" else "max")
     self.best = {"score": float("-inf"), "epoch": -1}
@@ -422,18 +426,22 @@ def _train(config, cache_dir, head_factory, out_dir, labeled_patients, val_patie
     raise DataError(f"{cache_dir}: augment {config.augment!r} transforms model images, but this cache holds "
                     f"{CACHE_KINDS[cache_kind(depends_on)]}; augment 'none' (SAM heads and LoRA runs are augmented "
                     "through the cache's views: precompute --views K)")
+  # A batch beyond the data holds nothing more (its other rows are zero-weight padding, which neither the loss nor
+  # validation counts): it runs as big as the data, so batch_size=100000 on 244 slices takes 244 rows of memory, not
+  # 100000 (tens of GB). An epoch is still one step of every slice; the run records the batch_size it was given.
+  rows = min(config.batch_size, max(len(views_of_slices), len(val_indices)))
   # the host side of a step: the batches the loader keeps ready, the one being stacked, and the device copy, for
   # every process's rows
-  require_memory((PREFETCH_BATCHES + 2) * config.batch_size * example_bytes(cache, int(views_of_slices[0, 0])),
+  require_memory((PREFETCH_BATCHES + 2) * rows * example_bytes(cache, int(views_of_slices[0, 0])),
                  f"batch size {config.batch_size}", "choose a smaller batch_size")
   identity = run_identity(config, cache, labeled_patients, val_patients, inputs)
 
   head = head_factory(config)
-  where = placement(config.batch_size)
+  where = placement(rows)
   # Everything checked: from here on the run writes.
   take_output(stack, out_dir, "train", identity, main=where.main)
   method = HeadTraining(config, cache, views_of_slices, val_indices, head, where, out_dir, preprocess, record)
-  options = LoopOptions(epochs=config.epochs, batch_size=config.batch_size,
+  options = LoopOptions(epochs=config.epochs, batch_size=rows,
                         checkpoint_every_steps=config.checkpoint_every_steps,
                         sync_every_steps=sync_every_steps or SYNC_EVERY_STEPS, progress=progress,
                         description="training", stop_after_steps=stop_after_steps,

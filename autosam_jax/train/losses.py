@@ -1,7 +1,8 @@
 """The official loss: cross-entropy + batch soft Dice over the foreground classes (paper-protocol section 3).
 
 Pixels may carry weights: 0 for padding (improved mode's padded border, or the zero-weight samples that fill the last
-batch to a fixed size), 1 otherwise, so the loss equals the official one on the real pixels.
+batch to a fixed size), 1 otherwise, so the loss equals the official one on the real pixels. A label beyond the
+logits' channels is nnU-Net's ignore label (`LabelTable.ignore`): its pixels weigh 0 (`scored`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,15 @@ def batch_soft_dice_loss(logits: Array, labels: Array, weights: Array, smooth: f
   return jnp.sum(jnp.where(kept, per_class, 0.0)) / jnp.maximum(jnp.sum(kept), 1)
 
 
+def scored(labels: Array, weights: Array, num_classes: int) -> tuple[Array, Array]:
+  """(labels, weights) with the pixels of the ignore label (any value >= num_classes, the logits' channels) given
+  weight 0 and label 0, so they carry no loss and no score and index no channel."""
+  keep = labels < num_classes
+  return jnp.where(keep, labels, 0), weights * keep.astype(weights.dtype)
+
+
 def segmentation_loss(logits: Array, labels: Array, weights: Array) -> tuple[Array, dict[str, Array]]:
+  labels, weights = scored(labels, weights, logits.shape[-1])
   ce = cross_entropy(logits, labels, weights)
   dice = batch_soft_dice_loss(logits, labels, weights)
   return ce + dice, {"ce": ce, "dice_loss": dice}
