@@ -155,6 +155,23 @@ def test_nnunet_builder(tmp_path):
     np.testing.assert_array_equal(volumes[case].image, _canonical(image.get_fdata(dtype=np.float32), image))
 
 
+def test_build_dataset_command_prints_only_its_own_lines(tmp_path, capfd, monkeypatch):
+  """No TFDS download announcement ("Downloading and preparing dataset Unknown size ..."), no absl warning about
+  the folder's BuilderConfig, and with --no-progress no TFDS progress bar: the command's two lines alone."""
+  from autosam_jax.cli import main
+  from autosam_jax.data import build
+  from autosam_jax.data.shapes import write_shapes_dataset
+
+  monkeypatch.setattr(build, "_tfds_progress", True)  # --no-progress turns it off for this process
+  source = write_shapes_dataset(tmp_path / "Dataset902_Blobs", num_cases=2, class_names=["gray matter"], seed=0,
+                                shape=(16, 16, 4))
+  capfd.readouterr()
+  assert main(["build-dataset", "nnunet", str(source), "--data-dir", str(tmp_path / "tfds"),
+               "--no-progress"]) == 0
+  out, err = capfd.readouterr()
+  assert err == "" and [line.split(" ")[0] for line in out.splitlines()] == ["train:", "dataset"], (out, err)
+
+
 def test_grain_loader_order_and_resume(acdc_built):
   _, source, _, _ = acdc_built
   index = SliceIndex.build(source)

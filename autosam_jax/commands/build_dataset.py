@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from autosam_jax.commands import options
 
 DESCRIPTION = """Build a dataset of 2D slices from NIfTI volumes (no TensorFlow needed).
 
@@ -20,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("source_dir", type=Path, help="ACDC folder (holding training/) or nnU-Net dataset folder")
   parser.add_argument("--data-dir", type=Path, default=Path("~/tensorflow_datasets"),
                       help="where TFDS datasets are written (default ~/tensorflow_datasets)")
+  options.add_no_progress(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
   from autosam_jax.data.build import build
 
+  options.progress(args)
   builder = build(args.kind, args.source_dir, args.data_dir)
   for split, info in builder.info.splits.items():
     source = builder.as_data_source(split=split)

@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   from autosam_jax.experiment.demo import demo
 
-  result = demo(args.out, args.checkpoint, args.epochs, progress=not args.no_progress, mode=args.mode)
+  result = demo(args.out, args.checkpoint, args.epochs, progress=options.progress(args), mode=args.mode)
   print(result["table"])
   print(f"\nwrote {args.out}/results.json, results.md, dice_vs_labels.png, {len(result['overlays'])} overlays in "
         f"{args.out}/overlays/ and NIfTI predictions under {args.out}/runs/; {result['seconds']:.0f}s in all")

@@ -25,6 +25,14 @@ def add_no_progress(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and batch jobs)")
 
 
+def progress(args: argparse.Namespace) -> bool:
+  """Whether the command shows progress bars (no --no-progress); TFDS's, while it builds a dataset, follow."""
+  from autosam_jax.data.build import show_progress
+
+  show_progress(not args.no_progress)
+  return not args.no_progress
+
+
 def add_distributed(parser: argparse.ArgumentParser) -> None:
   group = parser.add_argument_group("multi-process (jax.distributed)")
   group.add_argument("--coordinator", help="host:port of process 0 (or JAX_COORDINATOR_ADDRESS)")

@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   from autosam_jax.experiment.sweep import Sweep, load_sweep_config
 
-  result = Sweep(load_sweep_config(args.config, args.set), args.out, progress=not args.no_progress).run()
+  result = Sweep(load_sweep_config(args.config, args.set), args.out, progress=options.progress(args)).run()
   print(result["table"])
   print(f"\nwrote {args.out / 'results.json'}, results.md and dice_vs_labels.png")
   return 0

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
       print(f"fold {fold}: training on {_patients(labeled)}; validating on {_patients(validation)}", flush=True)
 
   result = train_split(config, args.cache, args.weights, args.splits, args.fold, args.tr_size, args.out,
-                       progress=not args.no_progress, announce=announce)
+                       progress=options.progress(args), announce=announce)
   if main:
     print(f"trained {config.head} ({config.variant}) on {len(result['labeled'])} patient(s): {result['steps']} steps "
           f"in {result['seconds']:.1f}s; model in {result['model']}; {last_epoch(result['last'])}")

@@ -31,6 +31,17 @@ ACDC cannot be downloaded automatically: its terms require registration.
 """
 
 
+class QuietBuild:
+  """TFDS's announcements of a download, left out: these builds download nothing (the files are local and validated
+  first), and TFDS knows no size to announce ("Downloading and preparing dataset Unknown size ...")."""
+
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
+
 def case_examples(cases, allowed_labels, orientations):
   """Slice examples of validated cases (`autosam_jax.data.validate.Case`), each cut along its through-plane axis in
   the canonical voxel order chosen once for the dataset (`orientations`: {case id: Orientation}, from
@@ -61,7 +72,7 @@ def source_fingerprint(cases) -> str:
   return digest.hexdigest()
 
 
-class Acdc(tfds.core.GeneratorBasedBuilder):
+class Acdc(QuietBuild, tfds.core.GeneratorBasedBuilder):
   """ACDC cine-MRI, ED and ES frames, as 2D short-axis slices with labels 0 bg, 1 RV, 2 MYO, 3 LV."""
 
   VERSION = tfds.core.Version("1.2.0")
@@ -104,18 +115,18 @@ def validated_acdc_parts(root: Path) -> dict:
   return reports
 
 
-def build_acdc(source_dir: str | os.PathLike, data_dir: str | os.PathLike) -> Acdc:
-  """Validates SOURCE_DIR, then writes the dataset under DATA_DIR; an existing build is reused only if it was made
-  from the same files."""
+def build_acdc(source_dir: str | os.PathLike, data_dir: str | os.PathLike, progress: bool = True) -> Acdc:
+  """Validates SOURCE_DIR, then writes the dataset under DATA_DIR (with TFDS's progress bars if `progress`); an
+  existing build is reused only if it was made from the same files."""
   source_dir = Path(source_dir).expanduser()
   if not source_dir.is_dir():
     raise DataError(f"{source_dir}: no such directory; {_INSTRUCTIONS.splitlines()[0]}")
   reports = validated_acdc_parts(source_dir)  # fails fast, before anything is written
   builder = Acdc(data_dir=str(Path(data_dir).expanduser()), file_format="array_record")
-  return prepare(builder, source_dir, source_fingerprint([c for r in reports.values() for c in r.cases]))
+  return prepare(builder, source_dir, source_fingerprint([c for r in reports.values() for c in r.cases]), progress)
 
 
-def prepare(builder, source_dir: Path, fingerprint: str):
+def prepare(builder, source_dir: Path, fingerprint: str, progress: bool = True):
   """download_and_prepare, refusing to reuse a build made from other source files.
 
   TFDS writes into `DATA_DIR/NAME/incomplete.*` and renames the finished build into place; a killed build leaves
@@ -143,6 +154,7 @@ def prepare(builder, source_dir: Path, fingerprint: str):
                         "another dataset of the same layout); delete that folder to rebuild it, or choose another "
                         "--tfds-dir (a sweep's tfds_dir)")
       return builder
+    tfds.display_progress_bar(progress)  # TFDS's switch is a global: set for every build
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(source_dir)))
     return builder
   finally:

@@ -11,13 +11,14 @@ frames never straddle a split.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from autosam_jax.data.acdc import case_examples, prepare, source_fingerprint
+from autosam_jax.data.acdc import QuietBuild, case_examples, prepare, source_fingerprint
 from autosam_jax.data.errors import DataError
 from autosam_jax.data.slices import slice_features
 
@@ -28,7 +29,7 @@ def _dataset_name(source_dir: Path) -> str:
   return name or "dataset"
 
 
-class NnunetRaw(tfds.core.GeneratorBasedBuilder):
+class NnunetRaw(QuietBuild, tfds.core.GeneratorBasedBuilder):
   """2D slices of an nnU-Net raw dataset's training cases, labels as declared in its dataset.json."""
 
   VERSION = tfds.core.Version("1.2.0")
@@ -60,7 +61,23 @@ class NnunetRaw(tfds.core.GeneratorBasedBuilder):
     yield from case_examples(cases, allowed_labels, orientations)
 
 
-def build_nnunet(source_dir: str | os.PathLike, data_dir: str | os.PathLike) -> NnunetRaw:
+@contextlib.contextmanager
+def _no_custom_config_warning():
+  """Without absl's "WARNING:absl:Using custom data configuration: BuilderConfig(...)": every nnU-Net folder is
+  a config of its own (named after the folder), not one of a fixed list, so the warning would come with every
+  dataset."""
+  import logging
+
+  drop = lambda record: not str(record.msg).startswith("Using custom data configuration")
+  absl = logging.getLogger("absl")
+  absl.addFilter(drop)
+  try:
+    yield
+  finally:
+    absl.removeFilter(drop)
+
+
+def build_nnunet(source_dir: str | os.PathLike, data_dir: str | os.PathLike, progress: bool = True) -> NnunetRaw:
   from autosam_jax.data.validate import validate_nnunet
 
   source_dir = Path(source_dir).expanduser()
@@ -68,5 +85,6 @@ def build_nnunet(source_dir: str | os.PathLike, data_dir: str | os.PathLike) -> 
     raise DataError(f"{source_dir}: no dataset.json; give an nnU-Net raw dataset folder (e.g. Dataset027_ACDC)")
   report = validate_nnunet(source_dir)
   config = tfds.core.BuilderConfig(name=_dataset_name(source_dir))
-  builder = NnunetRaw(config=config, data_dir=str(Path(data_dir).expanduser()), file_format="array_record")
-  return prepare(builder, source_dir, source_fingerprint(report.cases))
+  with _no_custom_config_warning():
+    builder = NnunetRaw(config=config, data_dir=str(Path(data_dir).expanduser()), file_format="array_record")
+  return prepare(builder, source_dir, source_fingerprint(report.cases), progress)
