@@ -21,8 +21,9 @@ Every slice of each test patient's cases (ACDC: its ED and ES frames) is predict
     mode; the valid part of the 256 grid in improved mode) against the cache's targets, HD95 in voxels (the paper's
     numbers);
   standard: each frame mapped back to its native grid against the native label volume, HD95 in mm.
-Writes OUT/metrics.json (per patient and frame, both conventions, and their means), OUT/metrics.md (the summary table)
-and OUT/predictions/<case_id>.nii.gz (native-grid label maps in the source file's voxel order, with its affine).
+Writes OUT/metrics.json (per patient and frame, both conventions, and their means), OUT/metrics.md (the summary table,
+a note on classes whose conventions differ by more than 0.05 Dice, and a row per case) and
+OUT/predictions/<case_id>.nii.gz (native-grid label maps in the source file's voxel order, with its affine).
 
 Under jax.distributed (--coordinator/--num-processes/--process-id, or JAX's environment variables) each process
 predicts and scores every P-th test patient on its own first device; process 0 writes metrics.json and metrics.md."""
