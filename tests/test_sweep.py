@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from autosam_jax.data.errors import DataError
@@ -100,6 +101,10 @@ def test_sweep_killed_after_a_cell_resumes_without_redoing_it(setup, capsys):
 
   table = (out / "results.md").read_text()
   assert "| method | 1 labeled | 2 labeled |" in table
+  # which weights made the figures (the checkpoint the sweep converted), and over how many test patients
+  assert not results["weights"]["tiny"]["random"] and results["weights"]["tiny"]["source"].endswith("sam.pth")
+  assert f"SAM weights: tiny = converted from {results['weights']['tiny']['source']}." in table
+  assert "2 test patients." in table
   for row in ("| Linear head (tiny) |", "| UNet (scratch) |", "| SAM zero-shot, GT boxes (tiny) † |"):
     assert row in table
   assert (out / "dice_vs_labels.png").stat().st_size > 1000
@@ -212,3 +217,107 @@ def test_cells_without_an_encoder_leave_it_out_of_their_names(tmp_path):
   assert (unet.cell_id, linear.cell_id) == ("unet--tr1--f0", "linear--vit_b--tr2--f0")  # not unet-----tr1--f0
   assert unet.run_dir(tmp_path) == tmp_path / "runs" / "unet" / "f0" / "tr1"  # no folder named "-"
   assert linear.run_dir(tmp_path) == tmp_path / "runs" / "linear" / "vit_b" / "f0" / "tr2"
+
+
+def _record(method: str, encoder: str, tr_size: int, fold: str, dice: float) -> dict:
+  figures = {"dice": {"RV": dice, "mean": dice}, "hd95": {"RV": 3.0, "mean": 3.0}}
+  return {"method": method, "encoder": encoder, "tr_size": tr_size, "fold": fold, "mode": "improved",
+          "test_patients": ["patient003", "patient004"], "official": figures, "standard": figures,
+          "run_dir": f"runs/{method}/{encoder}/{fold}/tr{tr_size}"}
+
+
+def test_reports_name_the_sam_weights_the_test_set_and_draw_error_bars_only_over_folds(tmp_path, monkeypatch):
+  """results.md and the plot's title say which SAM weights made the figures (random ones are "not pretrained") and
+  how many test patients they are over; one fold draws plain lines (no error bar in the legend), several draw bars."""
+  from matplotlib.axes import Axes
+
+  from autosam_jax.experiment.sweep import describe_weights, plot_dice_vs_labels, results_table, weights_text
+
+  random_sam, real_sam = tmp_path / "demo-sam", tmp_path / "vit_b"
+  for folder, info in ((random_sam, {"source": "random initialisation, seed 0 (autosam-jax demo)",
+                                     "source_format": "random"}),
+                       (real_sam, {"source": "/models/sam_vit_b_01ec64.pth", "source_format": "meta_pth"})):
+    folder.mkdir()
+    (folder / "conversion.json").write_text(json.dumps(info))
+  weights = describe_weights({"sam": random_sam, "vit_b": real_sam})
+  assert weights["sam"]["random"] and not weights["vit_b"]["random"]
+  assert weights_text(weights) == ("SAM weights: sam = random initialisation, seed 0 (autosam-jax demo), not "
+                                   "pretrained; vit_b = converted from /models/sam_vit_b_01ec64.pth")
+  assert weights_text(weights, short=True) == ("SAM weights: sam = random weights, not pretrained; "
+                                               "vit_b = sam_vit_b_01ec64.pth")
+
+  one_fold = [_record("linear", "sam", t, "f0", 0.3 + 0.1 * t) for t in (1, 2)] + [_record("unet", "-", 1, "f0", 0.8)]
+  table = results_table(one_fold, (1, 2), ["RV"], weights=weights)
+  assert "2 test patients." in table and weights_text(weights) + "." in table
+
+  drawn = {"errorbar": 0, "titles": []}
+  monkeypatch.setattr(Axes, "errorbar", lambda self, *a, **k: drawn.__setitem__("errorbar", drawn["errorbar"] + 1))
+  original_title = Axes.set_title
+  monkeypatch.setattr(Axes, "set_title", lambda self, text, **k: (drawn["titles"].append(text),
+                                                                    original_title(self, text, **k))[1])
+  plot_dice_vs_labels(one_fold, (1, 2), tmp_path / "one.png", ["RV"], weights)
+  assert drawn["errorbar"] == 0 and (tmp_path / "one.png").stat().st_size > 1000
+  assert drawn["titles"] == ["Mean Dice against labeled volumes: 2 test patients, 1 fold\n"
+                             + weights_text(weights, short=True)]
+  two_folds = one_fold + [_record("linear", "sam", t, "f1", 0.2 + 0.1 * t) for t in (1, 2)]
+  plot_dice_vs_labels(two_folds, (1, 2), tmp_path / "two.png", ["RV"], weights)
+  assert drawn["errorbar"] == 1  # the linear head's two folds; the UNet's single fold stays a plain line
+  assert drawn["titles"][-1].startswith("Mean Dice against labeled volumes: 2 test patients per fold, 2 folds\n")
+
+
+def test_overlay_crop_and_slice_dice():
+  from autosam_jax.experiment.demo import crop_box, slice_dice
+
+  truth = np.zeros((100, 80), np.int16)
+  truth[40:50, 30:36] = 1
+  prediction = np.zeros_like(truth)
+  prediction[45:60, 30:36] = 2
+  prediction[0, 0] = 1  # a stray pixel far away: it does not undo the crop
+  rows, columns = crop_box([truth, prediction])
+  assert (rows.start, rows.stop) == (40 - 8, 60 + 8) and (columns.start, columns.stop) == (30 - 8, 36 + 8)
+  assert crop_box([np.zeros_like(truth)]) == (slice(0, 100), slice(0, 80))
+  assert slice_dice(truth, truth, [1, 2]) == 1.0  # class 2 is in neither: left out of the mean
+  assert slice_dice(prediction, truth, [1, 2]) == pytest.approx(np.mean([0.0, 0.0]))
+  assert slice_dice(np.zeros_like(truth), np.zeros_like(truth), [1, 2]) is None
+
+
+def _fake_demo(folder: Path, unet: tuple[float, float]) -> Path:
+  """A finished default demo's records, as `autosam-jax demo` leaves them, with made-up figures."""
+  from autosam_jax.experiment.demo import sweep_config
+
+  folder.mkdir(parents=True)
+  (folder / "demo_config.json").write_text(json.dumps(sweep_config(folder, None)))
+  cells = [_record(m, "sam" if m != "unet" else "-", t, "cv5-seed0-fold0", d)
+           for m, figures in (("autosam", (0.3, 0.25)), ("cnn", (0.1, 0.2)), ("linear", (0.33, 0.34)), ("unet", unet))
+           for t, d in zip((1, 2), figures)]
+  (folder / "results.json").write_text(json.dumps({"cells": cells, "finished": 8, "total": 8}))
+  return folder
+
+
+def test_check_readme_compares_the_demo_table_and_rewrites_it(tmp_path, capsys):
+  from experiments.check_readme import main
+
+  readme = tmp_path / "README.md"
+  table = ["| method | official, 1 labeled | official, 2 labeled | standard, 1 labeled | standard, 2 labeled |",
+           "|---|---:|---:|---:|---:|", "| AutoSAM | 0.300 | 0.250 | 0.300 | 0.250 |",
+           "| CNN head | 0.100 | 0.200 | 0.100 | 0.200 |", "| Linear head | 0.330 | 0.340 | 0.330 | 0.340 |",
+           "| UNet (scratch) | 0.707 | 0.860 | 0.707 | 0.860 |"]
+  readme.write_text("# x\n\n## The demo\n\ntext\n\n" + "\n".join(table) + "\n\nafter\n")
+  same = _fake_demo(tmp_path / "same", (0.707, 0.86))
+  assert main([str(same), "--readme", str(readme)]) == 0
+  capsys.readouterr()
+  changed = _fake_demo(tmp_path / "changed", (0.854, 0.898))
+  assert main([str(changed), "--readme", str(readme)]) == 1
+  out = capsys.readouterr().out.strip().splitlines()
+  assert out == ["README.md demo table, row 6: README has '| UNet (scratch) | 0.707 | 0.860 | 0.707 | 0.860 |', "
+                 "the demo gives '| UNet (scratch) | 0.854 | 0.898 | 0.854 | 0.898 |'"]
+  assert main([str(changed), "--readme", str(readme), "--write"]) == 0
+  assert readme.read_text() == ("# x\n\n## The demo\n\ntext\n\n" + "\n".join(table[:-1])
+                                + "\n| UNet (scratch) | 0.854 | 0.898 | 0.854 | 0.898 |\n\nafter\n")
+  assert main([str(changed), "--readme", str(readme)]) == 0
+  # a demo with other settings than the default is not the README's
+  config = json.loads((changed / "demo_config.json").read_text())
+  (changed / "demo_config.json").write_text(json.dumps({**config, "mode": "faithful"}))
+  capsys.readouterr()
+  assert main([str(changed), "--readme", str(readme)]) == 2
+  assert "other settings than the default (mode)" in capsys.readouterr().err

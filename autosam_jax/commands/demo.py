@@ -18,8 +18,9 @@ converted format (OUT/weights/demo-sam), then runs the label-efficiency sweep on
 AutoSAM, CNN and linear heads on the cached embeddings (improved protocol by default) and the UNet from scratch
 (the official recipe on a 112 x 112 grid of 2.5 mm), each with 1 and 2 labeled patients and a short schedule. It
 prints the results table and writes OUT/results.json, results.md, dice_vs_labels.png, OUT/overlays/*.png
-(predictions drawn over test images) and each cell's NIfTI predictions under OUT/runs/<method>/.../eval/predictions/.
-Rerunning resumes: finished cells are kept.
+(predictions drawn over test images, cropped to the heart, with their Dice) and each cell's NIfTI predictions under
+OUT/runs/<method>/.../eval/predictions/. The log, results.md, the plot and the overlays name the SAM weights the
+figures come from. Rerunning resumes: finished cells are kept.
 
 With random encoder weights the SAM heads learn from features that carry no pretrained knowledge; how close they get
 to the UNet on the phantoms is what the demo shows (README: "The demo"), not what SAM does on real scans."""

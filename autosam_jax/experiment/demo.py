@@ -100,10 +100,59 @@ def sweep_config(out: Path, checkpoint: Path | None, epochs: int | None = None,
           "method_train": method_train, **IMAGE_GRID}
 
 
-def draw_overlays(out: Path, records: list[dict[str, Any]], tr_size: int,
-                  labels: dict[str, int]) -> list[Path]:
+def crop_box(masks: list[np.ndarray], margin: float = 0.25, least: int = 8,
+             outliers: float = 0.01) -> tuple[slice, slice]:
+  """The 2-D bounding box of the masks' foreground (their union), widened by `margin` of its size on each side (at
+  least `least` pixels) and clipped to the image; the whole image when every mask is empty. The structures fill a
+  few percent of a cardiac slice: uncropped, a wrong boundary is a few pixels wide on the page. The box spans the
+  `outliers` to 1 - `outliers` quantiles of the foreground pixels' coordinates, so a few stray predicted pixels at
+  the image's edge do not undo the crop (a wrong region of any size still widens it)."""
+  shape = masks[0].shape
+  coordinates = [np.argwhere(np.asarray(mask) > 0) for mask in masks]
+  pixels = np.concatenate(coordinates) if coordinates else np.zeros((0, 2), int)
+  if not len(pixels):
+    return slice(0, shape[0]), slice(0, shape[1])
+  box = []
+  for axis in range(2):
+    low, high = np.quantile(pixels[:, axis], [outliers, 1 - outliers])
+    low, high = int(np.floor(low)), int(np.ceil(high)) + 1
+    pad = max(least, int(round(margin * (high - low))))
+    box.append(slice(max(0, low - pad), min(shape[axis], high + pad)))
+  return box[0], box[1]
+
+
+def slice_dice(prediction: np.ndarray, truth: np.ndarray, values: list[int]) -> float | None:
+  """Mean Dice over the classes (`values`) present in the prediction or the truth of one slice; None if none is."""
+  scores = []
+  for value in values:
+    ours, theirs = prediction == value, truth == value
+    total = int(ours.sum()) + int(theirs.sum())
+    if total:
+      scores.append(2.0 * float(np.logical_and(ours, theirs).sum()) / total)
+  return float(np.mean(scores)) if scores else None
+
+
+def _case_dice(eval_dir: Path, case_id: str) -> float | None:
+  """The case's mean Dice in the standard convention (native grid) from the evaluation's metrics.json."""
+  import json
+
+  try:
+    report = json.loads((eval_dir / "metrics.json").read_text())
+    for patient in report["patients"].values():
+      if case_id in patient.get("standard", {}):
+        return patient["standard"][case_id]["mean"]["dice"]["value"]
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    pass
+  return None
+
+
+def draw_overlays(out: Path, records: list[dict[str, Any]], tr_size: int, labels: dict[str, int],
+                  note: str = "") -> list[Path]:
   """One PNG per test frame: the middle slice, its ground truth, and each method's prediction at `tr_size`, coloured
-  by the dataset's classes (`labels`, {name: value}) with their names in a legend."""
+  by the dataset's classes (`labels`, {name: value}) with their names in a legend, every panel cropped to the
+  structures (`crop_box` of the ground truth and every prediction). Each prediction's panel gives its Dice on the
+  slice shown and on the whole case (standard convention, as in the evaluation); `note` (the SAM weights) goes under
+  the title."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -111,42 +160,55 @@ def draw_overlays(out: Path, records: list[dict[str, Any]], tr_size: int,
 
   from autosam_jax.atomic import atomic_write_bytes
   from autosam_jax.data.nifti import read_nifti
+  from autosam_jax.experiment.sweep import LABELS
 
   from matplotlib.patches import Patch
 
   names = [name for name, _ in sorted(labels.items(), key=lambda item: item[1])]
+  values = sorted(v for v in labels.values() if v != 0)
   palette = [(*plt.get_cmap("tab10")(k % 10)[:3], 0.55) for k in range(len(names) - 1)]
   colours = ListedColormap([(0, 0, 0, 0), *palette])
   chosen = [r for r in records if r["tr_size"] == tr_size]
   if not chosen:
     return []
   written = []
-  predictions = {r["method"]: out / r["run_dir"] / "eval" / "predictions" for r in chosen}
-  cases = sorted(p.name[:-len(".nii.gz")] for p in next(iter(predictions.values())).glob("*.nii.gz"))
+  eval_dirs = {r["method"]: out / r["run_dir"] / "eval" for r in chosen}
+  cases = sorted(p.name[:-len(".nii.gz")] for p in (next(iter(eval_dirs.values())) / "predictions").glob("*.nii.gz"))
   for case_id in cases:
     patient = case_id.split("_")[0]
     image = read_nifti(out / "data" / patient / f"{case_id}.nii.gz").data
-    truth = read_nifti(out / "data" / patient / f"{case_id}_gt.nii.gz").data
+    truth = np.asarray(read_nifti(out / "data" / patient / f"{case_id}_gt.nii.gz").data)
     z = image.shape[2] // 2
     panels = [("ground truth", truth[:, :, z])]
-    for method, folder in predictions.items():
-      panels.append((f"{method} ({tr_size} labeled)", np.asarray(read_nifti(folder / f"{case_id}.nii.gz").data)[:, :, z]))
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(2.6 * (len(panels) + 1), 2.9))
-    axes[0].imshow(image[:, :, z].T, cmap="gray")
-    axes[0].set_title(f"{case_id}, slice {z}", fontsize=8)
-    for ax, (title, labels) in zip(axes[1:], panels):
-      ax.imshow(image[:, :, z].T, cmap="gray")
-      ax.imshow(np.asarray(labels).T, cmap=colours, vmin=0, vmax=len(names) - 1, interpolation="nearest")
-      ax.set_title(title, fontsize=8)
+    for method, eval_dir in eval_dirs.items():
+      predicted = np.asarray(read_nifti(eval_dir / "predictions" / f"{case_id}.nii.gz").data)[:, :, z]
+      on_slice, on_case = slice_dice(predicted, truth[:, :, z], values), _case_dice(eval_dir, case_id)
+      scores = [f"slice {on_slice:.2f}" if on_slice is not None else "slice -",
+                f"case {on_case:.2f}" if on_case is not None else "case -"]
+      panels.append((f"{LABELS.get(method, method)}, {tr_size} labeled\nDice: {', '.join(scores)}", predicted))
+    rows_x, rows_y = crop_box([mask for _, mask in panels])
+    shown = image[rows_x, rows_y, z].T
+    columns = min(3, len(panels) + 1)
+    rows = -(-(len(panels) + 1) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 3.5 * rows + 0.6), squeeze=False)
+    axes = axes.ravel()
+    axes[0].imshow(shown, cmap="gray")
+    axes[0].set_title("image (cropped to the structures)", fontsize=9)
+    for ax, (title, mask) in zip(axes[1:], panels):
+      ax.imshow(shown, cmap="gray")
+      ax.imshow(np.asarray(mask)[rows_x, rows_y].T, cmap=colours, vmin=0, vmax=len(names) - 1,
+                interpolation="nearest")
+      ax.set_title(title, fontsize=9)
     for ax in axes:
       ax.axis("off")
+    fig.suptitle(f"{case_id}, slice {z} of {image.shape[2]}" + (f"\n{note}" if note else ""), fontsize=10)
     fig.legend(handles=[Patch(color=colour, label=name) for colour, name in zip(palette, names[1:])],
-               loc="lower center", ncol=len(palette), fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+               loc="lower center", ncol=len(palette), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     png = out / "overlays" / f"{case_id}.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
     atomic_write_bytes(png, tmp.read_bytes())
     tmp.unlink()
@@ -162,7 +224,7 @@ def demo(out: Path, checkpoint: Path | None = None, epochs: int | None = None, p
          seed: int = 0, mode: str = "improved") -> dict[str, Any]:
   from autosam_jax.atomic import atomic_write_json
   from autosam_jax.data.synthetic import write_synthetic_acdc
-  from autosam_jax.experiment.sweep import Sweep, SweepConfig, say
+  from autosam_jax.experiment.sweep import Sweep, SweepConfig, say, weights_text
 
   import jax
 
@@ -187,9 +249,15 @@ def demo(out: Path, checkpoint: Path | None = None, epochs: int | None = None, p
     write_synthetic_acdc(out / "data", PATIENTS, seed=seed)
   if checkpoint is None:
     write_random_sam(out / "weights" / "demo-sam", seed)
+    # Said first: every SAM figure below comes from features that carry no pretrained knowledge.
+    say(f"SAM: the demo's small SAM with random weights (seed {seed}) in {out / 'weights' / 'demo-sam'}, not "
+        "pretrained; --checkpoint sam_vit_b_01ec64.pth runs a real one")
+  else:
+    say(f"SAM: converted from {checkpoint}")
   values = sweep_config(out, checkpoint, epochs, mode)
   atomic_write_json(out / "demo_config.json", values)
   config = SweepConfig.from_dict(values, source=str(out / "demo_config.json"))
   result = Sweep(config, out, progress=progress, callers_files=DEMO_FILES).run()
-  overlays = draw_overlays(out, result["results"]["cells"], max(config.tr_sizes), result["results"]["labels"])
+  overlays = draw_overlays(out, result["results"]["cells"], max(config.tr_sizes), result["results"]["labels"],
+                           note=weights_text(result["results"]["weights"], short=True))
   return {**result, "overlays": overlays, "seconds": time.perf_counter() - started}

@@ -223,6 +223,31 @@ def prepare_weights(config: SweepConfig, out: Path) -> dict[str, Path]:
   return converted
 
 
+def describe_weights(weights: Mapping[str, Path]) -> dict[str, dict[str, Any]]:
+  """Encoder name -> where its weights came from ({"folder", "source", "random"}), from the converted folder's
+  conversion.json: every report says which weights made its numbers, since random weights (the demo's) and a
+  pretrained checkpoint give very different ones."""
+  described = {}
+  for name, folder in sorted(weights.items()):
+    record = _read_json(Path(folder) / "conversion.json")
+    record = record if isinstance(record, dict) else {}
+    described[name] = {"folder": str(Path(folder).absolute()), "source": str(record.get("source") or folder),
+                       "random": record.get("source_format") == "random"}
+  return described
+
+
+def weights_text(weights: Mapping[str, Mapping[str, Any]], short: bool = False) -> str:
+  """One line naming each encoder's weights (`describe_weights`); `short`: file names only, for a plot's title."""
+  parts = []
+  for name, entry in sorted(weights.items()):
+    if entry.get("random"):
+      what = "random weights, not pretrained" if short else f"{entry['source']}, not pretrained"
+    else:
+      what = Path(entry["source"]).name if short else f"converted from {entry['source']}"
+    parts.append(f"{name} = {what}")
+  return "SAM weights: " + "; ".join(parts) if parts else ""
+
+
 def prepare_splits(config: SweepConfig, out: Path, patients: list[str]):
   """The folds to run and the split file they come from; checked (tr_sizes included) before anything is written.
 
@@ -344,6 +369,8 @@ class Sweep:
     if to_save is not None:
       save_splits(to_save, self.out / "splits.json")
     self.weights = prepare_weights(self.config, self.out) if self.config.encoders else {}
+    if self.weights:
+      say(weights_text(describe_weights(self.weights)))
     return _cells(self.config, self.splits)
 
   def feature_cache(self, encoder: str, store: str = "embeddings") -> Path:
@@ -488,13 +515,15 @@ class Sweep:
       if _is_cell_record(record):
         records.append(record)
     labels = self.labels
+    weights = describe_weights(self.weights)
     results = {"config": self.config.to_dict(), "labels": labels.to_dict(), "classes": labels.foreground_names,
-               "cells": records, "finished": len(records), "total": len(cells)}
+               "weights": weights, "cells": records, "finished": len(records), "total": len(cells)}
     atomic_write_json(self.out / "results.json", results)
-    table = results_table(records, self.config.tr_sizes, labels.foreground_names, self.frames)
+    table = results_table(records, self.config.tr_sizes, labels.foreground_names, self.frames, weights)
     atomic_write_bytes(self.out / "results.md", (table + "\n").encode())
     if records:
-      plot_dice_vs_labels(records, self.config.tr_sizes, self.out / "dice_vs_labels.png", labels.foreground_names)
+      plot_dice_vs_labels(records, self.config.tr_sizes, self.out / "dice_vs_labels.png", labels.foreground_names,
+                          weights)
     return {"results": results, "table": table}
 
 
@@ -550,10 +579,11 @@ def _names(class_names: Sequence[str]) -> str:
 
 
 def results_table(records: list[dict[str, Any]], tr_sizes, class_names: Sequence[str],
-                  frames: Sequence[str] = ()) -> str:
+                  frames: Sequence[str] = (), weights: Mapping[str, Mapping[str, Any]] | None = None) -> str:
   """Markdown: mean Dice (and HD95) +- std over folds, per method and tr_size, under both conventions; the means
   are over the dataset's foreground classes (`class_names`). `frames`: the frame names of a dataset whose patients
-  have several (ACDC's ED and ES), which the official convention stacks into one volume per patient."""
+  have several (ACDC's ED and ES), which the official convention stacks into one volume per patient. `weights`
+  (`describe_weights`): the SAM weights named under the table."""
   if not records:
     return "No finished cells yet."
   official_volume = f"{'+'.join(frames)} volume" if frames else "one volume per case"
@@ -583,14 +613,29 @@ def results_table(records: list[dict[str, Any]], tr_sizes, class_names: Sequence
     sections.append("\n".join(lines))
   folds = sorted({r["fold"] for r in records})
   notes = [f"Mean over the {_names(class_names)} classes; ± is the standard deviation over {len(folds)} fold(s) "
-           f"({', '.join(folds)}); a single figure means one fold."]
+           f"({', '.join(folds)}); a single figure means one fold; {_test_patients(records)}."]
+  if weights and any(r["encoder"] != "-" for r in records):
+    notes.append(weights_text(weights) + ".")
   if any(r["method"] in ZERO_SHOT_METHODS for r in records):
     notes.append("† no training: prompts from the ground truth (an oracle that also reveals which classes are "
                  "present); the same figure stands in every column.")
   return "\n\n".join(sections) + "\n\n" + "\n".join(notes)
 
 
-def plot_dice_vs_labels(records: list[dict[str, Any]], tr_sizes, png: Path, class_names: Sequence[str]) -> None:
+def _test_patients(records: list[dict[str, Any]]) -> str:
+  """How many test patients the figures are over: "2 test patients", or "2-3 test patients per fold"."""
+  counts = sorted({len(r.get("test_patients") or ()) for r in records})
+  folds = len({r["fold"] for r in records})
+  if not counts or counts == [0]:
+    return "test patients not recorded"
+  number = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+  return f"{number} test patient{'' if number == '1' else 's'}" + (" per fold" if folds > 1 else "")
+
+
+def plot_dice_vs_labels(records: list[dict[str, Any]], tr_sizes, png: Path, class_names: Sequence[str],
+                        weights: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+  """Mean Dice against tr_size, one line per method (and encoder); the title names the test set, the folds and the
+  SAM weights (`describe_weights`). Error bars (std over folds) only where a point has more than one fold."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -603,7 +648,10 @@ def plot_dice_vs_labels(records: list[dict[str, Any]], tr_sizes, png: Path, clas
     means = [rows[key][s][0] for s in sizes]
     stds = [rows[key][s][1] for s in sizes]
     style = {"linestyle": "--"} if key[0] in ZERO_SHOT_METHODS else {"marker": "o"}
-    ax.errorbar(sizes, means, yerr=stds, capsize=3, label=_row_label(*key), **style)
+    if all(rows[key][s][2] == 1 for s in sizes):  # one fold: no spread to draw, and no error bar in the legend
+      ax.plot(sizes, means, label=_row_label(*key), **style)
+    else:
+      ax.errorbar(sizes, means, yerr=stds, capsize=3, label=_row_label(*key), **style)
   if len(tr_sizes) > 1 and max(tr_sizes) / min(tr_sizes) >= 8:
     ax.set_xscale("log")
   ax.set_xticks(list(tr_sizes))
@@ -613,6 +661,11 @@ def plot_dice_vs_labels(records: list[dict[str, Any]], tr_sizes, png: Path, clas
   ax.set_ylim(0, 1)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, loc="lower right")
+  folds = len({r["fold"] for r in records})
+  title = f"Mean Dice against labeled volumes: {_test_patients(records)}, {folds} fold{'' if folds == 1 else 's'}"
+  if weights and any(r["encoder"] != "-" for r in records):
+    title += "\n" + weights_text(weights, short=True)
+  ax.set_title(title, fontsize=9)
   fig.tight_layout()
   tmp = png.with_name(f".{png.name}.tmp.png")
   fig.savefig(tmp, dpi=110)
