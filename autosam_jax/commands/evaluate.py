@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
   options.start_distributed(args)
   from autosam_jax.evaluation.evaluate import evaluate
 
-  result = evaluate(args.model, args.weights, args.cache, args.data, args.tfds_dir.expanduser(), args.splits,
+  result = evaluate(args.model, args.weights, args.cache, args.data, options.tfds_dir(args, args.data), args.splits,
                     args.out, fold=args.fold, batch_size=args.batch_size)
   if options.is_main_process():
     print(result["table"])

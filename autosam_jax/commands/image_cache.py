@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   from autosam_jax.features.images import write_image_cache
 
-  summary = write_image_cache(args.data, args.tfds_dir.expanduser(), args.out, shard_size=args.shard_size,
+  summary = write_image_cache(args.data, options.tfds_dir(args, args.data), args.out, shard_size=args.shard_size,
                               slice_size=args.slice_size, spacing=args.spacing)
   print(f"image cache {args.out}: {summary['items']} slices in {summary['shards']} shards")
   return 0

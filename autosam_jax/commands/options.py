@@ -7,8 +7,19 @@ from pathlib import Path
 
 
 def add_tfds_dir(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--tfds-dir", type=Path, default=Path("~/tensorflow_datasets"),
-                      help="where the TFDS slice dataset is built or found (default ~/tensorflow_datasets)")
+  # --data-dir: the name build-dataset had before every command said --tfds-dir; kept so old scripts still run
+  parser.add_argument("--tfds-dir", "--data-dir", dest="tfds_dir", type=Path, default=None,
+                      help="where the TFDS slice dataset is built or found (default: a folder of the source folder's "
+                           "own under ~/tensorflow_datasets/autosam-jax/, the same for every command given it)")
+
+
+def tfds_dir(args: argparse.Namespace, source_dir: Path) -> Path:
+  """`--tfds-dir`, or the default TFDS folder of `source_dir` (`data.volumes.default_tfds_dir`)."""
+  if args.tfds_dir is not None:
+    return args.tfds_dir.expanduser()
+  from autosam_jax.data.volumes import default_tfds_dir
+
+  return default_tfds_dir(source_dir)
 
 
 def add_split(parser: argparse.ArgumentParser) -> None:

@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
   choices = PrecomputeOptions(mode=args.mode, views=args.views, dtype="bfloat16" if args.dtype == "bf16" else "float32",
                               batch_size=args.batch_size, seed=args.seed, shard_size=args.shard_size,
                               store=args.store)
-  summary = precompute(args.data, args.weights, args.out, tfds_dir=args.tfds_dir.expanduser(), options=choices,
-                       splits_file=args.splits)
+  summary = precompute(args.data, args.weights, args.out, tfds_dir=options.tfds_dir(args, args.data),
+                       options=choices, splits_file=args.splits)
   what = "encoder inputs" if args.store == "inputs" else "embeddings"
   print(f"cache {args.out}: {summary['items']} {what} in {summary['shards']} shards, "
         f"{summary['bytes'] / 2**20:.1f} MiB; computed {summary['computed']} now at "

@@ -56,8 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   from autosam_jax.evaluation.zero_shot import zero_shot
 
-  result = zero_shot(args.weights, args.data, args.tfds_dir.expanduser(), args.splits, args.out, fold=args.fold,
-                     prompt=args.prompt, mode=args.mode, batch_size=args.batch_size)
+  result = zero_shot(args.weights, args.data, options.tfds_dir(args, args.data), args.splits, args.out,
+                     fold=args.fold, prompt=args.prompt, mode=args.mode, batch_size=args.batch_size)
   print(result["table"])
   print(f"wrote {Path(args.out) / 'metrics.json'}, metrics.md and predictions/")
   return 0

@@ -27,7 +27,7 @@ ACDC cannot be downloaded automatically: its terms require registration.
    (or https://humanheart-project.creatis.insa-lyon.fr/database/).
 2. Unpack it so that SOURCE_DIR/training/patient001/Info.cfg exists (SOURCE_DIR/testing/ is used too when its
    patients have *_gt.nii.gz labels).
-3. Build: autosam-jax build-dataset acdc SOURCE_DIR --data-dir DATA_DIR
+3. Build: autosam-jax build-dataset acdc SOURCE_DIR --tfds-dir DATA_DIR
 """
 
 

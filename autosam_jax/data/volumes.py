@@ -3,6 +3,8 @@ one `Volume` per case, with the fingerprint of the source files and the dataset'
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -11,6 +13,21 @@ class LoadedDataset(NamedTuple):
   volumes: dict[str, Any]  # case id -> autosam_jax.data.slices.Volume
   fingerprint: str  # SHA-256 of the source files
   labels: Any  # autosam_jax.data.labels.LabelTable
+
+
+# Under it, one folder per source folder: TFDS names a build by its builder, config and version only (acdc;
+# nnunet_raw/<dataset folder name>), so two ACDC folders, or two nnU-Net folders of one name, in one TFDS folder would
+# be one build, and the second refused as "built from other source files".
+DEFAULT_TFDS_ROOT = Path("~/tensorflow_datasets/autosam-jax")
+
+
+def default_tfds_dir(source_dir: str | os.PathLike) -> Path:
+  """The TFDS folder of a source folder when none is given: DEFAULT_TFDS_ROOT/<folder name>-<8 hex digits of the
+  SHA-256 of its resolved path>, so every command given the same source folder (however spelt) finds the same
+  build, and no two source folders share one."""
+  resolved = Path(source_dir).expanduser().resolve()
+  digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
+  return DEFAULT_TFDS_ROOT.expanduser() / f"{resolved.name or 'root'}-{digest}"
 
 
 def load_volumes(source_dir: Path, tfds_dir: Path, tfds_option: str = "--tfds-dir") -> LoadedDataset:

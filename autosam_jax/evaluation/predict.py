@@ -137,10 +137,11 @@ def check_cache_matches(depends_on: dict[str, Any], train_config, sam_config, wh
     raise refusal
   images = cache_kind(depends_on) == "images"
   if not images and depends_on.get("sam_config") != json.loads(sam_config.to_json()):
-    raise DataError(f"{where}: the cache was computed with another SAM than --weights")
+    raise DataError(f"{where}: the cache was computed with another SAM than --weights; give the --weights it was "
+                    "computed with, or precompute again with these")
   if not images and weights_digest and depends_on.get("weights_sha256") not in (None, "", weights_digest):
     raise DataError(f"{where}: the cache was computed from other SAM weights than --weights (same architecture, "
-                    "other checkpoint)")
+                    "other checkpoint); give the --weights it was computed with, or precompute again with these")
   mode = (depends_on.get("preprocess") or {}).get("mode")
   if mode != train_config.variant:
     raise DataError(f"{where}: the cache is in {mode!r} mode but the model was trained as {train_config.variant!r}")

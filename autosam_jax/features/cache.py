@@ -249,7 +249,8 @@ class FeatureCache:
       raise DataError(f"{self.cache_dir}: incomplete feature cache; rerun the same precompute command to finish it")
     if expected_depends_on is not None and self.manifest["depends_on"] != expected_depends_on:
       raise DataError(f"{self.cache_dir}: built from other inputs: "
-                      f"{describe_difference(self.manifest['depends_on'], expected_depends_on)}")
+                      f"{describe_difference(self.manifest['depends_on'], expected_depends_on)}; give the cache of "
+                      "these inputs, or precompute one into a new folder")
     self.items: list[dict[str, Any]] = self.manifest["items"]
     self.shard_size: int = self.manifest["shard_size"]
     self.bfloat16 = self.manifest["storage_dtype"] == "bfloat16"
