@@ -262,6 +262,24 @@ def test_validation_warns_when_cases_disagree_about_their_plane(tmp_path):
 
 # End to end through `predict`, with a random UNet (no SAM) on a coarse grid that keeps it fast on the CPU.
 
+def save_unet(directory, record):
+  from flax import nnx
+
+  from autosam_jax.data.preprocess import PreprocessConfig
+  from autosam_jax.models.unet import UNet
+  from autosam_jax.train.loop import TrainConfig, save_model
+
+  config = TrainConfig(head="unet", variant="faithful", unet_base_channels=4, num_classes=4)
+  unet = UNet(4, base_channels=4, rngs=nnx.Rngs(3))
+  # Random weights give one class everywhere; without the bias and with a larger 1x1 head the labels follow the image.
+  unet.head.bias.set_value(np.zeros(unet.head.bias.shape, np.float32))
+  unet.head.kernel.set_value(np.asarray(unet.head.kernel.get_value()) * 30)
+  _, params, frozen = nnx.split(unet, nnx.Param, ...)
+  save_model(directory, params, frozen, config,
+             PreprocessConfig(mode="faithful", target_spacing=(2.5, 2.5), slice_size=112).to_dict(), record)
+  return directory
+
+
 @pytest.fixture(scope="module")
 def unet_model(tmp_path_factory):
   from flax import nnx
@@ -472,3 +490,40 @@ def test_the_build_cuts_every_case_in_the_dataset_frame_and_records_it(tmp_path)
   recorded = builder.info.metadata["orientation_references"]
   assert [r["case"] for r in recorded] == [r["case"] for r in chosen.references]
   assert all(Orientation(**{k: v for k, v in o.to_dict().items()}) == o for o in chosen.orientations.values())
+
+
+def test_predict_cuts_a_new_scan_in_the_frame_the_model_was_trained_in(scan, tmp_path):
+  """A model records its data's reference frames; a scan whose own frame is the reference turned by 90 degrees
+  in-plane (its in-plane axes just past 45 degrees from the training scans') is cut as the training scans were."""
+  from autosam_jax.data.labels import ACDC_TABLE
+  from autosam_jax.data.orientation import align_orientation, world_frame
+  from autosam_jax.evaluation.predict import predict
+
+  data, affine, zooms = scan
+  own = choose_orientation(affine, zooms)
+  frame = world_frame(affine, own)
+  turned = np.stack([frame[:, 1], -frame[:, 0], frame[:, 2]], axis=1)  # the training data's frame
+  reference = {"case": "patient001_frame01", "frame": turned.tolist(), "world": list(own.world), "cases": 1}
+  aligned = align_orientation(affine, zooms, reference)
+  assert aligned.axes[:2] == own.axes[:2][::-1]  # transposed against the scan's own choice
+  models = {}
+  for name, references in (("own", None), ("recorded", [reference])):
+    models[name] = save_unet(tmp_path / name, {"labels": ACDC_TABLE.to_dict(), "input": "images",
+                                               "orientation_references": references})
+  _channel_files(tmp_path / "in", ["scan.nii.gz"], scan)
+  predicted = {}
+  for name, model in models.items():
+    predict(model, None, tmp_path / "in", tmp_path / f"out_{name}", batch_size=4)
+    predicted[name] = np.asarray(nib.load(tmp_path / f"out_{name}" / "scan.nii.gz").dataobj)
+  assert not np.array_equal(predicted["own"], predicted["recorded"])  # a 2D net sees transposed slices differently
+  # what the recorded model predicts is what a model without references predicts for the same voxels under an affine
+  # whose own frame is the aligned one (the scan's canonical axes pointing where the training data's did)
+  relabelled = np.array(affine, float)
+  for i, (axis, flip) in enumerate(zip(aligned.axes, aligned.flips)):
+    relabelled[:3, axis] = frame[:, i] * zooms[axis] * (-1.0 if flip else 1.0)
+  assert choose_orientation(relabelled, zooms) == aligned
+  (tmp_path / "relabelled").mkdir()
+  _save(tmp_path / "relabelled" / "scan.nii.gz", data, relabelled, zooms)
+  predict(models["own"], None, tmp_path / "relabelled", tmp_path / "out_relabelled", batch_size=4)
+  np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "out_relabelled" / "scan.nii.gz").dataobj),
+                                predicted["recorded"])

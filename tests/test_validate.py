@@ -208,10 +208,21 @@ def test_label_shape_mismatch(acdc, capsys):
   assert_rejected(acdc, path, capsys, "label shape", "differs from image")
 
 
+def _thicker_slices(data, affine, zooms):
+  affine[:3, 2] *= 1.01
+  return data, affine, (zooms[0], zooms[1], zooms[2] * 1.01)
+
+
 def test_label_spacing_mismatch(acdc, capsys):
   path = label_of(acdc)
+  resave(path, _thicker_slices)
+  assert_rejected(acdc, path, capsys, "voxel spacing", "differs from image")
+
+
+def test_label_pixdim_that_its_own_sform_contradicts(acdc, capsys):
+  path = label_of(acdc)
   resave(path, lambda data, affine, zooms: (data, affine, (zooms[0], zooms[1], zooms[2] * 1.01)))
-  assert_rejected(acdc, path, capsys, "voxel spacing")
+  assert_rejected(acdc, path, capsys, "pixdim", "and the sform's voxel size", "disagree")
 
 
 def _flip_axis_0(data, affine, zooms):

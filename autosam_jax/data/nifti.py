@@ -250,6 +250,9 @@ def _spacing(path: Path, header: nib.Nifti1Header, affine: np.ndarray) -> tuple[
         raise DataError(f"{path}: pixdim {shown(pixdim)} and the sform's voxel size {shown(spacing)} disagree (axis "
                         f"{axis}); one of them is wrong: fix pixdim or the sform in the NIfTI header so both give "
                         "the voxel size")
+    # where both are set they agree, and pixdim is the number as written (the sform's column length carries rounding)
+    spacing = tuple(set_value if valid[axis] else from_affine
+                    for axis, (set_value, from_affine) in enumerate(zip(pixdim, spacing)))
   elif not all(valid):
     raise DataError(f"{path}: voxel spacing {shown(pixdim)} is not three positive numbers; fix pixdim in the NIfTI "
                     "header (the voxel size in mm)")

@@ -175,13 +175,18 @@ def load_model(model_dir: Path, weights_dir: Path | None, encoder: bool):
   """(sam, head, train_config); DataError or CheckpointError (both one line naming the path) when unusable.
 
   `head` maps the items of the model's cache to logits: embeddings for a frozen-encoder head, model images for the
-  UNet, encoder inputs for a LoRA model (an `AdaptedSam` with its factors merged into the encoder). With `encoder`,
-  `sam` is the SAM that makes the head's inputs from images, and `head` takes embeddings: for a LoRA model its
-  encoder is the merged adapted one and `head` the model's head. A UNet needs no SAM: `weights_dir` is ignored for it
-  and `sam` is None.
+  UNet, encoder inputs for a LoRA model (its `AdaptedSam`). With `encoder`, `sam` is the SAM that makes the head's
+  inputs from images, and `head` takes embeddings: for a LoRA model its encoder is the adapted one and `head` the
+  model's head. A UNet needs no SAM: `weights_dir` is ignored for it and `sam` is None.
+
+  A LoRA model is used unmerged, its factors beside the base weights: the forward its validation ran, in its dtype
+  and with its attention. Merging (`models.lora.merge_lora`) would be cheaper, but in bf16 (or TF32) the merged
+  kernel's rounding changes the update by a sizeable fraction of itself: another network than the one validated.
+  A frozen SAM's encoder takes the attention precompute took ("auto" for a frozen forward), so that its embeddings
+  are the cache's.
   """
+  from autosam_jax.models.image_encoder import set_attention
   from autosam_jax.models.loading import load_sam, read_config, weights_digest
-  from autosam_jax.models.lora import merge_lora
   from autosam_jax.models.trained import jnp_dtype, restore_head
 
   train_config = read_train_config(model_dir)
@@ -204,10 +209,11 @@ def load_model(model_dir: Path, weights_dir: Path | None, encoder: bool):
   sam = load_sam(weights_dir, encoder_dtype=jnp_dtype(record.get("encoder_dtype")))
   head = restore_head(model_dir, train_config, sam)
   if train_config.lora:
-    merge_lora(head.encoder)  # the adapted encoder at the frozen one's cost
     sam.image_encoder = head.encoder  # the restored model is a copy: sam's own encoder holds the initial factors
     if encoder:
       head = head.head
+  else:
+    set_attention(sam.image_encoder, "auto", frozen=True)
   if not encoder:
     sam = None
   return sam, head, train_config
@@ -314,7 +320,7 @@ def predict(model_dir: Path, weights_dir: Path | None, inputs: Path, output_dir:
   """Writes one label map per input; returns the written paths. Raises DataError/CheckpointError before writing."""
   from autosam_jax.atomic import atomic_write_bytes
   from autosam_jax.data.nifti import read_nifti
-  from autosam_jax.data.orientation import orientation_of
+  from autosam_jax.data.orientation import orientation_for
   from autosam_jax.data.preprocess import preprocess_volume
 
   if batch_size < 1:
@@ -330,9 +336,13 @@ def predict(model_dir: Path, weights_dir: Path | None, inputs: Path, output_dir:
   if collisions:
     raise DataError(f"{collisions[0]}: --output would overwrite this input; choose another output folder")
 
+  # New scans are cut in the frames the training data was cut in (recorded with the model), so a stack planned a few
+  # degrees from the training scans is not segmented transposed or mirrored.
+  references = read_model_record(model_dir).get("orientation_references")
+
   def read(path: Path):
     volume = read_nifti(path)
-    return volume, orientation_of(volume.affine, volume.spacing, path)
+    return volume, orientation_for(volume.affine, volume.spacing, references, path)
 
   sam, head, train_config = load_model(Path(model_dir), None if weights_dir is None else Path(weights_dir),
                                        encoder=True)

@@ -3,7 +3,8 @@
 Every slice gets its clean embedding (view 0); the training patients' slices also get K augmented views, seeded per
 item. With store "inputs" the cache holds the encoder's inputs instead (an input cache, for LoRA runs). The encoder
 is jitted with the batch sharded over the "data" mesh; host preprocessing of the next batch overlaps the device's
-work. Resumable shard by shard; under jax.distributed each process takes every P-th shard.
+work, and each batch is read back once the next one is dispatched. Resumable shard by shard; under jax.distributed
+each process takes every P-th shard.
 The command and its options: `autosam_jax/commands/precompute.py`."""
 
 from __future__ import annotations
@@ -55,16 +56,16 @@ def check_memory(config, options: PrecomputeOptions, batch_size: int, num_items:
 
   An estimate from the sizes alone (a lower bound: the encoder's own activations come on top): two batches of
   encoder inputs (batch_size x S x S x 3 float32) in flight, the one on the device and the next one prepared, each
-  held as a list of slices and as one stacked array; the batch's embeddings (batch_size x h x w x C float32) on the
-  device and on the host; and a shard's embeddings, kept until the shard is whole, then joined and converted for
-  writing (3 copies)."""
+  held as a list of slices and as one stacked array; two batches' embeddings (batch_size x h x w x C float32) on the
+  device (the one being read back and the next one) and one on the host; and a shard's embeddings, kept until the
+  shard is whole, then joined and converted for writing (3 copies)."""
   from autosam_jax.memory import require_memory
 
   image_bytes = config.image_size * config.image_size * 3 * 4
   embedding_bytes = config.image_embedding_size ** 2 * config.prompt_embed_dim * 4
   if options.store == "inputs":  # the stored item is the encoder input
     embedding_bytes = image_bytes
-  batch = batch_size * (4 * image_bytes + 2 * embedding_bytes)
+  batch = batch_size * (4 * image_bytes + 3 * embedding_bytes)
   shard = 3 * min(options.shard_size, num_items) * embedding_bytes
   if batch >= shard:
     option, value = names["batch_size"], options.batch_size
@@ -192,6 +193,8 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
   volumes, fingerprint, labels = load_volumes(source_dir, Path(tfds_dir), names["tfds_dir"])
   if process == 0:
     barrier("autosam_jax.precompute.dataset_built")
+  from autosam_jax.data.orientation import references_of
+
   view_patients = set(view_patients or ()) if options.views else set()
   unknown = sorted(view_patients - {v.patient_id for v in volumes.values()})
   if unknown:
@@ -207,7 +210,7 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
                 "preprocess": preprocess_config.to_dict(), "dataset_fingerprint": fingerprint,
                 "views": options.views, "view_patients": sorted(view_patients), "seed": options.seed,
                 "augment": augment_config.to_dict() if options.views else None, "dtype": options.dtype,
-                "labels": labels.to_dict()}
+                "labels": labels.to_dict(), "orientation_references": references_of(volumes)}
   # The weights are loaded before the cache directory is created: unusable weights leave nothing behind.
   mesh = local_data_mesh()
   devices = mesh.devices.ravel()
@@ -221,6 +224,8 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
                      f"convert the SAM weights again (autosam-jax convert CHECKPOINT {weights_dir})")
   else:
     sam = load_sam(weights_dir, encoder_dtype=encoder_dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+    from autosam_jax.models.image_encoder import set_attention
+    set_attention(sam.image_encoder, "auto", frozen=True)  # a forward only: cuDNN's attention on CUDA in bf16
   # Process 0 checks the folder, locks it and clears temporary files before the others open the cache; every process
   # learns its outcome, so a refusal stops them all (instead of leaving them at a barrier).
   refusal = None
@@ -261,19 +266,31 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
     bar = tqdm(total=total, unit="slice", desc=f"encoding ({len(todo)} shards to write)", dynamic_ncols=True)
   start_time = time.perf_counter()
   pending: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+
+  def collect(shard, items, embeddings, targets, valid) -> None:
+    """A dispatched batch read back, and its shard written once whole."""
+    pending.setdefault(shard, []).append((np.asarray(embeddings)[:len(items)], targets, valid))
+    if sum(len(p[0]) for p in pending[shard]) == len(writer.shard_items(shard)):
+      parts = pending.pop(shard)
+      writer.write_shard(shard, *(np.concatenate([p[k] for p in parts]) for k in range(3)))
+      kill_point("precompute.shard")  # the shard is whole: its files and its .done record are in place
+    if bar is not None:
+      bar.update(len(items))
+
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
     prepared = [pool.submit(preparer.batch, items, batch_size) for _, items in batches[:1]]
+    in_flight = None
     for i, (shard, items) in enumerate(batches):
       inputs, targets, valid = prepared[0].result()
       prepared = [pool.submit(preparer.batch, batches[i + 1][1], batch_size)] if i + 1 < len(batches) else []
       embeddings = encode(state, jax.device_put(inputs, data_sharding))
-      pending.setdefault(shard, []).append((np.asarray(embeddings)[:len(items)], targets, valid))
-      if sum(len(p[0]) for p in pending[shard]) == len(writer.shard_items(shard)):
-        parts = pending.pop(shard)
-        writer.write_shard(shard, *(np.concatenate([p[k] for p in parts]) for k in range(3)))
-        kill_point("precompute.shard")  # the shard is whole: its files and its .done record are in place
-      if bar is not None:
-        bar.update(len(items))
+      # The previous batch is read back only once this one is dispatched: the device encodes while the host copies
+      # and writes, instead of waiting for each read.
+      if in_flight is not None:
+        collect(*in_flight)
+      in_flight = (shard, items, embeddings, targets, valid)
+    if in_flight is not None:
+      collect(*in_flight)
   seconds = time.perf_counter() - start_time
   if bar is not None:
     bar.close()

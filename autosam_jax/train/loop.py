@@ -240,7 +240,9 @@ def model_record(labels, depends_on: dict[str, Any], config: TrainConfig | None 
   dtype = config.encoder_dtype if config is not None and config.lora else depends_on.get("dtype")
   return {"labels": labels.to_dict(), "input": cache_kind(depends_on), "encoder_dtype": dtype,
           "weights_sha256": depends_on.get("weights_sha256"),
-          "dataset_fingerprint": depends_on.get("dataset_fingerprint")}
+          "dataset_fingerprint": depends_on.get("dataset_fingerprint"),
+          # the frames the training data was cut in: predict cuts new scans alike (data/orientation.py)
+          "orientation_references": depends_on.get("orientation_references")}
 
 
 def resolve_config(config: TrainConfig, labels, where: str) -> TrainConfig:
