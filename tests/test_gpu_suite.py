@@ -52,9 +52,19 @@ def _listing(folder: Path) -> dict[str, bytes]:
   return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_tiny_run_writes_every_row(tmp_path, capsys):
+def test_tiny_run_writes_every_row(tmp_path, capsys, monkeypatch):
+  sys.path.insert(0, str(ROOT))
+  try:
+    from experiments.benchmarks import gpu_suite
+  finally:
+    sys.path.remove(str(ROOT))
+  order = []  # PyTorch's figures all before our first encoder is put on the device
+  for name in ("torch_encoder_references", "torch_lora_references", "torch_head_references", "our_encoders"):
+    monkeypatch.setattr(gpu_suite, name, lambda *a, _run=getattr(gpu_suite, name), _name=name, **k: (
+        order.append(_name), _run(*a, **k))[1])
   out = tmp_path / "suite"
   status, err = _suite(capsys, "--tiny", "--out", str(out))
+  assert order == ["torch_encoder_references", "torch_lora_references", "torch_head_references", "our_encoders"]
   assert status == 0, err[-3000:]
   assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]  # no temporary file left
   report = json.loads((out / "results.json").read_text())
@@ -75,6 +85,10 @@ def test_tiny_run_writes_every_row(tmp_path, capsys):
       assert _positive(row["ours"]) and row["reference"] is None and "CPU" in row["reference_reason"], row
   for name in EXPECTED_ROWS[:4]:
     assert _positive(rows[name]["first_call_s"]), name
+  # the attention each encoder ran, named ("auto" on the CPU: query chunks); no TF32 off a GPU
+  assert {rows[name]["attention"] for name in EXPECTED_ROWS[:4] + EXPECTED_ROWS[8:12:2]} == {"chunked"}
+  assert all(row.get("tf32") is None for row in report["rows"])
+  assert report["environment"]["attention_platform"] == "cpu"
   assert _positive(rows["encoder tiny bf16 batch 2"]["ratio_vs_torch_fp32"])
 
   parity = rows[EXPECTED_ROWS[4]]["ours"]

@@ -255,13 +255,15 @@ def test_attention_paths_agree_and_remat_changes_nothing():
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=1e-5)
 
 
-def test_accelerator_attention_exports_for_cuda_without_the_cpu_chunking():
-  """The encoder (and a LoRA gradient of it) lowered for CUDA on this CPU: with the accelerator's attention the
-  module holds no while loop; with the CPU's chunked attention it does (so the check can fail)."""
+def test_accelerator_attention_exports_for_cuda_without_the_cpu_chunking(monkeypatch):
+  """The encoder's LoRA gradient lowered for CUDA on this CPU: with the attention "auto" takes there for a LoRA step
+  (XLA's: the step differentiates the relative-position bias) the module holds no while loop and no cuDNN call; with
+  the CPU's chunked attention it holds a while loop (so the check can fail)."""
   import jax
   from jax import export
   from flax import nnx
 
+  from autosam_jax.models import image_encoder
   from autosam_jax.models.lora import LoraConfig, LoraParam, add_lora
 
   def exported_text(attention: str) -> str:
@@ -277,5 +279,70 @@ def test_accelerator_attention_exports_for_cuda_without_the_cpu_chunking():
     return export.export(step, platforms=["cuda"])(lora, rest, images).mlir_module()
 
   assert "stablehlo.while" in exported_text("chunked")
-  text = exported_text("xla")
-  assert "stablehlo.while" not in text and "stablehlo.dot_general" in text
+  # "auto" is decided for the platform the encoder is traced on: here the CUDA one it is lowered for
+  monkeypatch.setattr(image_encoder, "current_platform", lambda: "cuda")
+  text = exported_text("auto")
+  assert "stablehlo.while" not in text and "stablehlo.dot_general" in text and "cudnn" not in text.lower()
+
+
+def test_a_frozen_bf16_forward_takes_cudnn_attention_on_cuda(monkeypatch):
+  """The frozen encoder's bf16 forward (precompute, zero-shot, predict) lowered for CUDA: "auto" takes cuDNN's fused
+  attention in every block, windowed and global, and hands it what cuDNN's own checks accept.
+
+  JAX 0.10.2 checks the cuDNN version while tracing a cuDNN attention, so on a machine without CUDA's jaxlib plugin
+  the export stops there ("cuDNN is not detected"): the module itself cannot be made here. What can be checked here
+  is checked: that every attention of the forward asks for implementation="cudnn", with queries, keys, values and
+  bias that pass JAX's cuDNN layout and flash-attention checks (for inference); with CUDA's plugin installed, the
+  exported module's cuDNN calls."""
+  import jax
+  import jax.numpy as jnp
+  from jax import export
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+  from jax._src.lib import cuda_versions
+  from flax import nnx
+
+  from autosam_jax.models import image_encoder
+  from autosam_jax.models.image_encoder import set_attention
+
+  monkeypatch.setattr(image_encoder, "current_platform", lambda: "cuda")
+  encoder = set_attention(_encoder(128, "auto", dtype=jnp.bfloat16), "auto", frozen=True)  # head dim 16
+  graphdef, state = nnx.split(encoder)
+  forward = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images))
+  images = jax.ShapeDtypeStruct((2, 128, 128, 3), np.float32)
+  if cuda_versions is not None:
+    text = export.export(forward, platforms=["cuda"])(state, images).mlir_module()
+    assert text.count("__cudnn$fmha") >= len(encoder.blocks)
+    return
+  with pytest.raises(RuntimeError, match="cuDNN is not detected"):
+    export.export(forward, platforms=["cuda"])(state, images)
+
+  calls = []
+  original = jax.nn.dot_product_attention
+
+  def recorded(query, key, value, bias=None, *, implementation=None, **kwargs):
+    calls.append((query, key, value, bias, implementation))
+    return original(query, key, value, bias, implementation="xla", **kwargs)  # the shapes, computed by XLA here
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", recorded)
+  jax.eval_shape(forward, state, images)
+  # one call per global block, one per group of equally sized windows of a windowed block (8 x 8 grid, window 7: 4)
+  assert len(calls) == 1 + 4
+  for query, key, value, bias, implementation in calls:
+    assert implementation == "cudnn"
+    assert query.dtype == key.dtype == value.dtype == bias.dtype == jnp.bfloat16
+    cudnn_attention.check_layout(query, key, value, bias, None, None, None, None, None, None,
+                                 cudnn_attention.AttentionLayout.BTNH)
+    cudnn_attention.check_is_flash_attention(query, key, value, cudnn_attention.AttentionLayout.BTNH.value,
+                                             cudnn_version=90000, has_bias=True, is_training=False)
+
+
+def test_attention_refuses_cudnn_where_cudnn_cannot_run():
+  """An explicit "cudnn" on float32 queries is one clear error when traced, not JAX's deeper one."""
+  import jax
+  from flax import nnx
+
+  encoder = _encoder(128, "cudnn")
+  graphdef, state = nnx.split(encoder)
+  with pytest.raises(ValueError, match="takes bf16/fp16 queries .* not float32 .* use attention 'xla'"):
+    jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x), state, jax.ShapeDtypeStruct((1, 128, 128, 3),
+                                                                                                np.float32))

@@ -35,20 +35,64 @@ def query_rows_per_chunk(height: int, width: int, max_tokens: int = 128) -> int:
   return max(fitting) if fitting else 1
 
 
-# How global and windowed attention are computed: "chunked" is the CPU path (all queries at once for small grids,
-# else query rows in chunks through lax.map, see query_rows_per_chunk); "xla" and "cudnn" are
-# jax.nn.dot_product_attention with that implementation, "fused" lets it choose (cuDNN's flash attention where it
-# applies, XLA otherwise), the relative-position term going in as its bias. "auto": "chunked" on CPU, "fused" on
-# accelerators. The choice is made when the encoder is traced, for the backend it runs on.
-ATTENTION_IMPLEMENTATIONS = ("auto", "chunked", "fused", "xla", "cudnn")
+# How global and windowed attention are computed, each path named for what it runs:
+#   "chunked": the CPU path: all queries at once for small grids, else query rows in chunks through lax.map (see
+#     query_rows_per_chunk), each chunk under jax.checkpoint;
+#   "xla": jax.nn.dot_product_attention(implementation="xla"), the relative-position term as its bias (what
+#     implementation=None runs too: in JAX 0.10 that is always XLA's attention, never cuDNN's);
+#   "cudnn": jax.nn.dot_product_attention(implementation="cudnn"), cuDNN's fused flash attention: bf16/fp16 inputs
+#     only, head dim <= 128 and a multiple of 8, and a bias gradient only for an attention batch of 1 (a windowed
+#     block's batch is images x windows), so for forward passes nothing differentiates;
+#   "auto": `attention_for` decides where the encoder is traced, for the platform it runs on, its dtype and head
+#     dim, and whether it is frozen (`set_attention(..., frozen=True)`: precompute, zero-shot, predict).
+ATTENTION_IMPLEMENTATIONS = ("auto", "chunked", "xla", "cudnn")
+# cuDNN's fused attention: the input dtypes and head dims it takes (jax._src.cudnn.fused_attention_stablehlo's
+# checks on GPUs before Hopper; Hopper takes head dims up to 256, but 128 holds on every GPU).
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+CUDNN_MAX_HEAD_DIM = 128
 
 
-def resolve_attention(implementation: str, backend: str | None = None) -> str:
+def check_attention(implementation: str) -> str:
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention {implementation!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
-  if implementation != "auto":
+  return implementation
+
+
+def current_platform() -> str:
+  """The platform JAX computes on: "cpu", "tpu", or for a GPU "cuda" or "rocm" (cuDNN exists only on the first)."""
+  backend = jax.default_backend()
+  if backend != "gpu":
+    return backend
+  client = jax.devices()[0].client
+  return "cuda" if "cuda" in f"{client.platform} {client.platform_version}".lower() else "rocm"
+
+
+def cudnn_takes(dtype, head_dim: int) -> bool:
+  """Whether cuDNN's fused attention takes queries of `dtype` (None: float32) and `head_dim`."""
+  return dtype is not None and jnp.dtype(dtype) in [jnp.dtype(d) for d in CUDNN_DTYPES] and (
+      head_dim <= CUDNN_MAX_HEAD_DIM and head_dim % 8 == 0)
+
+
+def attention_for(platform: str, dtype, head_dim: int, frozen: bool) -> str:
+  """The path "auto" takes on `platform` (`current_platform`) for matmuls in `dtype` (None: float32) and heads of
+  `head_dim`: query chunks on the CPU; cuDNN for a frozen encoder's forward on CUDA where cuDNN takes the dtype and
+  head dim (precompute, zero-shot and predict of SAM-ViT in bf16); XLA's attention otherwise: in training (a LoRA
+  step differentiates the relative-position bias, which depends on the adapted queries, and cuDNN returns a bias
+  gradient only for a batch of 1), in float32, for other head dims, on other accelerators."""
+  if platform == "cpu":
+    return "chunked"
+  if frozen and platform == "cuda" and cudnn_takes(dtype, head_dim):
+    return "cudnn"
+  return "xla"
+
+
+def resolve_attention(implementation: str, platform: str | None = None, *, dtype=None, head_dim: int = 64,
+                      frozen: bool = False) -> str:
+  """`implementation` itself, or for "auto" `attention_for(platform or current_platform(), dtype, head_dim,
+  frozen)`."""
+  if check_attention(implementation) != "auto":
     return implementation
-  return "chunked" if (backend or jax.default_backend()) == "cpu" else "fused"
+  return attention_for(platform or current_platform(), dtype, head_dim, frozen)
 
 
 class Attention(nnx.Module):
@@ -57,8 +101,8 @@ class Attention(nnx.Module):
   def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool, use_rel_pos: bool, grid_size: int,
                dtype=None, attention: str = "auto", rngs: nnx.Rngs):
     self.num_heads = num_heads
-    resolve_attention(attention, "cpu")  # validated here, resolved for the backend when traced
-    self.attention = attention
+    self.attention = check_attention(attention)  # resolved for the platform when traced (`resolve_attention`)
+    self.frozen = False  # set_attention(..., frozen=True): no gradient ever flows through this attention
     self.head_dim = dim // num_heads
     self.qkv = Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
     self.proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
@@ -92,7 +136,7 @@ class Attention(nnx.Module):
       table_w = self.rel_pos_w[...][relative_position_index(w)[:cols]].astype(q.dtype)  # (C', W, head_dim)
       rel_h = jnp.einsum("bnyxd,ykd->bnyxk", q, table_h, preferred_element_type=jnp.float32)
       rel_w = jnp.einsum("bnyxd,xld->bnyxl", q, table_w, preferred_element_type=jnp.float32)
-    implementation = resolve_attention(self.attention)
+    implementation = resolve_attention(self.attention, dtype=q.dtype, head_dim=head_dim, frozen=self.frozen)
     if implementation != "chunked":
       return self._fused(q, k, v, rel_h, rel_w, (h, w), implementation)
     scale = jnp.asarray(head_dim ** -0.5, q.dtype)
@@ -120,8 +164,13 @@ class Attention(nnx.Module):
     return out.transpose(0, 2, 3, 1, 4).reshape(b, rows, cols, dim)
 
   def _fused(self, q, k, v, rel_h, rel_w, key_grid: tuple[int, int], implementation: str) -> Array:
-    """jax.nn.dot_product_attention over (B, tokens, heads, head_dim), the decomposed relative-position term
-    materialised as its (B, heads, queries, keys) bias; (B, R, C', C) out for (B, heads, R, C', head_dim) queries."""
+    """jax.nn.dot_product_attention(implementation=`implementation`: "xla" or "cudnn") over (B, tokens, heads,
+    head_dim), the decomposed relative-position term materialised as its (B, heads, queries, keys) bias; (B, R, C', C)
+    out for (B, heads, R, C', head_dim) queries."""
+    if implementation == "cudnn" and not cudnn_takes(q.dtype, q.shape[-1]):
+      raise ValueError(f"attention 'cudnn': cuDNN's fused attention takes bf16/fp16 queries with a head dim <= "
+                       f"{CUDNN_MAX_HEAD_DIM} and a multiple of 8, not {q.dtype} with head dim {q.shape[-1]}; use "
+                       "attention 'xla' (or 'auto')")
     b, heads, rows, cols, head_dim = q.shape
     queries, keys = rows * cols, key_grid[0] * key_grid[1]
     bias = None
@@ -129,8 +178,7 @@ class Attention(nnx.Module):
       bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, heads, queries, keys).astype(q.dtype)
     out = jax.nn.dot_product_attention(
         q.reshape(b, heads, queries, head_dim).transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
-        v.transpose(0, 2, 1, 3), bias=bias, scale=head_dim ** -0.5,
-        implementation=None if implementation == "fused" else implementation)
+        v.transpose(0, 2, 1, 3), bias=bias, scale=head_dim ** -0.5, implementation=implementation)
     return out.astype(jnp.float32).reshape(b, rows, cols, heads * head_dim)
 
 
@@ -288,9 +336,15 @@ def _checkpointed(block: nnx.Module, x: Array) -> Array:
   return jax.checkpoint(lambda state, x: nnx.merge(graphdef, state)(x))(state, x)
 
 
-def set_attention(encoder: ImageEncoderViT, implementation: str) -> ImageEncoderViT:
-  """Every block of `encoder` computes attention with `implementation` (ATTENTION_IMPLEMENTATIONS) from now on."""
-  resolve_attention(implementation, "cpu")
+def set_attention(encoder: ImageEncoderViT, implementation: str, *, frozen: bool | None = None) -> ImageEncoderViT:
+  """Every block of `encoder` computes attention with `implementation` (ATTENTION_IMPLEMENTATIONS) from now on.
+
+  frozen: True for an encoder that only runs forward passes nothing differentiates (the frozen encoder of precompute,
+  zero-shot and predict), where "auto" may take cuDNN's fused attention (`attention_for`); None leaves it as it was
+  (False when built)."""
+  check_attention(implementation)
   for block in encoder.blocks:
     block.attn.attention = implementation
+    if frozen is not None:
+      block.attn.frozen = frozen
   return encoder

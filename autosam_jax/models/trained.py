@@ -30,7 +30,7 @@ AUGMENT_MODES = ("none", "faithful", "improved")
 LORA_TARGETS = ("q", "k", "v", "qkv", "proj", "lin1", "lin2")
 ENCODER_DTYPES = ("float32", "bfloat16")
 # How the encoder computes attention (`models/image_encoder.py`, ATTENTION_IMPLEMENTATIONS).
-ATTENTIONS = ("auto", "chunked", "fused", "xla", "cudnn")
+ATTENTIONS = ("auto", "chunked", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +76,13 @@ class TrainConfig(TypedConfig):
   # and residuals stay float32), and jax.checkpoint per encoder block (recomputed in the backward pass: less memory).
   encoder_dtype: str = option("float32", choices=ENCODER_DTYPES)
   remat: bool = False
-  # LoRA only: the encoder's attention. auto: query chunks on CPU, jax.nn.dot_product_attention on accelerators
-  # (fastest there, but its relative-position bias is a (B, heads, N, N) array per global block); chunked: query
-  # chunks everywhere, each recomputed in the backward pass (the least memory: a vit_b-at-1024 step of batch 4 in
-  # 20.9 GiB by XLA's analysis, against 56 GiB).
+  # LoRA only: the encoder's attention, in training and in the saved model's use. auto: query chunks on CPU, XLA's
+  # jax.nn.dot_product_attention on accelerators ("xla": fastest there, but its relative-position bias is a
+  # (B, heads, N, N) array per global block); chunked: query chunks everywhere, each recomputed in the backward pass
+  # (the least memory: a vit_b-at-1024 step of batch 4 in 20.9 GiB by XLA's analysis, against 56 GiB). cudnn
+  # (cuDNN's fused attention) is refused: it takes bf16/fp16 only, and a LoRA step needs the gradient of the
+  # relative-position bias, which cuDNN gives only for an attention batch of 1 (a windowed block's is images x
+  # windows); the frozen encoder's forward takes it by itself (precompute, zero-shot, predict).
   attention: str = option("auto", choices=ATTENTIONS)
 
   @property
@@ -99,6 +102,10 @@ class TrainConfig(TypedConfig):
     if not self.lora and (self.remat or self.encoder_dtype != "float32" or self.attention != "auto"):
       raise self.refusal("remat, encoder_dtype and attention are options of the encoder in the loop; set lora_rank "
                          "(e.g. 4) or leave them out")
+    if self.lora and self.attention == "cudnn":
+      raise self.refusal(f"attention 'cudnn' cannot train LoRA with encoder_dtype {self.encoder_dtype!r}: cuDNN's "
+                         "fused attention takes bf16/fp16 only and gives the relative-position bias gradient a LoRA "
+                         "step needs only for an attention batch of 1; set attention=xla (or leave it out: auto)")
     if self.lora:
       self.lora_config()  # LoraConfig's rules between the targets, refused under this config's source
     if self.joint and (self.head != "autosam" or self.variant != "improved"):

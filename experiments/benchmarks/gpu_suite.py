@@ -4,15 +4,21 @@
   python -m experiments.benchmarks.gpu_suite --out runs/h100        # results.json and results.md in runs/h100
   python -m experiments.benchmarks.gpu_suite --tiny --out /tmp/s    # tiny models on the CPU, seconds: the same code
 
-Rows (each with our figure, the reference figure where there is one, their ratio, the unit and JAX's device kind),
-in the order they run, vit_h's last as the costliest:
+Rows (each with our figure, the reference figure where there is one, their ratio, the unit and JAX's device kind).
+Every PyTorch figure is measured first, before JAX puts anything on the device: JAX's memory pool keeps what it
+takes (preallocated or not), so PyTorch measured after it would run in what JAX left. Ours then run in this order,
+but vit_h's encoder rows come before the LoRA rows, whose compilations are the longest, so that the budget reaches
+them:
   1. image encoder images/s, vit_b and vit_h, fp32 and bf16, batch 1 and 8, beside segment-anything's PyTorch
      `ImageEncoderViT` on the same device (fp32, and bf16 under torch.autocast), with the same random weights
      (Meta's model converted through our key tables) and the same input. Medians over --repeats calls after one
      warm-up call (ours: compilation, given as `first_call_s`), each ended by block_until_ready or
      torch.cuda.synchronize (`encoder_throughput.median_seconds`). fp32 is each library's default: JAX's default
      matmul precision uses TF32 on GPUs that have it, PyTorch's keeps TF32 off for matmuls and on for cuDNN
-     convolutions. bf16 rows also give the ratio to PyTorch fp32 (`ratio_vs_torch_fp32`).
+     convolutions; every fp32 row on a GPU says where each side uses it (`tf32`, from PyTorch's flags as they are,
+     and its note). bf16 rows also give the ratio to PyTorch fp32 (`ratio_vs_torch_fp32`). Our encoder runs as
+     precompute runs it, attention "auto" for a frozen forward (`attention`: cuDNN's fused attention in bf16 on
+     CUDA, XLA's in fp32).
   2. fp32 parity: our vit_b embeddings at JAX precision "highest" against Meta's encoder with TF32 off, batch 1,
      max abs difference (PyTorch runs on the CPU when it has no CUDA).
   3. our bf16 embeddings against our fp32 ones at precision "highest" (vit_b, batch 1): max and mean absolute
@@ -21,8 +27,10 @@ in the order they run, vit_h's last as the costliest:
      after two warm-up steps (`lora_step._median_seconds`), and peak memory from XLA's memory analysis of the
      compiled step (arguments + temporaries + outputs - aliased); beside segment-anything + peft on the same
      device (`lora_step._torch_step`, its tensors created on the device), whose peak is
-     torch.cuda.max_memory_allocated over its steps (peft has no remat: one PyTorch figure per batch). A step whose
-     analysis exceeds the device's memory is compiled but not run.
+     torch.cuda.max_memory_allocated over its steps (peft has no remat: one PyTorch figure per batch). Our
+     attention is the LoRA step's (XLA's). A step whose analysis exceeds the device's memory is compiled but not
+     run; a larger batch whose analysis, scaled from the smaller batch's (the arguments fixed, the rest in
+     proportion to the batch), exceeds it already is not compiled either.
   5. each head's train step (autosam, cnn, linear; `head_step.our_steps` against `torch_heads`), batch 4 of
      64x64x256 embeddings, 224x224 labels.
 Precompute end to end is left out (its row says so): `precompute_throughput.py` has no function that returns its
@@ -254,7 +262,7 @@ def check_device(tiny: bool) -> dict:
                     "'jax[cuda12]'), or pass --tiny to check the suite on the CPU")
   import torch
 
-  from autosam_jax.models.image_encoder import resolve_attention
+  from autosam_jax.models.image_encoder import current_platform
 
   if tiny:
     torch_device, torch_reason, torch_name = "cpu", None, "cpu"
@@ -264,7 +272,7 @@ def check_device(tiny: bool) -> dict:
     torch_device, torch_name = None, None
     torch_reason = f"torch {torch.__version__} has no CUDA; install a CUDA build of torch for the PyTorch rows"
   return {"device_kind": devices[0].device_kind, "jax_backend": backend, "jax_devices": len(devices),
-          "jax": jax.__version__, "attention": resolve_attention("auto"), "torch": torch.__version__,
+          "jax": jax.__version__, "attention_platform": current_platform(), "torch": torch.__version__,
           "torch_device": torch_device, "torch_device_name": torch_name, "torch_reason": torch_reason,
           "torch_tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
           "machine": platform.machine(), "python": platform.python_version(), "cpus": os.cpu_count(),
@@ -321,55 +329,61 @@ DTYPES = (("fp32", None), ("bf16", "bfloat16"))
 BF16_ROWS = (("max abs diff", "abs"), ("mean abs diff", "abs"), ("relative (L2) diff", "relative"))
 
 
-def build_models(config) -> tuple:
-  """(Meta's Sam with random weights, on the CPU; {"fp32", "bf16": our encoder from its weights, nnx.split})."""
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from weights_conversion.meta_reference import build_meta_sam
-  from weights_conversion.parity import sam_from_torch
-
-  from autosam_jax.models.image_encoder import ImageEncoderViT
-
-  torch_sam = build_meta_sam(config, seed=0)
-  encoder = sam_from_torch(torch_sam).image_encoder  # converted once; each dtype is a graph over its parameters
-  state = nnx.state(encoder)
-  ours = {}
-  for label, dtype in DTYPES:
-    dtype = dtype and getattr(jnp, dtype)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: ImageEncoderViT(encoder.config, dtype=dtype, rngs=nnx.Rngs(0))))
-    ours[label] = (graphdef, state)
-  return torch_sam, ours
+@dataclasses.dataclass
+class References:
+  """PyTorch's figures, all measured before JAX puts anything on the device (JAX's memory pool keeps what it takes,
+  so PyTorch measured after it would have the device's memory minus JAX's): (value or None, why not) per row."""
+  encoder: dict = dataclasses.field(default_factory=dict)  # (encoder, batch, dtype label) -> images/s
+  parity: dict = dataclasses.field(default_factory=dict)  # encoder -> Meta's fp32 embedding of batch 1
+  lora: dict = dataclasses.field(default_factory=dict)  # batch -> (s/step, peak bytes or None)
+  heads: dict = dataclasses.field(default_factory=dict)  # head -> s/step
 
 
-def encoder_rows(suite: Suite, name: str, config, models: tuple | None, reason: str | None, parity: bool) -> None:
-  """Throughput of both sides for each batch and dtype; with `parity`, the parity and bf16 rows too. `models`:
-  `build_models(config)`, or None when that failed for `reason`."""
-  import jax
+def _encoder_images(plan: Plan, config) -> np.ndarray:
+  size = config.image_size
+  return np.random.default_rng(0).normal(size=(max(plan.batches), size, size, 3)).astype(np.float32)
+
+
+def _lora_data(batch: int, config) -> tuple[np.ndarray, np.ndarray]:
+  rng = np.random.default_rng(batch)
+  size, grid = config.image_size, config.image_embedding_size
+  return (rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+          rng.normal(size=(batch, grid, grid, config.prompt_embed_dim)).astype(np.float32))
+
+
+def _head_data(plan: Plan, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+  rng = np.random.default_rng(0)
+  b, grid, size = plan.head_batch, plan.head_grid, plan.head_target
+  return (rng.normal(size=(b, grid, grid, 256)).astype(np.float32),
+          rng.integers(0, num_classes, size=(b, size, size)).astype(np.int32))
+
+
+def tf32_label(suite: Suite, label: str = "fp32") -> dict | None:
+  """Where each side's float32 rows use TF32 (on CUDA GPUs that have it; None elsewhere and for bf16 rows): JAX's
+  default matmul precision takes it in matmuls and convolutions, PyTorch where its flags allow it (by default in
+  cuDNN convolutions, the encoder's patch embedding and neck, and not in matmuls)."""
+  if label != "fp32" or suite.environment["jax_backend"] != "gpu":
+    return None
+  flags = suite.environment["torch_tf32"]
+  torch_parts = [part for part, on in (("matmuls", flags["matmul"]), ("cuDNN convolutions", flags["cudnn"])) if on]
+  return {"ours": "matmuls and convolutions (JAX's default precision)",
+          "reference": " and ".join(torch_parts) if torch_parts else "off"}
+
+
+def _tf32_note(tf32: dict | None) -> str | None:
+  return tf32 and f"TF32 in fp32: ours in {tf32['ours']}; PyTorch in {tf32['reference']}"
+
+
+def torch_encoder_references(suite: Suite, name: str, torch_sam, images: np.ndarray, parity: bool,
+                             references: References) -> None:
+  """Meta's encoder on the suite's device: images/s per batch and dtype, and with `parity` its full-fp32 embedding
+  of the first image (on the CPU where PyTorch has no CUDA)."""
   import torch
-  from flax import nnx
 
   from experiments.benchmarks.encoder_throughput import median_seconds
 
   plan, device = suite.plan, suite.torch_device
-  size = config.image_size
-  images = np.random.default_rng(0).normal(size=(max(plan.batches), size, size, 3)).astype(np.float32)
-  parity_name = f"parity {name} fp32 (precision highest) vs segment-anything fp32 (TF32 off): max abs diff"
-  bf16_name = f"bf16 vs fp32 (precision highest) embeddings, {name}, batch 1"
-  if models is None:
-    for label, _ in DTYPES:
-      for batch in plan.batches:
-        suite.add(f"encoder {name} {label} batch {batch}", "images/s", None, reason)
-    if parity:
-      suite.add(parity_name, "abs", None, reason)
-      for kind, unit in BF16_ROWS:
-        suite.add(f"{bf16_name}: {kind}", unit, None, reason)
-    return
-  torch_sam, ours = models
   torch_encoder = torch_sam.image_encoder
-
-  reference, reference_reason = {}, {}
-  torch_embedding = None
   if device is not None:
     torch_encoder.to(device)
     for batch in plan.batches:
@@ -380,25 +394,143 @@ def encoder_rows(suite: Suite, name: str, config, models: tuple | None, reason: 
             torch_encoder(x)
           _synchronize(device)
         seconds, why = suite.measure(lambda: median_seconds(call, plan.repeats)[0])
-        reference[batch, label] = None if seconds is None else batch / seconds
-        reference_reason[batch, label] = why
+        references.encoder[name, batch, label] = (None if seconds is None else batch / seconds, why)
       del x
-  if parity:  # Meta's encoder in full fp32, on the CPU where PyTorch has no CUDA
+  if parity:
     parity_device = device or "cpu"
     torch_encoder.to(parity_device)
 
     def torch_parity():
       x = torch.from_numpy(images[:1].transpose(0, 3, 1, 2).copy()).to(parity_device)
       with torch.inference_mode(), _torch_fp32():
-        return torch_encoder(x).float().cpu().numpy().transpose(0, 2, 3, 1)
-    torch_embedding, torch_parity_reason = suite.measure(torch_parity)
+        return torch_encoder(x).float().cpu().numpy().transpose(0, 2, 3, 1), parity_device
+    references.parity[name] = suite.measure(torch_parity)
   torch_encoder.to("cpu")
   _release_torch_memory()
 
+
+def torch_lora_references(suite: Suite, config, torch_sam, references: References) -> None:
+  """segment-anything + peft's LoRA step per batch: median seconds and, on CUDA, peak memory."""
+  import torch
+
+  from experiments.benchmarks.lora_step import _median_seconds, _torch_step
+
+  plan, device = suite.plan, suite.torch_device
+  for batch in plan.lora_batches:
+    images, target = _lora_data(batch, config)
+
+    def torch_side():
+      encoder = copy.deepcopy(torch_sam.image_encoder).to(device).train()
+      with _tensors_on(device):
+        step, _ = _torch_step(encoder, images, target)
+      if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+      seconds = _median_seconds(step, plan.steps)
+      return seconds, torch.cuda.max_memory_allocated() if device == "cuda" else None
+    references.lora[batch] = suite.measure(torch_side)
+    _release_torch_memory()
+
+
+def torch_head_references(suite: Suite, references: References, num_classes: int = 4) -> None:
+  """Each head's train step in PyTorch (`torch_heads`), the official heads on the suite's device."""
+  import torch
+
+  from experiments.benchmarks import torch_heads
+  from experiments.benchmarks.head_step import HEADS
+  from experiments.benchmarks.lora_step import _median_seconds
+
+  plan, device = suite.plan, suite.torch_device
+  embeddings, targets = _head_data(plan, num_classes)
+  for name in HEAD_NAMES:
+    kind, variant, joint = HEADS[name]
+
+    def torch_side():
+      torch.manual_seed(0)
+      head = (torch_heads.CnnHead(num_classes, top=plan.cnn_top) if kind == "cnn" else
+              torch_heads.build(kind, num_classes, variant, joint))
+      step = torch_heads.make_train_step(head.to(device))
+      x = torch.from_numpy(embeddings.transpose(0, 3, 1, 2).copy()).to(device)
+      y = torch.from_numpy(targets.astype(np.int64)).to(device)
+      return _median_seconds(lambda: step(x, y), plan.steps)  # each step ends with loss.item()
+    references.heads[name] = suite.measure(torch_side)
+    _release_torch_memory()
+
+
+def torch_references(suite: Suite, torch_models: dict) -> References:
+  """Every PyTorch figure of the run, in the order the rows run; none where PyTorch has no device (no CUDA), but
+  the parity embedding, which the CPU gives. `torch_models`: encoder name -> (Meta's Sam on the CPU or None, why)."""
+  references = References()
+  plan = suite.plan
+  for i, (name, config) in enumerate(plan.encoders):
+    torch_sam, _ = torch_models[name]
+    if torch_sam is not None:
+      torch_encoder_references(suite, name, torch_sam, _encoder_images(plan, config), i == 0, references)
+  if suite.torch_device is not None:
+    name, config = plan.encoders[0]
+    if torch_models[name][0] is not None:
+      torch_lora_references(suite, config, torch_models[name][0], references)
+    torch_head_references(suite, references)
+  return references
+
+
+def our_encoders(torch_sam) -> dict:
+  """Our encoder from Meta's weights, per dtype label a (graphdef, state) sharing one state: the attention "auto"
+  takes for the frozen encoder's forward (precompute's), so bf16 takes cuDNN's fused attention on CUDA."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from weights_conversion.parity import sam_from_torch
+
+  from autosam_jax.models.image_encoder import ImageEncoderViT, set_attention
+
+  encoder = sam_from_torch(torch_sam).image_encoder  # converted once; each dtype is a graph over its parameters
+  state = nnx.state(encoder)
+  ours = {}
+  for label, dtype in DTYPES:
+    dtype = dtype and getattr(jnp, dtype)
+    shaped = nnx.eval_shape(lambda: ImageEncoderViT(encoder.config, dtype=dtype, rngs=nnx.Rngs(0)))
+    ours[label] = (nnx.graphdef(set_attention(shaped, "auto", frozen=True)), state)
+  return ours
+
+
+def _attention_of(config, dtype: str | None, frozen: bool) -> str:
+  """The attention path a row's encoder takes ("auto" decided for this platform, dtype and head dim)."""
+  import jax.numpy as jnp
+
+  from autosam_jax.models.image_encoder import attention_for, current_platform
+
+  return attention_for(current_platform(), dtype and getattr(jnp, dtype),
+                       config.encoder_embed_dim // config.encoder_num_heads, frozen)
+
+
+def encoder_rows(suite: Suite, name: str, config, ours: dict | None, reason: str | None, parity: bool,
+                 references: References) -> None:
+  """Our throughput for each batch and dtype beside PyTorch's; with `parity`, the parity and bf16 rows too. `ours`:
+  `our_encoders(...)`, or None when that (or Meta's model) failed for `reason`."""
+  import jax
+  from flax import nnx
+
+  from experiments.benchmarks.encoder_throughput import median_seconds
+
+  plan, device = suite.plan, suite.torch_device
+  images = _encoder_images(plan, config)
+  parity_name = f"parity {name} fp32 (precision highest) vs segment-anything fp32 (TF32 off): max abs diff"
+  bf16_name = f"bf16 vs fp32 (precision highest) embeddings, {name}, batch 1"
+  if ours is None:
+    for label, _ in DTYPES:
+      for batch in plan.batches:
+        suite.add(f"encoder {name} {label} batch {batch}", "images/s", None, reason)
+    if parity:
+      suite.add(parity_name, "abs", None, reason)
+      for kind, unit in BF16_ROWS:
+        suite.add(f"{bf16_name}: {kind}", unit, None, reason)
+    return
+
   bf16_embedding = None
-  for label, _ in DTYPES:
+  for label, dtype in DTYPES:
     graphdef, state = ours[label]
     encode = jax.jit(lambda state, x, graphdef=graphdef: nnx.merge(graphdef, state)(x))
+    tf32 = tf32_label(suite, label)
     for batch in plan.batches:
       x = jax.device_put(images[:batch])
 
@@ -406,16 +538,17 @@ def encoder_rows(suite: Suite, name: str, config, models: tuple | None, reason: 
         seconds, first = median_seconds(lambda: encode(state, x).block_until_ready(), plan.repeats)
         return seconds, first, (np.asarray(encode(state, x[:1])) if batch == 1 else None)
       measured, why = suite.measure(run)
-      ref = reference.get((batch, label))
+      ref, ref_reason = references.encoder.get((name, batch, label), (None, suite.torch_reason))
       extra = {}
       if label == "bf16":
-        fp32_ref = reference.get((batch, "fp32"))
+        fp32_ref = references.encoder.get((name, batch, "fp32"), (None, None))[0]
         extra["ratio_vs_torch_fp32"] = None if measured is None or fp32_ref is None else (
             batch / measured[0]) / fp32_ref
         if measured is not None and measured[2] is not None:
           bf16_embedding = measured[2]
       suite.add(f"encoder {name} {label} batch {batch}", "images/s", None if measured is None else batch / measured[0],
-                why, ref, reference_reason.get((batch, label), suite.torch_reason), device, batch=batch, dtype=label,
+                why, ref, ref_reason, device, batch=batch, dtype=label, note=_tf32_note(tf32), tf32=tf32,
+                attention=_attention_of(config, dtype, frozen=True),
                 first_call_s=None if measured is None else measured[1], **extra)
   if not parity:
     return
@@ -427,9 +560,11 @@ def encoder_rows(suite: Suite, name: str, config, models: tuple | None, reason: 
       encode = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
       return np.asarray(encode(state, jax.device_put(images[:1])))
   fp32_embedding, why = suite.measure(highest)
-  if fp32_embedding is None or torch_embedding is None:
+  torch_parity, torch_parity_reason = references.parity.get(name, (None, suite.torch_reason))
+  if fp32_embedding is None or torch_parity is None:
     suite.add(parity_name, "abs", None, why or torch_parity_reason)
   else:
+    torch_embedding, parity_device = torch_parity
     difference = np.abs(fp32_embedding.astype(np.float64) - torch_embedding)
     relative = np.linalg.norm(difference) / np.linalg.norm(torch_embedding)
     suite.add(parity_name, "abs", float(difference.max()), reference_device=parity_device,
@@ -447,38 +582,28 @@ def encoder_rows(suite: Suite, name: str, config, models: tuple | None, reason: 
               float(np.linalg.norm(difference) / np.linalg.norm(fp32_embedding)))
 
 
-def lora_rows(suite: Suite, name: str, config, models: tuple | None, build_reason: str | None) -> None:
-  """Our LoRA step (remat off and on) and PyTorch + peft's, for each batch: time and peak memory. `models`:
-  `build_models(config)`, or None when that failed for `build_reason`."""
+def lora_rows(suite: Suite, name: str, config, ours: dict | None, build_reason: str | None,
+              references: References) -> None:
+  """Our LoRA step (remat off and on) for each batch beside PyTorch + peft's: time and peak memory. `ours`:
+  `our_encoders(...)`, or None when that failed for `build_reason`. A step XLA's analysis puts past the device's
+  memory is compiled but not run; a larger batch whose analysis, scaled from a smaller one's, is past it already is
+  not compiled either."""
   import jax
-  import torch
   from flax import nnx
 
-  from experiments.benchmarks.lora_step import _median_seconds, _our_step, _torch_step
+  from experiments.benchmarks.lora_step import _median_seconds, _our_step
 
   plan, device = suite.plan, suite.torch_device
   stats = jax.devices()[0].memory_stats() or {}
   limit = stats.get("bytes_limit")
-  size, grid = config.image_size, config.image_embedding_size
-  built = None if models is None else (models[0], nnx.merge(*models[1]["fp32"]))
+  size = config.image_size
+  encoder = None if ours is None else nnx.merge(*ours["fp32"])
+  tf32 = tf32_label(suite)
+  analysed: dict[bool, tuple[int, int, int]] = {}  # remat -> (batch, used bytes, argument bytes) of the last compile
   for batch in plan.lora_batches:
     label = f"lora {name} at {size}, batch {batch}"
-    rng = np.random.default_rng(batch)
-    images = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
-    target = rng.normal(size=(batch, grid, grid, config.prompt_embed_dim)).astype(np.float32)
-    torch_result, torch_reason = None, build_reason or suite.torch_reason
-    if built is not None and device is not None:
-      def torch_side():
-        encoder = copy.deepcopy(built[0].image_encoder).to(device).train()
-        with _tensors_on(device):
-          step, _ = _torch_step(encoder, images, target)
-        if device == "cuda":
-          torch.cuda.reset_peak_memory_stats()
-        seconds = _median_seconds(step, plan.steps)
-        peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-        return seconds, peak
-      torch_result, torch_reason = suite.measure(torch_side)
-      _release_torch_memory()
+    images, target = _lora_data(batch, config)
+    torch_result, torch_reason = references.lora.get(batch, (None, build_reason or suite.torch_reason))
     torch_seconds = None if torch_result is None else torch_result[0]
     torch_gib = None if torch_result is None or torch_result[1] is None else torch_result[1] / 2**30
     memory_reason = torch_reason if torch_result is None else (
@@ -488,19 +613,30 @@ def lora_rows(suite: Suite, name: str, config, models: tuple | None, build_reaso
       row = f"{label}, remat {'on' if remat else 'off'}"
 
       def compile_step(remat=remat):
-        step, lora, rest, optimizer = _our_step(nnx.clone(built[1]), remat=remat)
+        step, lora, rest, optimizer = _our_step(nnx.clone(encoder), remat=remat)
         state = {"lora": lora, "opt": optimizer.init(lora), "images": jax.device_put(images),
                  "target": jax.device_put(target)}
         compiled = step.lower(state["lora"], state["opt"], rest, state["images"], state["target"]).compile()
         analysis = compiled.memory_analysis()
         used = (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes + analysis.output_size_in_bytes
                 - analysis.alias_size_in_bytes)
-        return compiled, state, rest, used
-      compiled, why = (None, build_reason) if built is None else suite.measure(compile_step)
+        return compiled, state, rest, used, analysis.argument_size_in_bytes
+      estimate = None
+      if remat in analysed and limit is not None:  # activations grow with the batch, the weights do not
+        smaller, used, arguments = analysed[remat]
+        estimate = arguments + (used - arguments) * batch / smaller
+      if encoder is None:
+        compiled, why = None, build_reason
+      elif estimate is not None and estimate > limit:
+        compiled, why = None, (f"not compiled: XLA's analysis at batch {smaller} scaled to batch {batch} "
+                               f"({estimate / 2**30:.1f} GiB) exceeds the device's {limit / 2**30:.1f} GiB")
+      else:
+        compiled, why = suite.measure(compile_step)
       seconds = gib = None
       memory_why = why
       if compiled is not None:
-        compiled, state, rest, used = compiled
+        compiled, state, rest, used, arguments = compiled
+        analysed[remat] = (batch, used, arguments)
         gib = used / 2**30
         if limit is not None and used > limit:
           why = f"not run: XLA's analysis ({used / 2**30:.1f} GiB) exceeds the device's {limit / 2**30:.1f} GiB"
@@ -512,45 +648,31 @@ def lora_rows(suite: Suite, name: str, config, models: tuple | None, build_reaso
           seconds, why = suite.measure(lambda: _median_seconds(one_step, plan.steps))
         del compiled, state, rest
       suite.add(f"{row}: step time", "s/step", seconds, why, torch_seconds, torch_reason, device, batch=batch,
-                remat=remat, note="PyTorch + peft on qkv (rank 4), no remat")
+                remat=remat, attention=_attention_of(config, None, frozen=False), tf32=tf32,
+                note="; ".join(n for n in ("PyTorch + peft on qkv (rank 4), no remat", _tf32_note(tf32)) if n))
       suite.add(f"{row}: peak memory", "GiB", gib, memory_why, torch_gib, memory_reason, device, batch=batch,
                 remat=remat,
                 note="ours: XLA memory analysis of the compiled step (arguments + temporaries + outputs - aliased); "
                      "PyTorch: torch.cuda.max_memory_allocated over its steps")
-  _release_torch_memory()
 
 
-def head_rows(suite: Suite) -> None:
-  """Each head's train step: ours (the step `autosam-jax train` runs) against the same head in PyTorch."""
+def head_rows(suite: Suite, references: References, num_classes: int = 4) -> None:
+  """Each head's train step: ours (the step `autosam-jax train` runs) beside the same head in PyTorch."""
   import jax
-  import torch
   from flax import nnx
 
   from autosam_jax.models.heads import build_head
-  from experiments.benchmarks import torch_heads
   from experiments.benchmarks.head_step import HEADS, our_steps
   from experiments.benchmarks.lora_step import _median_seconds
 
   plan, device = suite.plan, suite.torch_device
-  num_classes, b, grid, size = 4, plan.head_batch, plan.head_grid, plan.head_target
-  rng = np.random.default_rng(0)
-  embeddings = rng.normal(size=(b, grid, grid, 256)).astype(np.float32)
-  targets = rng.integers(0, num_classes, size=(b, size, size)).astype(np.int32)
+  b, grid, size = plan.head_batch, plan.head_grid, plan.head_target
+  embeddings, targets = _head_data(plan, num_classes)
   batch = jax.device_put({"embedding": embeddings, "target": targets, "weight": np.ones((b, size, size), np.float32)})
+  tf32 = tf32_label(suite)
   for name in HEAD_NAMES:
     kind, variant, joint = HEADS[name]
-    torch_seconds, torch_reason = None, suite.torch_reason
-    if device is not None:
-      def torch_side():
-        torch.manual_seed(0)
-        head = (torch_heads.CnnHead(num_classes, top=plan.cnn_top) if kind == "cnn" else
-                torch_heads.build(kind, num_classes, variant, joint))
-        step = torch_heads.make_train_step(head.to(device))
-        x = torch.from_numpy(embeddings.transpose(0, 3, 1, 2).copy()).to(device)
-        y = torch.from_numpy(targets.astype(np.int64)).to(device)
-        return _median_seconds(lambda: step(x, y), plan.steps)  # each step ends with loss.item()
-      torch_seconds, torch_reason = suite.measure(torch_side)
-      _release_torch_memory()
+    torch_seconds, torch_reason = references.heads.get(name, (None, suite.torch_reason))
 
     def ours():
       train, _ = our_steps(build_head(kind, num_classes, variant=variant, joint=joint, cnn_top_channels=plan.cnn_top,
@@ -558,7 +680,7 @@ def head_rows(suite: Suite) -> None:
       return _median_seconds(lambda: train(batch), plan.steps)  # each step ends with the loss on the host
     seconds, why = suite.measure(ours)
     suite.add(f"head {name} train step, batch {b}, {grid}x{grid} embeddings, {size}x{size} labels", "s/step",
-              seconds, why, torch_seconds, torch_reason, device)
+              seconds, why, torch_seconds, torch_reason, device, note=_tf32_note(tf32), tf32=tf32)
 
 
 def _import_quietly(module: str) -> None:
@@ -585,17 +707,31 @@ def run(args) -> int:
   out.mkdir(parents=True, exist_ok=True)
   suite = Suite(out, plan, args.tiny, args.budget_s, environment, args.start)
   suite.save(complete=False)
+  # PyTorch first, before JAX puts anything on the device: JAX's memory pool keeps what it takes (with or without
+  # preallocation), so PyTorch measured after it would run in what JAX left.
+  from weights_conversion.meta_reference import build_meta_sam
+
+  torch_models = {name: suite.measure(lambda config=config: build_meta_sam(config, seed=0))
+                  for name, config in plan.encoders}
+  references = torch_references(suite, torch_models)
+  _release_torch_memory()
+  # Then ours: the encoders (vit_h's before the LoRA rows, whose compilations are the longest, so that the budget
+  # reaches them), then the LoRA step of the first encoder and the heads.
+  first = None
   for i, (name, config) in enumerate(plan.encoders):
-    models, reason = suite.measure(lambda: build_models(config))
-    encoder_rows(suite, name, config, models, reason, parity=i == 0)
+    torch_sam, reason = torch_models[name]
+    ours, reason = (None, reason) if torch_sam is None else suite.measure(lambda: our_encoders(torch_sam))
+    encoder_rows(suite, name, config, ours, reason, i == 0, references)
     suite.save(complete=False)
-    if i == 0:  # the LoRA rows adapt the first encoder, then the heads; both before the costliest encoder
-      lora_rows(suite, name, config, models, reason)
-      suite.save(complete=False)
-      head_rows(suite)
-      suite.save(complete=False)
-    del models
-    _release_torch_memory()
+    if i == 0:
+      first = (name, config, ours, reason)
+    del ours
+  name, config, ours, reason = first
+  lora_rows(suite, name, config, ours, reason, references)
+  suite.save(complete=False)
+  del first, ours
+  head_rows(suite, references)
+  suite.save(complete=False)
   suite.add("precompute end to end", "images/s", None,
             f"not in this suite (precompute_throughput.py only prints its figures); run {PRECOMPUTE_COMMAND}")
   suite.save(complete=True)
