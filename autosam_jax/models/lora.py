@@ -10,7 +10,8 @@ so an adapted encoder equals the frozen one until B is trained. Targets:
 
 The factors are `LoraParam`s (a kind of nnx.Param), so `nnx.state(model, LoraParam)` is exactly what a LoRA run
 trains and saves; the base weights stay nnx.Param of the converted checkpoint and are never updated. `merge_lora`
-folds the factors into the base kernels (inference, export).
+folds the factors into the base kernels (export); inference runs the adapted encoder as validation did (see
+`merge_lora` for why).
 """
 
 from __future__ import annotations
@@ -140,8 +141,15 @@ def lora_layers(module) -> list[LoraLinear]:
 
 
 def merge_lora(encoder):
-  """Folds every LoraLinear's factors into its base kernel and puts the plain Linear back, in place; returns the
-  encoder (which then computes what the adapted one did, at the frozen encoder's cost)."""
+  """Folds every LoraLinear's factors into its base kernel (W + scale A B, summed in float32) and puts the plain
+  Linear back, in place; returns the encoder.
+
+  The merged encoder computes what the adapted one did only where its matmuls are exact enough to keep the update:
+  in float32 at full precision. An encoder computing in bf16 (or TF32, GPUs' default float32 matmuls) rounds the
+  merged kernel, whose update is small beside W, while the adapted encoder computes bf16(W) x + ((x A) B): the
+  rounding of W + dW then changes the update by a sizeable fraction of itself (`merge_rounding`), another network
+  than the one validated. Evaluate and predict therefore run a LoRA model unmerged; export (float32 weights) records
+  the difference."""
   for block in encoder.blocks:
     for owner in (block.attn, block.mlp):
       for attribute in ("qkv", "proj", "lin1", "lin2"):
@@ -151,6 +159,22 @@ def merge_lora(encoder):
           base.kernel = nnx.Param(base.kernel[...] + layer.delta_kernel())
           setattr(owner, attribute, base)
   return encoder
+
+
+def merge_rounding(encoder, dtype) -> float:
+  """What merging costs an adapted `encoder` (before `merge_lora`) used with its matmuls in `dtype`: the largest, over
+  its adapted linears, of |round(W + dW) - (round(W) + dW)| / |dW| (Frobenius norms, `round` to `dtype`), the merged
+  kernel's rounding as a fraction of the update. 0 for float32 (None); linears whose update is zero are left out."""
+  if dtype is None or jnp.dtype(dtype) == jnp.float32:
+    return 0.0
+  rounded = lambda a: a.astype(dtype).astype(jnp.float32)
+  worst = 0.0
+  for layer in lora_layers(encoder):
+    kernel, delta = layer.base.kernel[...], layer.delta_kernel()
+    size = float(jnp.linalg.norm(delta))
+    if size > 0:
+      worst = max(worst, float(jnp.linalg.norm(rounded(kernel + delta) - (rounded(kernel) + delta))) / size)
+  return worst
 
 
 def set_dropout_key(module, key) -> None:
