@@ -16,11 +16,24 @@ def _chosen(argv: list[str]) -> str | None:
   return word if word in COMMANDS else None
 
 
+class Parser(argparse.ArgumentParser):
+  """argparse's parser, but a bad command line is one line, `error: <problem>; see autosam-jax <command> --help`,
+  exit code 2, as every other refusal (argparse prints its usage block, several lines, before the error). The
+  commands' parsers are of this class too (add_subparsers makes them of their parent's class)."""
+
+  help_prog: str | None = None  # the command whose help an error points to (the top-level parser sees some errors)
+
+  def error(self, message: str):
+    self.exit(2, f"error: {' '.join(message.split())}; see {self.help_prog or self.prog} --help\n")
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
   """The parser; only the command `argv` names (every command when `argv` is None) gets its arguments."""
-  parser = argparse.ArgumentParser(prog="autosam-jax", description="SAM adaptation for medical images in JAX/Flax.")
+  parser = Parser(prog="autosam-jax", description="SAM adaptation for medical images in JAX/Flax.")
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   chosen = None if argv is None else _chosen(argv)
+  if chosen is not None:  # an option of the command it does not know is reported by the top-level parser
+    parser.help_prog = f"autosam-jax {chosen}"
   for name, (module_name, help_text) in COMMANDS.items():
     if argv is not None and name != chosen:
       commands.add_parser(name, help=help_text)

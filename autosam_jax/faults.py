@@ -50,7 +50,7 @@ class Interrupted(KeyboardInterrupt):
     self.signum = signum
 
 
-def _raise_interrupted(signum, frame):
+def raise_interrupted(signum, frame):
   raise Interrupted(signum)
 
 
@@ -112,6 +112,22 @@ def restore_or_raise(restore, error):
   raise error(reason)
 
 
+def close_progress_bars() -> None:
+  """Closes every tqdm bar still open (an exception that ended a command may have left its bar open): a bar's last
+  text ends without a newline, so the error line printed next would start inside it. Closed, a bar keeps its last
+  state on a line of its own."""
+  import sys
+
+  module = sys.modules.get("tqdm.std")  # never imported here: no bar was ever made if tqdm was not
+  if module is None:
+    return
+  for bar in list(getattr(module.tqdm, "_instances", ())):
+    try:
+      bar.close()
+    except Exception:  # noqa: BLE001 - a bar that cannot be closed must not hide the error line that follows
+      pass
+
+
 def run_command(run, args) -> int:
   """`run(args)`, with every error of `autosam_jax.errors` printed as `error: <message>` and its exit code returned,
   SIGINT/SIGTERM as one line (exit 130/143) and a full disk as one line (exit 4), never a traceback.
@@ -141,13 +157,15 @@ def run_command(run, args) -> int:
   handlers = {}
   if threading.current_thread() is threading.main_thread():
     for signum in (signal.SIGINT, signal.SIGTERM):
-      handlers[signum] = signal.signal(signum, _raise_interrupted)
+      handlers[signum] = signal.signal(signum, raise_interrupted)
   try:
     return run(args)
   except AutosamError as err:
+    close_progress_bars()
     print(f"error: {err}", file=sys.stderr)
     return err.exit_code
   except KeyboardInterrupt as err:
+    close_progress_bars()
     signum = getattr(err, "signum", signal.SIGINT)
     print(f"error: {signal.Signals(signum).name}: {INTERRUPT_TEXT}", file=sys.stderr)
     return 128 + signum
@@ -160,6 +178,7 @@ def run_command(run, args) -> int:
       problem = f"{os.path.abspath(where)}: {problem}" if where else problem
     # orbax's write coroutines that never ran are collected at interpreter shutdown, each with a RuntimeWarning
     warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
+    close_progress_bars()
     print(f"error: disk full while writing: {problem}; free some space (or write elsewhere) and rerun: finished "
           "work is kept and the rerun goes on from it", file=sys.stderr)
     return DISK_FULL_EXIT

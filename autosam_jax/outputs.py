@@ -1,6 +1,7 @@
 """Output folders: what a command may write into, replace or resume, and one process at a time in each.
 
-- `check_output_path`: an --out that is an existing file (or a symbolic link) is refused before any work.
+- `check_output_path`: an --out that is an existing file (or a symbolic link), or that this process may not write
+  (`check_writable`), is refused before any work.
 - `check_replaceable`: `--overwrite` replaces only an earlier output of the same command, recognised by its marker
   file and its known entries, and never a folder that holds one of the command's inputs.
 - `OutputLock`: an advisory lock (flock) on OUT/.lock held while a command writes there; the kernel releases it when
@@ -37,13 +38,27 @@ def check_folder(path: str | os.PathLike, option: str) -> Path:
   return path
 
 
+def check_writable(path: str | os.PathLike, option: str) -> None:
+  """The folder writing `path` creates entries in (`path` itself if it is a folder, else the nearest existing folder
+  above it) lets this process create files there: a read-only folder is one error line before any work, rather than
+  a PermissionError (or a read-only file system's error) at the first write, after minutes of work."""
+  path = Path(path).expanduser().absolute()
+  folder = path if path.is_dir() else next((p for p in path.parents if p.exists()), None)
+  if folder is not None and folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+    raise DataError(f"{folder}: not writable (no permission to create files in it, or a read-only file system); "
+                    f"choose another {option}, or get write access to this folder")
+
+
 def check_output_path(path: str | os.PathLike, option: str = "--out") -> Path:
-  """An output folder: as `check_folder`; it may be a link to a folder, but not a link to nothing."""
+  """An output folder: as `check_folder`; it may be a link to a folder, but not a link to nothing; it (or the folder
+  it is to be made in) must be writable."""
   path = Path(path).expanduser()
   if path.is_symlink() and not path.exists():
     raise DataError(f"{path}: is a symbolic link to nothing ({os.path.realpath(path)}); remove the link or choose "
                     f"another {option}")
-  return check_folder(path, option)
+  check_folder(path, option)
+  check_writable(path, option)
+  return path
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -58,6 +73,7 @@ def check_replaceable(out: str | os.PathLike, *, marker: str, entries: Iterable[
   out = check_output_path(out, "output folder")
   if not out.exists():
     return
+  check_writable(out.absolute().parent, "output folder")  # replacing renames `out` aside, in the folder above it
   if out.is_symlink():  # replacing renames the link, not the folder: give the folder itself
     raise DataError(f"{out}: is a symbolic link; {option} replaces real folders only, give the folder it points to "
                     f"({os.path.realpath(out)})")

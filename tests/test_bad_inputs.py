@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import traceback
 from pathlib import Path
@@ -498,11 +499,49 @@ def wrong_type_in_simclr_config(world, tmp_path):
                   tmp_path / "simclr"], config.name, [tmp_path / "simclr"], ("epochs",))
 
 
+def keyboard_interrupt_in_train_config(world, tmp_path):
+  # raised by the file's code, not a Ctrl-C: the file's error (a real Ctrl-C: test_faults)
+  config = _py(tmp_path, "interrupting.py", "raise KeyboardInterrupt\n")
+  return Refusal(_train(world, tmp_path / "run", config=config), config.name, [tmp_path / "run"],
+                 ("KeyboardInterrupt",))
+
+
+def keyboard_interrupt_in_get_config(world, tmp_path):
+  config = _py(tmp_path, "interrupting.py", "def get_config():\n  raise KeyboardInterrupt('stop')\n")
+  return Refusal(_train(world, tmp_path / "run", config=config), config.name, [tmp_path / "run"],
+                 ("get_config()", "KeyboardInterrupt"))
+
+
+def sys_exit_0_in_train_config(world, tmp_path):
+  # without the check `train` ended with exit code 0, having trained nothing
+  config = _py(tmp_path, "exiting.py", "import sys\nsys.exit(0)\n")
+  return Refusal(_train(world, tmp_path / "run", config=config), config.name, [tmp_path / "run"], ("sys.exit(0)",))
+
+
+def sys_exit_in_get_config_of_sweep(world, tmp_path):
+  config = _py(tmp_path, "exiting.py", "import sys\ndef get_config():\n  sys.exit('no sweep today')\n")
+  return Refusal(["sweep", "--config", config, "--out", tmp_path / "sweep"], config.name, [tmp_path / "sweep"],
+                 ("sys.exit('no sweep today')",))
+
+
+def over_long_set_value_to_train(world, tmp_path):
+  # 100,000 characters: parsing such a value as a Python literal raised MemoryError
+  return Refusal(_train(world, tmp_path / "run", extra=("--set", "epochs=" + "-" * 99_999 + "1")), "--set",
+                 [tmp_path / "run"], ("100,007 characters", "config file"))
+
+
+def deeply_nested_set_value_to_train(world, tmp_path):
+  return Refusal(_train(world, tmp_path / "run", extra=("--set", "epochs=" + "-" * 9_000 + "1")), "--set",
+                 [tmp_path / "run"], ("nested too deeply",))
+
+
 CONFIG_CASES = {f.__name__.replace("_", "-"): f for f in (
     unknown_key_in_train_config, wrong_type_in_train_config, train_config_without_get_config,
     syntax_error_in_train_config, get_config_returning_nothing, set_without_a_value_to_train,
     syntax_error_in_sweep_config, unknown_method_in_sweep_config, wrong_type_in_sweep_config,
-    wrong_type_in_simclr_config)}
+    wrong_type_in_simclr_config, keyboard_interrupt_in_train_config, keyboard_interrupt_in_get_config,
+    sys_exit_0_in_train_config, sys_exit_in_get_config_of_sweep, over_long_set_value_to_train,
+    deeply_nested_set_value_to_train)}
 
 
 @pytest.mark.parametrize("case", list(CONFIG_CASES))
@@ -631,11 +670,45 @@ def users_folder_to_demo(world, tmp_path):
   return Refusal(["demo", "--out", out, "--no-progress"], str(out), [out], ("is not empty (notes.txt)",))
 
 
+def _replace_shard_part(cache: Path, name: str, array: np.ndarray) -> Path:
+  """Replaces a shard file by `array` and records its checksum, as a damaged copy with a matching record would be."""
+  from autosam_jax.outputs import file_digest
+
+  path = cache / "shards" / name
+  np.save(path, array)
+  record = cache / "shards" / f"{name.split('.')[0]}.done"
+  record.write_text(json.dumps({**json.loads(record.read_text()), name.split(".")[1]: file_digest(path)}))
+  return path
+
+
+def shard_with_rows_missing_to_train(world, tmp_path):
+  cache = _cache_copy(world, tmp_path)
+  shard = cache / "shards" / "00000.emb.npy"
+  path = _replace_shard_part(cache, shard.name, np.load(shard)[:3])  # an IndexError at the 4th item before
+  return Refusal(_train(world, tmp_path / "run", cache=cache), str(path), [tmp_path / "run"],
+                 ("(3, ", "damaged", "new directory"))
+
+
+def shard_with_other_channels_to_evaluate(world, tmp_path):
+  cache = _cache_copy(world, tmp_path)
+  last = sorted((cache / "shards").glob("*.emb.npy"))[-1]  # the test patient's slices
+  embeddings = np.load(last)
+  path = _replace_shard_part(cache, last.name, np.ascontiguousarray(embeddings[..., :embeddings.shape[-1] // 2]))
+  return Refusal(_evaluate(world, tmp_path / "eval", cache=cache), str(path), [tmp_path / "eval"],
+                 ("as in shard 00000", "damaged"))
+
+
+def out_is_a_file_to_demo(world, tmp_path):
+  out = _py(tmp_path, "demo", "a file of the user's\n")
+  return Refusal(["demo", "--out", out, "--no-progress"], str(out), [out], ("is a file, not a folder",))
+
+
 DATA_CASES = {f.__name__.replace("_", "-"): f for f in (
     cache_of_other_weights_to_evaluate, cache_missing_a_shard_file_to_train, cache_missing_a_shard_file_to_evaluate,
     incomplete_cache_to_train, sam_feature_cache_to_pretrain_simclr, shard_size_zero_to_precompute,
     batch_size_zero_to_precompute, output_path_is_a_file_to_synth_acdc, missing_checkpoint_to_demo,
-    users_folder_to_demo)}
+    users_folder_to_demo, shard_with_rows_missing_to_train, shard_with_other_channels_to_evaluate,
+    out_is_a_file_to_demo)}
 
 
 @pytest.fixture
@@ -796,11 +869,6 @@ def int_for_a_bool_to_train(world, tmp_path):
                  ("must be bool",))
 
 
-def huge_batch_size_to_train(world, tmp_path):
-  return Refusal(_train(world, tmp_path / "run", extra=("--set", "batch_size=100000000")), "batch size 100000000",
-                 [tmp_path / "run"], ("of memory",))
-
-
 def run_of_other_inputs_to_train(world, tmp_path):
   """world.run was trained on patient001 with other options: reused with another config, refused naming it."""
   run = Path(shutil.copytree(world.run, tmp_path / "run"))
@@ -815,9 +883,137 @@ RELIABILITY_CASES = {f.__name__.replace("_", "-"): f for f in (
     output_is_a_file_to_predict, out_is_a_users_folder_to_train, linear_head_on_an_image_cache_to_train,
     unet_on_a_feature_cache_to_train, negative_seed_to_train, negative_learning_rate_to_train,
     unknown_scheduler_to_train, bool_for_epochs_to_train, negative_checkpoint_every_steps_to_train,
-    int_for_a_bool_to_train, huge_batch_size_to_train, run_of_other_inputs_to_train)}
+    int_for_a_bool_to_train, run_of_other_inputs_to_train)}
 
 
 @pytest.mark.parametrize("case", list(RELIABILITY_CASES))
 def test_bad_output_integrity_or_option(world, tmp_path, capsys, case):
   assert_refused(capsys, RELIABILITY_CASES[case](world, tmp_path))
+
+
+# ---------------------------------------------------------------- outputs in folders that cannot be written
+
+
+@pytest.fixture
+def read_only(tmp_path, monkeypatch):
+  """A folder this process may not create files in (mode 0555). Root writes whatever the mode, so when the tests run
+  as root, os.access is made to answer for this folder as it does for any other user: the commands' checks see a
+  read-only folder, and a write they did not check for would still succeed, and show as a change to the folder."""
+  folder = tmp_path / "read_only"
+  folder.mkdir()
+  folder.chmod(0o555)
+  if os.geteuid() == 0:
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+      if mode & os.W_OK and os.path.abspath(path) == str(folder):
+        return False
+      return real_access(path, mode, *args, **kwargs)
+    monkeypatch.setattr(os, "access", access)
+  yield folder
+  folder.chmod(0o755)
+
+
+def _sweep_config_file(world, tmp_path) -> Path:
+  values = {"data": str(world.acdc), "encoders": {"tiny": str(world.weights)}, "methods": ["linear"], "tr_sizes": [1],
+            "num_folds": 3, "folds": [0], "dtype": "fp32", "val_patients": 0, "train": {"epochs": 1}}
+  return _py(tmp_path, "sweep_config.py", f"def get_config():\n  return {values!r}\n")
+
+
+# command -> its command line writing `out` (a path inside the read-only folder)
+UNWRITABLE_OUTPUTS = {
+    "precompute": lambda world, tmp_path, out: _precompute(world, world.acdc, out, world.tfds),
+    "image-cache": lambda world, tmp_path, out: ["image-cache", "--data", world.acdc, "--tfds-dir", world.tfds,
+                                                 "--out", out],
+    "train": lambda world, tmp_path, out: _train(world, out),
+    "pretrain-simclr": lambda world, tmp_path, out: ["pretrain-simclr", "--cache", world.cache, "--splits",
+                                                     world.split, "--out", out],
+    "evaluate": lambda world, tmp_path, out: _evaluate(world, out),
+    "predict": lambda world, tmp_path, out: _predict(world, world.phantom, out),
+    "zero-shot": lambda world, tmp_path, out: ["zero-shot", "--weights", world.weights, "--data", world.acdc,
+                                               "--tfds-dir", world.tfds, "--splits", world.split, "--out", out],
+    "export-merged": lambda world, tmp_path, out: ["export-merged", world.model, "--weights", world.weights, "--out",
+                                                   out],
+    "make-splits": lambda world, tmp_path, out: ["make-splits", world.acdc, "--folds", "3", "--out",
+                                                 out.with_suffix(".json")],
+    "synth-acdc": lambda world, tmp_path, out: ["synth-acdc", out, "--patients", "1"],
+    "convert": lambda world, tmp_path, out: ["convert", world.meta_checkpoint, out],
+    "build-dataset": lambda world, tmp_path, out: ["build-dataset", "acdc", world.acdc, "--tfds-dir", out],
+    "sweep": lambda world, tmp_path, out: ["sweep", "--config", _sweep_config_file(world, tmp_path), "--out", out,
+                                           "--no-progress"],
+    "demo": lambda world, tmp_path, out: ["demo", "--out", out, "--no-progress"],
+}
+
+
+@pytest.mark.parametrize("command", list(UNWRITABLE_OUTPUTS))
+def test_output_in_a_read_only_folder(world, tmp_path, capsys, read_only, restore_jax_cache_options, command):
+  out = read_only / "out"
+  argv = UNWRITABLE_OUTPUTS[command](world, tmp_path, out)
+  assert_refused(capsys, Refusal(argv, str(read_only), [read_only], ("not writable",)))
+
+
+def test_read_only_run_folder_to_train(world, tmp_path, capsys, read_only):
+  """An existing output folder that cannot be written (a run to resume, here a new empty one) is refused too."""
+  assert_refused(capsys, Refusal(_train(world, read_only), str(read_only), [read_only], ("not writable",)))
+
+
+def test_overwrite_in_a_read_only_folder_to_convert(world, tmp_path, capsys, monkeypatch):
+  """--overwrite moves the old output aside in the folder above it: that folder must be writable too."""
+  parent = tmp_path / "weights"
+  earlier = Path(shutil.copytree(world.weights, parent / "converted"))
+  real_access = os.access
+  monkeypatch.setattr(os, "access", lambda path, mode, *args, **kwargs: False if (
+      mode & os.W_OK and os.path.abspath(path) == str(parent)) else real_access(path, mode, *args, **kwargs))
+  assert_refused(capsys, Refusal(["convert", world.meta_checkpoint, earlier, "--overwrite"], str(parent),
+                                 [earlier], ("not writable",)))
+
+
+# ---------------------------------------------------------------- batches larger than the data or the memory
+
+
+def _available_for(rows: int, world) -> int:
+  """Memory for the host side of `rows`-row training batches of the world's cache, and little more."""
+  from autosam_jax.features.cache import FeatureCache
+  from autosam_jax.train.core import PREFETCH_BATCHES
+  from autosam_jax.train.loop import example_bytes
+
+  return 2 * (PREFETCH_BATCHES + 2) * rows * example_bytes(FeatureCache(world.cache), 0)
+
+
+def test_batch_larger_than_the_data_runs_as_big_as_the_data(world, tmp_path, monkeypatch):
+  """batch_size=100000 on a few slices: the loop runs (and allocates) batches of the data's size, not of 100000 rows
+  (on 244 slices of model images, 27 GB), and the memory check counts those; the run records the batch_size given.
+  The training itself is left out (`fit` replaced): only what it is handed is checked."""
+  from flax import nnx
+
+  from autosam_jax import load_sam, memory
+  from autosam_jax.features.cache import FeatureCache
+  from autosam_jax.models.heads import build_head
+  from autosam_jax.train import core
+  from autosam_jax.train.loop import TrainConfig, train
+  from tests.conftest import WORLD_HEAD, WORLD_SPLIT
+
+  cache = FeatureCache(world.cache)
+  labeled, val = list(WORLD_SPLIT["train"]), list(WORLD_SPLIT["val"])
+  rows = max(len(cache.indices(labeled)), len(cache.indices(val)))
+  handed = {}
+  monkeypatch.setattr(core, "fit", lambda method, out_dir, options, where: handed.update(
+      options=options, where=where, config=method.train_config) or {"stopped_at_step": 0})
+  monkeypatch.setattr(memory, "available_bytes", lambda: _available_for(rows, world))
+  make = lambda config: build_head(config.head, config.num_classes, variant=config.variant,
+                                   sam=load_sam(world.weights), rngs=nnx.Rngs(config.seed))
+  train(TrainConfig(**{**WORLD_HEAD, "batch_size": 100_000}), world.cache, make, tmp_path / "run", labeled, val,
+        progress=False)
+  assert handed["options"].batch_size == rows < 100_000
+  assert handed["where"].batch_size < 2 * rows  # the batch on the devices: rounded up to the device count
+  assert handed["config"].batch_size == 100_000
+  assert json.loads((tmp_path / "run" / "run.json").read_text())["identity"]["config"]["batch_size"] == 100_000
+
+
+def test_batch_that_cannot_fit_in_memory_to_train(world, tmp_path, capsys, monkeypatch):
+  """A batch within the data's size that the memory cannot hold is still refused before anything is allocated."""
+  from autosam_jax import memory
+
+  monkeypatch.setattr(memory, "available_bytes", lambda: _available_for(1, world))
+  assert_refused(capsys, Refusal(_train(world, tmp_path / "run", extra=("--set", "batch_size=4")), "batch size 4",
+                                 [tmp_path / "run"], ("of memory", "choose a smaller batch_size")))

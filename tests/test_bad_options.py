@@ -305,6 +305,31 @@ def test_bad_option_is_refused(small, tmp_path, capsys, case):
   assert_refused(capsys, CASES[case](small, tmp_path))
 
 
+# ---------------------------------------------------------------- 8. command lines argparse refuses
+
+
+# case -> (command line, the help the line points to, what the line says); argparse itself printed its usage block
+# (several lines) before the error
+COMMAND_LINES = {
+    "no-command": ([], "autosam-jax --help", ("required: COMMAND",)),
+    "unknown-command": (["trian"], "autosam-jax --help", ("invalid choice: 'trian'",)),
+    "missing-options": (["train", "--config", "c.py"], "autosam-jax train --help", ("required: --cache",)),
+    "not-an-integer": (["precompute", "--batch-size", "x"], "autosam-jax precompute --help",
+                       ("argument --batch-size: invalid int value: 'x'",)),
+    "unknown-choice": (["convert", "sam.pth", "out", "--model-type", "vit_q"], "autosam-jax convert --help",
+                       ("invalid choice: 'vit_q'",)),
+    "unknown-option": (["make-splits", "data", "--out", "splits.json", "--fodls", "3"],
+                       "autosam-jax make-splits --help", ("unrecognized arguments: --fodls 3",)),
+}
+
+
+@pytest.mark.parametrize("case", list(COMMAND_LINES))
+def test_bad_command_line_is_one_line(tmp_path, capsys, monkeypatch, case):
+  argv, help_command, problem = COMMAND_LINES[case]
+  monkeypatch.chdir(tmp_path)  # the relative paths above: nothing may appear here
+  assert_refused(capsys, Refusal(argv, f"; see {help_command}", [tmp_path], problem))
+
+
 # ---------------------------------------------------------------- repairs on a rerun
 
 

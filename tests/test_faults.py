@@ -144,3 +144,44 @@ def test_dataset_build_killed_at_chosen_examples_then_rerun(tmp_path):
       assert got.keys() == want.keys()
       for key in want:
         np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
+
+
+def test_an_error_after_an_open_progress_bar_starts_on_a_line_of_its_own(tmp_path, capsys):
+  """A full disk while precompute's bar is drawn: the exception leaves the bar open, its text ending without a
+  newline; the bar is closed before the error line, which would otherwise continue the bar's line."""
+  import argparse
+  import errno
+
+  from tqdm import tqdm
+
+  from autosam_jax.faults import run_command
+
+  shard = tmp_path / "cache" / "shards" / "00001.emb.npy"
+
+  def run(args):
+    bar = tqdm(total=64, unit="slice", desc="encoding (2 shards to write)")
+    bar.update(40)
+    raise OSError(errno.ENOSPC, "No space left on device", str(shard))
+
+  capsys.readouterr()
+  assert run_command(run, argparse.Namespace(out=tmp_path / "cache")) == 4
+  err = capsys.readouterr().err
+  assert "40/64" in err  # the bar was drawn (and stays, closed, above the error)
+  last = err.rstrip("\n").split("\n")[-1]  # a terminal starts a line at "\n" only ("\r" returns within it)
+  assert last == (f"error: disk full while writing: {shard}: No space left on device; free some space (or write "
+                  "elsewhere) and rerun: finished work is kept and the rerun goes on from it")
+
+
+def test_ctrl_c_while_a_config_file_runs_is_an_interruption(tmp_path, capsys):
+  """A config file's own `raise KeyboardInterrupt` is the file's error (test_bad_inputs); a real Ctrl-C arriving while
+  it runs still ends the command as interrupted, exit code 130."""
+  from autosam_jax.faults import INTERRUPT_TEXT
+
+  config = tmp_path / "config.py"
+  config.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGINT)  # as if Ctrl-C came now\n"
+                    "def get_config():\n  return {}\n")
+  capsys.readouterr()
+  assert in_process("train", "--config", config, "--cache", tmp_path / "cache", "--splits", tmp_path / "splits.json",
+                    "--tr-size", "1", "--out", tmp_path / "run") == 130
+  assert capsys.readouterr().err.strip().splitlines() == [f"error: SIGINT: {INTERRUPT_TEXT}"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["config.py"]

@@ -186,6 +186,9 @@ def check_split_file_path(path: str | os.PathLike, option: str = "--out") -> Pat
   above = next((parent for parent in path.absolute().parents if parent.exists()), None)
   if above is not None and not above.is_dir():
     raise DataError(f"{above}: is a file, not a folder; choose another {option}")
+  from autosam_jax.outputs import check_writable
+
+  check_writable(path, option)
   return path
 
 

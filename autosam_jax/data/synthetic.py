@@ -353,6 +353,9 @@ def staged_directory(out_dir: Path) -> Iterator[Path]:
   above = next(parent for parent in out_dir.parents if parent.exists())
   if not above.is_dir():
     raise DataError(f"{above}: is a file, not a folder; choose another output folder")
+  from autosam_jax.outputs import check_writable
+
+  check_writable(out_dir.parent, "output folder")  # the staging folder is made beside `out_dir`
   # `.NAME.partial-PID-RANDOM` beside the output, made with mkdir (mkdtemp's private 0700 mode would stay on the
   # renamed output folder); what killed writers of the same output left there (for processes no longer alive) is
   # deleted first.

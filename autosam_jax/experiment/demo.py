@@ -233,7 +233,9 @@ def demo(out: Path, checkpoint: Path | None = None, epochs: int | None = None, p
     raise DataError(f"--epochs must be positive, got {epochs}")
   if checkpoint is not None and not Path(checkpoint).exists():
     raise DataError(f"{checkpoint}: SAM checkpoint not found")
-  out = Path(out)
+  from autosam_jax.outputs import check_output_path
+
+  out = check_output_path(out, "--out")  # an existing file, a dangling link or a read-only folder: one line
   if out.is_dir() and not (out / "demo_config.json").is_file():
     foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_FILES and not p.name.startswith("."))
     if foreign:

@@ -255,6 +255,7 @@ class FeatureCache:
     self.shard_size: int = self.manifest["shard_size"]
     self.bfloat16 = self.manifest["storage_dtype"] == "bfloat16"
     self._arrays: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    self._layout: tuple[int, tuple] | None = None  # the shard every shard's layout is compared with, and its layout
     self._verify = verify
     # grain reads from several threads. Opening a shard once under a lock also keeps np.load's header parsing
     # (ast.literal_eval) single-threaded: CPython 3.11's parser can fail with "AST constructor recursion depth
@@ -292,12 +293,43 @@ class FeatureCache:
           arrays.append(np.load(path, mmap_mode="r", allow_pickle=False))
         except ValueError as err:
           raise DataError(f"{path}: unreadable shard ({err})") from None
+      self._check_shapes(shard, arrays)
       self._arrays[shard] = tuple(arrays)
     return self._arrays[shard]
 
+  def _check_shapes(self, shard: int, arrays: list[np.ndarray]) -> None:
+    """A shard's arrays have the rows its items need and the shapes and types of the cache's other shards: a file
+    replaced together with its checksum record (a matching checksum) is refused here, naming it, rather than failing
+    later as an IndexError or a batch of mixed shapes."""
+    rows = len(self.items[shard * self.shard_size:(shard + 1) * self.shard_size])
+    if self._layout is None:
+      # (shape past the rows, dtype) of each part, which every shard shares: shard 0's (its headers only: reading
+      # them costs no hashing), or this shard's if shard 0 cannot be read
+      reference, source = arrays, shard
+      if shard != 0:
+        try:
+          reference = [np.load(self.cache_dir / "shards" / f"00000.{part}.npy", mmap_mode="r", allow_pickle=False)
+                       for part in _PARTS]
+          source = 0
+        except (OSError, ValueError):
+          pass
+      emb, tgt = reference[0], reference[1]
+      self._layout = (source, ((emb.shape[1:], np.dtype(np.uint16 if self.bfloat16 else np.float32)),
+                               (tgt.shape[1:], np.dtype(np.uint8)), (tgt.shape[1:], np.dtype(bool))))
+    source, expected = self._layout
+    for part, array, (tail, dtype) in zip(_PARTS, arrays, expected):
+      dims = 3 if part == "emb" else 2
+      if array.shape != (rows, *tail) or array.dtype != dtype or len(tail) != dims:
+        path = self.cache_dir / "shards" / f"{shard:05d}.{part}.npy"
+        shape = (rows, *tail) if len(tail) == dims else f"({rows}, h, w{', channels' if dims == 3 else ''})"
+        where = f" as in shard {source:05d}" if source != shard else ""
+        raise DataError(f"{path}: holds an array of {array.dtype} {array.shape}, not {dtype} {shape}{where} (the "
+                        f"manifest lists {rows} items in it); the cache is damaged, write it again into a new "
+                        "directory (autosam-jax precompute or image-cache) or delete it")
+
   def check_files(self) -> None:
-    """Every shard's files are present and its record readable (the shards are neither read nor hashed): a damaged
-    cache is refused before a run starts."""
+    """Every shard's files are present, its record readable and its arrays of the shapes its items need (only the
+    arrays' headers are read, nothing is hashed): a damaged cache is refused before a run starts."""
     shard_dir = self.cache_dir / "shards"
     for shard in range(-(-len(self.items) // self.shard_size)):
       for name in [f"{shard:05d}.done"] + [f"{shard:05d}.{part}.npy" for part in _PARTS]:
@@ -308,6 +340,14 @@ class FeatureCache:
       if problem:
         raise DataError(f"{done}: damaged shard record ({problem}); rerun the command that wrote the cache (it "
                         "computes damaged shards again) or write a new cache into a new directory")
+      arrays = []
+      for part in _PARTS:
+        path = shard_dir / f"{shard:05d}.{part}.npy"
+        try:
+          arrays.append(np.load(path, mmap_mode="r", allow_pickle=False))  # the header only: the data is mapped
+        except ValueError as err:
+          raise DataError(f"{path}: unreadable shard ({err})") from None
+      self._check_shapes(shard, arrays)
 
   def verify(self) -> None:
     """Reads and checks every shard now (otherwise each is checked on first access)."""
