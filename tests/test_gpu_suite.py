@@ -55,9 +55,12 @@ def _listing(folder: Path) -> dict[str, bytes]:
 def test_tiny_run_writes_every_row(tmp_path, capsys, monkeypatch):
   sys.path.insert(0, str(ROOT))
   try:
-    from experiments.benchmarks import gpu_suite
+    from experiments.benchmarks import gpu_suite, lora_step
   finally:
     sys.path.remove(str(ROOT))
+  lora_frozen = []  # the LoRA step's encoder is not the encoder rows' frozen one: its attention is differentiated
+  monkeypatch.setattr(lora_step, "_our_step", lambda encoder, *a, _run=lora_step._our_step, **k: (
+      lora_frozen.append({block.attn.frozen for block in encoder.blocks}), _run(encoder, *a, **k))[1])
   order = []  # PyTorch's figures all before our first encoder is put on the device
   for name in ("torch_encoder_references", "torch_lora_references", "torch_head_references", "our_encoders"):
     monkeypatch.setattr(gpu_suite, name, lambda *a, _run=getattr(gpu_suite, name), _name=name, **k: (
@@ -65,6 +68,7 @@ def test_tiny_run_writes_every_row(tmp_path, capsys, monkeypatch):
   out = tmp_path / "suite"
   status, err = _suite(capsys, "--tiny", "--out", str(out))
   assert order == ["torch_encoder_references", "torch_lora_references", "torch_head_references", "our_encoders"]
+  assert lora_frozen == [{False}, {False}]
   assert status == 0, err[-3000:]
   assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]  # no temporary file left
   report = json.loads((out / "results.json").read_text())

@@ -121,8 +121,8 @@ class StepProgram:
 def _compiled_step(program: StepProgram):
   """The jit-compiled step of `program`, one per distinct program: equal programs (runs of one architecture in a
   process) share it and its compilation. The program is closed over, not a static argument, so that it is hashed
-  once per run here instead of at every step's call (1.7-3.5 ms a step for a vit_b graph definition). State and
-  guard are donated; the guard becomes the new step's number if it is the first non-finite one."""
+  once per run here instead of at every step's call (a vit_b graph definition takes milliseconds). State and guard
+  are donated; the guard becomes the new step's number if it is the first non-finite one."""
   import jax
   import jax.numpy as jnp
 

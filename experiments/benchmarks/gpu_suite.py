@@ -591,13 +591,15 @@ def lora_rows(suite: Suite, name: str, config, ours: dict | None, build_reason: 
   import jax
   from flax import nnx
 
+  from autosam_jax.models.image_encoder import set_attention
   from experiments.benchmarks.lora_step import _median_seconds, _our_step
 
   plan, device = suite.plan, suite.torch_device
   stats = jax.devices()[0].memory_stats() or {}
   limit = stats.get("bytes_limit")
   size = config.image_size
-  encoder = None if ours is None else nnx.merge(*ours["fp32"])
+  # the encoder rows' graph runs the frozen forward; a LoRA step differentiates through the attention
+  encoder = None if ours is None else set_attention(nnx.merge(*ours["fp32"]), "auto", frozen=False)
   tf32 = tf32_label(suite)
   analysed: dict[bool, tuple[int, int, int]] = {}  # remat -> (batch, used bytes, argument bytes) of the last compile
   for batch in plan.lora_batches:
