@@ -170,7 +170,10 @@ def _label_seven(acdc: Path) -> Path:
 
 
 def _spacing_mismatch(acdc: Path) -> Path:
-  return _resave(_label(acdc), lambda data, affine, zooms: (data, affine, (zooms[0] * 1.1, zooms[1], zooms[2])))
+  def wider(data, affine, zooms):  # pixdim and the sform both: a label whose header contradicts itself is refused
+    affine[:3, 0] *= 1.1            # for that, before its spacing is compared with the image's
+    return data, affine, (zooms[0] * 1.1, zooms[1], zooms[2])
+  return _resave(_label(acdc), wider)
 
 
 def _truncate(path: Path, keep: float = 0.5) -> Path:
