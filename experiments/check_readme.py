@@ -101,7 +101,8 @@ def run_demo(out: Path) -> float:
   return time.perf_counter() - started
 
 
-def check(demo_dir: Path, readme_path: Path, write: bool) -> int:
+def check(demo_dir: Path, readme_path: Path, write: bool, fix: str = "") -> int:
+  """Compares (or with `write` replaces) the README's table with the demo's; `fix`: the command that writes it."""
   table = demo_table(demo_dir)
   text = readme_path.read_text()
   start, end = readme_table(text)
@@ -118,8 +119,8 @@ def check(demo_dir: Path, readme_path: Path, write: bool) -> int:
     print("check the prose around it (the figures quoted in '## The demo') by hand")
     return 0
   print(difference)
-  print(f"the table from {demo_dir} (python -m experiments.check_readme {demo_dir} --write puts it in place):\n{table}",
-        file=sys.stderr)
+  fix = fix or f"python -m experiments.check_readme {demo_dir} --write"
+  print(f"the demo's table ({fix} puts it in place):\n{table}", file=sys.stderr)
   return 1
 
 
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="autosam-jax-demo-") as folder:
       seconds = run_demo(Path(folder) / "demo")
       print(f"the demo took {seconds:.0f} s ({seconds // 60:.0f} min {seconds % 60:.0f} s) on this machine")
-      return check(Path(folder) / "demo", args.readme, args.write)
+      # the folder goes with this process: the fix reruns the demo
+      return check(Path(folder) / "demo", args.readme, args.write, fix="python -m experiments.check_readme --write")
   except CheckError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
