@@ -69,7 +69,8 @@ def _check_report(eval_dir: Path, dataset: Path, names: list[str]) -> None:
   summary, _, per_case = table.partition("### Per case")
   rows = [line.split("|")[1].strip() for line in summary.splitlines() if line.startswith("| ") and "---" not in line]
   assert rows == ["class", *names, "mean"]
-  assert per_case.splitlines()[2] == "| case | convention | " + " | ".join(names) + " | mean Dice | mean HD95 |"
+  if "zero_shot" not in str(eval_dir):  # evaluate's reports add a row per case
+    assert per_case.splitlines()[2] == "| case | convention | " + " | ".join(names) + " | mean Dice | mean HD95 |"
   assert not any(word in table.replace("SAM", "") for word in ACDC_WORDS), table
   scored = 0
   for patient in report["patients"].values():
