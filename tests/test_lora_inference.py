@@ -68,7 +68,7 @@ def _validation_logits(model, x) -> np.ndarray:
   return np.asarray(nnx.jit(lambda model, x: model(x))(model, x), np.float64)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("dtype", ["bfloat16"])  # float32: merged and unmerged agree (the test below)
 def test_evaluate_and_predict_compute_what_validation_computed(tiny_world, tmp_path, dtype):
   """The evaluate path (load_model + make_head_forward on encoder inputs) and the predict path (the model's SAM
   encodes, its head decodes) give validation's logits to round-off, in bf16 too. Merged, the bf16 model's logits
