@@ -282,24 +282,10 @@ def save_unet(directory, record):
 
 @pytest.fixture(scope="module")
 def unet_model(tmp_path_factory):
-  from flax import nnx
-
   from autosam_jax.data.labels import ACDC_TABLE
-  from autosam_jax.data.preprocess import PreprocessConfig
-  from autosam_jax.models.unet import UNet
-  from autosam_jax.train.loop import TrainConfig, save_model
 
-  directory = tmp_path_factory.mktemp("orientation_unet") / "unet"
-  config = TrainConfig(head="unet", variant="faithful", unet_base_channels=4, num_classes=4)
-  unet = UNet(4, base_channels=4, rngs=nnx.Rngs(3))
-  # Random weights give one class everywhere; without the bias and with a larger 1x1 head the labels follow the image.
-  unet.head.bias.set_value(np.zeros(unet.head.bias.shape, np.float32))
-  unet.head.kernel.set_value(np.asarray(unet.head.kernel.get_value()) * 30)
-  _, params, frozen = nnx.split(unet, nnx.Param, ...)
-  save_model(directory, params, frozen, config,
-             PreprocessConfig(mode="faithful", target_spacing=(2.5, 2.5), slice_size=112).to_dict(),
-             {"labels": ACDC_TABLE.to_dict(), "input": "images"})
-  return directory
+  return save_unet(tmp_path_factory.mktemp("orientation_unet") / "unet", {"labels": ACDC_TABLE.to_dict(),
+                                                                          "input": "images"})
 
 
 @pytest.fixture(scope="module")

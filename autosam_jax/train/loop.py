@@ -195,13 +195,17 @@ def validate(eval_step, params, frozen, cache, indices, batch_size: int, rows: t
   the global batch of the processes' parts."""
   if len(indices) == 0:
     return {}
+  import jax
+
   padding = _padding(cache, int(indices[0]))
-  loss_sum, weight_sum, intersection, total = 0.0, 0.0, 0.0, 0.0
+  outputs = []  # the device's results, read once at the end: the host loads batch n + 1 while the device runs n
   for start in range(0, len(indices), batch_size):
     local = local_indices(indices[start:start + batch_size], batch_size, rows, width)
     chunk = [_example(cache, padding, int(i)) for i in local]
     batch = to_batch({k: np.stack([c[k] for c in chunk]) for k in _FIELDS}, rows[1] - rows[0])
-    loss, inter, tot, weight = eval_step(params, frozen, put(batch))
+    outputs.append(eval_step(params, frozen, put(batch)))
+  loss_sum, weight_sum, intersection, total = 0.0, 0.0, 0.0, 0.0
+  for loss, inter, tot, weight in jax.device_get(outputs):
     loss_sum, weight_sum = loss_sum + float(loss) * float(weight), weight_sum + float(weight)
     intersection, total = intersection + np.asarray(inter), total + np.asarray(tot)
   row = {"val_loss": loss_sum / max(weight_sum, 1e-9)}
