@@ -226,6 +226,7 @@ def plane_disagreement(normals: Mapping[str, np.ndarray], limit: int = 5) -> str
 # A case whose in-plane axes still point further than this from its dataset's reference frame, after the nearest
 # permutation and flip, is named in a warning: its slices show the anatomy turned that far from the others'.
 REFERENCE_DISAGREEMENT_DEGREES = 30.0
+MAX_REFERENCE_CANDIDATES = 256
 
 
 def world_frame(affine: np.ndarray, orientation: Orientation) -> np.ndarray:
@@ -311,9 +312,12 @@ def choose_dataset_orientations(geometries: Mapping[str, tuple[np.ndarray, Seque
   references, warnings = [], []
   for members in _plane_groups(normals):
     candidates = np.stack([_candidate_frames(geometries[c][0], own[c].slice_axis) for c in members])  # (n, 8, 3, 2)
-    frames = np.stack([world_frame(geometries[c][0], own[c])[:, :2] for c in members])  # (n, 3, 2)
+    # References are looked for among at most MAX_REFERENCE_CANDIDATES cases (evenly spread in case-id order), so a
+    # dataset of thousands of cases costs (cases x that) comparisons, not cases squared.
+    options = members[::-(-len(members) // MAX_REFERENCE_CANDIDATES)]
+    frames = np.stack([world_frame(geometries[c][0], own[c])[:, :2] for c in options])  # (m, 3, 2)
     agreement = np.einsum("nkdi,mdi->nmk", candidates, frames).max(axis=2).sum(axis=0)  # (m,)
-    chosen = members[int(np.argmax(agreement))]
+    chosen = options[int(np.argmax(agreement))]
     reference = {"case": chosen, "frame": world_frame(geometries[chosen][0], own[chosen]).tolist(),
                  "world": list(own[chosen].world), "cases": len(members)}
     references.append(reference)
