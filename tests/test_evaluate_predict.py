@@ -96,7 +96,7 @@ def test_ground_truth_scores_perfectly(run):
   root = run["world"].root
   cache = FeatureCache(root / "cache")
   config = preprocess_config_from_manifest(cache.manifest["depends_on"])
-  volumes, _, table = load_volumes(root / "acdc", root / "tfds")
+  volumes, _, table, _ = load_volumes(root / "acdc", root / "tfds")
   cases = _cached_cases(cache, "patient003", volumes)
   targets = {case: np.stack([cache[i]["target"] for i in indices]) for case, indices in cases.items()}
   natives = {case: volumes[case].label for case in cases}

@@ -37,7 +37,7 @@ def _inputs(tiny_world, count: int = 2) -> np.ndarray:
   from autosam_jax.data.preprocess import PreprocessConfig, encoder_input, preprocess_volume
   from autosam_jax.data.volumes import load_volumes
 
-  volumes, _, _ = load_volumes(tiny_world.acdc, tiny_world.tfds)
+  volumes, _, _, _ = load_volumes(tiny_world.acdc, tiny_world.tfds)
   volume = next(iter(volumes.values()))
   config = PreprocessConfig(mode="improved", encoder_size=128, head_size=32)
   pre = preprocess_volume(volume.image, volume.spacing, None, config, name="test")

@@ -162,6 +162,11 @@ def organs_run(world):
                 "--splits", splits, "--tr-size", "1", "--out", run, "--set", "epochs=2", "--no-progress"]) == 0
   assert _main(["evaluate", "--model", run / "final_model", "--weights", weights, "--cache", cache, "--data", organs,
                 "--tfds-dir", tfds, "--splits", splits, "--out", run / "eval"]) == 0
+  # the frame the build cut the cases in travels to the cache and the model, for predict
+  built = json.loads(next(tfds.rglob("metadata.json")).read_text())["orientation_references"]
+  assert len(built) == 1 and built[0]["cases"] == 6
+  assert manifest["depends_on"]["orientation_references"] == built
+  assert json.loads((run / "final_model" / "model.json").read_text())["orientation_references"] == built
   return {"tfds": tfds, "cache": cache, "splits": splits, "run": run}
 
 

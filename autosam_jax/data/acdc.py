@@ -95,7 +95,8 @@ class Acdc(QuietBuild, tfds.core.GeneratorBasedBuilder):
     reports = validated_acdc_parts(Path(dl_manager.manual_dir))
     cases = [c for r in reports.values() for c in r.cases]
     self.info.metadata["source_fingerprint"] = source_fingerprint(cases)
-    chosen = dataset_orientation(cases)  # training and testing patients cut in one frame
+    # training and testing patients cut in one frame
+    chosen = reports["train"].orientation if len(reports) == 1 else dataset_orientation(cases)
     self.info.metadata["orientation_references"] = chosen.references
     return {split: self._generate_examples(report.cases, chosen.orientations) for split, report in reports.items()}
 

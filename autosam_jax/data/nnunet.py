@@ -45,7 +45,7 @@ class NnunetRaw(QuietBuild, tfds.core.GeneratorBasedBuilder):
                                  metadata=tfds.core.MetadataDict())
 
   def _split_generators(self, dl_manager):
-    from autosam_jax.data.validate import dataset_orientation, validate_nnunet
+    from autosam_jax.data.validate import validate_nnunet
 
     source = Path(dl_manager.manual_dir)
     report = validate_nnunet(source)  # parses dataset.json's labels, v1 or v2, into one table
@@ -53,9 +53,8 @@ class NnunetRaw(QuietBuild, tfds.core.GeneratorBasedBuilder):
     self.info.metadata["class_names"] = list(table.names)
     self.info.metadata["labels"] = table.to_dict()
     self.info.metadata["source_fingerprint"] = source_fingerprint(report.cases)
-    chosen = dataset_orientation(report.cases)
-    self.info.metadata["orientation_references"] = chosen.references
-    return {"train": self._generate_examples(report.cases, table.values, chosen.orientations)}
+    self.info.metadata["orientation_references"] = report.orientation.references
+    return {"train": self._generate_examples(report.cases, table.values, report.orientation.orientations)}
 
   def _generate_examples(self, cases, allowed_labels, orientations):
     yield from case_examples(cases, allowed_labels, orientations)

@@ -351,19 +351,6 @@ def reference_for(references: Sequence[Mapping[str, Any]], affine: np.ndarray, s
   return best
 
 
-def references_of(volumes: Mapping[str, Any]) -> list[dict[str, Any]]:
-  """The reference frames a dataset was cut in, from its reassembled volumes (`slices.Volume`: the stored affine and
-  the orientation): `choose_dataset_orientations` on the stored geometry, which is deterministic, so these are the
-  references its build recorded. Caches and models carry them, so `predict` cuts a new scan as the data was cut."""
-  geometries = {}
-  for case_id, volume in volumes.items():
-    stored_spacing = [0.0, 0.0, 0.0]
-    for canonical, axis in enumerate(volume.orientation.axes):
-      stored_spacing[axis] = float(volume.spacing[canonical])
-    geometries[case_id] = (np.asarray(volume.affine, np.float64), tuple(stored_spacing))
-  return choose_dataset_orientations(geometries).references if geometries else []
-
-
 def orientation_for(affine: np.ndarray, spacing: Sequence[float], references: Sequence[Mapping[str, Any]] | None,
                     where: Any) -> Orientation:
   """How a new scan is cut: aligned to the recorded reference of its plane (`reference_for`), else in its own frame

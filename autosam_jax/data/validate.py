@@ -76,6 +76,7 @@ class ValidationReport:
   cases: list[Case]
   warnings: list[str] = dataclasses.field(default_factory=list)
   dataset_json: dict[str, Any] | None = None
+  orientation: Any = None  # orientation.DatasetOrientation of the cases (`dataset_orientation`): how builds cut them
 
   @property
   def label_table(self) -> LabelTable:
@@ -250,7 +251,7 @@ def dataset_orientation(cases: list[Case]):
                                      {case.case_id: case.image_path for case in cases})
 
 
-def _check_planes(root: Path, cases: list[Case], warnings: list[str]) -> None:
+def _check_planes(root: Path, cases: list[Case], warnings: list[str]):
   """Warns when the cases are acquired in different planes (slice planes far apart in world space), so a model
   trained on the majority's plane sees the others' rarely, and names the cases whose in-plane axes stay far from their
   plane's reference frame (`dataset_orientation`)."""
@@ -262,6 +263,7 @@ def _check_planes(root: Path, cases: list[Case], warnings: list[str]) -> None:
   if warning:
     warnings.append(f"{root}: {warning}")
   warnings.extend(f"{root}: {warning}" for warning in chosen.warnings)
+  return chosen
 
 
 def validate_acdc(data_dir: str | Path) -> ValidationReport:
@@ -294,8 +296,9 @@ def validate_acdc(data_dir: str | Path) -> ValidationReport:
                         image_path=image_path, label_path=label_path, shape=image.shape, spacing=image.spacing,
                         info=dict(info), affine=image.affine))
       _check_duplicate(cases[-1], image, seen, warnings)
-  _check_planes(root, cases, warnings)
-  return ValidationReport(layout="acdc", root=root, labels=ACDC_TABLE.to_dict(), cases=cases, warnings=warnings)
+  orientation = _check_planes(root, cases, warnings)
+  return ValidationReport(layout="acdc", root=root, labels=ACDC_TABLE.to_dict(), cases=cases, warnings=warnings,
+                          orientation=orientation)
 
 
 def _read_dataset_json(path: Path) -> dict[str, Any]:
@@ -413,9 +416,9 @@ def validate_nnunet(data_dir: str | Path) -> ValidationReport:
                     "cases; update numTraining")
   if num_channels > 1:
     warnings.append(f"{dataset_json_path}: {num_channels} channels declared; AutoSAM uses channel 0000 only")
-  _check_planes(data_dir, cases, warnings)
+  orientation = _check_planes(data_dir, cases, warnings)
   return ValidationReport(layout="nnunet", root=data_dir, labels=labels, cases=cases, warnings=warnings,
-                          dataset_json=dataset)
+                          dataset_json=dataset, orientation=orientation)
 
 
 def detect_layout(data_dir: str | Path) -> str:

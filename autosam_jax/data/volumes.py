@@ -13,6 +13,7 @@ class LoadedDataset(NamedTuple):
   volumes: dict[str, Any]  # case id -> autosam_jax.data.slices.Volume
   fingerprint: str  # SHA-256 of the source files
   labels: Any  # autosam_jax.data.labels.LabelTable
+  orientation_references: list  # the reference frames its build cut the cases in (data/orientation.py)
 
 
 # Under it, one folder per source folder: TFDS names a build by its builder, config and version only (acdc;
@@ -31,7 +32,8 @@ def default_tfds_dir(source_dir: str | os.PathLike) -> Path:
 
 
 def load_volumes(source_dir: Path, tfds_dir: Path, tfds_option: str = "--tfds-dir") -> LoadedDataset:
-  """Builds (or reuses) the TFDS dataset of the source folder: its volumes by case, fingerprint and label table.
+  """Builds (or reuses) the TFDS dataset of the source folder: its volumes by case, fingerprint, label table and
+  the orientation references its build recorded.
 
   `tfds_option` names the TFDS folder in an error (a file where the folder should be)."""
   from autosam_jax.data.build import build
@@ -47,4 +49,5 @@ def load_volumes(source_dir: Path, tfds_dir: Path, tfds_option: str = "--tfds-di
     source = builder.as_data_source(split=split)
     volumes.update(assemble_volumes(source[i] for i in range(len(source))))
   labels = LabelTable.from_dict(builder.info.metadata.get("labels"), f"{builder.data_dir} (dataset metadata)")
-  return LoadedDataset(dict(sorted(volumes.items())), builder.info.metadata["source_fingerprint"], labels)
+  return LoadedDataset(dict(sorted(volumes.items())), builder.info.metadata["source_fingerprint"], labels,
+                       list(builder.info.metadata.get("orientation_references") or []))

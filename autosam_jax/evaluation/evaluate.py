@@ -130,7 +130,7 @@ def _evaluate(model_dir, weights_dir, cache_dir, source_dir, tfds_dir, splits_fi
     volumes = load_volumes(Path(source_dir), Path(tfds_dir))
     if process == 0:
       barrier("autosam_jax.evaluate.dataset_built")
-  volumes, fingerprint, data_labels = volumes
+  volumes, fingerprint, data_labels, _ = volumes
   if depends_on.get("dataset_fingerprint") not in (None, fingerprint):
     raise DataError(f"{cache_dir}: the cache was computed from other data than {source_dir}; give the --data it was "
                     "computed from, or precompute a cache of this data")

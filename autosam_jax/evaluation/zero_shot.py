@@ -291,7 +291,7 @@ def _zero_shot(weights_dir, source_dir, tfds_dir, splits_file, out_dir, *, fold,
   check_folder(tfds_dir, "--tfds-dir")
   sam_config = read_config(weights_dir)  # fails fast, before the dataset build, on a directory that is not weights
   split = select_split(splits_file, fold)
-  volumes, fingerprint, table = load_volumes(source_dir, Path(tfds_dir))
+  volumes, fingerprint, table, _ = load_volumes(source_dir, Path(tfds_dir))
   classes = table.foreground
   native_pixels = max((v.image.shape[0] * v.image.shape[1] for v in volumes.values()), default=0)
   check_memory(sam_config, batch_size, len(classes), native_pixels, flags=True)

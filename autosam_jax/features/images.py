@@ -52,7 +52,7 @@ def _write_image_cache(source_dir, tfds_dir, out_dir, mode, shard_size, *, slice
   if mode != "faithful":
     raise DataError(f"image cache: only the faithful mode (fixed-size square slices) is supported, got {mode!r}")
   preprocess_config = PreprocessConfig(mode=mode, target_spacing=(spacing, spacing), slice_size=slice_size)
-  volumes, fingerprint, labels = load_volumes(Path(source_dir), Path(tfds_dir), names["tfds_dir"])
+  volumes, fingerprint, labels, references = load_volumes(Path(source_dir), Path(tfds_dir), names["tfds_dir"])
   items = work_items(volumes, set(), 0)
   # Before the first volume is preprocessed: one volume at a time, resized to the model grid in float64 (a few
   # copies), its model images (float32, 3 channels) and targets, and a shard of slices as a list and stacked.
@@ -61,11 +61,9 @@ def _write_image_cache(source_dir, tfds_dir, out_dir, mode, shard_size, *, slice
   needed = deepest * slice_bytes * (4 * 8 + 3 * 4 + 2) + 2 * min(shard_size, len(items)) * slice_bytes * (3 * 4 + 2)
   require_memory(needed, f"{names['slice_size']} {slice_size} with {names['shard_size']} {shard_size}",
                  f"choose a smaller {names['slice_size']} (or {names['shard_size']})")
-  from autosam_jax.data.orientation import references_of
-
   depends_on = {"kind": "images", "preprocess": preprocess_config.to_dict(), "dataset_fingerprint": fingerprint,
                 "views": 0, "view_patients": [], "labels": labels.to_dict(),
-                "orientation_references": references_of(volumes)}
+                "orientation_references": references}
   writer = open_cache(stack, out_dir, depends_on, items, shard_size, "float32")
   preprocessed: dict[str, Any] = {}  # one volume at a time: items are in (case, slice) order
 

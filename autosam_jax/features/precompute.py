@@ -190,11 +190,9 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
   process, num_processes = jax.process_index(), jax.process_count()
   if process != 0:
     barrier("autosam_jax.precompute.dataset_built")  # process 0 builds the TFDS dataset; the others then read it
-  volumes, fingerprint, labels = load_volumes(source_dir, Path(tfds_dir), names["tfds_dir"])
+  volumes, fingerprint, labels, references = load_volumes(source_dir, Path(tfds_dir), names["tfds_dir"])
   if process == 0:
     barrier("autosam_jax.precompute.dataset_built")
-  from autosam_jax.data.orientation import references_of
-
   view_patients = set(view_patients or ()) if options.views else set()
   unknown = sorted(view_patients - {v.patient_id for v in volumes.values()})
   if unknown:
@@ -210,7 +208,7 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
                 "preprocess": preprocess_config.to_dict(), "dataset_fingerprint": fingerprint,
                 "views": options.views, "view_patients": sorted(view_patients), "seed": options.seed,
                 "augment": augment_config.to_dict() if options.views else None, "dtype": options.dtype,
-                "labels": labels.to_dict(), "orientation_references": references_of(volumes)}
+                "labels": labels.to_dict(), "orientation_references": references}
   # The weights are loaded before the cache directory is created: unusable weights leave nothing behind.
   mesh = local_data_mesh()
   devices = mesh.devices.ravel()
