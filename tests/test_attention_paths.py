@@ -32,13 +32,17 @@ def test_auto_attention_per_platform_dtype_head_dim_and_call_site(platform, dtyp
     assert resolve_attention(named, platform, dtype=dtype, head_dim=head_dim, frozen=frozen) == named
 
 
-def test_old_and_unknown_attention_names_are_refused():
+def test_the_old_name_runs_what_it_ran_and_unknown_names_are_refused():
   from autosam_jax.models.image_encoder import ATTENTION_IMPLEMENTATIONS, resolve_attention
+  from autosam_jax.models.trained import TrainConfig
 
   assert ATTENTION_IMPLEMENTATIONS == ("auto", "chunked", "xla", "cudnn")
-  for name in ("fused", "flash"):  # "fused" was implementation=None: XLA's attention in this JAX, never cuDNN
-    with pytest.raises(ValueError, match=f"attention '{name}' is not one of auto, chunked, xla, cudnn"):
-      resolve_attention(name, "cuda")
+  # "fused" (saved configs of earlier versions) was implementation=None: XLA's attention in this JAX, never cuDNN
+  for platform in ("cpu", "cuda"):
+    assert resolve_attention("fused", platform, dtype=BF16, head_dim=64, frozen=True) == "xla"
+  assert TrainConfig.from_dict({"head": "linear", "lora_rank": 4, "attention": "fused"}).attention == "fused"
+  with pytest.raises(ValueError, match="attention 'flash' is not one of auto, chunked, xla, cudnn"):
+    resolve_attention("flash", "cuda")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -273,7 +273,7 @@ def test_the_training_configs_choices_are_the_models():
   from autosam_jax.models import image_encoder, lora, trained
 
   assert trained.LORA_TARGETS == lora.TARGETS
-  assert trained.ATTENTIONS == image_encoder.ATTENTION_IMPLEMENTATIONS
+  assert trained.ATTENTIONS == image_encoder.ATTENTION_IMPLEMENTATIONS + tuple(image_encoder.LEGACY_ATTENTION)
 
 
 def test_export_merged_writes_weights_every_command_loads(world, tiny_world, tmp_path, capsys):

@@ -201,22 +201,14 @@ def plane_disagreement(normals: Mapping[str, np.ndarray], limit: int = 5) -> str
   one group of planes within PLANE_ANGLE_DEGREES of each other (e.g. axial and coronal scans in one dataset), else
   None: a 2D model learns the planes of the majority and segments the others in planes it rarely saw. Oblique planes
   that differ by a few degrees (one anatomical view, such as a cardiac short axis, planned per patient) agree."""
-  limit_cos = np.cos(np.deg2rad(PLANE_ANGLE_DEGREES))
-  groups: list[tuple[np.ndarray, list[str]]] = []
-  for case_id, normal in normals.items():
-    normal = np.asarray(normal, np.float64)
-    for reference, members in groups:
-      if abs(float(reference @ normal)) >= limit_cos:
-        members.append(str(case_id))
-        break
-    else:
-      groups.append((normal, [str(case_id)]))
+  normals = {str(case_id): np.asarray(normal, np.float64) for case_id, normal in normals.items()}
+  groups = _plane_groups(normals)  # the groups `choose_dataset_orientations` takes a reference frame in
   if len(groups) < 2:
     return None
-  groups.sort(key=lambda group: -len(group[1]))
+  groups.sort(key=lambda group: -len(group))
   parts = []
-  for reference, cases in groups:
-    axis = int(np.argmax(np.abs(reference)))
+  for cases in groups:
+    axis = int(np.argmax(np.abs(normals[cases[0]])))
     shown = ", ".join(sorted(cases)[:limit]) + (" ..." if len(cases) > limit else "")
     parts.append(f"{len(cases)} with slices stacked along {WORLD_AXES[axis]} ({PLANES[axis]}-like: {shown})")
   return (f"cases are cut in planes more than {PLANE_ANGLE_DEGREES:g} degrees apart: " + "; ".join(parts) +
@@ -236,7 +228,7 @@ def world_frame(affine: np.ndarray, orientation: Orientation) -> np.ndarray:
   return frame / np.linalg.norm(frame, axis=0, keepdims=True)
 
 
-def _in_plane_candidates(affine: np.ndarray, slice_axis: int) -> list[tuple[tuple[int, int], tuple[bool, bool]]]:
+def _in_plane_candidates(slice_axis: int) -> list[tuple[tuple[int, int], tuple[bool, bool]]]:
   """The 8 ways to order and flip the two in-plane stored axes: ((first, second), (flip first, flip second))."""
   in_plane = [a for a in range(3) if a != slice_axis]
   return [(order, flips) for order in (tuple(in_plane), tuple(in_plane[::-1]))
@@ -248,18 +240,19 @@ def _candidate_frames(affine: np.ndarray, slice_axis: int) -> np.ndarray:
   columns = np.asarray(affine, np.float64)[:3, :3]
   columns = columns / np.linalg.norm(columns, axis=0, keepdims=True)
   return np.stack([np.stack([columns[:, a] * (-1.0 if f else 1.0) for a, f in zip(order, flips)], axis=1)
-                   for order, flips in _in_plane_candidates(affine, slice_axis)])
+                   for order, flips in _in_plane_candidates(slice_axis)])
 
 
-def align_orientation(affine: np.ndarray, spacing: Sequence[float], reference: Mapping[str, Any]) -> Orientation:
+def align_orientation(affine: np.ndarray, spacing: Sequence[float], reference: Mapping[str, Any],
+                      own: Orientation | None = None) -> Orientation:
   """The orientation of a volume cut like its dataset: its own through-plane axis, then the order and flips of the
   stored axes whose world directions are nearest to the reference frame's (`reference`: {"frame": (3, 3) world
   directions of the canonical axes, "world": the reference orientation's world axes})."""
-  own = choose_orientation(affine, spacing)
+  own = own or choose_orientation(affine, spacing)  # `own`: the volume's own choice, when the caller has it
   frame = np.asarray(reference["frame"], np.float64)
   slice_axis = own.slice_axis
   scores = np.einsum("kdi,di->k", _candidate_frames(affine, slice_axis), frame[:, :2])
-  (first, second), (flip_first, flip_second) = _in_plane_candidates(affine, slice_axis)[int(np.argmax(scores))]
+  (first, second), (flip_first, flip_second) = _in_plane_candidates(slice_axis)[int(np.argmax(scores))]
   columns = np.asarray(affine, np.float64)[:3, :3]
   flip_slice = bool(columns[:, slice_axis] @ frame[:, 2] < 0)
   return Orientation(axes=(first, second, slice_axis), flips=(flip_first, flip_second, flip_slice),
@@ -324,7 +317,7 @@ def choose_dataset_orientations(geometries: Mapping[str, tuple[np.ndarray, Seque
     far = []
     for case_id in members:
       affine, spacing = geometries[case_id]
-      orientations[case_id] = align_orientation(affine, spacing, reference)
+      orientations[case_id] = align_orientation(affine, spacing, reference, own[case_id])
       degrees = frame_disagreement_degrees(affine, orientations[case_id], reference)
       if degrees > REFERENCE_DISAGREEMENT_DEGREES:
         far.append(f"{case_id} ({degrees:.0f} degrees)")
@@ -337,11 +330,11 @@ def choose_dataset_orientations(geometries: Mapping[str, tuple[np.ndarray, Seque
   return DatasetOrientation(orientations=orientations, references=references, warnings=warnings)
 
 
-def reference_for(references: Sequence[Mapping[str, Any]], affine: np.ndarray, spacing: Sequence[float]
-                  ) -> Mapping[str, Any] | None:
+def reference_for(references: Sequence[Mapping[str, Any]], affine: np.ndarray, spacing: Sequence[float],
+                  own: Orientation | None = None) -> Mapping[str, Any] | None:
   """The recorded reference whose slice plane is nearest to a new volume's (None when there is none within
   PLANE_ANGLE_DEGREES: the volume is cut in its own frame)."""
-  own = choose_orientation(affine, spacing)
+  own = own or choose_orientation(affine, spacing)
   normal = world_frame(affine, own)[:, 2]
   best, best_cos = None, np.cos(np.deg2rad(PLANE_ANGLE_DEGREES))
   for reference in references:
@@ -356,5 +349,5 @@ def orientation_for(affine: np.ndarray, spacing: Sequence[float], references: Se
   """How a new scan is cut: aligned to the recorded reference of its plane (`reference_for`), else in its own frame
   (`orientation_of`; also for models that record no references)."""
   own = orientation_of(affine, spacing, where)
-  reference = reference_for(references or [], affine, spacing)
-  return own if reference is None else align_orientation(affine, spacing, reference)
+  reference = reference_for(references or [], affine, spacing, own)
+  return own if reference is None else align_orientation(affine, spacing, reference, own)

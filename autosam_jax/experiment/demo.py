@@ -123,12 +123,10 @@ def crop_box(masks: list[np.ndarray], margin: float = 0.25, least: int = 8,
 
 def slice_dice(prediction: np.ndarray, truth: np.ndarray, values: list[int]) -> float | None:
   """Mean Dice over the classes (`values`) present in the prediction or the truth of one slice; None if none is."""
-  scores = []
-  for value in values:
-    ours, theirs = prediction == value, truth == value
-    total = int(ours.sum()) + int(theirs.sum())
-    if total:
-      scores.append(2.0 * float(np.logical_and(ours, theirs).sum()) / total)
+  from autosam_jax.evaluation.metrics import dice
+
+  scores = [dice(prediction == value, truth == value) for value in values
+            if (prediction == value).any() or (truth == value).any()]
   return float(np.mean(scores)) if scores else None
 
 

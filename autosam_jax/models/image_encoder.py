@@ -52,7 +52,13 @@ CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 CUDNN_MAX_HEAD_DIM = 128
 
 
+# Saved configs of earlier versions say "fused": jax.nn.dot_product_attention(implementation=None), which is XLA's.
+LEGACY_ATTENTION = {"fused": "xla"}
+
+
 def check_attention(implementation: str) -> str:
+  """The implementation's current name (an earlier version's name mapped to what it ran); ValueError if unknown."""
+  implementation = LEGACY_ATTENTION.get(implementation, implementation)
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention {implementation!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
   return implementation
@@ -90,7 +96,8 @@ def resolve_attention(implementation: str, platform: str | None = None, *, dtype
                       frozen: bool = False) -> str:
   """`implementation` itself, or for "auto" `attention_for(platform or current_platform(), dtype, head_dim,
   frozen)`."""
-  if check_attention(implementation) != "auto":
+  implementation = check_attention(implementation)
+  if implementation != "auto":
     return implementation
   return attention_for(platform or current_platform(), dtype, head_dim, frozen)
 

@@ -30,7 +30,7 @@ AUGMENT_MODES = ("none", "faithful", "improved")
 LORA_TARGETS = ("q", "k", "v", "qkv", "proj", "lin1", "lin2")
 ENCODER_DTYPES = ("float32", "bfloat16")
 # How the encoder computes attention (`models/image_encoder.py`, ATTENTION_IMPLEMENTATIONS).
-ATTENTIONS = ("auto", "chunked", "xla", "cudnn")
+ATTENTIONS = ("auto", "chunked", "xla", "cudnn", "fused")  # "fused": an earlier name of "xla" (saved configs)
 
 
 @dataclasses.dataclass(frozen=True)
