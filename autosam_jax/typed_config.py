@@ -252,6 +252,8 @@ def _conform(value: Any, hint: Any) -> tuple[bool, Any]:
   if hint is float:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     return number, float(value) if number and not isinstance(value, float) else value
+  if isinstance(hint, type) and issubclass(hint, TypedConfig) and isinstance(value, Mapping):
+    return True, hint.from_dict(value, source=_source.get() or hint.OPTIONS)  # a section of its own, checked by it
   if isinstance(hint, type):
     return isinstance(value, hint), value
   return True, value  # a type this loader does not check (a Literal, a Protocol): the field's own check() does

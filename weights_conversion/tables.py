@@ -6,6 +6,8 @@ Layouts say how a PyTorch tensor becomes its Flax counterpart:
   linear     (out, in) -> (in, out)
   conv       (out, in, kh, kw) -> (kh, kw, in, out)
   convt2x2   ConvTranspose2d (in, out, 2, 2) -> (in, 2, 2, out) for `ConvTranspose2x2`
+  drop       a tensor the architecture has and its forward never reads (a BatchNorm's step counter, a classifier
+             the segmentation model does not use): consumed, counted in conversion.json, not written
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ LAYOUTS = {
     "linear": lambda a: a.T,
     "conv": lambda a: a.transpose(2, 3, 1, 0),
     "convt2x2": lambda a: a.transpose(0, 2, 3, 1),
+    "drop": lambda a: a,
 }
 
-Row = tuple[str, str, str]
+Row = tuple[str, str | None, str]
 
 
 def _linear(src: str, dst: str) -> list[Row]:
@@ -120,7 +123,54 @@ HUGGING_FACE: list[Row] = [
     *_linear(rf"mask_decoder\.iou_prediction_head\.layers\.{_N}", "mask_decoder.iou_prediction_head.layers.{1}"),
 ]
 
-TABLES = {"meta": META, "huggingface": HUGGING_FACE}
+
+def _conv_bn(src: str, dst: str) -> list[Row]:
+  """TinyViT's Conv2d_BN: a bias-free conv (`c`) and a BatchNorm (`bn`) whose step counter the forward never reads."""
+  return [(src + r"\.c\.weight", dst + ".conv.kernel", "conv"), (src + r"\.bn\.weight", dst + ".bn_scale", "same"),
+          (src + r"\.bn\.bias", dst + ".bn_bias", "same"), (src + r"\.bn\.running_mean", dst + ".bn_mean", "same"),
+          (src + r"\.bn\.running_var", dst + ".bn_var", "same"), (src + r"\.bn\.num_batches_tracked", None, "drop")]
+
+
+_BLOCK = rf"image_encoder\.layers\.{_N}\.blocks\.{_N}"
+# The prompt encoder and mask decoder: SAM's, in every family's checkpoint.
+_DECODER = [row for row in META if not row[0].startswith("image_encoder")]
+
+# MobileSAM's and LiteMedSAM's TinyViT (image_encoder.layers.*), then SAM's prompt encoder and mask decoder. The
+# fused qkv's columns are reordered from per-head [q k v] to [all q | all k | all v] after this table
+# (`tiny_vit_qkv_order`); TinyViT's ImageNet classifier (norm_head, head), in MobileSAM's file, is not used by SAM.
+TINY_VIT: list[Row] = [
+    *_conv_bn(r"image_encoder\.patch_embed\.seq\.0", "image_encoder.patch_embed.conv1"),
+    *_conv_bn(r"image_encoder\.patch_embed\.seq\.2", "image_encoder.patch_embed.conv2"),
+    *_conv_bn(rf"{_BLOCK}\.(conv[123]|local_conv)", "image_encoder.layers.{1}.blocks.{2}.{3}"),
+    *_conv_bn(rf"image_encoder\.layers\.{_N}\.downsample\.(conv[123])", "image_encoder.layers.{1}.downsample.{2}"),
+    (rf"{_BLOCK}\.attn\.attention_biases", "image_encoder.layers.{1}.blocks.{2}.attn.attention_biases", "same"),
+    *_norm(rf"{_BLOCK}\.(attn|mlp)\.norm", "image_encoder.layers.{1}.blocks.{2}.{3}.norm"),
+    *_linear(rf"{_BLOCK}\.attn\.(qkv|proj)", "image_encoder.layers.{1}.blocks.{2}.attn.{3}"),
+    *_linear(rf"{_BLOCK}\.mlp\.fc1", "image_encoder.layers.{1}.blocks.{2}.mlp.lin1"),
+    *_linear(rf"{_BLOCK}\.mlp\.fc2", "image_encoder.layers.{1}.blocks.{2}.mlp.lin2"),
+    (r"image_encoder\.neck\.0\.weight", "image_encoder.neck.conv1.kernel", "conv"),
+    *_norm(r"image_encoder\.neck\.1", "image_encoder.neck.norm1"),
+    (r"image_encoder\.neck\.2\.weight", "image_encoder.neck.conv2.kernel", "conv"),
+    *_norm(r"image_encoder\.neck\.3", "image_encoder.neck.norm2"),
+    (r"image_encoder\.(norm_head|head)\.(weight|bias)", None, "drop"),
+    *_DECODER,
+]
+
+TABLES = {"meta": META, "huggingface": HUGGING_FACE, "tiny_vit": TINY_VIT}
+
+
+def tiny_vit_qkv_order(params: dict[tuple[str, ...], np.ndarray]) -> dict[tuple[str, ...], np.ndarray]:
+  """TinyViT's fused qkv (columns per head: q, k, v) -> columns [q of every head | k | v], as `tiny_vit.Attention`
+  and LoRA's q/k/v targets read them. The heads of a block are its attention-bias table's rows."""
+  out = dict(params)
+  for path, value in params.items():
+    if path[-3:-1] != ("attn", "qkv"):
+      continue
+    heads = params[(*path[:-2], "attention_biases")].shape[0]
+    *lead, width = value.shape
+    out[path] = np.ascontiguousarray(
+        value.reshape(*lead, heads, 3, width // (3 * heads)).swapaxes(-3, -2).reshape(value.shape))
+  return out
 
 
 def hf_mlp_layer_names(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -185,7 +185,7 @@ def load_model(model_dir: Path, weights_dir: Path | None, encoder: bool):
   A frozen SAM's encoder takes the attention precompute took ("auto" for a frozen forward), so that its embeddings
   are the cache's.
   """
-  from autosam_jax.models.image_encoder import set_attention
+  from autosam_jax.models.encoders import set_attention
   from autosam_jax.models.loading import load_sam, read_config, weights_digest
   from autosam_jax.models.trained import jnp_dtype, restore_head
 

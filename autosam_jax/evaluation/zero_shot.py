@@ -304,7 +304,7 @@ def _zero_shot(weights_dir, source_dir, tfds_dir, splits_file, out_dir, *, fold,
     raise DataError(f"{splits_file}: test patients of split {split.name!r} not in {source_dir}: "
                     f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
   sam = load_sam(weights_dir)
-  from autosam_jax.models.image_encoder import set_attention
+  from autosam_jax.models.encoders import set_attention
   set_attention(sam.image_encoder, "auto", frozen=True)  # nothing is differentiated: cuDNN's attention where it applies
   config = PreprocessConfig(mode=mode, encoder_size=sam.config.image_size,
                             head_size=4 * sam.config.image_embedding_size)

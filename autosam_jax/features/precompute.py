@@ -222,7 +222,7 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
                      f"convert the SAM weights again (autosam-jax convert CHECKPOINT {weights_dir})")
   else:
     sam = load_sam(weights_dir, encoder_dtype=encoder_dtype, sharding=NamedSharding(mesh, PartitionSpec()))
-    from autosam_jax.models.image_encoder import set_attention
+    from autosam_jax.models.encoders import set_attention
     set_attention(sam.image_encoder, "auto", frozen=True)  # a forward only: cuDNN's attention on CUDA in bf16
   # Process 0 checks the folder, locks it and clears temporary files before the others open the cache; every process
   # learns its outcome, so a refusal stops them all (instead of leaving them at a barrier).

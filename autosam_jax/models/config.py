@@ -7,6 +7,7 @@ import json
 from typing import Any, Mapping
 
 from autosam_jax.errors import DataError
+from autosam_jax.models.encoders.tiny_vit import TinyVitConfig
 from autosam_jax.typed_config import TypedConfig, option
 
 
@@ -16,6 +17,12 @@ class SamConfigError(DataError, ValueError):
 
 
 _BOOL = "true or false"
+# The image encoder families (`models/encoders`): Meta's ViT, and TinyViT (MobileSAM, LiteMedSAM).
+ENCODER_FAMILIES = ("sam_vit", "tiny_vit")
+# How encoder inputs are normalised: "mean_std", (x - pixel_mean) / pixel_std on the 0..255 scale (SAM, MobileSAM);
+# "min_max", each resized image scaled to [0, 1] by its own minimum and maximum (MedSAM's LiteMedSAM inference).
+# Padding follows, with zeros, in both.
+NORMALIZATIONS = ("mean_std", "min_max")
 _RGB = "a list of 3 numbers (red, green, blue)"
 # The options of convert that set a field (what tensor shapes do not tell), named with it in messages.
 _CONVERT_OPTIONS = {"decoder_num_heads": "--decoder-num-heads", "encoder_num_heads": "--encoder-num-heads",
@@ -38,8 +45,11 @@ class SamConfig(TypedConfig):
   ERROR = SamConfigError
   UNKNOWN = "unknown SAM config key(s) {unknown}; known: {known}"
 
-  # Image encoder (ViT).
+  # The encoder family, its input size, and (for families other than SAM's ViT) its own section.
+  encoder_family: str = option("sam_vit", choices=ENCODER_FAMILIES)
   image_size: int = option(1024, at_least=1, shown=_shown("image_size"))
+  tiny_vit: TinyVitConfig | None = None
+  # Image encoder (SAM's ViT; these fields describe the "sam_vit" family only).
   patch_size: int = option(16, at_least=1)
   encoder_embed_dim: int = option(768, at_least=1)
   encoder_depth: int = option(12, at_least=1)
@@ -65,9 +75,22 @@ class SamConfig(TypedConfig):
   # Pre-processing (0..255 RGB scale, as Meta's Sam).
   pixel_mean: tuple[float, float, float] = option((123.675, 116.28, 103.53), finite=True, kind=_RGB)
   pixel_std: tuple[float, float, float] = option((58.395, 57.12, 57.375), above=0, finite=True, kind=_RGB)
+  normalization: str = option("mean_std", choices=NORMALIZATIONS)
 
   def check(self) -> None:
     """The rules between fields (each field's own are its `option`)."""
+    if (self.encoder_family == "tiny_vit") != (self.tiny_vit is not None):
+      raise self.refusal(f"encoder_family {self.encoder_family!r} needs "
+                         + ("a tiny_vit section" if self.tiny_vit is None else "no tiny_vit section"))
+    if self.encoder_family == "tiny_vit":
+      if self.image_size % self.tiny_vit.total_stride:
+        raise self.refusal(f"{_shown('image_size')} {self.image_size} is not a multiple of the TinyViT's stride "
+                           f"{self.tiny_vit.total_stride}")
+    else:
+      self._check_vit()
+    self._check_decoder()
+
+  def _check_vit(self) -> None:
     if self.image_size % self.patch_size:
       raise self.refusal(f"{_shown('image_size')} {self.image_size} is not a multiple of patch_size {self.patch_size}")
     if self.encoder_embed_dim % self.encoder_num_heads:
@@ -77,6 +100,8 @@ class SamConfig(TypedConfig):
     if bad:
       raise self.refusal(f"encoder_global_attn_indexes {bad} are outside the encoder's blocks "
                          f"0..{self.encoder_depth - 1} (encoder_depth {self.encoder_depth})")
+
+  def _check_decoder(self) -> None:
     # The prompt encoder's positional encoding has prompt_embed_dim / 2 frequencies; the mask decoder upscales to
     # prompt_embed_dim / 8 channels.
     if self.prompt_embed_dim % 2 or self.prompt_embed_dim < 8:
@@ -94,11 +119,36 @@ class SamConfig(TypedConfig):
 
   @property
   def image_embedding_size(self) -> int:
-    """Side of the encoder's output grid (64 for a 1024 input)."""
+    """Side of the encoder's output grid (64 for SAM's 1024 input, LiteMedSAM's 256 and MobileSAM's 1024)."""
+    if self.encoder_family == "tiny_vit":
+      return self.image_size // self.tiny_vit.total_stride
     return self.image_size // self.patch_size
 
+  def to_dict(self) -> dict[str, Any]:
+    """The fields that describe this model: a family other than SAM's ViT leaves the ViT's out (and SAM's ViT the
+    empty sections of the others)."""
+    values = dataclasses.asdict(self)
+    if self.encoder_family != "sam_vit":
+      for name in VIT_FIELDS:
+        values.pop(name)
+    if self.tiny_vit is None:
+      values.pop("tiny_vit")
+    return values
+
   def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), indent=2)
+    return json.dumps(self.to_dict(), indent=2)
+
+  @property
+  def family_name(self) -> str:
+    """The encoder as people name it, for messages."""
+    if self.encoder_family == "tiny_vit":
+      return f"TinyViT at {self.image_size} px"
+    return f"SAM ViT (width {self.encoder_embed_dim}, depth {self.encoder_depth}) at {self.image_size} px"
+
+
+# The fields of the "sam_vit" family's encoder.
+VIT_FIELDS = ("patch_size", "encoder_embed_dim", "encoder_depth", "encoder_num_heads", "encoder_mlp_dim",
+              "encoder_global_attn_indexes", "window_size", "use_abs_pos", "use_rel_pos", "qkv_bias")
 
 
 def _preset(embed_dim: int, depth: int, num_heads: int, global_attn: tuple[int, ...]) -> SamConfig:
@@ -124,6 +174,16 @@ def infer_config(shapes: Mapping[tuple[str, ...], tuple[int, ...]], **overrides:
       return tuple(shapes[path])
     except KeyError:
       raise ValueError(f"checkpoint has no tensor for {'.'.join(path)}; it is not a SAM checkpoint") from None
+
+  if any(p[:2] == ("image_encoder", "layers") for p in shapes):
+    from autosam_jax.models.encoders.tiny_vit import infer_tiny_vit
+
+    tiny_vit, image_size = infer_tiny_vit(shapes)
+    values: dict[str, Any] = dict(encoder_family="tiny_vit", tiny_vit=tiny_vit, image_size=image_size,
+                                  prompt_embed_dim=shape("image_encoder", "neck", "conv1", "kernel")[-1])
+    values.update(_decoder_values(shapes, shape, values["prompt_embed_dim"]))
+    values.update(overrides)
+    return SamConfig(**values)
 
   patch, _, _, embed_dim = shape("image_encoder", "patch_embed", "kernel")
   depth = 1 + max(int(p[2]) for p in shapes if p[:2] == ("image_encoder", "blocks"))
@@ -162,6 +222,14 @@ def infer_config(shapes: Mapping[tuple[str, ...], tuple[int, ...]], **overrides:
     raise ValueError("checkpoint has no relative position tables, so the encoder's attention heads cannot be read "
                      "off its shapes; pass them explicitly (--encoder-num-heads)")
 
+  values.update(_decoder_values(shapes, shape, prompt_embed_dim))
+  values.update(overrides)
+  return SamConfig(**values)
+
+
+def _decoder_values(shapes, shape, prompt_embed_dim: int) -> dict[str, Any]:
+  """The prompt encoder's and mask decoder's fields, read off their shapes (the same in every family)."""
+  values: dict[str, Any] = {}
   values["mask_in_chans"] = shape("prompt_encoder", "mask_downscaling", "conv2", "kernel")[-1]
   values["decoder_depth"] = 1 + max(int(p[3]) for p in shapes if p[:3] == ("mask_decoder", "transformer", "layers"))
   values["decoder_mlp_dim"] = shape("mask_decoder", "transformer", "layers", "0", "mlp", "lin1", "kernel")[1]
@@ -171,5 +239,4 @@ def infer_config(shapes: Mapping[tuple[str, ...], tuple[int, ...]], **overrides:
   iou_layers = [p for p in shapes if p[:3] == ("mask_decoder", "iou_prediction_head", "layers") and p[-1] == "kernel"]
   values["iou_head_depth"] = len(iou_layers)
   values["iou_head_hidden_dim"] = shape("mask_decoder", "iou_prediction_head", "layers", "0", "kernel")[1]
-  values.update(overrides)
-  return SamConfig(**values)
+  return values

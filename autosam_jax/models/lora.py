@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from autosam_jax.errors import DataError
+from autosam_jax.models.encoders import adaptable_blocks
 from autosam_jax.models.layers import Linear, matmul
 from autosam_jax.typed_config import TypedConfig, option
 
@@ -126,11 +127,12 @@ def _targets_of(block, config: LoraConfig) -> list[tuple[object, str, list[tuple
 
 
 def add_lora(encoder, config: LoraConfig, *, rngs: nnx.Rngs):
-  """Wraps the targeted linears of every block of `encoder` (an `ImageEncoderViT`) in `LoraLinear`, in place;
+  """Wraps the targeted linears of every block of `encoder` (any family's: `encoders.adaptable_blocks`) in
+  `LoraLinear`, in place;
   returns the encoder. Factors are drawn block by block, target by target, from `rngs`."""
   if lora_layers(encoder):
     raise DataError("the encoder already has LoRA factors; add them to a frozen encoder once")
-  for block in encoder.blocks:
+  for block in adaptable_blocks(encoder):
     for owner, attribute, parts in _targets_of(block, config):
       setattr(owner, attribute, LoraLinear(getattr(owner, attribute), parts, config, rngs=rngs))
   return encoder
@@ -150,7 +152,7 @@ def merge_lora(encoder):
   rounding of W + dW then changes the update by a sizeable fraction of itself (`merge_rounding`), another network
   than the one validated. Evaluate and predict therefore run a LoRA model unmerged; export (float32 weights) records
   the difference."""
-  for block in encoder.blocks:
+  for block in adaptable_blocks(encoder):
     for owner in (block.attn, block.mlp):
       for attribute in ("qkv", "proj", "lin1", "lin2"):
         layer = getattr(owner, attribute, None)

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from autosam_jax.models.config import SamConfig
-from autosam_jax.models.image_encoder import ImageEncoderViT
+from autosam_jax.models.encoders import build_encoder
 from autosam_jax.models.mask_decoder import MaskDecoder
 from autosam_jax.models.prompt_encoder import PromptEncoder
 
@@ -56,7 +56,7 @@ class Sam(nnx.Module):
 
   def __init__(self, config: SamConfig, *, encoder_dtype=None, rngs: nnx.Rngs):
     self.config = config
-    self.image_encoder = ImageEncoderViT(config, dtype=encoder_dtype, rngs=rngs)
+    self.image_encoder = build_encoder(config, dtype=encoder_dtype, rngs=rngs)
     self.prompt_encoder = PromptEncoder(config, rngs=rngs)
     self.mask_decoder = MaskDecoder(config, rngs=rngs)
 

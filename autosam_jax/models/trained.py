@@ -193,7 +193,7 @@ def build_model(config, sam, *, rngs):
                      f"{config.encoder_dtype}; load it with encoder_dtype=jnp_dtype(config.encoder_dtype)")
   encoder.remat = config.remat
   if config.attention != "auto":
-    from autosam_jax.models.image_encoder import set_attention
+    from autosam_jax.models.encoders import set_attention
     set_attention(encoder, config.attention)
   return AdaptedSam(add_lora(encoder, config.lora_config(), rngs=rngs), head)
 
