@@ -10,6 +10,7 @@ COMMANDS = {
     "convert": ("convert", "convert Meta or Hugging Face SAM weights to a Flax checkpoint"),
     "parity-demo": ("parity_demo", "convert a random SAM checkpoint and print parity with Meta's code"),
     "synth-acdc": ("synth_acdc", "write synthetic cardiac MRI phantoms in ACDC's file layout"),
+    "make-mni-dataset": ("make_mni_dataset", "write real MRI in nnU-Net layout: MNI152 template slabs, GM/WM labels"),
     "validate": ("validate", "check an ACDC or nnU-Net NIfTI folder for broken or mismatched files"),
     "build-dataset": ("build_dataset", "build a TFDS dataset of 2D slices from ACDC or nnU-Net folders"),
     "make-splits": ("make_splits", "write seeded patient-level splits (official or cross-validation)"),
