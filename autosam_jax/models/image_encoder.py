@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from autosam_jax.models.config import SamConfig
-from autosam_jax.models.layers import Linear, gelu, layer_norm, matmul
+from autosam_jax.models.layers import Linear, Neck, gelu, layer_norm, matmul
 
 Array = jax.Array
 
@@ -280,21 +280,6 @@ class PatchEmbed(nnx.Module):
     p = self.patch_size
     patches = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // p, w // p, p * p * c)
     return matmul(patches, self.kernel[...].reshape(p * p * c, -1), self.dtype) + self.bias[...]
-
-
-class Neck(nnx.Module):
-  """Conv1x1 (no bias) -> LayerNorm2d -> Conv3x3 (no bias) -> LayerNorm2d, to `out_chans` channels."""
-
-  def __init__(self, embed_dim: int, out_chans: int, *, dtype=None, rngs: nnx.Rngs):
-    self.conv1 = nnx.Conv(embed_dim, out_chans, (1, 1), use_bias=False, dtype=dtype, rngs=rngs)
-    self.norm1 = layer_norm(out_chans, 1e-6, rngs=rngs)
-    self.conv2 = nnx.Conv(out_chans, out_chans, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dtype,
-                          rngs=rngs)
-    self.norm2 = layer_norm(out_chans, 1e-6, rngs=rngs)
-
-  def __call__(self, x: Array) -> Array:
-    x = self.norm1(self.conv1(x).astype(jnp.float32))
-    return self.norm2(self.conv2(x).astype(jnp.float32))
 
 
 class ImageEncoderViT(nnx.Module):

@@ -107,3 +107,18 @@ class SameConv(nnx.Conv):
     kernel = self.kernel[...].astype(dtype).reshape(kh * kw * c, self.out_features)
     y = jnp.dot(columns.reshape(b * h * w, kh * kw * c), kernel).reshape(b, h, w, self.out_features)
     return y + self.bias[...].astype(dtype) if self.bias is not None else y
+
+
+class Neck(nnx.Module):
+  """Conv1x1 (no bias) -> LayerNorm2d -> Conv3x3 (no bias) -> LayerNorm2d, to `out_chans` channels."""
+
+  def __init__(self, embed_dim: int, out_chans: int, *, dtype=None, rngs: nnx.Rngs):
+    self.conv1 = nnx.Conv(embed_dim, out_chans, (1, 1), use_bias=False, dtype=dtype, rngs=rngs)
+    self.norm1 = layer_norm(out_chans, 1e-6, rngs=rngs)
+    self.conv2 = nnx.Conv(out_chans, out_chans, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dtype,
+                          rngs=rngs)
+    self.norm2 = layer_norm(out_chans, 1e-6, rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    x = self.norm1(self.conv1(x).astype(jnp.float32))
+    return self.norm2(self.conv2(x).astype(jnp.float32))
