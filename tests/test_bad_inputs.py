@@ -418,8 +418,10 @@ def weights_without_params_to_zero_shot(world, tmp_path):
 def weights_of_another_sam_to_predict(world, tmp_path):
   argv = _predict(world, world.phantom, tmp_path / "out")
   argv[argv.index("--weights") + 1] = world.other_weights
-  # The model records the digest of the weights its cache was computed with: refused before any restore.
-  return Refusal(argv, world.model.name, [tmp_path / "out"], ("other SAM weights", "SHA-256"))
+  # The model records the encoder (and the digest of the weights) its cache was computed with: refused before any
+  # restore, naming both encoders.
+  return Refusal(argv, world.model.name, [tmp_path / "out"],
+                 ("holds SAM ViT (width 48, depth 4) at 256 px", "was trained on SAM ViT (width 64, depth 2)"))
 
 
 def run_directory_instead_of_model_to_predict(world, tmp_path):

@@ -300,7 +300,9 @@ def convert_state(state: dict[str, np.ndarray], path: Path, model_type: str | No
   if model_type is not None:
     expected = PRESETS[model_type]
     differ = [f"{f.name}={getattr(config, f.name)!r} (expected {getattr(expected, f.name)!r})"
-              for f in dataclasses.fields(SamConfig) if getattr(config, f.name) != getattr(expected, f.name)]
+              for f in dataclasses.fields(SamConfig)
+              if f.name not in ("normalization", "pixel_mean", "pixel_std")  # the inputs, not the architecture
+              and getattr(config, f.name) != getattr(expected, f.name)]
     if differ:
       raise ConversionError(f"{path}: not a {model_type} checkpoint: {_short_list(differ, 4)}; "
                             "leave out --model-type to convert whatever architecture it holds")

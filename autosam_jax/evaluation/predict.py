@@ -105,8 +105,7 @@ def preprocess_config_for(train_config, sam_config, cache_dir: Path | None, weig
   if cache_dir is None:
     if sam_config is None:  # the UNet: faithful model images, no encoder
       return PreprocessConfig(mode=train_config.variant)
-    return PreprocessConfig(mode=train_config.variant, encoder_size=sam_config.image_size,
-                            head_size=4 * sam_config.image_embedding_size)
+    return PreprocessConfig.for_encoder(train_config.variant, sam_config)
   manifest_file = Path(cache_dir) / "manifest.json"
   try:
     depends_on = json.loads(manifest_file.read_text())["depends_on"]
@@ -137,14 +136,25 @@ def check_cache_matches(depends_on: dict[str, Any], train_config, sam_config, wh
     raise refusal
   images = cache_kind(depends_on) == "images"
   if not images and depends_on.get("sam_config") != json.loads(sam_config.to_json()):
-    raise DataError(f"{where}: the cache was computed with another SAM than --weights; give the --weights it was "
-                    "computed with, or precompute again with these")
+    raise DataError(f"{where}: the cache was computed with {encoder_name(depends_on.get('sam_config'))}, --weights "
+                    f"holds {sam_config.family_name}; give the --weights it was computed with, or precompute again "
+                    "with these")
   if not images and weights_digest and depends_on.get("weights_sha256") not in (None, "", weights_digest):
     raise DataError(f"{where}: the cache was computed from other SAM weights than --weights (same architecture, "
                     "other checkpoint); give the --weights it was computed with, or precompute again with these")
   mode = (depends_on.get("preprocess") or {}).get("mode")
   if mode != train_config.variant:
     raise DataError(f"{where}: the cache is in {mode!r} mode but the model was trained as {train_config.variant!r}")
+
+
+def encoder_name(values: Any) -> str:
+  """The encoder a recorded SamConfig (a cache's or a model's) describes, as people name it."""
+  from autosam_jax.models.config import SamConfig
+
+  try:
+    return SamConfig.from_dict(values, source="record").family_name
+  except (DataError, TypeError, ValueError):
+    return "another SAM"
 
 
 def read_model_record(model_dir: str | os.PathLike) -> dict[str, Any]:
@@ -199,7 +209,11 @@ def load_model(model_dir: Path, weights_dir: Path | None, encoder: bool):
   if weights_dir is None:
     from autosam_jax.models.trained import a_head
     raise DataError(f"{model_dir}: {a_head(train_config.head)} needs --weights (the converted SAM it was trained with)")
-  read_config(weights_dir)  # fails fast, before the (slow) restore, on a directory that is not converted weights
+  given = read_config(weights_dir)  # fails fast, before the (slow) restore, on a directory that is not weights
+  trained_on = record.get("sam_config")
+  if trained_on and trained_on != json.loads(given.to_json()):
+    raise DataError(f"{weights_dir}: holds {given.family_name}, but {model_dir} was trained on "
+                    f"{encoder_name(trained_on)}; give the converted weights it was trained with")
   if record.get("weights_sha256"):
     if weights_digest(Path(weights_dir)) not in ("", record["weights_sha256"]):
       raise DataError(f"{weights_dir}: other SAM weights than the ones {model_dir} was trained on (their SHA-256 "

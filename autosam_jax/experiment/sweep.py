@@ -233,6 +233,8 @@ def describe_weights(weights: Mapping[str, Path]) -> dict[str, dict[str, Any]]:
     record = record if isinstance(record, dict) else {}
     described[name] = {"folder": str(Path(folder).absolute()), "source": str(record.get("source") or folder),
                        "random": record.get("source_format") == "random"}
+    if record.get("known_as"):  # a released checkpoint recognised by its SHA-256 (LiteMedSAM)
+      described[name]["known_as"] = str(record["known_as"])
   return described
 
 
@@ -244,6 +246,8 @@ def weights_text(weights: Mapping[str, Mapping[str, Any]], short: bool = False) 
       what = "random weights, not pretrained" if short else f"{entry['source']}, not pretrained"
     else:
       what = Path(entry["source"]).name if short else f"converted from {entry['source']}"
+      if entry.get("known_as"):
+        what = f"{entry['known_as']} ({what})"
     parts.append(f"{name} = {what}")
   return "SAM weights: " + "; ".join(parts) if parts else ""
 
@@ -379,7 +383,11 @@ class Sweep:
     from autosam_jax.features.precompute import PrecomputeOptions, precompute
 
     inputs = store == "inputs"
-    cache = self.out / "cache" / (f"{encoder}-{self.config.mode}" + ("-inputs" if inputs else ""))
+    # Only the patients the folds and training-set sizes use are encoded (a fold's test and validation patients and
+    # its largest labeled set); a cache of a subset is named by it, so other folds or sizes make another cache.
+    patients = self._used_patients()
+    subset = "" if patients is None else f"-{len(patients)}patients-{_digest(sorted(patients))[:8]}"
+    cache = self.out / "cache" / (f"{encoder}-{self.config.mode}{subset}" + ("-inputs" if inputs else ""))
     if cache.name not in self._checked_caches:  # once per sweep: precompute checks the manifest, then finishes or skips
       self._checked_caches.add(cache.name)
       if not _cache_complete(cache):
@@ -389,11 +397,21 @@ class Sweep:
                                   batch_size=self.config.encode_batch_size, store=store)
       view_patients = {p for s in self.splits for p in s.train}
       summary = precompute(self.data, self.weights[encoder], cache, tfds_dir=self.tfds_dir, options=options,
-                           view_patients=view_patients, progress=self.progress, option_names=PRECOMPUTE_NAMES)
+                           view_patients=view_patients, progress=self.progress, option_names=PRECOMPUTE_NAMES,
+                           patients=patients)
       if summary["computed"]:
         say(f"{summary['items']} {'encoder inputs' if inputs else 'embeddings'}; {summary['computed']} computed at "
              f"{summary['images_per_second']:.2f} images/s")
     return cache
+
+  def _used_patients(self) -> set[str] | None:
+    """The patients the sweep's cells read: every split's test and validation patients and its labeled ones at
+    the largest training-set size (None: all of them, as a sweep over every fold and size uses)."""
+    used = set()
+    for split in self.splits:
+      used |= set(split.test) | set(split.val) | set(split.labeled(min(max(self.config.tr_sizes), len(split.train))))
+    everyone = {p for split in self.splits for p in split.patients}
+    return None if used >= everyone else used
 
   def image_cache(self) -> Path:
     from autosam_jax.features.images import write_image_cache
@@ -540,6 +558,12 @@ def _finished(cell_file: Path) -> bool:
 
 def _jsonable(value: Any) -> Any:
   return json.loads(json.dumps(value))
+
+
+def _digest(values: list[str]) -> str:
+  import hashlib
+
+  return hashlib.sha256("\n".join(values).encode()).hexdigest()
 
 
 def _cache_complete(cache: Path) -> bool:

@@ -368,6 +368,11 @@ class FeatureCache:
   def indices(self, patients: Iterable[str], views: Iterable[int] = (0,)) -> np.ndarray:
     """Item indices of the given patients' slices with the given views."""
     patients, views = set(patients), set(views)
+    absent = sorted(patients - {it["patient_id"] for it in self.items})
+    if absent:  # a cache of some patients only (the sweep's: those its folds use)
+      raise DataError(f"{self.cache_dir / 'manifest.json'}: holds no slices of patient(s) {', '.join(absent[:5])}"
+                      f"{' ...' if len(absent) > 5 else ''}; it was computed for other patients, precompute a cache "
+                      "of every patient (or of these)")
     return np.asarray([i for i, it in enumerate(self.items) if it["patient_id"] in patients and it["view"] in views],
                       np.int64)
 

@@ -142,8 +142,11 @@ class _Preparer:
 def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | Path, *, tfds_dir: str | Path,
                options: PrecomputeOptions = PrecomputeOptions(), view_patients: set[str] | None = None,
                progress: bool = True, option_names: dict[str, str] | None = None,
-               splits_file: str | Path | None = None) -> dict[str, Any]:
+               splits_file: str | Path | None = None, patients: set[str] | None = None) -> dict[str, Any]:
   """Computes (or finishes) the cache; returns a summary (items, seconds, images/s, bytes).
+
+  `patients`: only their slices (the sweep's: the patients its folds and training-set sizes use), recorded in the
+  manifest; None: every patient's.
 
   The patients that get `options.views` augmented views: `view_patients`, or those some split of `splits_file`
   trains on (views need one of the two).
@@ -155,11 +158,11 @@ def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | P
   with contextlib.ExitStack() as stack:  # holds OUT_DIR's lock, once taken, to the end
     return _precompute(source_dir, weights_dir, out_dir, tfds_dir=tfds_dir, options=options,
                        view_patients=view_patients, progress=progress, option_names=option_names, stack=stack,
-                       splits_file=splits_file)
+                       splits_file=splits_file, patients=patients)
 
 
 def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_patients, progress, option_names,
-                stack, splits_file) -> dict[str, Any]:
+                stack, splits_file, patients) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -184,8 +187,7 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
   elif options.views and view_patients is None:
     raise DataError("--views needs --splits: only training patients get augmented views")
   config = read_config(weights_dir)
-  preprocess_config = PreprocessConfig(mode=options.mode, encoder_size=config.image_size,
-                                       head_size=4 * config.image_embedding_size)
+  preprocess_config = PreprocessConfig.for_encoder(options.mode, config)
   augment_config = AugmentConfig.for_mode(options.mode)
   process, num_processes = jax.process_index(), jax.process_count()
   if process != 0:
@@ -197,6 +199,13 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
   unknown = sorted(view_patients - {v.patient_id for v in volumes.values()})
   if unknown:
     raise DataError(f"{source_dir}: patients {unknown[:5]} of the split file are not in the dataset")
+  if patients is not None:
+    unknown = sorted(set(patients) - {v.patient_id for v in volumes.values()})
+    if unknown or not patients:
+      raise DataError(f"{source_dir}: patients {unknown[:5]} to encode are not in the dataset" if unknown else
+                      f"{source_dir}: an empty set of patients to encode")
+    volumes = {key: volume for key, volume in volumes.items() if volume.patient_id in patients}
+    view_patients &= set(patients)
   if options.views:
     from autosam_jax.memory import require_memory
     require_memory(_count_items(volumes, view_patients, options.views) * ITEM_BYTES,
@@ -208,7 +217,8 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
                 "preprocess": preprocess_config.to_dict(), "dataset_fingerprint": fingerprint,
                 "views": options.views, "view_patients": sorted(view_patients), "seed": options.seed,
                 "augment": augment_config.to_dict() if options.views else None, "dtype": options.dtype,
-                "labels": labels.to_dict(), "orientation_references": references}
+                "labels": labels.to_dict(), "orientation_references": references,
+                **({"patients": sorted(patients)} if patients is not None else {})}
   # The weights are loaded before the cache directory is created: unusable weights leave nothing behind.
   mesh = local_data_mesh()
   devices = mesh.devices.ravel()

@@ -244,6 +244,8 @@ def model_record(labels, depends_on: dict[str, Any], config: TrainConfig | None 
   dtype = config.encoder_dtype if config is not None and config.lora else depends_on.get("dtype")
   return {"labels": labels.to_dict(), "input": cache_kind(depends_on), "encoder_dtype": dtype,
           "weights_sha256": depends_on.get("weights_sha256"),
+          # the encoder (family and architecture) the inputs come from: predict refuses weights of another one
+          "sam_config": depends_on.get("sam_config"),
           "dataset_fingerprint": depends_on.get("dataset_fingerprint"),
           # the frames the training data was cut in: predict cuts new scans alike (data/orientation.py)
           "orientation_references": depends_on.get("orientation_references")}
