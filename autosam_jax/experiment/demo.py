@@ -58,26 +58,27 @@ def random_sam_params(config, seed: int = 0) -> dict[tuple[str, ...], np.ndarray
         values[outside] = rng.standard_normal(int(outside.sum()))
         outside = np.abs(values) > 2
       values = values * std
-    elif name == "scale":
+    elif name in ("scale", "bn_scale", "bn_var"):  # norm scales; BatchNorm's weight and running variance
       values = np.ones(shape)
     elif name == "embedding":
       values = rng.standard_normal(shape) / np.sqrt(shape[-1])
     elif name == "positional_encoding_gaussian_matrix":
       values = rng.standard_normal(shape)
-    else:  # bias, pos_embed, rel_pos_h / rel_pos_w
+    else:  # bias, pos_embed, rel_pos_h / rel_pos_w, bn_bias, bn_mean, attention_biases
       values = np.zeros(shape)
     params[key] = values.astype(variable.dtype)
   return params
 
 
-def write_random_sam(out_dir: Path, seed: int = 0) -> Path:
-  """A SAM with the demo architecture and random weights (`random_sam_params`), in the converter's output format."""
+def write_random_sam(out_dir: Path, seed: int = 0, config=None) -> Path:
+  """A SAM with the demo architecture (or `config`'s, a SamConfig of any encoder family) and random weights
+  (`random_sam_params`), in the converter's output format."""
   from autosam_jax.models.config import SamConfig
   from weights_conversion.convert import write_converted
 
   if (out_dir / "config.json").is_file():
     return out_dir
-  config = SamConfig(**DEMO_SAM)
+  config = SamConfig(**DEMO_SAM) if config is None else config
   params = random_sam_params(config, seed)
   info = {"source": f"random initialisation, seed {seed} (autosam-jax demo)", "source_format": "random",
           "source_sha256": f"random-seed-{seed}", "num_tensors": len(params),
