@@ -61,14 +61,18 @@ class Sam(nnx.Module):
     self.mask_decoder = MaskDecoder(config, rngs=rngs)
 
   def preprocess(self, images: Array) -> Array:
-    """(B, h, w, 3) images on the 0..255 scale, longer side already `image_size` -> normalised and zero-padded."""
+    """(B, h, w, 3) images on the 0..255 scale, longer side already `image_size` -> normalised as the weights expect
+    (`SamConfig.normalization`) and zero-padded."""
     size = self.config.image_size
     if images.shape[1] > size or images.shape[2] > size:
       raise ValueError(f"images of {images.shape[1]}x{images.shape[2]} are larger than the model's {size}; "
                        "resize the longest side first (resize_longest_side)")
-    mean = jnp.asarray(self.config.pixel_mean, jnp.float32)
-    std = jnp.asarray(self.config.pixel_std, jnp.float32)
-    x = (jnp.asarray(images, jnp.float32) - mean) / std
+    x = jnp.asarray(images, jnp.float32)
+    if self.config.normalization == "min_max":  # MedSAM's LiteMedSAM inputs: each image to [0, 1]
+      low = x.min(axis=(1, 2, 3), keepdims=True)
+      x = (x - low) / jnp.maximum(x.max(axis=(1, 2, 3), keepdims=True) - low, 1e-8)
+    else:
+      x = (x - jnp.asarray(self.config.pixel_mean, jnp.float32)) / jnp.asarray(self.config.pixel_std, jnp.float32)
     return jnp.pad(x, ((0, 0), (0, size - x.shape[1]), (0, size - x.shape[2]), (0, 0)))
 
   def postprocess_masks(self, masks: Array, input_size: tuple[int, int], original_size: tuple[int, int]) -> Array:
