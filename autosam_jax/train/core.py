@@ -11,7 +11,9 @@ A method (`Method`: the heads and the UNet in `loop`, SimCLR in `simclr`) suppli
     checkpoint), what its checkpoints record beyond the loop's position (`meta`, `restore`), what the end of the run
     saves (`finish`), and its curves (`plot`).
 
-The train state is a plain pytree {"params", "opt_state", "step"} (the optimizer state holds the learning rate,
+The train state is a plain pytree the method makes (`Method.initial_state`): by default {"params", "opt_state",
+"step"}; a method may add parts of its own (a teacher's weights, a queue), which the checkpoints save and restore
+with the rest. The loop itself needs only "step" and "opt_state" (which holds the learning rate,
 `schedules.injected_optimizer`); a run of equal programs in one process reuses one compiled step. The loop reads
 nothing back from the device at each step: the step returns its loss and folds "every step so far was finite" into a
 device-side guard (the first non-finite step, 0 while there is none), and the host reads both every
@@ -113,7 +115,7 @@ class StepProgram:
     tx = self.optimizer(learning_rate_of(state["opt_state"]))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+    new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
     return new_state, {"loss": loss, **aux, "finite": all_finite(loss, grads)}
 
 
@@ -238,6 +240,11 @@ class Method:
   padding: dict[str, np.ndarray]
   diverged: str = "loss"
   meta_keys: tuple[str, ...] = ()  # what `meta` adds to every checkpoint (a checkpoint without them is damaged)
+
+  def initial_state(self, tx) -> dict[str, Any]:
+    """The train state before the first step, for the optimizer `tx`: a dict with at least "step" (int32 0) and
+    "opt_state" (`tx`'s state, where the loop sets the learning rate); the default step also reads "params"."""
+    return {"params": self.params, "opt_state": tx.init(self.params), "step": np.int32(0)}
 
   def epoch_order(self, epoch: int) -> np.ndarray:
     """The global order of the epoch's example ids (cut into batches of batch_size, the last one padded)."""
@@ -390,7 +397,7 @@ def fit(method: Method, out_dir: Path, options: LoopOptions, where: Placement) -
 
   out_dir = Path(out_dir)
   tx = method.program.optimizer(method.learning_rate(0, 0))
-  state = where.replicate({"params": method.params, "opt_state": tx.init(method.params), "step": np.int32(0)})
+  state = where.replicate(method.initial_state(tx))
   frozen = where.replicate(method.frozen if method.frozen is not None else {})
   guard = where.replicate(np.int32(0))
   log = MetricsLog(out_dir / "metrics.jsonl", where.main)
