@@ -72,10 +72,12 @@ def test_litemedsam_real_weights_match_the_packaged_pytorch_model(litemedsam_wei
 
 @pytest.fixture(scope="module")
 def mobilesam(tmp_path_factory):
-  """MobileSAM's architecture (3 x 3 stride-2 patch embedding, 1024 px) with random weights, saved as a .pth."""
+  """MobileSAM's configuration (3 x 3 stride-2 patch embedding at 1024 px, its stage widths, heads and windows) with
+  random weights, BatchNorm statistics included, saved as a .pth; one block per stage (the real weights' test above
+  has the released depths) keeps the 1024 px forward cheap."""
   import torch
 
-  model = build_tiny_vit_sam(image_size=1024, patch_stride=2, seed=3)
+  model = build_tiny_vit_sam(image_size=1024, patch_stride=2, depths=(1, 1, 2, 1), seed=3)
   path = tmp_path_factory.mktemp("mobilesam") / "mobile_sam.pt"
   torch.save(model.state_dict(), path)
   return model, path
@@ -88,6 +90,7 @@ def test_mobilesam_configuration_matches_pytorch(mobilesam, tmp_path):
   model, path = mobilesam
   out, config = convert(path, tmp_path / "converted")
   assert (config.image_size, config.tiny_vit.patch_stride, config.tiny_vit.patch_kernel_size) == (1024, 2, 3)
+  assert config.tiny_vit.depths == (1, 1, 2, 1) and config.image_embedding_size == 64
   assert config.normalization == "mean_std"  # an unknown file: SAM's inputs unless told otherwise
   images = np.random.default_rng(1).normal(size=(1, 1024, 1024, 3)).astype(np.float32)
   _check_parity(load_sam(out), model, images, BOXES * 4)
@@ -149,9 +152,9 @@ def test_converter_refusals_name_the_tensor(mobilesam, tmp_path):
   torch.save(extra, tmp_path / "extra.pt")
   with pytest.raises(ConversionError, match=r"extra\.pt: 1 tensor\(s\) match nothing.*attn\.extra_scale"):
     convert(tmp_path / "extra.pt", tmp_path / "a")
-  missing = {k: v for k, v in state.items() if "layers.2.blocks.3.mlp.fc2" not in k}
+  missing = {k: v for k, v in state.items() if "layers.2.blocks.1.mlp.fc2" not in k}
   torch.save(missing, tmp_path / "missing.pt")
-  with pytest.raises(ConversionError, match=r"missing\.pt: 2 parameter\(s\).*layers\.2\.blocks\.3\.mlp\.lin2"):
+  with pytest.raises(ConversionError, match=r"missing\.pt: 2 parameter\(s\).*layers\.2\.blocks\.1\.mlp\.lin2"):
     convert(tmp_path / "missing.pt", tmp_path / "b")
   torch.save(state, tmp_path / "mobile.pt")
   with pytest.raises(ConversionError, match=r"mobile\.pt: a TinyViT checkpoint.*leave out --model-type"):

@@ -29,8 +29,9 @@ def get_config() -> dict:
       "views": 0,
       "dtype": "fp32",
       "train": {"epochs": 20, "learning_rate": 3e-3, "plateau_start_epoch": 5, "eval_every_epochs": 5},
-      "method_train": {"autosam": {"joint": True}, "cnn": {"cnn_top_channels": 8},
-                       "lora": {"epochs": 4, "eval_every_epochs": 2},
+      # AutoSAM's decoder is LiteMedSAM's own, pretrained: 3e-3 drives it to background (as in the demo), 1e-3 not.
+      "method_train": {"autosam": {"joint": True, "learning_rate": 1e-3}, "cnn": {"cnn_top_channels": 8},
+                       "lora": {"epochs": 4, "eval_every_epochs": 2, "learning_rate": 1e-3},
                        "unet": {"unet_base_channels": 8, "epochs": 45}},
       "image_size": 112,
       "image_spacing": 2.5,
