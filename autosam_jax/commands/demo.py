@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--mode", choices=("improved", "faithful"), default="improved",
                       help="the SAM heads' protocol (default improved; faithful: the paper's code, slower on a CPU: "
                            "per-class AutoSAM decoding on a 224 x 224 target)")
+  parser.add_argument("--methods", type=lambda text: [m for m in text.split(",") if m],
+                      help="comma-separated methods among autosam, cnn, linear, unet (default: all four with the "
+                           "random SAM; linear,unet with LiteMedSAM, whose heads take longer on a CPU)")
   options.add_no_progress(parser)
 
 
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
   from autosam_jax.experiment.demo import demo
 
   result = demo(args.out, args.checkpoint, args.epochs, progress=options.progress(args), mode=args.mode,
-                weights=args.weights)
+                weights=args.weights, methods=args.methods)
   print(result["table"])
   print(f"\nwrote {args.out}/results.json, results.md, dice_vs_labels.png, {len(result['overlays'])} overlays in "
         f"{args.out}/overlays/ and NIfTI predictions under {args.out}/runs/; {result['seconds']:.0f}s in all")

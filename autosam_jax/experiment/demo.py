@@ -94,16 +94,18 @@ WEIGHTS = ("auto", "litemedsam", "random")
 # With LiteMedSAM (a real SAM's 256-channel 64 x 64 embeddings and mask decoder) a head's step costs 5-20x the small
 # random SAM's, and every slice's embedding about a second on a 2-core CPU. Its pretrained features need few epochs
 # (validation Dice of the linear head with 2 labeled phantoms: 0.51 at epoch 5, 0.87 at 10), so the heads train 10;
-# the official CNN head is left out for time (0.61 at epoch 10, between the other two), and AutoSAM, whose decoder
-# is SAM's own, takes 1e-3 (3e-3 made its pretrained decoder diverge to background; 5e-4 reached 0.41 at epoch 10,
-# 1e-3 0.57).
+# AutoSAM and the official CNN head are left out by default for time (`--methods autosam,cnn,linear,unet` runs them:
+# the linear head's step on LiteMedSAM's embeddings takes 0.52 s on a 2-core CPU, AutoSAM's 0.71 s, the CNN head's
+# 0.63 s). AutoSAM, whose decoder is SAM's own, takes 1e-3 (3e-3 made its pretrained decoder diverge to background;
+# 5e-4 reached validation Dice 0.41 at epoch 10, 1e-3 0.57).
 LITEMEDSAM_TRAIN = {"epochs": 10}
 LITEMEDSAM_METHOD_TRAIN = {"autosam": {"learning_rate": 1e-3}}
-LITEMEDSAM_METHODS = ["autosam", "linear", "unet"]
+LITEMEDSAM_METHODS = ["linear", "unet"]
+DEMO_METHODS = ("autosam", "cnn", "linear", "unet")
 
 
 def sweep_config(out: Path, checkpoint: Path | None, epochs: int | None = None,
-                 mode: str = "improved", encoder_name: str = "sam") -> dict[str, Any]:
+                 mode: str = "improved", encoder_name: str = "sam", methods: list[str] | None = None) -> dict[str, Any]:
   """The demo's sweep; `epochs` (default: 30 for the heads, 10 on LiteMedSAM, 45 for the UNet) sets every method's."""
   encoder = str(checkpoint.absolute()) if checkpoint else str((out / "weights" / "demo-sam").absolute())
   pretrained = encoder_name == "litemedsam"
@@ -117,7 +119,8 @@ def sweep_config(out: Path, checkpoint: Path | None, epochs: int | None = None,
   train = {**DEMO_TRAIN, **(LITEMEDSAM_TRAIN if pretrained else {})}
   if epochs is not None:
     train["epochs"] = epochs
-  methods = LITEMEDSAM_METHODS if pretrained else ["autosam", "cnn", "linear", "unet"]
+  if not methods:
+    methods = LITEMEDSAM_METHODS if pretrained else list(DEMO_METHODS)
   # LiteMedSAM's embeddings in bf16 (matmuls in bf16, float32 sums): 1.3x faster on a CPU with bf16 units.
   return {"data": str((out / "data").absolute()), "encoders": {encoder_name: encoder},
           "methods": methods, "mode": mode, "tr_sizes": [1, 2], "num_folds": 5, "folds": [0], "views": 0,
@@ -265,7 +268,8 @@ def demo_weights(weights: str, checkpoint: Path | None) -> tuple[Path | None, st
 
 
 def demo(out: Path, checkpoint: Path | None = None, epochs: int | None = None, progress: bool = True,
-         seed: int = 0, mode: str = "improved", weights: str = "auto") -> dict[str, Any]:
+         seed: int = 0, mode: str = "improved", weights: str = "auto",
+         methods: list[str] | None = None) -> dict[str, Any]:
   from autosam_jax.atomic import atomic_write_json
   from autosam_jax.data.synthetic import write_synthetic_acdc
   from autosam_jax.experiment.sweep import Sweep, SweepConfig, say, weights_text
@@ -276,6 +280,10 @@ def demo(out: Path, checkpoint: Path | None = None, epochs: int | None = None, p
   if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
     raise DataError(f"--epochs must be positive, got {epochs}")
   asked_random = weights == "random"
+  unknown = [m for m in methods or () if m not in DEMO_METHODS]
+  if unknown or (methods is not None and not methods):
+    raise DataError(f"--methods: unknown {', '.join(unknown)}; choose among {', '.join(DEMO_METHODS)}" if unknown else
+                    f"--methods: name at least one of {', '.join(DEMO_METHODS)}")
   checkpoint, encoder_name = demo_weights(weights, checkpoint)
   from autosam_jax.outputs import check_output_path
 
@@ -303,7 +311,7 @@ def demo(out: Path, checkpoint: Path | None = None, epochs: int | None = None, p
     say(f"SAM: LiteMedSAM (TinyViT encoder, 256 px, pretrained on medical images), converted from {checkpoint}")
   else:
     say(f"SAM: converted from {checkpoint}")
-  values = sweep_config(out, checkpoint, epochs, mode, encoder_name)
+  values = sweep_config(out, checkpoint, epochs, mode, encoder_name, methods)
   atomic_write_json(out / "demo_config.json", values)
   config = SweepConfig.from_dict(values, source=str(out / "demo_config.json"))
   result = Sweep(config, out, progress=progress, callers_files=DEMO_FILES).run()
