@@ -96,10 +96,10 @@ def test_mobilesam_configuration_matches_pytorch(mobilesam, tmp_path):
   _check_parity(load_sam(out), model, images, BOXES * 4)
 
 
-def test_lora_on_tiny_vit_matches_peft(litemedsam_weights):
-  """Rank-2 factors on every attention qkv/proj and MLP linear of the real LiteMedSAM encoder, set to the same
-  random values in ours and in `peft`'s adaptation of the PyTorch encoder (qkv's B columns in our [q | k | v]
-  order)."""
+def test_lora_on_tiny_vit_matches_peft(tmp_path):
+  """Rank-2 factors on every attention qkv/proj and MLP linear of LiteMedSAM's encoder architecture (random weights,
+  one block per stage), set to the same random values in ours and in `peft`'s adaptation of the PyTorch encoder
+  (qkv's B columns in our [q | k | v] order)."""
   import jax.numpy as jnp
   import torch
   from flax import nnx
@@ -108,10 +108,14 @@ def test_lora_on_tiny_vit_matches_peft(litemedsam_weights):
   from autosam_jax.models.encoders import adaptable_blocks
   from autosam_jax.models.loading import load_sam
   from autosam_jax.models.lora import LoraConfig, add_lora
+  from weights_conversion.convert import convert
 
+  model = build_tiny_vit_sam(depths=(1, 1, 1, 1), seed=7)
+  torch.save(model.state_dict(), tmp_path / "small.pth")
+  converted, _ = convert(tmp_path / "small.pth", tmp_path / "converted")
   config = LoraConfig(rank=2, alpha=3.0, targets=("qkv", "proj", "lin1", "lin2"))
-  encoder = add_lora(load_sam(litemedsam_weights).image_encoder, config, rngs=nnx.Rngs(0))
-  reference = load_litemedsam().image_encoder
+  encoder = add_lora(load_sam(converted).image_encoder, config, rngs=nnx.Rngs(0))
+  reference = model.image_encoder
   frozen = copy.deepcopy(reference)
   reference = inject_adapter_in_model(PeftLoraConfig(r=2, lora_alpha=3.0, lora_dropout=0.0,
                                                      target_modules=r".*blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"),
