@@ -80,7 +80,7 @@ def test_a_head_trains_evaluates_and_predicts_on_tiny_vit_features(world, tmp_pa
   from autosam_jax.evaluation.evaluate import evaluate
   from autosam_jax.evaluation.predict import predict
 
-  config = TrainConfig(head="autosam", variant="improved", joint=True, epochs=1, batch_size=4, learning_rate=3e-3,
+  config = TrainConfig(head="linear", variant="improved", epochs=1, batch_size=4, learning_rate=3e-3,
                        scheduler="plateau_val_dice", checkpoint_every_steps=0)
   result = train(config, world.cache, _factory(world.weights), tmp_path / "run", list(world.split.labeled(1)),
                  list(world.split.val), progress=False)
