@@ -180,6 +180,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
 
 
 def detect_format(keys: list[str], path: Path) -> str:
+  if any(k.startswith("image_encoder.trunk.") for k in keys):
+    return "sam2"
   if any(k.startswith("image_encoder.layers.") for k in keys):
     return "tiny_vit"
   if any(k.startswith("image_encoder.") for k in keys):
@@ -284,9 +286,12 @@ def convert_state(state: dict[str, np.ndarray], path: Path, model_type: str | No
   params = map_keys(state, fmt, path)
   overrides = {**(_hf_overrides(hf_config or {}) if fmt == "huggingface" else {}),
                **{k: v for k, v in overrides.items() if v is not None}}
-  if model_type is not None and fmt == "tiny_vit":
-    raise ConversionError(f"{path}: a TinyViT checkpoint (MobileSAM, LiteMedSAM), not a SAM {model_type}; leave out "
-                          "--model-type")
+  if model_type is not None and fmt in ("tiny_vit", "sam2"):
+    what = "a TinyViT checkpoint (MobileSAM, LiteMedSAM)" if fmt == "tiny_vit" else "a SAM 2 checkpoint (Hiera)"
+    raise ConversionError(f"{path}: {what}, not a SAM {model_type}; leave out --model-type")
+  if overrides.get("hiera") is not None and fmt != "sam2":
+    raise ConversionError(f"{path}: --hiera describes a SAM 2 (Hiera) trunk; this is a {fmt} checkpoint, leave it "
+                          "out")
   if model_type is not None:
     preset = PRESETS[model_type]
     overrides.setdefault("decoder_num_heads", preset.decoder_num_heads)

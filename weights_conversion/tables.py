@@ -6,6 +6,9 @@ Layouts say how a PyTorch tensor becomes its Flax counterpart:
   linear     (out, in) -> (in, out)
   conv       (out, in, kh, kw) -> (kh, kw, in, out)
   convt2x2   ConvTranspose2d (in, out, 2, 2) -> (in, 2, 2, out) for `ConvTranspose2x2`
+  conv1x1    a 1 x 1 Conv2d (out, in, 1, 1) -> (in, out), as the `Linear` it is channels-last
+  nchw       a (1, C, H, W) parameter map -> (1, H, W, C)
+  flat       a (1, ..., C) parameter -> (C,)
   drop       a tensor the architecture has and its forward never reads (a BatchNorm's step counter, a classifier
              the segmentation model does not use): consumed, counted in conversion.json, not written
 """
@@ -19,6 +22,9 @@ LAYOUTS = {
     "linear": lambda a: a.T,
     "conv": lambda a: a.transpose(2, 3, 1, 0),
     "convt2x2": lambda a: a.transpose(0, 2, 3, 1),
+    "conv1x1": lambda a: a[:, :, 0, 0].T,
+    "nchw": lambda a: a.transpose(0, 2, 3, 1),
+    "flat": lambda a: a.reshape(-1),
     "drop": lambda a: a,
 }
 
@@ -156,7 +162,51 @@ TINY_VIT: list[Row] = [
     *_DECODER,
 ]
 
-TABLES = {"meta": META, "huggingface": HUGGING_FACE, "tiny_vit": TINY_VIT}
+_TRUNK = rf"image_encoder\.trunk\.blocks\.{_N}"
+
+
+def _sam2_decoder() -> list[Row]:
+  """SAM's prompt encoder and mask decoder rows with SAM 2's names: `sam_` prefixes, the transformer's MLP as
+  layers.0 / layers.1."""
+  rows = []
+  for pattern, dst, layout in _DECODER:
+    pattern = pattern.replace(r"prompt_encoder\.", r"sam_prompt_encoder\.", 1).replace(
+        r"mask_decoder\.", r"sam_mask_decoder\.", 1)
+    if r"mlp\.(lin1|lin2)" in pattern:
+      for k in (0, 1):
+        rows.append((pattern.replace(r"mlp\.(lin1|lin2)", rf"mlp\.layers\.{k}"),
+                     dst.replace("mlp.{2}", f"mlp.lin{k + 1}"), layout))
+    else:
+      rows.append((pattern, dst, layout))
+  return rows
+
+
+# The parts of a SAM 2 checkpoint the image predictor never runs: video memory (memory attention and encoder, object
+# pointers, temporal encodings) and the object-score head. Consumed and listed in conversion.json, not written.
+SAM2_LEFT_OUT = (r"(memory_attention|memory_encoder|obj_ptr_proj|obj_ptr_tpos_proj|mask_downsample)\..+",
+                 r"maskmem_tpos_enc", r"no_mem_pos_enc", r"no_obj_ptr", r"no_obj_embed_spatial",
+                 r"sam_mask_decoder\.pred_obj_score_head\..+")
+
+# Meta's SAM 2 / SAM 2.1 (and MedSAM2) checkpoints: the Hiera trunk, the FPN neck, the mask decoder's
+# high-resolution projections and `no_mem_embed` make the image encoder (`models/encoders/hiera.py`); then SAM's
+# prompt encoder and SAM 2's mask decoder.
+SAM2: list[Row] = [
+    *_conv(r"image_encoder\.trunk\.patch_embed\.proj", "image_encoder.patch_embed"),
+    (r"image_encoder\.trunk\.(pos_embed|pos_embed_window)", "image_encoder.{1}", "nchw"),
+    *_norm(rf"{_TRUNK}\.(norm1|norm2)", "image_encoder.blocks.{1}.{2}"),
+    *_linear(rf"{_TRUNK}\.attn\.(qkv|proj)", "image_encoder.blocks.{1}.attn.{2}"),
+    *_linear(rf"{_TRUNK}\.mlp\.layers\.0", "image_encoder.blocks.{1}.mlp.lin1"),
+    *_linear(rf"{_TRUNK}\.mlp\.layers\.1", "image_encoder.blocks.{1}.mlp.lin2"),
+    *_linear(rf"{_TRUNK}\.proj", "image_encoder.blocks.{1}.proj"),
+    *_conv(rf"image_encoder\.neck\.convs\.{_N}\.conv", "image_encoder.neck.{1}", "conv1x1"),
+    *_conv(r"sam_mask_decoder\.(conv_s0|conv_s1)", "image_encoder.{1}", "conv1x1"),
+    (r"no_mem_embed", "image_encoder.no_mem_embed", "flat"),
+    *_embed(r"sam_mask_decoder\.obj_score_token", "mask_decoder.obj_score_token"),
+    *[(pattern, None, "drop") for pattern in SAM2_LEFT_OUT],
+    *_sam2_decoder(),
+]
+
+TABLES = {"meta": META, "huggingface": HUGGING_FACE, "tiny_vit": TINY_VIT, "sam2": SAM2}
 
 
 def tiny_vit_qkv_order(params: dict[tuple[str, ...], np.ndarray]) -> dict[tuple[str, ...], np.ndarray]:

@@ -7,6 +7,7 @@ import json
 from typing import Any, Mapping
 
 from autosam_jax.errors import DataError
+from autosam_jax.models.encoders.hiera import HieraConfig
 from autosam_jax.models.encoders.tiny_vit import TinyVitConfig
 from autosam_jax.typed_config import TypedConfig, option
 
@@ -17,12 +18,15 @@ class SamConfigError(DataError, ValueError):
 
 
 _BOOL = "true or false"
-# The image encoder families (`models/encoders`): Meta's ViT, and TinyViT (MobileSAM, LiteMedSAM).
-ENCODER_FAMILIES = ("sam_vit", "tiny_vit")
+# The image encoder families (`models/encoders`): Meta's ViT, TinyViT (MobileSAM, LiteMedSAM), Hiera (SAM 2, MedSAM2).
+ENCODER_FAMILIES = ("sam_vit", "tiny_vit", "hiera")
 # How encoder inputs are normalised: "mean_std", (x - pixel_mean) / pixel_std on the 0..255 scale (SAM, MobileSAM);
 # "min_max", each resized image scaled to [0, 1] by its own minimum and maximum (MedSAM's LiteMedSAM inference).
 # Padding follows, with zeros, in both.
 NORMALIZATIONS = ("mean_std", "min_max")
+# How an image becomes the encoder's square input: "longest_side", resized so its longer side is image_size, the
+# rest zero-padded (SAM, MedSAM); "square", resized to image_size x image_size whatever its aspect (SAM 2).
+RESIZES = ("longest_side", "square")
 _RGB = "a list of 3 numbers (red, green, blue)"
 # The options of convert that set a field (what tensor shapes do not tell), named with it in messages.
 _CONVERT_OPTIONS = {"decoder_num_heads": "--decoder-num-heads", "encoder_num_heads": "--encoder-num-heads",
@@ -49,6 +53,7 @@ class SamConfig(TypedConfig):
   encoder_family: str = option("sam_vit", choices=ENCODER_FAMILIES)
   image_size: int = option(1024, at_least=1, shown=_shown("image_size"))
   tiny_vit: TinyVitConfig | None = None
+  hiera: HieraConfig | None = None
   # Image encoder (SAM's ViT; these fields describe the "sam_vit" family only).
   patch_size: int = option(16, at_least=1)
   encoder_embed_dim: int = option(768, at_least=1)
@@ -72,17 +77,35 @@ class SamConfig(TypedConfig):
   num_multimask_outputs: int = option(3, at_least=0)
   iou_head_depth: int = option(3, at_least=1)
   iou_head_hidden_dim: int = option(256, at_least=1)
+  # SAM 2's mask decoder (the "hiera" family only): skips from the encoder's high-resolution maps into the upscaling,
+  # an object-score token before the IoU token, IoU predictions through a sigmoid, and for a single mask the
+  # fallback to the best of the multimask outputs when its logits are unstable (what `build_sam2` turns on).
+  use_high_res_features: bool = option(False, kind=_BOOL)
+  pred_obj_scores: bool = option(False, kind=_BOOL)
+  iou_prediction_use_sigmoid: bool = option(False, kind=_BOOL)
+  dynamic_multimask_via_stability: bool = option(False, kind=_BOOL)
   # Pre-processing (0..255 RGB scale, as Meta's Sam).
   pixel_mean: tuple[float, float, float] = option((123.675, 116.28, 103.53), finite=True, kind=_RGB)
   pixel_std: tuple[float, float, float] = option((58.395, 57.12, 57.375), above=0, finite=True, kind=_RGB)
   normalization: str = option("mean_std", choices=NORMALIZATIONS)
+  resize: str = option("longest_side", choices=RESIZES)
 
   def check(self) -> None:
     """The rules between fields (each field's own are its `option`)."""
-    if (self.encoder_family == "tiny_vit") != (self.tiny_vit is not None):
-      raise self.refusal(f"encoder_family {self.encoder_family!r} needs "
-                         + ("a tiny_vit section" if self.tiny_vit is None else "no tiny_vit section"))
-    if self.encoder_family == "tiny_vit":
+    for family in ("tiny_vit", "hiera"):
+      if (self.encoder_family == family) != (getattr(self, family) is not None):
+        raise self.refusal(f"encoder_family {self.encoder_family!r} needs "
+                           + (f"a {family} section" if getattr(self, family) is None else f"no {family} section"))
+    if self.encoder_family != "hiera":
+      set_fields = [name for name in SAM2_FIELDS if getattr(self, name) != _DEFAULTS[name]]
+      if set_fields:
+        raise self.refusal(f"{', '.join(set_fields)} belong to SAM 2's decoder and inputs (encoder_family "
+                           f"'hiera'), not to {self.encoder_family!r}")
+    if self.encoder_family == "hiera":
+      problem = self.hiera.check_image_size(self.image_size)
+      if problem:
+        raise self.refusal(f"{_shown('image_size')} {self.image_size} {problem}")
+    elif self.encoder_family == "tiny_vit":
       if self.image_size % self.tiny_vit.total_stride:
         raise self.refusal(f"{_shown('image_size')} {self.image_size} is not a multiple of the TinyViT's stride "
                            f"{self.tiny_vit.total_stride}")
@@ -122,7 +145,22 @@ class SamConfig(TypedConfig):
     """Side of the encoder's output grid (64 for SAM's 1024 input, LiteMedSAM's 256 and MobileSAM's 1024)."""
     if self.encoder_family == "tiny_vit":
       return self.image_size // self.tiny_vit.total_stride
+    if self.encoder_family == "hiera":
+      return self.image_size // self.hiera.embedding_stride
     return self.image_size // self.patch_size
+
+  @property
+  def feature_names(self) -> tuple[str, ...]:
+    """The named maps the encoder returns: "embedding" always, "high_res" where the decoder reads them (SAM 2)."""
+    return ("embedding", "high_res") if self.use_high_res_features else ("embedding",)
+
+  def feature_shapes(self) -> dict[str, list[tuple[int, int, int]]]:
+    """(h, w, channels) of every named map of one image: "embedding" one, "high_res" the strides 4 and 8 maps."""
+    g, d = self.image_embedding_size, self.prompt_embed_dim
+    shapes = {"embedding": [(g, g, d)]}
+    if self.use_high_res_features:
+      shapes["high_res"] = [(4 * g, 4 * g, d // 8), (2 * g, 2 * g, d // 4)]
+    return shapes
 
   def to_dict(self) -> dict[str, Any]:
     """The fields that describe this model: a family other than SAM's ViT leaves the ViT's out (and SAM's ViT the
@@ -131,8 +169,12 @@ class SamConfig(TypedConfig):
     if self.encoder_family != "sam_vit":
       for name in VIT_FIELDS:
         values.pop(name)
-    if self.tiny_vit is None:
-      values.pop("tiny_vit")
+    for family in ("tiny_vit", "hiera"):
+      if getattr(self, family) is None:
+        values.pop(family)
+    if self.encoder_family != "hiera":
+      for name in SAM2_FIELDS:
+        values.pop(name)
     return values
 
   def to_json(self) -> str:
@@ -143,12 +185,20 @@ class SamConfig(TypedConfig):
     """The encoder as people name it, for messages."""
     if self.encoder_family == "tiny_vit":
       return f"TinyViT at {self.image_size} px"
+    if self.encoder_family == "hiera":
+      stages = "-".join(str(n) for n in self.hiera.stages)
+      return f"Hiera (SAM 2; width {self.hiera.embed_dim}, stages {stages}) at {self.image_size} px"
     return f"SAM ViT (width {self.encoder_embed_dim}, depth {self.encoder_depth}) at {self.image_size} px"
 
 
 # The fields of the "sam_vit" family's encoder.
 VIT_FIELDS = ("patch_size", "encoder_embed_dim", "encoder_depth", "encoder_num_heads", "encoder_mlp_dim",
               "encoder_global_attn_indexes", "window_size", "use_abs_pos", "use_rel_pos", "qkv_bias")
+# The fields of SAM 2's decoder and inputs, written only for the "hiera" family (other families' configs, and the
+# caches and runs that record them, stay as they were).
+SAM2_FIELDS = ("use_high_res_features", "pred_obj_scores", "iou_prediction_use_sigmoid",
+               "dynamic_multimask_via_stability", "resize")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamConfig)}
 
 
 def _preset(embed_dim: int, depth: int, num_heads: int, global_attn: tuple[int, ...]) -> SamConfig:
@@ -174,6 +224,18 @@ def infer_config(shapes: Mapping[tuple[str, ...], tuple[int, ...]], **overrides:
       return tuple(shapes[path])
     except KeyError:
       raise ValueError(f"checkpoint has no tensor for {'.'.join(path)}; it is not a SAM checkpoint") from None
+
+  if ("image_encoder", "pos_embed_window") in shapes:
+    from autosam_jax.models.encoders.hiera import infer_hiera
+
+    hiera = infer_hiera(shapes, overrides.pop("hiera", None))
+    values = dict(encoder_family="hiera", hiera=hiera, image_size=1024, resize="square",
+                  prompt_embed_dim=shape("image_encoder", "neck", "0", "kernel")[-1],
+                  use_high_res_features=True, iou_prediction_use_sigmoid=True, dynamic_multimask_via_stability=True,
+                  pred_obj_scores=("mask_decoder", "obj_score_token", "embedding") in shapes)
+    values.update(_decoder_values(shapes, shape, values["prompt_embed_dim"]))
+    values.update(overrides)
+    return SamConfig(**values)
 
   if any(p[:2] == ("image_encoder", "layers") for p in shapes):
     from autosam_jax.models.encoders.tiny_vit import infer_tiny_vit

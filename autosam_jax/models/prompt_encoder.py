@@ -83,6 +83,9 @@ class PromptEncoder(nnx.Module):
     embedding = jnp.where(labels == -1, self.not_a_point_embed.embedding[...][0], embedding)
     embedding = embedding + jnp.where(labels == 0, self.point_embeddings[0].embedding[...][0], 0.0)
     embedding = embedding + jnp.where(labels == 1, self.point_embeddings[1].embedding[...][0], 0.0)
+    # Labels 2 and 3: a box's corners given as points (SAM 2's predictor passes boxes this way).
+    embedding = embedding + jnp.where(labels == 2, self.point_embeddings[2].embedding[...][0], 0.0)
+    embedding = embedding + jnp.where(labels == 3, self.point_embeddings[3].embedding[...][0], 0.0)
     return embedding
 
   def _embed_boxes(self, boxes: Array) -> Array:
@@ -96,7 +99,7 @@ class PromptEncoder(nnx.Module):
                masks: Array | None = None) -> tuple[Array, Array]:
     """Returns sparse (B, N, C) and dense (B, h, w, C) embeddings.
 
-    points: ((B, N, 2) pixel coordinates (x, y) in the resized input frame, (B, N) labels 1 fg / 0 bg / -1 pad);
+    points: ((B, N, 2) pixel coordinates (x, y) in the resized input frame, (B, N) labels 1 fg / 0 bg / -1 pad / 2, 3 box corners);
     boxes: (B, 4) as (x0, y0, x1, y1); masks: (B, 4h, 4w, 1) low-resolution mask logits.
     """
     if points is not None:

@@ -10,17 +10,26 @@ family's.
 
   sam_vit   Meta's SAM ViT-B/L/H (`models/image_encoder.py`)
   tiny_vit  TinyViT (`models/encoders/tiny_vit.py`): MobileSAM at 1024 px, LiteMedSAM at 256 px
+  hiera     Hiera + FPN neck (`models/encoders/hiera.py`): SAM 2 / SAM 2.1 tiny, small, base_plus, large; MedSAM2
+
+The encoder's output is a dict of named maps (`encoder_features`): "embedding" (B, G, G, C) always, and for SAM 2
+"high_res", the two maps its mask decoder's upscaling path adds (`SamConfig.feature_names`, `feature_shapes`).
 """
 
 from __future__ import annotations
 
 from flax import nnx
 
-FEATURES = ("embedding",)  # the named feature maps every family returns (B, 64, 64, 256)
-
 
 def build_encoder(config, *, dtype=None, attention: str = "auto", remat: bool = False, rngs: nnx.Rngs):
-  """The image encoder `config` (a SamConfig) describes: (B, S, S, 3) encoder inputs -> (B, G, G, C) embeddings."""
+  """The image encoder `config` (a SamConfig) describes: (B, S, S, 3) encoder inputs -> (B, G, G, C) embeddings
+  (SAM's ViT, TinyViT) or the dict of named maps (Hiera; see `encoder_features`)."""
+  if config.encoder_family == "hiera":
+    from autosam_jax.models.encoders.hiera import HieraEncoder
+
+    encoder = HieraEncoder(config.hiera, config.image_size, config.prompt_embed_dim, dtype=dtype, remat=remat,
+                           rngs=rngs)
+    return set_attention(encoder, attention)
   if config.encoder_family == "tiny_vit":
     from autosam_jax.models.encoders.tiny_vit import TinyViTEncoder
 
@@ -38,16 +47,25 @@ def adaptable_blocks(encoder) -> list:
   return list(encoder.blocks)
 
 
+def encoder_features(encoder, images) -> dict:
+  """The encoder's named maps for (B, S, S, 3) inputs: {"embedding": ...} and, for SAM 2, "high_res"."""
+  out = encoder(images)
+  return out if isinstance(out, dict) else {"embedding": out}
+
+
 def set_attention(encoder, implementation: str, *, frozen: bool | None = None):
-  """How the encoder computes attention from now on (`image_encoder.ATTENTION_IMPLEMENTATIONS`). TinyViT's windows
-  of at most 14 x 14 tokens with a learned bias attend as one einsum in every case; the name is checked, not used."""
+  """How the encoder computes attention from now on (`image_encoder.ATTENTION_IMPLEMENTATIONS`).
+
+  TinyViT's windows of at most 14 x 14 tokens with a learned bias attend as two heads-major matmuls in every case
+  (the name is checked, not used). Hiera's attention has no bias: "auto" takes cuDNN's fused attention on CUDA in
+  bf16 (forward and backward; `hiera.attention_for`), XLA's otherwise; "chunked" (SAM-ViT's CPU path) means XLA's
+  there."""
   from autosam_jax.models import image_encoder
 
-  image_encoder.check_attention(implementation)
-  if hasattr(encoder, "blocks"):
+  implementation = image_encoder.check_attention(implementation)
+  if type(encoder).__name__ == "HieraEncoder":
+    for block in encoder.blocks:
+      block.attn.attention = "xla" if implementation == "chunked" else implementation
+  elif hasattr(encoder, "blocks"):
     image_encoder.set_attention(encoder, implementation, frozen=frozen)
   return encoder
-
-
-def set_remat(encoder, remat: bool) -> None:
-  encoder.remat = remat
