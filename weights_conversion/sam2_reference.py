@@ -107,11 +107,10 @@ def build_sam2_model(release: str = "tiny", image_size: int = 1024, seed: int = 
     for name, tensor in model.state_dict().items():
       if not tensor.is_floating_point():
         continue
-      noise = torch.randn(tensor.shape, generator=generator)
       if torch.all(tensor == 1):
-        tensor.copy_(1 + 0.1 * noise)
+        tensor.copy_(1 + 0.1 * torch.randn(tensor.shape, generator=generator))
       elif torch.all(tensor == 0) or name.endswith("pos_embed") or name.endswith("pos_embed_window"):
-        tensor.copy_(0.1 * noise)
+        tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
   return model.eval()
 
 

@@ -153,6 +153,8 @@ class ZeroShotSegmenter:
     import jax.numpy as jnp
     from flax import nnx
 
+    from autosam_jax.models.encoders import encoder_features
+
     check_options(mode, prompt, batch_size)
     self.mode, self.prompt, self.batch_size = mode, prompt, batch_size
     self.classes = tuple(int(c) for c in classes)  # one prompt slot per foreground class of the dataset
@@ -166,19 +168,20 @@ class ZeroShotSegmenter:
     def encode(state, images, normalise):
       model = nnx.merge(graphdef, state)
       # faithful: `Sam.preprocess` applied to [0, 1] images, i.e. the official normalisation bug (paper-protocol 6.5)
-      return model.image_encoder(model.preprocess(images) if normalise else images)
+      return encoder_features(model.image_encoder, model.preprocess(images) if normalise else images)
 
     @jax.jit
-    def decode(state, embeddings, prompts):
+    def decode(state, features, prompts):
       model = nnx.merge(graphdef, state)
-      batch = embeddings.shape[0]
+      repeated = jax.tree.map(lambda a: jnp.repeat(a, slots, axis=0), features)
+      batch = features["embedding"].shape[0]
       flat = prompts.reshape(batch * slots, -1)
       if prompt == "box":
         sparse, dense = model.prompt_encoder(None, flat, None)
       else:
         sparse, dense = model.prompt_encoder((flat[:, None], jnp.ones((flat.shape[0], 1), jnp.int32)), None, None)
-      low_res, _ = model.mask_decoder(jnp.repeat(embeddings, slots, axis=0), model.prompt_encoder.get_dense_pe(),
-                                      sparse, dense, False)
+      low_res, _ = model.mask_decoder(repeated["embedding"], model.prompt_encoder.get_dense_pe(), sparse, dense,
+                                      False, high_res=repeated.get("high_res"))
       return low_res[..., 0].reshape(batch, slots, *low_res.shape[1:3]).transpose(0, 2, 3, 1)
 
     @functools.partial(jax.jit, static_argnames=("input_size", "output_size"))

@@ -68,6 +68,9 @@ class PromptEncoder(nnx.Module):
     self.not_a_point_embed = nnx.Embed(1, dim, rngs=rngs)
     self.mask_downscaling = MaskDownscaling(config.mask_in_chans, dim, rngs=rngs)
     self.no_mask_embed = nnx.Embed(1, dim, rngs=rngs)
+    # SAM 2's image predictor gives a box as its two corners among the points (labels 2 and 3, before any clicks),
+    # so a padding point follows them; SAM's embeds boxes after the points, without one.
+    self.boxes_as_points = config.encoder_family == "hiera"
 
   def get_dense_pe(self) -> Array:
     """Positional encoding of the image embedding grid: (1, h, w, C)."""
@@ -110,6 +113,13 @@ class PromptEncoder(nnx.Module):
       batch = masks.shape[0]
     else:
       batch = 1
+    if self.boxes_as_points and boxes is not None:
+      corners = boxes.astype(jnp.float32).reshape(-1, 2, 2)
+      corner_labels = jnp.broadcast_to(jnp.array([2, 3], jnp.int32), corners.shape[:2])
+      points = (corners, corner_labels) if points is None else (
+          jnp.concatenate([corners, points[0].astype(jnp.float32)], axis=1),
+          jnp.concatenate([corner_labels, points[1].astype(jnp.int32)], axis=1))
+      boxes = None
     sparse = [jnp.zeros((batch, 0, self.embed_dim), jnp.float32)]
     if points is not None:
       sparse.append(self._embed_points(points[0], points[1], pad=boxes is None))
