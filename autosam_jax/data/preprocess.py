@@ -52,6 +52,7 @@ from autosam_jax.memory import size_text
 
 MODES = ("faithful", "improved")
 NORMALIZATIONS = ("mean_std", "min_max")
+RESIZES = ("longest_side", "square")
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 # Bumped whenever an output of this module changes for the same config, so that feature caches keyed on
@@ -78,12 +79,17 @@ class PreprocessConfig:
   normalization: str = "mean_std"
   pixel_mean: tuple[float, float, float] = SAM_PIXEL_MEAN
   pixel_std: tuple[float, float, float] = SAM_PIXEL_STD
+  # How a slice becomes the encoder's square input (improved mode; `SamConfig.resize`): "longest_side" keeps the
+  # physical aspect and pads (SAM, MedSAM); "square" stretches it to fill the input, as SAM 2 was trained.
+  resize: str = "longest_side"
 
   def __post_init__(self):
     object.__setattr__(self, "target_spacing", tuple(float(s) for s in self.target_spacing))
     object.__setattr__(self, "clip_percentiles", tuple(float(p) for p in self.clip_percentiles))
     object.__setattr__(self, "pixel_mean", tuple(float(p) for p in self.pixel_mean))
     object.__setattr__(self, "pixel_std", tuple(float(p) for p in self.pixel_std))
+    if self.resize not in RESIZES:
+      raise DataError(f"preprocess config: resize must be one of {RESIZES}, got {self.resize!r}")
     if self.normalization not in NORMALIZATIONS:
       raise DataError(f"preprocess config: normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
     if self.mode not in MODES:
@@ -116,6 +122,8 @@ class PreprocessConfig:
       improved["normalization"] = "min_max"
     elif (self.pixel_mean, self.pixel_std) != (SAM_PIXEL_MEAN, SAM_PIXEL_STD):
       improved |= {"pixel_mean": list(self.pixel_mean), "pixel_std": list(self.pixel_std)}
+    if self.resize != "longest_side":
+      improved["resize"] = self.resize
     return improved
 
   @classmethod
@@ -124,7 +132,7 @@ class PreprocessConfig:
     head targets at 4x its embedding grid, its normalisation."""
     return cls(mode=mode, encoder_size=encoder.image_size, head_size=4 * encoder.image_embedding_size,
                normalization=encoder.normalization, pixel_mean=tuple(encoder.pixel_mean),
-               pixel_std=tuple(encoder.pixel_std), **values)
+               pixel_std=tuple(encoder.pixel_std), resize=getattr(encoder, "resize", "longest_side"), **values)
 
   @classmethod
   def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
@@ -384,7 +392,8 @@ def _improved(image: np.ndarray, spacing: tuple[float, float], labels: np.ndarra
   scaled = (np.clip(volume, lo, hi) - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(volume)
   images = np.repeat(scaled.transpose(2, 0, 1)[..., None], 3, axis=-1).astype(np.float32)
 
-  resized = _sam_resized_shape(rows, cols, spacing, config.encoder_size)
+  resized = (config.encoder_size, config.encoder_size) if config.resize == "square" else \
+      _sam_resized_shape(rows, cols, spacing, config.encoder_size)
   size = config.head_size
   geometry = SliceGeometry(mode="improved", native_shape=(rows, cols), spacing=spacing, resampled_shape=None,
                            model_shape=resized, encoder_size=config.encoder_size, target_shape=(size, size),

@@ -324,7 +324,9 @@ def predict_volume(image: np.ndarray, spacing, sam, forward, config, batch_size:
     missing = batch_size - len(chunk)
     if missing:  # one encoder compilation per geometry, not one more for the last batch
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], missing, axis=0)])
-    embeddings.append(np.asarray(sam.encode(jnp.asarray(encoder_input(chunk, pre.geometry))))[:batch_size - missing])
+    features = sam.encode(jnp.asarray(encoder_input(chunk, pre.geometry)))
+    embedding = features["embedding"] if isinstance(features, dict) else features  # SAM 2: its named maps
+    embeddings.append(np.asarray(embedding)[:batch_size - missing])
   logits = forward(np.concatenate(embeddings))
   return native_labels(logits, pre.geometry)
 

@@ -256,9 +256,12 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
   else:
     graphdef, state = nnx.split(sam.image_encoder)
 
+    from autosam_jax.models.encoders import encoder_features
+
     @jax.jit
     def encode(state, images):
-      return nnx.merge(graphdef, state)(images)
+      # The heads read the "embedding" map (SAM 2's high-resolution maps are not cached).
+      return encoder_features(nnx.merge(graphdef, state), images)["embedding"]
 
   preparer = _Preparer(volumes, preprocess_config, augment_config, options.seed)
   batches: list[tuple[int, list[dict[str, Any]]]] = []

@@ -195,7 +195,9 @@ class AdaptedSam(nnx.Module):
     self.head = head
 
   def __call__(self, images: Array) -> Array:
-    return self.head(self.encoder(images).astype(jnp.float32))
+    from autosam_jax.models.encoders import encoder_features
+
+    return self.head(encoder_features(self.encoder, images)["embedding"].astype(jnp.float32))
 
 
 def _trainable(path, value) -> bool:

@@ -1,0 +1,79 @@
+"""A tiny SAM 2 (Hiera, random weights) through the whole protocol: the label-efficiency sweep scores AutoSAM, the
+linear head and LoRA on it and zero-shot SAM 2 with boxes, on phantoms of another anatomy than ACDC's (two classes,
+isotropic voxels); and a cache or model of SAM 2 used with another encoder is refused naming both."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+
+def _tiny_sam2():
+  from autosam_jax.models.config import SamConfig
+  from autosam_jax.models.encoders.hiera import HieraConfig
+
+  # 64 px: a 16 x 16 first-stage grid (two 8 x 8 windows a side), 8 x 8, 4 x 4 (the embedding), 2 x 2.
+  return SamConfig(encoder_family="hiera", image_size=64, resize="square", prompt_embed_dim=64, decoder_mlp_dim=128,
+                   use_high_res_features=True, pred_obj_scores=True, iou_prediction_use_sigmoid=True,
+                   dynamic_multimask_via_stability=True,
+                   hiera=HieraConfig(embed_dim=16, num_heads=1, stages=(1, 1, 2, 1), global_att_blocks=(3,),
+                                     window_spec=(8, 4, 4, 2), window_pos_embed_bkg_spatial_size=(4, 4)))
+
+
+@pytest.fixture(scope="module")
+def sweep_run(tmp_path_factory):
+  from autosam_jax.data.shapes import write_shapes_dataset
+  from autosam_jax.experiment.demo import write_random_sam
+
+  root = tmp_path_factory.mktemp("sam2")
+  weights = write_random_sam(root / "sam2-tiny", seed=4, config=_tiny_sam2())
+  write_shapes_dataset(root / "data", num_cases=5, class_names=["lesion", "organ"], seed=2, spacing=(1.0, 1.0, 1.0),
+                       shape=(40, 48, 8), voxel_order=(2, 0, 1))
+  config = {"data": str(root / "data"), "encoders": {"sam2": str(weights)},
+            "methods": ["autosam", "linear", "lora", "zero_shot_box"], "mode": "improved", "tr_sizes": [1],
+            "num_folds": 2, "folds": [0], "val_patients": 1, "views": 0, "dtype": "fp32",
+            "train": {"epochs": 1, "learning_rate": 3e-3, "plateau_start_epoch": 1},
+            "method_train": {"autosam": {"joint": True}}}
+  (root / "sweep.py").write_text(f"def get_config():\n  return {config!r}\n")
+  from autosam_jax.cli import main
+
+  code = main(["sweep", "--config", str(root / "sweep.py"), "--out", str(root / "out"), "--no-progress"])
+  return root, weights, code
+
+
+def test_the_sweep_scores_every_method_on_sam2(sweep_run):
+  root, weights, code = sweep_run
+  assert code == 0
+  results = json.loads((root / "out" / "results.json").read_text())
+  cells = {cell["method"]: cell for cell in results["cells"]}
+  assert sorted(cells) == ["autosam", "linear", "lora", "zero_shot_box"]
+  for cell in cells.values():
+    assert cell["encoder"] == "sam2" and set(cell["official"]["dice"]) == {"lesion", "organ", "mean"}
+    assert all(0 <= v <= 1 for v in cell["official"]["dice"].values())
+  assert "LoRA + AutoSAM head (sam2)" in (root / "out" / "results.md").read_text()
+  # The caches were computed by the Hiera encoder on SAM 2's square inputs: the embedding grid is 64 / 16.
+  from autosam_jax.features.cache import FeatureCache
+
+  cache = FeatureCache(root / "out" / "cache" / "sam2-improved")
+  assert cache.manifest["depends_on"]["sam_config"]["encoder_family"] == "hiera"
+  assert cache.manifest["depends_on"]["preprocess"]["resize"] == "square"
+  assert cache[0]["embedding"].shape == (4, 4, 64)
+
+
+def test_a_sam2_cache_is_refused_with_other_weights(sweep_run, tiny_weights):
+  """The sweep's SAM 2 cache given with a SAM ViT's weights: one line naming both encoders."""
+  from autosam_jax.errors import DataError
+  from autosam_jax.evaluation.predict import check_cache_matches
+  from autosam_jax.features.cache import FeatureCache
+  from autosam_jax.models.loading import read_config
+  from autosam_jax.models.trained import read_train_config
+
+  root, _, _ = sweep_run
+  cache = FeatureCache(root / "out" / "cache" / "sam2-improved")
+  train_config = read_train_config(next((root / "out" / "runs" / "linear").rglob("final_model")))
+  with pytest.raises(DataError, match=r"computed with Hiera \(SAM 2; width 16, stages 1-1-2-1\) at 64 px, "
+                                      r"--weights holds SAM ViT"):
+    check_cache_matches(cache.manifest["depends_on"], train_config, read_config(tiny_weights), "cache")
