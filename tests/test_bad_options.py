@@ -201,6 +201,16 @@ def checkpoint_and_pretrained_to_convert(small, tmp_path):
                  str(tmp_path / "converted"), [tmp_path / "converted"], ("not both",))
 
 
+def hiera_not_json_to_convert(small, tmp_path):
+  return Refusal(["convert", small.checkpoint, tmp_path / "converted", "--hiera", "heads=2"],
+                 str(tmp_path / "converted"), [tmp_path / "converted"], ("--hiera must be a JSON object",))
+
+
+def hiera_for_a_sam_vit_to_convert(small, tmp_path):
+  return Refusal(["convert", small.checkpoint, tmp_path / "converted", "--hiera", '{"num_heads": 2}'],
+                 small.checkpoint.name, [tmp_path / "converted"], ("SAM 2 (Hiera) trunk", "leave it out"))
+
+
 def unknown_pretrained_weights_to_sweep(small, tmp_path):
   config = _file(tmp_path, "sweep.py", f"def get_config():\n  return {{'data': {str(small.acdc)!r}, "
                                        "'encoders': {'med': 'pretrained:medsam2'}, 'methods': ['linear']}\n")
@@ -305,6 +315,7 @@ CASES = {f.__name__.replace("_", "-"): f for f in (
     negative_seed_to_pretrain_simclr, negative_learning_rate_to_pretrain_simclr,
     negative_weight_decay_to_pretrain_simclr, zero_decoder_heads_to_convert, negative_decoder_heads_to_convert,
     zero_encoder_heads_to_convert, checkpoint_and_pretrained_to_convert, unknown_pretrained_weights_to_sweep,
+    hiera_not_json_to_convert, hiera_for_a_sam_vit_to_convert,
     huge_batch_size_to_precompute, huge_batch_size_to_zero_shot,
     huge_slice_size_to_image_cache, huge_batch_size_to_pretrain_simclr, out_is_a_file_to_precompute,
     out_is_a_file_to_image_cache, out_is_a_file_to_zero_shot, out_is_a_file_to_sweep,

@@ -161,8 +161,9 @@ def infer_hiera(shapes: Mapping[tuple[str, ...], tuple[int, ...]], given: Mappin
     values = dataclasses.asdict(HieraConfig())
   values.update(embed_dim=embed_dim, stages=stages, window_pos_embed_bkg_spatial_size=background)
   values.update(given)
-  values["window_spec"] = (first_window, *tuple(values["window_spec"])[1:])
-  return HieraConfig(**values)
+  if isinstance(values["window_spec"], (list, tuple)) and values["window_spec"]:
+    values["window_spec"] = (first_window, *tuple(values["window_spec"])[1:])
+  return HieraConfig.from_dict(values, source="--hiera" if given else "Hiera trunk")
 
 
 def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -233,30 +234,72 @@ class Attention(nnx.Module):
   def __call__(self, x: Array) -> Array:
     b, h, w, _ = x.shape
     heads, head_dim = self.num_heads, self.head_dim
-    q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
-    if self.pool:
-      q = max_pool(q)
-    hq, wq = q.shape[1:3]
-    q = q.reshape(b, hq * wq, heads, head_dim)
-    k = k.reshape(b, h * w, heads, head_dim)
-    v = v.reshape(b, h * w, heads, head_dim)
     implementation = self.attention
     if implementation == "auto":
       from autosam_jax.models.image_encoder import current_platform
 
       implementation = attention_for(current_platform(), self.dtype, head_dim)
+    qkv = self.qkv(x)
     if implementation == "cudnn":
+      q, k, v = jnp.split(qkv, 3, axis=-1)
+      if self.pool:
+        q = max_pool(q)
+      hq, wq = q.shape[1:3]
       dtype = self.dtype or jnp.bfloat16
-      out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
-                                         implementation="cudnn").astype(jnp.float32)
+      q, k, v = (t.reshape(b, -1, heads, head_dim).astype(dtype) for t in (q, k, v))
+      out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn").astype(jnp.float32)
+      return self.proj(out.reshape(b, hq, wq, heads * head_dim))
+    # XLA's path, heads-major (3, B, heads, h, w, head_dim): every matmul below has its batch axes leading, and the
+    # query pooling (a max, exact in any layout) acts on the grid axes in place.
+    qkv = qkv.reshape(b, h, w, 3, heads, head_dim).transpose(3, 0, 4, 1, 2, 5)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    if self.pool:
+      q = max_pool_heads(q)
+    hq, wq = q.shape[2:4]
+    dtype = self.dtype or jnp.float32
+    q = (q * head_dim ** -0.5).astype(dtype).reshape(b, heads, hq * wq, head_dim)
+    k = k.astype(dtype).reshape(b, heads, h * w, head_dim)
+    v = v.astype(dtype).reshape(b, heads, h * w, head_dim)
+    chunk = query_chunk(hq * wq)
+    if chunk == hq * wq:
+      out = attend(q, k, v)
     else:
-      dtype = self.dtype or jnp.float32
-      logits = jnp.einsum("bqhd,bkhd->bhqk", (q * head_dim ** -0.5).astype(dtype), k.astype(dtype),
-                          preferred_element_type=jnp.float32)
-      weights = jax.nn.softmax(logits, axis=-1)
-      out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), v.astype(dtype),
-                       preferred_element_type=jnp.float32)
-    return self.proj(out.reshape(b, hq, wq, heads * head_dim))
+      # A global block's (heads, N, N) logits (4 x 4096 x 4096 floats for hiera tiny at 1024 px) would go through
+      # memory several times; a chunk's stay in cache. Each chunk under jax.checkpoint, so that a backward pass keeps
+      # one chunk's logits at a time; a forward pass is unchanged.
+      chunks = jnp.moveaxis(q.reshape(b, heads, -1, chunk, head_dim), 2, 0)
+      out = jax.lax.map(jax.checkpoint(lambda c: attend(c, k, v)), chunks)
+      out = jnp.moveaxis(out, 0, 2).reshape(b, heads, hq * wq, head_dim)
+    return self.proj(out.transpose(0, 2, 1, 3).reshape(b, hq, wq, heads * head_dim))
+
+
+# Queries attended at once by XLA's path: all of them up to QUERY_CHUNK_ABOVE, else chunks of QUERY_CHUNK (256 was
+# the fastest of 128..1024 for the 64 x 64 global blocks on a 2-core AVX-512 CPU).
+QUERY_CHUNK = 256
+QUERY_CHUNK_ABOVE = 1024
+
+
+def query_chunk(queries: int) -> int:
+  if queries <= QUERY_CHUNK_ABOVE or queries % QUERY_CHUNK:
+    return queries
+  return QUERY_CHUNK
+
+
+def attend(q: Array, k: Array, v: Array) -> Array:
+  """softmax(q k^T) v over (B, heads, N, head_dim) operands (q already scaled; operands in the matmul dtype, float32
+  accumulation), the softmax's normalisation applied after the product with the values: N divisions per query
+  instead of N x N."""
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+  weights = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+  out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out / weights.sum(axis=-1, keepdims=True)
+
+
+def max_pool_heads(x: Array, stride: int = Q_STRIDE) -> Array:
+  """`max_pool` over the grid axes of heads-major (B, heads, H, W, head_dim) queries."""
+  b, n, h, w, d = x.shape
+  x = x[:, :, :h // stride * stride, :w // stride * stride]
+  return x.reshape(b, n, h // stride, stride, w // stride, stride, d).max(axis=(3, 5))
 
 
 class MLP(nnx.Module):
