@@ -61,6 +61,22 @@ def test_the_sweep_scores_every_method_on_sam2(sweep_run):
   assert cache.manifest["depends_on"]["sam_config"]["encoder_family"] == "hiera"
   assert cache.manifest["depends_on"]["preprocess"]["resize"] == "square"
   assert cache[0]["embedding"].shape == (4, 4, 64)
+  # ... with SAM 2's high-resolution maps beside the embedding, which the AutoSAM head built from its decoder adds.
+  assert cache.manifest["feature_maps"] == ["embedding", "high_res"]
+  assert cache[0]["high_res_0"].shape == (16, 16, 8) and cache[0]["high_res_1"].shape == (8, 8, 16)
+  import jax.numpy as jnp
+
+  from autosam_jax import load_sam
+  from autosam_jax.train.loop import load_head
+
+  head, _ = load_head(next((root / "out" / "runs" / "autosam").rglob("final_model")), load_sam(weights))
+  assert head.uses_high_res
+  item = cache[0]
+  embedding = jnp.asarray(item["embedding"], jnp.float32)[None]
+  high_res = [jnp.asarray(item[f"high_res_{k}"], jnp.float32)[None] for k in (0, 1)]
+  with_maps = np.asarray(head(embedding, high_res))
+  without = np.asarray(head(embedding, [jnp.zeros_like(m) for m in high_res]))
+  assert with_maps.shape == (1, 16, 16, 3) and np.abs(with_maps - without).max() > 1e-4
 
 
 def test_a_sam2_cache_is_refused_with_other_weights(sweep_run, tiny_weights):

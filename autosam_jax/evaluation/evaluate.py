@@ -159,7 +159,10 @@ def _evaluate(model_dir, weights_dir, cache_dir, source_dir, tfds_dir, splits_fi
     logits, targets = {}, {}
     for case_id, indices in cases.items():
       items = [cache[i] for i in indices]
-      logits[case_id] = forward(np.stack([np.asarray(it["embedding"], np.float32) for it in items]))
+      maps = {"embedding": np.stack([np.asarray(it["embedding"], np.float32) for it in items])}
+      if "high_res_0" in items[0]:  # SAM 2's high-resolution maps, for a head that adds them
+        maps["high_res"] = [np.stack([np.asarray(it[f"high_res_{k}"], np.float32) for it in items]) for k in (0, 1)]
+      logits[case_id] = forward(maps)
       targets[case_id] = np.stack([it["target"] for it in items])
     score = score_patient(patient_id, logits, targets, volumes, preprocess_config, classes, ignore=labels.ignore)
     for case_id, predicted in score.native.items():

@@ -25,7 +25,8 @@ MAX_CHANNELS = 3
 
 
 def make_head_forward(head, target_size: int, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
-  """A function (N, h, w, C) embeddings -> (N, T, T, classes) float32 logits on the target grid.
+  """A function (N, h, w, C) embeddings -> (N, T, T, classes) float32 logits on the target grid; for a head that
+  adds SAM 2's high-resolution maps (`uses_high_res`), the function takes {"embedding": ..., "high_res": [...]}.
 
   Jitted once: batches are padded to `batch_size` so the last one does not recompile. The logits are resized to the
   target grid exactly as in training (bilinear, no anti-aliasing: 256 -> 224 in faithful mode).
@@ -35,23 +36,31 @@ def make_head_forward(head, target_size: int, batch_size: int) -> Callable[[np.n
   from flax import nnx
 
   graphdef, state = nnx.split(head)
+  uses_high_res = getattr(head, "uses_high_res", False)
 
   @jax.jit
-  def forward(state, embedding):
-    logits = nnx.merge(graphdef, state)(embedding)
+  def forward(state, embedding, high_res):
+    model = nnx.merge(graphdef, state)
+    logits = model(embedding, high_res) if uses_high_res else model(embedding)
     if logits.shape[1] != target_size:
       logits = jax.image.resize(logits, (logits.shape[0], target_size, target_size, logits.shape[3]), "bilinear",
                                 antialias=False)
     return logits.astype(jnp.float32)
 
-  def run(embeddings: np.ndarray) -> np.ndarray:
+  def run(features) -> np.ndarray:
+    embeddings = features["embedding"] if isinstance(features, dict) else features
+    high_res = features.get("high_res") if isinstance(features, dict) else None
+    if uses_high_res and high_res is None:
+      raise ValueError("this head adds SAM 2's high-resolution maps; give {'embedding': ..., 'high_res': [...]}")
     outputs = []
     for start in range(0, len(embeddings), batch_size):
-      chunk = np.asarray(embeddings[start:start + batch_size], np.float32)
-      missing = batch_size - len(chunk)
-      if missing:
-        chunk = np.concatenate([chunk, np.zeros((missing, *chunk.shape[1:]), chunk.dtype)])
-      outputs.append(np.asarray(forward(state, chunk))[:batch_size - missing])
+      def batch(maps):
+        chunk = np.asarray(maps[start:start + batch_size], np.float32)
+        missing = batch_size - len(chunk)
+        return np.concatenate([chunk, np.zeros((missing, *chunk.shape[1:]), chunk.dtype)]) if missing else chunk
+      missing = batch_size - len(embeddings[start:start + batch_size])
+      chunk_high_res = [batch(m) for m in high_res] if uses_high_res else None
+      outputs.append(np.asarray(forward(state, batch(embeddings), chunk_high_res))[:batch_size - missing])
     return np.concatenate(outputs)
 
   return run
@@ -318,16 +327,18 @@ def predict_volume(image: np.ndarray, spacing, sam, forward, config, batch_size:
   pre = preprocess_volume(image, spacing, None, config, name=name)
   if sam is None:  # the UNet reads the model images themselves
     return native_labels(forward(pre.images), pre.geometry)
-  embeddings = []
+  parts: list[dict] = []
   for start in range(0, len(pre.images), batch_size):
     chunk = pre.images[start:start + batch_size]
     missing = batch_size - len(chunk)
     if missing:  # one encoder compilation per geometry, not one more for the last batch
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], missing, axis=0)])
     features = sam.encode(jnp.asarray(encoder_input(chunk, pre.geometry)))
-    embedding = features["embedding"] if isinstance(features, dict) else features  # SAM 2: its named maps
-    embeddings.append(np.asarray(embedding)[:batch_size - missing])
-  logits = forward(np.concatenate(embeddings))
+    features = features if isinstance(features, dict) else {"embedding": features}  # SAM 2: its named maps
+    parts.append({"embedding": np.asarray(features["embedding"])[:batch_size - missing],
+                  "high_res": [np.asarray(m)[:batch_size - missing] for m in features.get("high_res", ())]})
+  logits = forward({"embedding": np.concatenate([p["embedding"] for p in parts]),
+                    "high_res": [np.concatenate(maps) for maps in zip(*(p["high_res"] for p in parts))] or None})
   return native_labels(logits, pre.geometry)
 
 

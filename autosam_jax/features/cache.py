@@ -6,6 +6,8 @@ CACHE_DIR/
   shards/NNNNN.emb.npy   (n, h, w, C) embeddings, bfloat16 (stored as its uint16 bit pattern) or float32; in an
                          input cache (depends_on kind "sam_inputs") the (n, S, S, 3) encoder inputs, in an image
                          cache (kind "images") the (n, T, T, 3) model images
+  shards/NNNNN.hr0.npy   SAM 2's high-resolution maps (n, 4h, 4w, C/8) and (n, 2h, 2w, C/4), stored as the embeddings,
+  shards/NNNNN.hr1.npy   where the encoder returns them (the manifest's "feature_maps" then lists "high_res")
   shards/NNNNN.tgt.npy   (n, T, T) uint8 head targets
   shards/NNNNN.val.npy   (n, T, T) bool, target pixels that hold image (all true in faithful mode)
   shards/NNNNN.done      JSON with each file's SHA-256; written last, so a shard counts only once it is whole
@@ -34,6 +36,14 @@ from autosam_jax.outputs import LOCK_NAME, file_digest
 FORMAT = "autosam-jax/feature-cache"
 VERSION = 1
 _PARTS = ("emb", "tgt", "val")
+HIGH_RES_PARTS = ("hr0", "hr1")
+# The parts holding feature maps (stored in the cache's storage dtype, 3 dimensions past the rows).
+_MAP_PARTS = ("emb",) + HIGH_RES_PARTS
+
+
+def parts_of(manifest: dict[str, Any]) -> tuple[str, ...]:
+  """The files of each shard of a cache with this manifest."""
+  return _PARTS + (HIGH_RES_PARTS if "high_res" in manifest.get("feature_maps", ()) else ())
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -68,6 +78,9 @@ def manifest_problem(manifest: Any) -> str | None:
   if "view_patients" in depends_on and not (isinstance(depends_on["view_patients"], list)
                                             and all(isinstance(p, str) for p in depends_on["view_patients"])):
     return "depends_on.view_patients is not a list of patient ids"
+  maps = manifest.get("feature_maps", ["embedding"])
+  if not isinstance(maps, list) or not set(maps) <= {"embedding", "high_res"} or "embedding" not in maps:
+    return f"feature_maps is {maps!r}"
   if manifest.get("storage_dtype") not in ("bfloat16", "float32"):
     return f"storage_dtype is {manifest.get('storage_dtype')!r}"
   shard_size = manifest.get("shard_size")
@@ -112,18 +125,18 @@ def read_manifest(path: Path, *, damaged: str, foreign: str) -> dict[str, Any]:
   return manifest
 
 
-def read_shard_record(path: Path) -> tuple[dict[str, str] | None, str | None]:
+def read_shard_record(path: Path, parts: tuple[str, ...] = _PARTS) -> tuple[dict[str, str] | None, str | None]:
   """(the SHA-256 of each of a shard's files, None) from its .done record, or (None, what is wrong with it)."""
   record, problem = _read_json(path)
   if problem:
     return None, problem
   if not isinstance(record, dict):
     return None, f"a JSON {type(record).__name__}, not an object"
-  for part in _PARTS:
+  for part in parts:
     digest = record.get(part)
     if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
       return None, f"no SHA-256 for the {part} file"
-  return {part: record[part] for part in _PARTS}, None
+  return {part: record[part] for part in parts}, None
 
 
 def work_items(volumes, view_patients: set[str], views: int) -> list[dict[str, Any]]:
@@ -148,7 +161,8 @@ class CacheWriter:
   """Creates or resumes a cache for the given inputs; refuses a cache made from other inputs."""
 
   def __init__(self, cache_dir: str | os.PathLike, depends_on: dict[str, Any], items: Sequence[dict[str, Any]],
-               shard_size: int, storage_dtype: str, clean_up: bool = True):
+               shard_size: int, storage_dtype: str, clean_up: bool = True,
+               feature_maps: Sequence[str] = ("embedding",)):
     self.cache_dir = Path(cache_dir)
     self.shard_dir = self.cache_dir / "shards"
     self.items = list(items)
@@ -157,12 +171,16 @@ class CacheWriter:
     manifest_path = self.cache_dir / "manifest.json"
     self.manifest = {"format": FORMAT, "version": VERSION, "depends_on": depends_on, "storage_dtype": storage_dtype,
                      "shard_size": shard_size, "num_items": len(self.items), "items": self.items, "complete": False}
+    if tuple(feature_maps) != ("embedding",):  # a cache of the embedding alone is written as before maps had names
+      self.manifest["feature_maps"] = list(feature_maps)
+    self.parts = parts_of(self.manifest)
     if manifest_path.exists():
       # The manifest is written whole (renamed into place) before any shard, so a damaged one was damaged from
       # outside: what the shards beside it were computed from is unknown, and nothing here is redone or deleted.
       existing = read_manifest(manifest_path, foreign="choose another --out",
                                damaged="write the cache into a new --out, or delete this cache directory and rerun")
-      comparable = {k: existing.get(k) for k in ("depends_on", "storage_dtype", "shard_size", "items")}
+      comparable = {k: existing.get(k) for k in ("depends_on", "storage_dtype", "shard_size", "items",
+                                                 "feature_maps")}
       wanted = {k: self.manifest[k] for k in comparable}
       if comparable != wanted:
         detail = describe_difference(existing.get("depends_on") or {}, depends_on) or "its item list or shard layout"
@@ -205,17 +223,21 @@ class CacheWriter:
     what they hold follows from the manifest's inputs (which a resumed run has just matched), each file is replaced
     by a rename and the record comes last, so a rerun never leaves half a shard, and no other file is touched."""
     prefix = self.shard_dir / f"{shard:05d}"
-    digests, _ = read_shard_record(prefix.with_name(prefix.name + ".done"))
-    return digests is not None and all(prefix.with_name(f"{prefix.name}.{part}.npy").is_file() for part in _PARTS)
+    digests, _ = read_shard_record(prefix.with_name(prefix.name + ".done"), self.parts)
+    return digests is not None and all(prefix.with_name(f"{prefix.name}.{part}.npy").is_file() for part in self.parts)
 
-  def write_shard(self, shard: int, embeddings: np.ndarray, targets: np.ndarray, valid: np.ndarray) -> None:
+  def write_shard(self, shard: int, embeddings: np.ndarray, targets: np.ndarray, valid: np.ndarray,
+                  high_res: Sequence[np.ndarray] = ()) -> None:
     expected = len(self.shard_items(shard))
     if not len(embeddings) == len(targets) == len(valid) == expected:
       raise ValueError(f"shard {shard}: {len(embeddings)} embeddings for {expected} items")
-    stored = embeddings.astype(ml_dtypes.bfloat16).view(np.uint16) if self.storage_dtype == "bfloat16" \
-        else embeddings.astype(np.float32)
+    if len(high_res) != len(self.parts) - len(_PARTS) or any(len(m) != expected for m in high_res):
+      raise ValueError(f"shard {shard}: {len(high_res)} high-resolution maps for a cache of parts {self.parts}")
+    store = lambda maps: maps.astype(ml_dtypes.bfloat16).view(np.uint16) if self.storage_dtype == "bfloat16" \
+        else maps.astype(np.float32)
     digests = {}
-    for part, array in zip(_PARTS, (stored, targets.astype(np.uint8), valid.astype(bool))):
+    arrays = (store(embeddings), targets.astype(np.uint8), valid.astype(bool), *(store(m) for m in high_res))
+    for part, array in zip(self.parts, arrays):
       path = self.shard_dir / f"{shard:05d}.{part}.npy"
       atomic_write_bytes(path, _npy_bytes(np.ascontiguousarray(array)))
       digests[part] = file_digest(path)
@@ -254,7 +276,9 @@ class FeatureCache:
     self.items: list[dict[str, Any]] = self.manifest["items"]
     self.shard_size: int = self.manifest["shard_size"]
     self.bfloat16 = self.manifest["storage_dtype"] == "bfloat16"
-    self._arrays: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    self.parts = parts_of(self.manifest)
+    self.feature_maps: tuple[str, ...] = tuple(self.manifest.get("feature_maps", ["embedding"]))
+    self._arrays: dict[int, tuple[np.ndarray, ...]] = {}
     self._layout: tuple[int, tuple] | None = None  # the shard every shard's layout is compared with, and its layout
     self._verify = verify
     # grain reads from several threads. Opening a shard once under a lock also keeps np.load's header parsing
@@ -277,12 +301,12 @@ class FeatureCache:
       done = shard_dir / f"{shard:05d}.done"
       if not done.is_file():
         raise DataError(f"{done}: missing; the cache is damaged, rerun precompute into a new directory")
-      digests, problem = read_shard_record(done)
+      digests, problem = read_shard_record(done, self.parts)
       if problem:
         raise DataError(f"{done}: damaged shard record ({problem}); rerun the command that wrote the cache (it "
                         "computes damaged shards again) or write a new cache into a new directory")
       arrays = []
-      for part in _PARTS:
+      for part in self.parts:
         path = shard_dir / f"{shard:05d}.{part}.npy"
         if not path.is_file():
           raise DataError(f"{path}: missing; the cache is damaged, rerun precompute into a new directory")
@@ -309,16 +333,22 @@ class FeatureCache:
       if shard != 0:
         try:
           reference = [np.load(self.cache_dir / "shards" / f"00000.{part}.npy", mmap_mode="r", allow_pickle=False)
-                       for part in _PARTS]
+                       for part in self.parts]
           source = 0
         except (OSError, ValueError):
           pass
-      emb, tgt = reference[0], reference[1]
-      self._layout = (source, ((emb.shape[1:], np.dtype(np.uint16 if self.bfloat16 else np.float32)),
-                               (tgt.shape[1:], np.dtype(np.uint8)), (tgt.shape[1:], np.dtype(bool))))
+      maps = np.dtype(np.uint16 if self.bfloat16 else np.float32)
+      tgt = reference[1]
+
+      def layout(part: str, array: np.ndarray) -> tuple[tuple[int, ...], np.dtype]:
+        if part in _MAP_PARTS:
+          return array.shape[1:], maps
+        return tgt.shape[1:], np.dtype(np.uint8 if part == "tgt" else bool)  # the valid mask is the target's shape
+
+      self._layout = (source, tuple(layout(part, array) for part, array in zip(self.parts, reference)))
     source, expected = self._layout
-    for part, array, (tail, dtype) in zip(_PARTS, arrays, expected):
-      dims = 3 if part == "emb" else 2
+    for part, array, (tail, dtype) in zip(self.parts, arrays, expected):
+      dims = 3 if part in _MAP_PARTS else 2
       if array.shape != (rows, *tail) or array.dtype != dtype or len(tail) != dims:
         path = self.cache_dir / "shards" / f"{shard:05d}.{part}.npy"
         shape = (rows, *tail) if len(tail) == dims else f"({rows}, h, w{', channels' if dims == 3 else ''})"
@@ -332,16 +362,16 @@ class FeatureCache:
     arrays' headers are read, nothing is hashed): a damaged cache is refused before a run starts."""
     shard_dir = self.cache_dir / "shards"
     for shard in range(-(-len(self.items) // self.shard_size)):
-      for name in [f"{shard:05d}.done"] + [f"{shard:05d}.{part}.npy" for part in _PARTS]:
+      for name in [f"{shard:05d}.done"] + [f"{shard:05d}.{part}.npy" for part in self.parts]:
         if not (shard_dir / name).is_file():
           raise DataError(f"{shard_dir / name}: missing; the cache is damaged, rerun precompute into a new directory")
       done = shard_dir / f"{shard:05d}.done"
-      _, problem = read_shard_record(done)
+      _, problem = read_shard_record(done, self.parts)
       if problem:
         raise DataError(f"{done}: damaged shard record ({problem}); rerun the command that wrote the cache (it "
                         "computes damaged shards again) or write a new cache into a new directory")
       arrays = []
-      for part in _PARTS:
+      for part in self.parts:
         path = shard_dir / f"{shard:05d}.{part}.npy"
         try:
           arrays.append(np.load(path, mmap_mode="r", allow_pickle=False))  # the header only: the data is mapped
@@ -356,14 +386,15 @@ class FeatureCache:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     shard, offset = divmod(int(index), self.shard_size)
-    embeddings, targets, valid = self._shard(shard)
-    embedding = np.asarray(embeddings[offset])
-    if self.bfloat16:
-      embedding = embedding.view(ml_dtypes.bfloat16)
+    embeddings, targets, valid, *high_res = self._shard(shard)
+    as_maps = lambda stored: stored.view(ml_dtypes.bfloat16) if self.bfloat16 else stored
     item = self.items[index]
-    return {"embedding": embedding, "target": np.asarray(targets[offset]), "valid": np.asarray(valid[offset]),
-            "patient_id": item["patient_id"], "case_id": item["case_id"], "slice_index": item["slice_index"],
-            "view": item["view"]}
+    out = {"embedding": as_maps(np.asarray(embeddings[offset])), "target": np.asarray(targets[offset]),
+           "valid": np.asarray(valid[offset]), "patient_id": item["patient_id"], "case_id": item["case_id"],
+           "slice_index": item["slice_index"], "view": item["view"]}
+    for k, maps in enumerate(high_res):  # SAM 2's, where the cache holds them
+      out[f"high_res_{k}"] = as_maps(np.asarray(maps[offset]))
+    return out
 
   def indices(self, patients: Iterable[str], views: Iterable[int] = (0,)) -> np.ndarray:
     """Item indices of the given patients' slices with the given views."""
@@ -378,7 +409,7 @@ class FeatureCache:
 
 
 def open_cache(stack, out_dir: Path, depends_on: dict[str, Any], items: list[dict[str, Any]], shard_size: int,
-               storage_dtype: str) -> CacheWriter:
+               storage_dtype: str, feature_maps: Sequence[str] = ("embedding",)) -> CacheWriter:
   """The `CacheWriter` of `out_dir`, once every input is checked, with the folder locked (`OutputLock`) for the rest
   of `stack` (a contextlib.ExitStack): one process at a time writes a cache.
 
@@ -388,7 +419,8 @@ def open_cache(stack, out_dir: Path, depends_on: dict[str, Any], items: list[dic
   from autosam_jax.outputs import OutputLock
 
   def writer(clean_up: bool) -> CacheWriter:
-    return CacheWriter(out_dir, depends_on, items, shard_size, storage_dtype, clean_up=clean_up)
+    return CacheWriter(out_dir, depends_on, items, shard_size, storage_dtype, clean_up=clean_up,
+                       feature_maps=feature_maps)
 
   if (out_dir / "manifest.json").exists():
     writer(False)  # checks the existing manifest against these inputs, writing nothing

@@ -62,7 +62,8 @@ def check_memory(config, options: PrecomputeOptions, batch_size: int, num_items:
   from autosam_jax.memory import require_memory
 
   image_bytes = config.image_size * config.image_size * 3 * 4
-  embedding_bytes = config.image_embedding_size ** 2 * config.prompt_embed_dim * 4
+  # every named map the encoder returns (SAM 2's high-resolution maps hold 4x the embedding's values)
+  embedding_bytes = 4 * sum(h * w * c for shapes in config.feature_shapes().values() for h, w, c in shapes)
   if options.store == "inputs":  # the stored item is the encoder input
     embedding_bytes = image_bytes
   batch = batch_size * (4 * image_bytes + 3 * embedding_bytes)
@@ -72,6 +73,22 @@ def check_memory(config, options: PrecomputeOptions, batch_size: int, num_items:
   else:
     option, value = names["shard_size"], options.shard_size
   require_memory(batch + shard, f"{option} {value}", f"choose a smaller {option}")
+
+
+def cached_maps_text(config, options: PrecomputeOptions, num_items: int) -> str:
+  """What each cached slice holds and what the cache will take, e.g. "embedding 64x64x256 + high_res 256x256x32,
+  128x128x64 = 6.0 MiB per slice in bfloat16; 120 slices: 720 MiB"."""
+  from autosam_jax.memory import size_text
+
+  if options.store == "inputs":
+    shapes = {"input": [(config.image_size, config.image_size, 3)]}
+  else:
+    shapes = config.feature_shapes()
+  values = sum(h * w * c for maps in shapes.values() for h, w, c in maps)
+  per_item = values * (2 if options.dtype == "bfloat16" else 4)
+  maps = " + ".join(f"{name} " + ", ".join(f"{h}x{w}x{c}" for h, w, c in m) for name, m in shapes.items())
+  return f"{maps} = {size_text(per_item)} per slice in {options.dtype}; {num_items} slices: " \
+         f"{size_text(per_item * num_items)}"
 
 
 class _Preparer:
@@ -224,6 +241,10 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
   devices = mesh.devices.ravel()
   batch_size = -(-options.batch_size // len(devices)) * len(devices)
   check_memory(config, options, batch_size, len(items), names)
+  feature_maps = ("embedding",) if inputs_only else config.feature_names
+  if progress and process == 0:
+    import sys
+    print(f"caching {cached_maps_text(config, options, len(items))}", file=sys.stderr, flush=True)
   encoder_dtype = jnp.bfloat16 if options.dtype == "bfloat16" else None
   if inputs_only:  # no encoder runs; the weights a LoRA run will adapt are checked whole (and digested above)
     from autosam_jax.checksums import verify_checksums
@@ -239,7 +260,7 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
   refusal = None
   if process == 0:
     try:
-      writer = open_cache(stack, out_dir, depends_on, items, options.shard_size, options.dtype)
+      writer = open_cache(stack, out_dir, depends_on, items, options.shard_size, options.dtype, feature_maps)
     except DataError as err:
       refusal = err
   reason = all_gather_objects(None if refusal is None else str(refusal))[0]
@@ -248,11 +269,12 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
   if reason is not None:
     raise DataError(reason)
   if process != 0:
-    writer = CacheWriter(out_dir, depends_on, items, options.shard_size, options.dtype, clean_up=False)
+    writer = CacheWriter(out_dir, depends_on, items, options.shard_size, options.dtype, clean_up=False,
+                         feature_maps=feature_maps)
   todo = [s for s in range(writer.num_shards) if s % num_processes == process and not writer.shard_done(s)]
   data_sharding = NamedSharding(mesh, PartitionSpec("data"))
   if inputs_only:
-    state, encode = None, lambda state, images: images
+    state, encode = None, lambda state, images: (images,)
   else:
     graphdef, state = nnx.split(sam.image_encoder)
 
@@ -260,8 +282,8 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
 
     @jax.jit
     def encode(state, images):
-      # The heads read the "embedding" map (SAM 2's high-resolution maps are not cached).
-      return encoder_features(nnx.merge(graphdef, state), images)["embedding"]
+      features = encoder_features(nnx.merge(graphdef, state), images)
+      return (features["embedding"], *features.get("high_res", ()))
 
   preparer = _Preparer(volumes, preprocess_config, augment_config, options.seed)
   batches: list[tuple[int, list[dict[str, Any]]]] = []
@@ -278,12 +300,15 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
   start_time = time.perf_counter()
   pending: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
 
-  def collect(shard, items, embeddings, targets, valid) -> None:
-    """A dispatched batch read back, and its shard written once whole."""
-    pending.setdefault(shard, []).append((np.asarray(embeddings)[:len(items)], targets, valid))
+  def collect(shard, items, maps, targets, valid) -> None:
+    """A dispatched batch read back, and its shard written once whole. `maps`: the embeddings, then SAM 2's
+    high-resolution maps where the encoder returns them."""
+    maps = [np.asarray(m)[:len(items)] for m in maps]
+    pending.setdefault(shard, []).append((maps[0], targets, valid, *maps[1:]))
     if sum(len(p[0]) for p in pending[shard]) == len(writer.shard_items(shard)):
       parts = pending.pop(shard)
-      writer.write_shard(shard, *(np.concatenate([p[k] for p in parts]) for k in range(3)))
+      whole = [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+      writer.write_shard(shard, *whole[:3], high_res=whole[3:])
       kill_point("precompute.shard")  # the shard is whole: its files and its .done record are in place
     if bar is not None:
       bar.update(len(items))

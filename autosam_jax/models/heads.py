@@ -109,6 +109,10 @@ class AutoSamHead(nnx.Module):
     self.num_classes = num_classes
     self.variant = variant
     self.joint = joint
+    # SAM 2's decoder adds the encoder's high-resolution maps into its upscaling path; the improved head built from it
+    # does too (`uses_high_res`: the trainer then feeds the cache's "high_res" maps). The faithful head is the
+    # official SAM code's, which has no such path.
+    self.uses_high_res = variant == "improved" and config.use_high_res_features
 
     decoder = sam.mask_decoder if sam is not None else None
     self.transformer = (nnx.clone(decoder.transformer) if decoder is not None else TwoWayTransformer(
@@ -144,14 +148,21 @@ class AutoSamHead(nnx.Module):
         self.pe_layer = PositionEmbeddingRandom(dim // 2, rngs=rngs)
       self.output_hypernetworks_mlps = nnx.List([hypernetwork(i) for i in class_to_sam_token])
 
-  def __call__(self, image_embeddings: Array, *, return_iou: bool = False) -> Array | tuple[Array, Array]:
+  def __call__(self, image_embeddings: Array, high_res: list[Array] | None = None, *,
+               return_iou: bool = False) -> Array | tuple[Array, Array]:
     """(B, h, w, C) -> logits (B, 4h, 4w, num_classes).
 
+    high_res: SAM 2's two high-resolution maps ((B, 4h, 4w, C/8), (B, 2h, 2w, C/4)), needed where `uses_high_res`.
     return_iou (faithful only): also return the frozen random IoU head's per-class prediction (B, num_classes),
     which the official code only prints.
     """
     if return_iou and self.variant != "faithful":
       raise ValueError("only the faithful AutoSAM head has an IoU head")
+    if self.uses_high_res and high_res is None:
+      raise ValueError("this AutoSAM head is built from SAM 2's decoder and adds its high-resolution maps; pass "
+                       "high_res (a cache of SAM 2 features holds them)")
+    if not self.uses_high_res:
+      high_res = None
     b, h, w, dim = image_embeddings.shape
     num_classes = self.num_classes
     image_pe = self.pe_layer.grid(h, w)[None]
@@ -159,7 +170,7 @@ class AutoSamHead(nnx.Module):
     if self.variant == "improved" and self.joint:
       tokens = jnp.broadcast_to(self.class_tokens[...][None], (b, num_classes, dim))
       class_out, image_out = self.transformer(image_embeddings + self.no_mask_embed[...], image_pe, tokens)
-      upscaled = self.output_upscaling(image_out.reshape(b, h, w, dim))
+      upscaled = self.output_upscaling(image_out.reshape(b, h, w, dim), high_res)
       hyper_in = self._class_hypernetworks(class_out)
       return jnp.einsum("bcd,byxd->byxc", hyper_in, upscaled)
 
@@ -173,7 +184,9 @@ class AutoSamHead(nnx.Module):
     src = jnp.broadcast_to(src[:, None], (b, num_classes, h, w, dim)).reshape(b * num_classes, h, w, dim)
     tokens = jnp.broadcast_to(tokens[None], (b, *tokens.shape)).reshape(b * num_classes, *tokens.shape[1:])
     tokens_out, image_out = self.transformer(src, image_pe, tokens)
-    upscaled = self.output_upscaling(image_out.reshape(b * num_classes, h, w, dim))
+    if high_res is not None:  # each image's maps for each of its class rows
+      high_res = [jnp.repeat(m, num_classes, axis=0) for m in high_res]
+    upscaled = self.output_upscaling(image_out.reshape(b * num_classes, h, w, dim), high_res)
     upscaled = upscaled.reshape(b, num_classes, *upscaled.shape[1:])
 
     if self.variant == "faithful":

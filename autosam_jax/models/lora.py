@@ -197,7 +197,11 @@ class AdaptedSam(nnx.Module):
   def __call__(self, images: Array) -> Array:
     from autosam_jax.models.encoders import encoder_features
 
-    return self.head(encoder_features(self.encoder, images)["embedding"].astype(jnp.float32))
+    features = encoder_features(self.encoder, images)
+    embedding = features["embedding"].astype(jnp.float32)
+    if getattr(self.head, "uses_high_res", False):  # SAM 2's decoder as the head: its high-resolution skips
+      return self.head(embedding, [m.astype(jnp.float32) for m in features["high_res"]])
+    return self.head(embedding)
 
 
 def _trainable(path, value) -> bool:

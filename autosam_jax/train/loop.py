@@ -29,18 +29,36 @@ from autosam_jax.train.core import EpochEnd, KillPoints, LoopOptions, Method, St
 from autosam_jax.models.trained import CACHE_KINDS, TrainConfig, cache_kind, kind_refusal
 
 _FIELDS = ("embedding", "target", "valid")
+# SAM 2's high-resolution maps, read from the cache for a head that adds them (`AutoSamHead.uses_high_res`).
+HIGH_RES_FIELDS = ("high_res_0", "high_res_1")
 
 
-def _example(cache, padding: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
+def fields_for(head, cache) -> tuple[str, ...]:
+  """The cache fields a head trains on: SAM 2's high-resolution maps too where it adds them (a cache without them
+  is refused, naming the fix)."""
+  if not getattr(head, "uses_high_res", False):
+    return _FIELDS
+  if "high_res" not in getattr(cache, "feature_maps", ()):
+    raise DataError(f"{cache.cache_dir}: holds no high-resolution maps, which this AutoSAM head (SAM 2's decoder) "
+                    "adds; precompute the cache again with this version (SAM 2 caches hold them)")
+  return _FIELDS + HIGH_RES_FIELDS
+
+
+def _example(cache, padding: dict[str, np.ndarray], index: int,
+             fields: tuple[str, ...] = _FIELDS) -> dict[str, np.ndarray]:
   """The fields training needs of cache item `index`; `padding` (a zero-weight example) for index -1."""
   if index < 0:
     return padding
   item = cache[index]
-  return {k: item[k] for k in _FIELDS}
+  return {k: item[k] for k in fields}
 
 
-def _padding(cache, index: int) -> dict[str, np.ndarray]:
-  return {k: np.zeros_like(v) for k, v in _example(cache, {}, index).items()}
+def _padding(cache, index: int, fields: tuple[str, ...] = _FIELDS) -> dict[str, np.ndarray]:
+  return {k: np.zeros_like(v) for k, v in _example(cache, {}, index, fields).items()}
+
+
+def _high_res(batch) -> list | None:
+  return [batch[k] for k in HIGH_RES_FIELDS] if HIGH_RES_FIELDS[0] in batch else None
 
 
 def epoch_indices(slice_views: np.ndarray, seed: int, epoch: int) -> np.ndarray:
@@ -62,14 +80,16 @@ def to_batch(examples: dict[str, Any], batch_size: int) -> dict[str, np.ndarray]
   embeddings = np.asarray(examples["embedding"], np.float32)
   targets = np.asarray(examples["target"], np.int32)
   weights = np.asarray(examples["valid"], np.float32)
+  high_res = [np.asarray(examples[k], np.float32) for k in HIGH_RES_FIELDS if k in examples]
   missing = batch_size - len(embeddings)
   if missing:
     pad = lambda a: np.concatenate([a, np.zeros((missing, *a.shape[1:]), a.dtype)])
     embeddings, targets, weights = pad(embeddings), pad(targets), pad(weights)
-  return {"embedding": embeddings, "target": targets, "weight": weights}
+    high_res = [pad(m) for m in high_res]
+  return {"embedding": embeddings, "target": targets, "weight": weights, **dict(zip(HIGH_RES_FIELDS, high_res))}
 
 
-def _logits(graphdef, params, frozen, embedding, target_size: int, dropout_key=None):
+def _logits(graphdef, params, frozen, embedding, target_size: int, dropout_key=None, high_res=None):
   import jax
   from flax import nnx
 
@@ -77,7 +97,7 @@ def _logits(graphdef, params, frozen, embedding, target_size: int, dropout_key=N
   if dropout_key is not None:
     from autosam_jax.models.lora import set_dropout_key
     set_dropout_key(model, dropout_key)
-  logits = model(embedding)
+  logits = model(embedding) if high_res is None else model(embedding, high_res)
   if logits.shape[1] != target_size:  # faithful: 256 -> 224 bilinear, as AutoSamSeg's final interpolate
     logits = jax.image.resize(logits, (logits.shape[0], target_size, target_size, logits.shape[3]), "bilinear",
                               antialias=False)
@@ -114,6 +134,9 @@ class HeadProgram(StepProgram):
       batch = {**batch, "dropout_key": jax.random.fold_in(key, 1)}
     if self.augment == "none":
       return batch
+    if HIGH_RES_FIELDS[0] in batch:
+      raise ValueError("augmenting cached features would move the embedding but not SAM 2's high-resolution maps; "
+                       "train on a cache of augmented views (precompute --views) with augment 'none'")
     images, targets = augment_batch(key, batch["embedding"], batch["target"], AugmentConfig.for_mode(self.augment))
     return {**batch, "embedding": images, "target": targets}
 
@@ -121,7 +144,7 @@ class HeadProgram(StepProgram):
     from autosam_jax.train.losses import segmentation_loss
 
     logits = _logits(self.graphdef, params, frozen, batch["embedding"], batch["target"].shape[1],
-                     batch.get("dropout_key"))
+                     batch.get("dropout_key"), _high_res(batch))
     return segmentation_loss(logits, batch["target"], batch["weight"])
 
 
@@ -131,7 +154,7 @@ def _eval_step(params, frozen, batch, *, graphdef):
 
   from autosam_jax.train.losses import scored, segmentation_loss
 
-  logits = _logits(graphdef, params, frozen, batch["embedding"], batch["target"].shape[1])
+  logits = _logits(graphdef, params, frozen, batch["embedding"], batch["target"].shape[1], high_res=_high_res(batch))
   loss, _ = segmentation_loss(logits, batch["target"], batch["weight"])
   predicted = jnp.argmax(logits, axis=-1)
   num_classes = logits.shape[-1]
@@ -181,7 +204,7 @@ def class_keys(names) -> list[str]:
 
 
 def validate(eval_step, params, frozen, cache, indices, batch_size: int, rows: tuple[int, int],
-             put, width: int | None = None, class_names=None) -> dict[str, float]:
+             put, width: int | None = None, class_names=None, fields: tuple[str, ...] = _FIELDS) -> dict[str, float]:
   """Validation loss and pixel-aggregated Dice per foreground class over the given (clean) cache items.
 
   val_loss is the mean over the real (weighted) pixels: each batch's loss, a mean over its weighted pixels, counts
@@ -197,12 +220,12 @@ def validate(eval_step, params, frozen, cache, indices, batch_size: int, rows: t
     return {}
   import jax
 
-  padding = _padding(cache, int(indices[0]))
+  padding = _padding(cache, int(indices[0]), fields)
   outputs = []  # the device's results, read once at the end: the host loads batch n + 1 while the device runs n
   for start in range(0, len(indices), batch_size):
     local = local_indices(indices[start:start + batch_size], batch_size, rows, width)
-    chunk = [_example(cache, padding, int(i)) for i in local]
-    batch = to_batch({k: np.stack([c[k] for c in chunk]) for k in _FIELDS}, rows[1] - rows[0])
+    chunk = [_example(cache, padding, int(i), fields) for i in local]
+    batch = to_batch({k: np.stack([c[k] for c in chunk]) for k in fields}, rows[1] - rows[0])
     outputs.append(eval_step(params, frozen, put(batch)))
   loss_sum, weight_sum, intersection, total = 0.0, 0.0, 0.0, 0.0
   for loss, inter, tot, weight in jax.device_get(outputs):
@@ -313,7 +336,8 @@ class HeadTraining(Method):
 
     # the scored classes, by label value (not the background, not an ignore label)
     self.class_names = LabelTable.from_dict(record["labels"], "the model record").foreground_names
-    self.padding = _padding(cache, int(views_of_slices[0, 0]))
+    self.fields = fields_for(head, cache)
+    self.padding = _padding(cache, int(views_of_slices[0, 0]), self.fields)
     self.plateau = ReduceLROnPlateau(mode="min" if config.scheduler == "plateau_train_loss" else "max")
     self.best = {"score": float("-inf"), "epoch": -1}
 
@@ -324,7 +348,7 @@ class HeadTraining(Method):
     return epoch_order(epoch_indices(self.views_of_slices, seed, epoch), seed=seed, epoch=epoch)
 
   def example(self, index: int) -> dict[str, np.ndarray]:
-    return _example(self.cache, self.padding, index)
+    return _example(self.cache, self.padding, index, self.fields)
 
   def collate(self, examples):
     return to_batch(examples, self.where.rows[1] - self.where.rows[0])
@@ -342,7 +366,7 @@ class HeadTraining(Method):
     if evaluated:
       row.update(validate(self.eval_step, end.state["params"], end.frozen, self.cache, self.val_indices,
                           min(config.batch_size, self.where.batch_size), self.where.rows, self.where.put,
-                          self.where.batch_size, class_names=self.class_names))
+                          self.where.batch_size, class_names=self.class_names, fields=self.fields))
     row = all_gather_objects(row)[0]  # every process takes the same scheduler and best-model decisions
     # A validation without val_dice (no class in the validation slices' targets or predictions) says nothing about
     # the model: it neither steps the plateau on validation Dice nor competes for the best model.
