@@ -125,3 +125,41 @@ def test_the_frozen_encoder_call_sites_mark_it_frozen(tiny_world, tmp_path, monk
               progress=False)
   assert prompted.value.args[:2] == ("auto", True)
   assert not (tmp_path / "cache").exists() and not (tmp_path / "zero_shot").exists()
+
+
+@pytest.mark.parametrize("platform, dtype, head_dim, expected", [
+    ("cuda", BF16, 96, "cudnn"),  # SAM 2 hiera tiny / small / large: 96 per head
+    ("cuda", BF16, 56, "cudnn"),  # base_plus
+    ("cuda", FP16, 72, "cudnn"),
+    ("cuda", None, 96, "xla"),  # float32: cuDNN's fused attention takes bf16/fp16 only
+    ("cuda", BF16, 12, "xla"),
+    ("cuda", BF16, 136, "xla"),
+    ("rocm", BF16, 96, "xla"),
+    ("cpu", BF16, 96, "xla"),  # no query chunks: Hiera's windows and grids are small enough
+])
+def test_hiera_attention_takes_cudnn_wherever_it_can(platform, dtype, head_dim, expected):
+  """Hiera's attention has no bias, so cuDNN serves its forward and its backward (a LoRA step) alike."""
+  import jax.numpy as jnp
+
+  from autosam_jax.models.encoders.hiera import attention_for
+
+  assert attention_for(platform, None if dtype is None else jnp.dtype(dtype), head_dim) == expected
+
+
+def test_hiera_blocks_take_the_named_path_and_their_real_head_dims():
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from autosam_jax.models.config import SamConfig
+  from autosam_jax.models.encoders import build_encoder, set_attention
+  from autosam_jax.models.encoders.hiera import PRESETS, attention_for
+
+  for release, head_dim in (("tiny", 96), ("base_plus", 56), ("large", 72)):
+    config = SamConfig(encoder_family="hiera", hiera=PRESETS[release], resize="square", use_high_res_features=True)
+    encoder = nnx.eval_shape(lambda: build_encoder(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    assert {block.attn.head_dim for block in encoder.blocks} == {head_dim}
+    assert {attention_for("cuda", jnp.bfloat16, block.attn.head_dim) for block in encoder.blocks} == {"cudnn"}
+    set_attention(encoder, "chunked")  # SAM-ViT's CPU path is XLA's for Hiera
+    assert {block.attn.attention for block in encoder.blocks} == {"xla"}
+    with pytest.raises(ValueError, match="attention 'flash' is not one of"):
+      set_attention(encoder, "flash")
