@@ -93,3 +93,24 @@ def test_a_sam2_cache_is_refused_with_other_weights(sweep_run, tiny_weights):
   with pytest.raises(DataError, match=r"computed with Hiera \(SAM 2; width 16, stages 1-1-2-1\) at 64 px, "
                                       r"--weights holds SAM ViT"):
     check_cache_matches(cache.manifest["depends_on"], train_config, read_config(tiny_weights), "cache")
+
+
+def test_predict_with_the_sam2_autosam_head_matches_its_evaluation(sweep_run, tiny_weights, tmp_path):
+  """`predict` on a NIfTI runs the Hiera encoder and the head with its high-resolution maps, as the evaluation did
+  from the cache (float32 both ways): the same labels. The model with another encoder's weights is refused."""
+  import nibabel as nib
+
+  from autosam_jax.data.errors import DataError
+  from autosam_jax.evaluation.predict import predict
+
+  root, weights, _ = sweep_run
+  run = next((root / "out" / "runs" / "autosam").rglob("final_model")).parent
+  image = root / "data" / "imagesTr" / "case_002_0000.nii.gz"
+  written = predict(run / "final_model", weights, image, tmp_path / "predicted")
+  predicted = np.asarray(nib.load(written[0]).dataobj)
+  evaluated = np.asarray(nib.load(run / "eval" / "predictions" / "case_002.nii.gz").dataobj)
+  assert predicted.shape == nib.load(image).shape
+  np.testing.assert_array_equal(predicted, evaluated)
+  with pytest.raises(DataError, match=r"holds SAM ViT .* but .* was trained on Hiera \(SAM 2; width 16"):
+    predict(run / "final_model", tiny_weights, image, tmp_path / "refused")
+  assert not (tmp_path / "refused").exists()
