@@ -181,7 +181,7 @@ class CacheWriter:
                                damaged="write the cache into a new --out, or delete this cache directory and rerun")
       comparable = {k: existing.get(k) for k in ("depends_on", "storage_dtype", "shard_size", "items",
                                                  "feature_maps")}
-      wanted = {k: self.manifest[k] for k in comparable}
+      wanted = {k: self.manifest.get(k) for k in comparable}
       if comparable != wanted:
         detail = describe_difference(existing.get("depends_on") or {}, depends_on) or "its item list or shard layout"
         raise DataError(f"{self.cache_dir}: a feature cache built from other inputs ({detail}); delete it or choose "

@@ -242,9 +242,6 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
   batch_size = -(-options.batch_size // len(devices)) * len(devices)
   check_memory(config, options, batch_size, len(items), names)
   feature_maps = ("embedding",) if inputs_only else config.feature_names
-  if progress and process == 0:
-    import sys
-    print(f"caching {cached_maps_text(config, options, len(items))}", file=sys.stderr, flush=True)
   encoder_dtype = jnp.bfloat16 if options.dtype == "bfloat16" else None
   if inputs_only:  # no encoder runs; the weights a LoRA run will adapt are checked whole (and digested above)
     from autosam_jax.checksums import verify_checksums
@@ -294,6 +291,9 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
 
   total = sum(len(b) for _, b in batches)
   bar = None
+  if progress and total and process == 0:  # every input checked and the cache opened: what it will hold
+    import sys
+    print(f"caching {cached_maps_text(config, options, len(items))}", file=sys.stderr, flush=True)
   if progress and total:
     from tqdm import tqdm
     bar = tqdm(total=total, unit="slice", desc=f"encoding ({len(todo)} shards to write)", dynamic_ncols=True)

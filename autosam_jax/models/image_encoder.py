@@ -8,7 +8,8 @@ import numpy as np
 from flax import nnx
 
 from autosam_jax.models.config import SamConfig
-from autosam_jax.models.layers import Linear, Neck, gelu, layer_norm, matmul
+from autosam_jax.models.layers import (  # noqa: F401 - the attention platform helpers are importable from here too
+    CUDNN_DTYPES, CUDNN_MAX_HEAD_DIM, Linear, Neck, cudnn_takes, current_platform, gelu, layer_norm, matmul)
 
 Array = jax.Array
 
@@ -46,10 +47,6 @@ def query_rows_per_chunk(height: int, width: int, max_tokens: int = 128) -> int:
 #   "auto": `attention_for` decides where the encoder is traced, for the platform it runs on, its dtype and head
 #     dim, and whether it is frozen (`set_attention(..., frozen=True)`: precompute, zero-shot, predict).
 ATTENTION_IMPLEMENTATIONS = ("auto", "chunked", "xla", "cudnn")
-# cuDNN's fused attention: the input dtypes and head dims it takes (jax._src.cudnn.fused_attention_stablehlo's
-# checks on GPUs before Hopper; Hopper takes head dims up to 256, but 128 holds on every GPU).
-CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
-CUDNN_MAX_HEAD_DIM = 128
 
 
 # Saved configs of earlier versions say "fused": jax.nn.dot_product_attention(implementation=None), which is XLA's.
@@ -62,21 +59,6 @@ def check_attention(implementation: str) -> str:
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention {implementation!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
   return implementation
-
-
-def current_platform() -> str:
-  """The platform JAX computes on: "cpu", "tpu", or for a GPU "cuda" or "rocm" (cuDNN exists only on the first)."""
-  backend = jax.default_backend()
-  if backend != "gpu":
-    return backend
-  client = jax.devices()[0].client
-  return "cuda" if "cuda" in f"{client.platform} {client.platform_version}".lower() else "rocm"
-
-
-def cudnn_takes(dtype, head_dim: int) -> bool:
-  """Whether cuDNN's fused attention takes queries of `dtype` (None: float32) and `head_dim`."""
-  return dtype is not None and jnp.dtype(dtype) in [jnp.dtype(d) for d in CUDNN_DTYPES] and (
-      head_dim <= CUDNN_MAX_HEAD_DIM and head_dim % 8 == 0)
 
 
 def attention_for(platform: str, dtype, head_dim: int, frozen: bool) -> str:

@@ -9,6 +9,27 @@ from flax import nnx
 Array = jax.Array
 
 
+# cuDNN's fused attention: the input dtypes and head dims it takes (jax._src.cudnn.fused_attention_stablehlo's
+# checks on GPUs before Hopper; Hopper takes head dims up to 256, but 128 holds on every GPU).
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+CUDNN_MAX_HEAD_DIM = 128
+
+
+def current_platform() -> str:
+  """The platform JAX computes on: "cpu", "tpu", or for a GPU "cuda" or "rocm" (cuDNN exists only on the first)."""
+  backend = jax.default_backend()
+  if backend != "gpu":
+    return backend
+  client = jax.devices()[0].client
+  return "cuda" if "cuda" in f"{client.platform} {client.platform_version}".lower() else "rocm"
+
+
+def cudnn_takes(dtype, head_dim: int) -> bool:
+  """Whether cuDNN's fused attention takes queries of `dtype` (None: float32) and `head_dim`."""
+  return dtype is not None and jnp.dtype(dtype) in [jnp.dtype(d) for d in CUDNN_DTYPES] and (
+      head_dim <= CUDNN_MAX_HEAD_DIM and head_dim % 8 == 0)
+
+
 class Buffer(nnx.Variable):
   """A fixed tensor that belongs to the model but is never trained (PyTorch's `register_buffer`)."""
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from autosam_jax.models.layers import Linear, gelu, layer_norm, matmul
+from autosam_jax.models.layers import Linear, cudnn_takes, current_platform, gelu, layer_norm
 from autosam_jax.typed_config import TypedConfig, option
 
 Array = jax.Array
@@ -212,14 +212,9 @@ def window_unpartition(x: Array, window: int, padded: tuple[int, int], size: tup
   return x.reshape(b, hp, wp, -1)[:, :size[0], :size[1]]
 
 
-HIERA_ATTENTION = ("auto", "xla", "cudnn")
-
-
 def attention_for(platform: str, dtype, head_dim: int) -> str:
   """The path "auto" takes: cuDNN's fused attention on CUDA where it takes the queries (bf16/fp16, head dim a
   multiple of 8 and at most 128; Hiera's attention has no bias, so its gradient is cuDNN's too), XLA's otherwise."""
-  from autosam_jax.models.image_encoder import cudnn_takes
-
   return "cudnn" if platform == "cuda" and cudnn_takes(dtype, head_dim) else "xla"
 
 
@@ -241,8 +236,6 @@ class Attention(nnx.Module):
     heads, head_dim = self.num_heads, self.head_dim
     implementation = self.attention
     if implementation == "auto":
-      from autosam_jax.models.image_encoder import current_platform
-
       implementation = attention_for(current_platform(), self.dtype, head_dim)
     qkv = self.qkv(x)
     if implementation == "cudnn":
