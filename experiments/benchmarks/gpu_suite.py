@@ -704,6 +704,34 @@ def our_tiny_vit(torch_sam) -> dict:
       sam.config, dtype=dtype and getattr(jnp, dtype), rngs=nnx.Rngs(0)))), state) for label, dtype in DTYPES}
 
 
+def family_encoder_rows(suite: Suite, name: str, batches, images, encoders: dict | None, reason: str | None,
+                 references: References, missing: tuple, attention=lambda label: {}) -> None:
+  """An encoder's images/s for each dtype label and batch, beside PyTorch's (`references.encoder`); bf16 rows also
+  against PyTorch's fp32. `encoders`: per dtype label (a jitted function of (state, images), its state), or None
+  when ours failed for `reason`; `attention(label)`: extra fields naming the attention path taken."""
+  import jax
+
+  from experiments.benchmarks.encoder_throughput import median_seconds
+
+  plan, device = suite.plan, suite.torch_device
+  for label, _ in DTYPES:
+    tf32 = tf32_label(suite, label)
+    for batch in batches:
+      x = jax.device_put(images[:batch])
+      measured, why = (None, reason) if encoders is None else suite.measure(
+          lambda x=x, encode=encoders[label][0], state=encoders[label][1]: median_seconds(
+              lambda: jax.block_until_ready(encode(state, x)), plan.repeats))
+      ref, ref_reason = references.encoder.get((name, batch, label), missing)
+      extra = dict(attention(label))
+      if label == "bf16":
+        fp32_ref = references.encoder.get((name, batch, "fp32"), missing)[0]
+        extra["ratio_vs_torch_fp32"] = None if measured is None or fp32_ref is None else (
+            batch / measured[0]) / fp32_ref
+      suite.add(f"encoder {name} {label} batch {batch}", "images/s", None if measured is None else batch / measured[0],
+                why, ref, None if ref_reason == why else ref_reason, device, batch=batch, dtype=label,
+                note=_tf32_note(tf32), tf32=tf32, first_call_s=None if measured is None else measured[1], **extra)
+
+
 def tiny_vit_rows(suite: Suite, ours: dict | None, reason: str | None, torch_reason: str | None,
                   references: References) -> None:
   """The TinyViT's throughput for each batch and dtype beside the PyTorch TinyViT's, then the fp32 parity row.
@@ -718,25 +746,10 @@ def tiny_vit_rows(suite: Suite, ours: dict | None, reason: str | None, torch_rea
   name = plan.tiny_vit[0]
   images = _tiny_vit_images(plan)
   missing = (None, torch_reason or suite.torch_reason)
-  for label, _ in DTYPES:
-    if ours is not None:
-      graphdef, state = ours[label]
-      encode = jax.jit(lambda state, x, graphdef=graphdef: nnx.merge(graphdef, state)(x))
-    tf32 = tf32_label(suite, label)
-    for batch in plan.tiny_vit_batches:
-      x = jax.device_put(images[:batch])
-      measured, why = (None, reason) if ours is None else suite.measure(
-          lambda x=x, encode=encode, state=state: median_seconds(lambda: encode(state, x).block_until_ready(),
-                                                                 plan.repeats))
-      ref, ref_reason = references.encoder.get((name, batch, label), missing)
-      extra = {}
-      if label == "bf16":
-        fp32_ref = references.encoder.get((name, batch, "fp32"), missing)[0]
-        extra["ratio_vs_torch_fp32"] = None if measured is None or fp32_ref is None else (
-            batch / measured[0]) / fp32_ref
-      suite.add(f"encoder {name} {label} batch {batch}", "images/s", None if measured is None else batch / measured[0],
-                why, ref, None if ref_reason == why else ref_reason, device, batch=batch, dtype=label,
-                note=_tf32_note(tf32), tf32=tf32, first_call_s=None if measured is None else measured[1], **extra)
+  encoders = None if ours is None else {
+      label: (jax.jit(lambda state, x, graphdef=graphdef: nnx.merge(graphdef, state)(x)), state)
+      for label, (graphdef, state) in ours.items()}
+  family_encoder_rows(suite, name, plan.tiny_vit_batches, images, encoders, reason, references, missing)
 
   def highest():
     graphdef, state = ours["fp32"]
@@ -831,26 +844,12 @@ def hiera_rows(suite: Suite, ours: tuple | None, reason: str | None, torch_reaso
     # the three maps SAM 2's decoder reads, as one list: [embedding, conv_s0 map, conv_s1 map]
     return jax.jit(lambda state, x: (lambda out: [out["embedding"], *out["high_res"]])(
         nnx.merge(graphdef, state)(x)))
-  for label, dtype in DTYPES:
-    if graphs is not None:
-      graphdef, state = graphs[label]
-      encode = encoder(graphdef)
-    tf32 = tf32_label(suite, label)
-    for batch in plan.hiera_batches:
-      x = jax.device_put(images[:batch])
-      measured, why = (None, reason) if graphs is None else suite.measure(
-          lambda x=x, encode=encode, state=state: median_seconds(lambda: jax.block_until_ready(encode(state, x)),
-                                                                 plan.repeats))
-      ref, ref_reason = references.encoder.get((name, batch, label), missing)
-      extra = {}
-      if label == "bf16":
-        fp32_ref = references.encoder.get((name, batch, "fp32"), missing)[0]
-        extra["ratio_vs_torch_fp32"] = None if measured is None or fp32_ref is None else (
-            batch / measured[0]) / fp32_ref
-      suite.add(f"encoder {name} {label} batch {batch}", "images/s", None if measured is None else batch / measured[0],
-                why, ref, None if ref_reason == why else ref_reason, device, batch=batch, dtype=label,
-                note=_tf32_note(tf32), tf32=tf32, attention=None if config is None else _hiera_attention(config, dtype),
-                first_call_s=None if measured is None else measured[1], **extra)
+  encoders = None if graphs is None else {label: (encoder(graphdef), state)
+                                          for label, (graphdef, state) in graphs.items()}
+  dtypes = dict(DTYPES)
+  family_encoder_rows(suite, name, plan.hiera_batches, images, encoders, reason, references, missing,
+               attention=lambda label: {"attention": None if config is None else _hiera_attention(config,
+                                                                                                  dtypes[label])})
 
   def highest():
     graphdef, state = graphs["fp32"]
