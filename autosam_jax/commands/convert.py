@@ -13,20 +13,22 @@ DESCRIPTION = """Convert SAM-family weights to a Flax checkpoint.
   autosam-jax convert --image-size 512 MedSAM2_latest.pt weights/medsam2   # MedSAM2: hiera tiny at 512 px
 
 Reads Meta's segment-anything checkpoints (sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth, sam_vit_h_4b8939.pth, or any
-checkpoint of the same architecture), Hugging Face SamModel weights (model.safetensors, or its directory) and TinyViT
+checkpoint of the same architecture), Hugging Face SamModel weights (model.safetensors, or its directory), TinyViT
 SAMs (MobileSAM's mobile_sam.pt, LiteMedSAM's lite_medsam.pth) and SAM 2 / SAM 2.1 checkpoints (sam2.1_hiera_*.pt,
-MedSAM2's; their video-memory modules are left out and listed in conversion.json). The architecture is read off the tensor shapes; the
-encoder inputs the weights expect (--normalization) are recorded too: SAM's pixel mean and std unless the file is
-one known to differ (LiteMedSAM: min-max to [0, 1], as MedSAM's inference). Writes OUT_DIR/config.json, OUT_DIR/conversion.json, an orbax
-checkpoint OUT_DIR/params and OUT_DIR/checksums.json (verified at every load); load it with
-`autosam_jax.load_sam(OUT_DIR)`. --overwrite replaces only an earlier conversion: a folder holding other files, or
+MedSAM2's; their video-memory modules are left out and listed in conversion.json). The architecture is read off the
+tensor shapes; the encoder inputs the weights expect (--normalization) are recorded too: SAM's pixel mean and std
+unless the file is one known to differ (LiteMedSAM: min-max to [0, 1], as MedSAM's inference; SAM 2: the same mean
+and std on a square resize). Writes OUT_DIR/config.json, OUT_DIR/conversion.json, an orbax checkpoint OUT_DIR/params
+and OUT_DIR/checksums.json (verified at every load); load it with `autosam_jax.load_sam(OUT_DIR)`. --overwrite
+replaces only an earlier conversion: a folder holding other files, or
 the checkpoint itself, is refused."""
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   from autosam_jax.models.config import PRESETS  # no JAX at import
 
   parser.add_argument("checkpoint", nargs="?",
-                      help="SAM checkpoint: Meta .pth, Hugging Face .safetensors, an HF model dir, a TinyViT SAM .pth")
+                      help="SAM checkpoint: Meta .pth, Hugging Face .safetensors, an HF model dir, a TinyViT SAM .pth, "
+                           "a SAM 2 .pt")
   parser.add_argument("out_dir", help="output directory (must not exist unless --overwrite)")
   parser.add_argument("--pretrained", choices=("litemedsam",),
                       help="convert packaged weights by name instead of a CHECKPOINT (litemedsam: needs "

@@ -102,7 +102,8 @@ class PromptEncoder(nnx.Module):
                masks: Array | None = None) -> tuple[Array, Array]:
     """Returns sparse (B, N, C) and dense (B, h, w, C) embeddings.
 
-    points: ((B, N, 2) pixel coordinates (x, y) in the resized input frame, (B, N) labels 1 fg / 0 bg / -1 pad / 2, 3 box corners);
+    points: ((B, N, 2) pixel coordinates (x, y) in the resized input frame, (B, N) labels 1 fg / 0 bg / -1 pad,
+    2 / 3 a box's corners);
     boxes: (B, 4) as (x0, y0, x1, y1); masks: (B, 4h, 4w, 1) low-resolution mask logits.
     """
     if points is not None:

@@ -123,7 +123,8 @@ class Sam(nnx.Module):
   def __call__(self, batched_input: Sequence[dict[str, Any]], multimask_output: bool) -> list[dict[str, Array]]:
     """Meta's `Sam.forward` on channels-last inputs.
 
-    Each record holds "image" (h, w, 3) resized so its longer side is `image_size`, "original_size" (H, W), and
+    Each record holds "image" (h, w, 3) resized so its longer side is `image_size` (SAM 2: resized to the square),
+    "original_size" (H, W), and
     optionally "point_coords" (N, K, 2), "point_labels" (N, K), "boxes" (N, 4), "mask_inputs" (N, h/4, w/4, 1).
     """
     images = jnp.stack([self.preprocess(jnp.asarray(r["image"])[None])[0] for r in batched_input])
@@ -131,7 +132,8 @@ class Sam(nnx.Module):
     outputs = []
     for i, record in enumerate(batched_input):
       outputs.append(self.predict(
-          jax.tree.map(lambda a: a[i:i + 1], features), tuple(np.shape(record["image"])[:2]), tuple(record["original_size"]),
+          jax.tree.map(lambda a: a[i:i + 1], features), tuple(np.shape(record["image"])[:2]),
+          tuple(record["original_size"]),
           point_coords=record.get("point_coords"), point_labels=record.get("point_labels"),
           boxes=record.get("boxes"), mask_inputs=record.get("mask_inputs"), multimask_output=multimask_output))
     return outputs
