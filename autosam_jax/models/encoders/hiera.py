@@ -258,7 +258,8 @@ class Attention(nnx.Module):
     q = (q * head_dim ** -0.5).astype(dtype).reshape(b, heads, hq * wq, head_dim)
     k = k.astype(dtype).reshape(b, heads, h * w, head_dim)
     v = v.astype(dtype).reshape(b, heads, h * w, head_dim)
-    chunk = query_chunk(hq * wq)
+    # Query chunks are a CPU path (DESIGN: CPU tricks only on the CPU); an accelerator attends to all queries at once.
+    chunk = query_chunk(hq * wq) if current_platform() == "cpu" else hq * wq
     if chunk == hq * wq:
       out = attend(q, k, v)
     else:
