@@ -62,7 +62,7 @@ def check_memory(config, options: PrecomputeOptions, batch_size: int, num_items:
   from autosam_jax.memory import require_memory
 
   image_bytes = config.image_size * config.image_size * 3 * 4
-  # every named map the encoder returns (SAM 2's high-resolution maps hold 4x the embedding's values)
+  # every named map the encoder returns (SAM 2's high-resolution maps hold 3x the embedding's values)
   embedding_bytes = 4 * sum(h * w * c for shapes in config.feature_shapes().values() for h, w, c in shapes)
   if options.store == "inputs":  # the stored item is the encoder input
     embedding_bytes = image_bytes
