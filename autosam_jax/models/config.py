@@ -99,9 +99,12 @@ class SamConfig(TypedConfig):
     if self.encoder_family != "hiera":
       set_fields = [name for name in SAM2_FIELDS if getattr(self, name) != _DEFAULTS[name]]
       if set_fields:
-        raise self.refusal(f"{', '.join(set_fields)} belong to SAM 2's decoder and inputs (encoder_family "
-                           f"'hiera'), not to {self.encoder_family!r}")
+        raise self.refusal(f"{', '.join(set_fields)} {'belongs' if len(set_fields) == 1 else 'belong'} to SAM 2's "
+                           f"decoder and inputs (encoder_family 'hiera'), not to {self.encoder_family!r}")
     if self.encoder_family == "hiera":
+      if not self.use_high_res_features:  # the encoder always returns them (conv_s0 / conv_s1 are its own)
+        raise self.refusal("use_high_res_features must be true for encoder_family 'hiera': SAM 2's encoder returns "
+                           "its high-resolution maps and its decoder adds them")
       problem = self.hiera.check_image_size(self.image_size)
       if problem:
         raise self.refusal(f"{_shown('image_size')} {self.image_size} {problem}")
