@@ -114,3 +114,26 @@ def test_predict_with_the_sam2_autosam_head_matches_its_evaluation(sweep_run, ti
   with pytest.raises(DataError, match=r"holds SAM ViT .* but .* was trained on Hiera \(SAM 2; width 16"):
     predict(run / "final_model", tiny_weights, image, tmp_path / "refused")
   assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"use_high_res_features": False}, "use_high_res_features must be true for encoder_family 'hiera'"),
+    ({"image_size": 1000}, "image_size (--image-size) 1000 is not a multiple of the Hiera trunk's total stride 32"),
+    ({"image_size": 96, "window_spec": (16, 4, 4, 2)}, "first-stage grid of 24 tokens, not a multiple of the first "
+                                                        "window 16"),
+    ({"encoder_family": "sam_vit", "hiera": None}, "use_high_res_features, pred_obj_scores, iou_prediction_use_sigmoid, "
+                                                   "dynamic_multimask_via_stability, resize belong to SAM 2's"),
+])
+def test_sam2_configs_no_model_can_be_built_from_are_refused(values, message):
+  """One line naming the field, before any layer is built."""
+  import dataclasses
+
+  from autosam_jax.models.config import SamConfig, SamConfigError
+
+  base = dataclasses.asdict(_tiny_sam2()) | {"hiera": _tiny_sam2().hiera, "image_size": 1024}
+  if "window_spec" in values:
+    values = dict(values)
+    values["hiera"] = dataclasses.replace(base["hiera"], window_spec=values.pop("window_spec"))
+  with pytest.raises(SamConfigError) as refused:
+    SamConfig(**(base | values))
+  assert message in str(refused.value) and "\n" not in str(refused.value)
