@@ -171,13 +171,22 @@ def limited_file_size(limit: int) -> list[str]:
 # The test files that take longest on a 2-core machine, longest first (`--durations=0`, summed per file). Under
 # pytest-xdist (`--dist loadfile`: a file runs on one worker) the workers take files in collection order, so starting
 # these first keeps every worker busy until the end; the other files follow in their usual order.
-LONGEST_FIRST = ("test_cli_runs.py", "test_distributed.py", "test_own_dataset.py", "test_parity_vit_b.py",
-                 "test_parity_tiny_vit.py", "test_encoders.py", "test_parity_meta.py", "test_gpu_suite.py",
-                 "test_sweep.py", "test_lora_training.py", "test_simclr.py", "test_train.py", "test_lora.py", "test_faults.py", "test_heads.py", "test_features.py",
-                 "test_parity_huggingface.py", "test_zero_shot.py", "test_lora_inference.py", "test_unet_training.py",
-                 "test_augment.py", "test_bad_inputs.py", "test_random_init.py", "test_bad_options.py",
-                 "test_datasets.py", "test_evaluate_predict.py", "test_conversion_errors.py", "test_orientation.py",
-                 "test_attention_paths.py")
+LONGEST_FIRST = ("test_parity_sam2.py", "test_sam2_pipeline.py", "test_distributed.py", "test_cli_runs.py",
+                 "test_own_dataset.py", "test_gpu_suite.py", "test_parity_meta.py", "test_sweep.py",
+                 "test_parity_vit_b.py", "test_lora_training.py", "test_encoders.py", "test_simclr.py",
+                 "test_parity_tiny_vit.py", "test_train.py", "test_lora.py", "test_unet_training.py", "test_faults.py",
+                 "test_heads.py", "test_lora_inference.py", "test_features.py", "test_zero_shot.py",
+                 "test_parity_huggingface.py", "test_bad_inputs.py", "test_augment.py", "test_bad_options.py",
+                 "test_random_init.py", "test_conversion_errors.py", "test_datasets.py", "test_evaluate_predict.py",
+                 "test_orientation.py", "test_attention_paths.py")
+
+
+def pytest_configure(config):
+  """Keeps LONGEST_FIRST's order under `--dist loadfile`: pytest-xdist otherwise reorders the files by their number
+  of tests (`--loadscope-reorder`, its default), which starts the files of a few long tests (the GPU suite's, the
+  full-size parity) last and leaves the other workers idle at the end."""
+  if getattr(config.option, "loadscopereorder", None) is not None:
+    config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-EPOCHS, BATCH_SIZE, STOP_AT, CHECKPOINT_EVERY = 2, 3, 3, 2
+# 5 steps an epoch: a checkpoint at step 3 (fewer saves than every 2 steps), the 2-process run stopped after step 4
+EPOCHS, BATCH_SIZE, STOP_AT, CHECKPOINT_EVERY = 2, 3, 4, 3
 LORA_SETS = ["epochs=1", f"batch_size={BATCH_SIZE}", "learning_rate=0.005", "lora_rank=2", "plateau_start_epoch=1"]
 TIMEOUT_S = 240
 

@@ -97,13 +97,11 @@ def test_end_to_end_forward_matches_meta(converted, rng):
     assert 0.05 < ref_masks.mean() < 0.95
 
 
-def test_bf16_encoder_close_to_fp32(meta_checkpoints, tmp_path, rng):
+def test_bf16_encoder_close_to_fp32(tiny_weights, rng):
   import jax.numpy as jnp
 
-  name = "dim64-win5-pad"
-  _, path = meta_checkpoints(name, TINY_CONFIGS[name])
-  out_dir, _ = convert(path, tmp_path / "converted")
-  sam32, sam16 = load_sam(out_dir), load_sam(out_dir, encoder_dtype=jnp.bfloat16)
+  # TINY_CONFIGS["dim64-win5-pad"] as Meta saves it, converted once per session (tests/conftest.py)
+  sam32, sam16 = load_sam(tiny_weights), load_sam(tiny_weights, encoder_dtype=jnp.bfloat16)
   assert sam16.image_encoder.blocks[0].attn.qkv.kernel[...].dtype == jnp.float32  # params stay fp32
   x = sam32.preprocess(jnp.asarray(rng.uniform(0, 255, (2, 128, 128, 3)), jnp.float32))
   full, half = np.asarray(sam32.image_encoder(x)), np.asarray(sam16.image_encoder(x))
