@@ -16,6 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sam2")
 
+from tests.conftest import optimized  # noqa: E402
 from weights_conversion import sam2_reference  # noqa: E402
 
 convert_module = importlib.import_module("weights_conversion.convert")
@@ -83,7 +84,7 @@ def test_encoder_features_match_meta(request, release, image_size):
                                  "large": (2, 6, 36, 4)}[release]
   assert config.hiera.num_heads == (1 if release in ("tiny", "small") else 2)
   images = np.random.default_rng(0).standard_normal((1, image_size, image_size, 3)).astype(np.float32)
-  ours = sam.encode(jnp.asarray(images))
+  ours = optimized(lambda sam, x: sam.image_encoder(x), sam, jnp.asarray(images))
   reference = _reference_features(model, images)
   grid = image_size // 16
   assert ours["embedding"].shape == (1, grid, grid, 256)
@@ -111,7 +112,7 @@ def test_image_predictor_matches_meta(tiny_1024):
   predictor.set_image(image)
 
   resized = resize_longest_side(jnp.asarray(image, jnp.float32), size, square=True)
-  features = sam.encode(sam.preprocess(resized[None]))
+  features = optimized(lambda sam, x: sam.image_encoder(sam.preprocess(x)), sam, resized[None])
   assert _relative(features["embedding"], predictor._features["image_embed"].permute(0, 2, 3, 1).numpy()) <= 1e-4
 
   prompts = [dict(point_coords=np.array([[60.0, 40.0], [120.0, 90.0]]), point_labels=np.array([1, 0])),

@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+
+from tests.conftest import optimized
 import pytest
 
 from weights_conversion.tiny_vit_reference import build_tiny_vit_sam, load_litemedsam
@@ -31,23 +33,11 @@ def _torch_outputs(model, images: np.ndarray, boxes: np.ndarray):
   return embeddings[:1].numpy().transpose(0, 2, 3, 1), logits.numpy()[:, 0]
 
 
-def _optimized(fn, module, *args):
-  """`fn(module, *args)` compiled at XLA's default backend optimisation level (2). The suite compiles at level 0
-  (tests/conftest.py), which halves the compile time of its tiny models but runs these full-width 256 px and
-  1024 px TinyViTs 5-10 times slower than level 2 (seconds per call on a 2-core CPU); the model code is the same."""
-  import jax
-  from flax import nnx
-
-  graph, state = nnx.split(module)
-  pure = jax.jit(lambda state, *args: fn(nnx.merge(graph, state), *args))
-  return pure.lower(state, *args).compile(compiler_options={"xla_backend_optimization_level": 2})(state, *args)
-
-
 def _our_outputs(sam, images: np.ndarray, boxes: np.ndarray):
   import jax.numpy as jnp
 
   size = sam.config.image_size
-  embeddings = np.asarray(_optimized(lambda sam, x: sam.encode(x), sam, jnp.asarray(images)))
+  embeddings = np.asarray(optimized(lambda sam, x: sam.encode(x), sam, jnp.asarray(images)))
   logits = sam.predict(embeddings, (size, size), (size, size), boxes=boxes, multimask_output=False)["low_res_logits"]
   return embeddings, np.asarray(logits)[..., 0]
 
@@ -154,7 +144,7 @@ def test_lora_on_tiny_vit_matches_peft(tmp_path):
     expected = reference(x).numpy().transpose(0, 2, 3, 1)
     unadapted = frozen(x).numpy().transpose(0, 2, 3, 1)
   assert _relative(unadapted, expected) > 1e-2, "the factors must change the embeddings for the test to mean much"
-  assert _relative(_optimized(lambda e, x: e(x), encoder, jnp.asarray(images)), expected) <= 1e-4
+  assert _relative(optimized(lambda e, x: e(x), encoder, jnp.asarray(images)), expected) <= 1e-4
 
 
 def test_converter_refusals_name_the_tensor(mobilesam, tmp_path):
