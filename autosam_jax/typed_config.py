@@ -48,6 +48,7 @@ class Rule:
   at_least: float | None = None
   above: float | None = None
   below: float | None = None
+  at_most: float | None = None
   finite: bool = False
   shown: str | None = None  # the field's name in messages, e.g. "decoder_num_heads (--decoder-num-heads)"
   kind: str | None = None  # what its type is called in messages, e.g. "a path (text)"; default: from the type hint
@@ -55,7 +56,8 @@ class Rule:
 
 
 def option(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, **rule) -> Any:
-  """A dataclass field with a `Rule` (choices=, at_least=, above=, below=, finite=, shown=, kind=, needed=)."""
+  """A dataclass field with a `Rule` (choices=, at_least=, above=, below=, at_most=, finite=, shown=, kind=,
+  needed=)."""
   return dataclasses.field(default=default, default_factory=default_factory, metadata={_RULE: Rule(**rule)})
 
 
@@ -172,8 +174,10 @@ def _against_rule(value: Any, rule: Rule) -> str | None:
   failed = Rule(at_least=rule.at_least if rule.at_least is not None and not value >= rule.at_least else None,
                 above=rule.above if rule.above is not None and not value > rule.above else None,
                 below=rule.below if rule.below is not None and not value < rule.below else None,
+                at_most=rule.at_most if rule.at_most is not None and not value <= rule.at_most else None,
                 finite=rule.finite)
-  if (failed.at_least, failed.above, failed.below) == (None, None, None) and (math.isfinite(value) or not rule.finite):
+  if (failed.at_least, failed.above, failed.below, failed.at_most) == (None,) * 4 and (math.isfinite(value) or
+                                                                                       not rule.finite):
     return None
   return f"be {_range_text(failed, isinstance(value, int))}"  # only the limits it fails
 
@@ -186,6 +190,8 @@ def _range_text(rule: Rule, integer: bool) -> str:
     limits.append("positive" if rule.above == 0 else f"above {_number(rule.above)}")
   if rule.below is not None:
     limits.append(f"below {_number(rule.below)}")
+  if rule.at_most is not None:
+    limits.append(f"{_number(rule.at_most)} or less")
   kind = "an integer" if integer else ("a finite number" if rule.finite else "a number")
   if integer and limits == ["positive"]:
     return "a positive integer"

@@ -59,15 +59,17 @@ def meta_outputs(torch_sam, image: np.ndarray, original_size: tuple[int, int], p
           "mask_logits": nhwc(upscaled)}
 
 
-def jax_outputs(sam, image: np.ndarray, original_size: tuple[int, int], prompts: Prompts) -> dict:
+def jax_outputs(sam, image: np.ndarray, original_size: tuple[int, int], prompts: Prompts, encode=None) -> dict:
   """Ours through the same stages: `Sam.preprocess`, the compiled image encoder (`Sam.encode`: one program per
-  padded input size, reused by every call on the same model), then prompt encoder, mask decoder and postprocessing
-  as one compiled program."""
+  padded input size, reused by every call on the same model; `encode(sam, images)` instead where given, e.g. the
+  encoder compiled with other XLA options), then prompt encoder, mask decoder and postprocessing as one compiled
+  program."""
   import jax.numpy as jnp
   from flax import nnx
 
   input_size = tuple(image.shape[:2])
-  embeddings = sam.encode(sam.preprocess(jnp.asarray(image)[None]))
+  images = sam.preprocess(jnp.asarray(image)[None])
+  embeddings = sam.encode(images) if encode is None else encode(sam, images)
 
   @nnx.jit
   def run(sam, embeddings, point_coords, point_labels, boxes, mask_inputs):

@@ -14,7 +14,9 @@ DESCRIPTION = """Run the frozen SAM encoder once over a dataset and store the em
 
 Every slice gets its exact (clean) embedding, view 0. Slices of the patients that some split labels for training get
 K augmented views too (the augmentation of `autosam_jax.data.augment`, seeded per item, so a view is the same
-whichever process or run computes it). The encoder runs under jax.jit with the batch sharded over a 1-D "data" mesh
+whichever process or run computes it), and with --strong-views S, S photometric views each (intensity only, the
+slice's pixels in place): what semi-supervised training (semi=true) learns from on the patients it leaves
+unlabeled. The size the strong views add is printed before encoding starts. The encoder runs under jax.jit with the batch sharded over a 1-D "data" mesh
 of this process's devices and the parameters replicated; the last batch is padded to the same shape, so nothing is
 compiled twice. Host-side preprocessing of the next batch overlaps the device's work on the current one.
 
@@ -31,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--out", type=Path, required=True, help="cache directory (created, or resumed if it exists)")
   parser.add_argument("--mode", choices=["faithful", "improved"], default="faithful")
   parser.add_argument("--views", type=int, default=0, help="augmented views per labeled training slice (default 0)")
+  parser.add_argument("--strong-views", type=int, default=0,
+                      help="photometric views per training slice, for semi-supervised training (default 0; e.g. 4)")
   parser.add_argument("--splits", type=Path, help="split file (make-splits); its training patients get the views")
   parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                       help="encoder matmul and storage dtype (default bf16: half the disk, twice the speed on AMX/GPU)")
@@ -47,9 +51,9 @@ def run(args: argparse.Namespace) -> int:
   options.start_distributed(args)
   from autosam_jax.features.precompute import PrecomputeOptions, precompute
 
-  choices = PrecomputeOptions(mode=args.mode, views=args.views, dtype="bfloat16" if args.dtype == "bf16" else "float32",
-                              batch_size=args.batch_size, seed=args.seed, shard_size=args.shard_size,
-                              store=args.store)
+  choices = PrecomputeOptions(mode=args.mode, views=args.views, strong_views=args.strong_views,
+                              dtype="bfloat16" if args.dtype == "bf16" else "float32", batch_size=args.batch_size,
+                              seed=args.seed, shard_size=args.shard_size, store=args.store)
   summary = precompute(args.data, args.weights, args.out, tfds_dir=options.tfds_dir(args, args.data),
                        options=choices, splits_file=args.splits)
   what = "encoder inputs" if args.store == "inputs" else "embeddings"

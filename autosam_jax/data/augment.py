@@ -142,6 +142,22 @@ class AugmentConfig:
     return cls(**settings)
 
   @classmethod
+  def photometric(cls, **overrides: Any) -> AugmentConfig:
+    """The strong views of semi-supervised training (precompute --strong-views): intensity only (brightness, gamma,
+    noise, each with p 0.8, stronger than `improved()`'s), no mirror and no spatial transform, so every pixel of a
+    view stays where it is in the clean slice and the clean slice's pseudo-labels fit it. Applied to images in
+    [0, 1]; one value for all channels, so the image stays grey."""
+    settings = dict(
+        mode="improved",
+        p_brightness=0.8, brightness_mu=0.0, brightness_sigma=0.2, brightness_per_channel=False,
+        p_gamma=0.8, gamma_range=(0.5, 2.0),
+        p_noise=0.8, noise_std_range=(0.0, 0.1), noise_per_channel=False,
+        p_mirror=0.0, p_elastic=0.0, p_rotation=0.0, p_scale=0.0,
+    )
+    settings.update(overrides)
+    return cls(**settings)
+
+  @classmethod
   def for_mode(cls, mode: str, **overrides: Any) -> AugmentConfig:
     if mode not in MODES:
       raise ValueError(f"augmentation mode must be one of {MODES}, got {mode!r}")

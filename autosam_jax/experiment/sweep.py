@@ -19,11 +19,16 @@ from autosam_jax.data.splits import DEFAULT_VAL_PATIENTS, parse_val_patients
 from autosam_jax.typed_config import TypedConfig, option
 
 HEAD_METHODS = ("autosam", "cnn", "linear")  # frozen encoder, heads on its cached embeddings
+# a head on the cached embeddings (method_train["semi"]["head"], default autosam) that also learns from the fold's
+# other training patients, unlabeled (train/semi.py): the same labeled patients as the heads' cells
+SEMI_METHODS = ("semi",)
 LORA_METHODS = ("lora",)  # the encoder in the loop: LoRA factors and the AutoSAM head, on an input cache
 IMAGE_METHODS = ("unet", "simclr")
 ZERO_SHOT_METHODS = ("zero_shot_box", "zero_shot_point")
-METHODS = HEAD_METHODS + LORA_METHODS + IMAGE_METHODS + ZERO_SHOT_METHODS
-LABELS = {"autosam": "AutoSAM", "cnn": "CNN head", "linear": "Linear head", "lora": "LoRA + AutoSAM head",
+FEATURE_METHODS = HEAD_METHODS + SEMI_METHODS
+METHODS = HEAD_METHODS + SEMI_METHODS + LORA_METHODS + IMAGE_METHODS + ZERO_SHOT_METHODS
+LABELS = {"autosam": "AutoSAM", "cnn": "CNN head", "linear": "Linear head", "semi": "Semi-supervised head",
+          "lora": "LoRA + AutoSAM head",
           "unet": "UNet (scratch)",
           "simclr": "UNet (SimCLR)", "zero_shot_box": "SAM zero-shot, GT boxes",
           "zero_shot_point": "SAM zero-shot, GT points"}
@@ -55,6 +60,8 @@ class SweepConfig(TypedConfig):
   val_patients: int | float = DEFAULT_VAL_PATIENTS
   splits: str = option("", kind=_PATH)  # a split file to use instead of cross-validation folds made here
   views: int = option(0, at_least=0)  # augmented views per training slice in the feature cache
+  # photometric views per training slice in the feature cache, for method semi (in the config only with it)
+  strong_views: int = option(4, at_least=1)
   dtype: str = option("bf16", choices=("bf16", "fp32"))  # encoder matmuls and cache storage
   encode_batch_size: int = option(8, at_least=1)
   # The UNet baselines' model images: image_size x image_size pixels of image_spacing mm (official: 224 at 1.25 mm)
@@ -105,7 +112,7 @@ class SweepConfig(TypedConfig):
     unknown = [m for m in self.methods if m not in METHODS]
     if unknown or not self.methods:
       raise self.refusal(f"unknown method(s) {unknown or '(none given)'}; choose from {list(METHODS)}")
-    needs_sam = [m for m in self.methods if m in HEAD_METHODS + LORA_METHODS + ZERO_SHOT_METHODS]
+    needs_sam = [m for m in self.methods if m in FEATURE_METHODS + LORA_METHODS + ZERO_SHOT_METHODS]
     if needs_sam and not self.encoders:
       raise self.refusal(f"methods {needs_sam} need SAM weights; give encoders={{'vit_b': 'sam_vit_b.pth'}}")
     if not self.tr_sizes:
@@ -122,6 +129,17 @@ class SweepConfig(TypedConfig):
     bad = [m for m in self.method_train if m not in METHODS]
     if bad:
       raise self.refusal(f"method_train names unknown method(s) {bad}; choose from {list(METHODS)}")
+    head = self.method_train.get("semi", {}).get("head", "autosam")
+    if head not in HEAD_METHODS:
+      raise self.refusal(f"method_train['semi']['head'] must be one of {list(HEAD_METHODS)} (a head on the frozen "
+                         f"features), got {head!r}")
+
+  def to_dict(self) -> dict[str, Any]:
+    """The options; a sweep without method semi leaves strong_views out (as sweeps recorded before it)."""
+    values = super().to_dict()
+    if "semi" not in self.methods:
+      values.pop("strong_views")
+    return values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,8 +172,12 @@ def _train_config(method: str, config: SweepConfig):
   from autosam_jax.train.loop import TrainConfig
 
   head = "unet" if method in IMAGE_METHODS else method
+  if method in SEMI_METHODS:
+    head = config.method_train.get(method, {}).get("head", "autosam")
   mode = "faithful" if head == "unet" else config.mode
   values = lora_recipe(mode) if method in LORA_METHODS else train_recipe(head, mode)
+  if method in SEMI_METHODS:
+    values["semi"] = True
   values.update(config.train)
   values.update(config.method_train.get(method, {}))
   return TrainConfig.from_dict(values, source=f"sweep config, method {method}")
@@ -192,7 +214,7 @@ def _cells(config: SweepConfig, splits) -> list[Cell]:
       if method in ZERO_SHOT_METHODS:
         cells += [Cell(method, encoder, 0, split.name) for encoder in encoders]
         continue
-      for encoder in (encoders if method in HEAD_METHODS + LORA_METHODS else ["-"]):
+      for encoder in (encoders if method in FEATURE_METHODS + LORA_METHODS else ["-"]):
         cells += [Cell(method, encoder, tr_size, split.name) for tr_size in config.tr_sizes]
   return cells
 
@@ -407,7 +429,8 @@ class Sweep:
         whose = "every slice" if patients is None else f"the slices of the {len(patients)} patients the folds use"
         say(f"{'preparing the encoder inputs of' if inputs else 'encoding'} {whose} for {encoder} into {cache}")
       dtype = "bfloat16" if self.config.dtype == "bf16" else "float32"
-      options = PrecomputeOptions(mode=self.config.mode, views=self.config.views, dtype=dtype,
+      strong = self.config.strong_views if "semi" in self.config.methods and not inputs else 0
+      options = PrecomputeOptions(mode=self.config.mode, views=self.config.views, strong_views=strong, dtype=dtype,
                                   batch_size=self.config.encode_batch_size, store=store)
       view_patients = {p for s in self.splits for p in s.train}
       summary = precompute(self.data, self.weights[encoder], cache, tfds_dir=self.tfds_dir, options=options,
@@ -420,10 +443,13 @@ class Sweep:
 
   def _used_patients(self) -> set[str] | None:
     """The patients the sweep's cells read: every split's test and validation patients and its labeled ones at
-    the largest training-set size (None: all of them, as a sweep over every fold and size uses)."""
+    the largest training-set size, or all its training patients for method semi (None: all of them, as a sweep
+    over every fold and size uses)."""
     used = set()
     for split in self.splits:
       used |= set(split.test) | set(split.val) | set(split.labeled(min(max(self.config.tr_sizes), len(split.train))))
+      if "semi" in self.config.methods:
+        used |= set(split.train)
     everyone = {p for split in self.splits for p in split.patients}
     return None if used >= everyone else used
 
@@ -465,7 +491,8 @@ class Sweep:
       mode = self.config.mode
     else:
       result, mode = self._train_and_evaluate(cell, split, run_dir)
-    return {"method": cell.method, "encoder": cell.encoder, "mode": mode, "tr_size": cell.tr_size,
+    head = {"head": _train_config(cell.method, self.config).head} if cell.method in SEMI_METHODS else {}
+    return {"method": cell.method, **head, "encoder": cell.encoder, "mode": mode, "tr_size": cell.tr_size,
             "fold": cell.fold, "test_patients": list(split.test), **_summary_figures(result["report"]),
             "seconds": round(time.perf_counter() - started, 1), "run_dir": str(run_dir.relative_to(self.out))}
 
@@ -494,8 +521,16 @@ class Sweep:
       return build_model(config, sam, rngs=nnx.Rngs(config.seed))
 
     labeled = split.labeled(cell.tr_size)
-    say(f"training {cell.cell_id} on {len(labeled)} labeled patient(s)")
-    result = train(train_config, cache, factory, run_dir, labeled, list(split.val), progress=self.progress)
+    if train_config.semi:
+      from autosam_jax.train.semi import train_semi
+
+      unlabeled = [p for p in split.train if p not in set(labeled)]
+      say(f"training {cell.cell_id} on {len(labeled)} labeled and {len(unlabeled)} unlabeled patient(s)")
+      result = train_semi(train_config, cache, factory, run_dir, labeled, list(split.val), unlabeled,
+                          progress=self.progress)
+    else:
+      say(f"training {cell.cell_id} on {len(labeled)} labeled patient(s)")
+      result = train(train_config, cache, factory, run_dir, labeled, list(split.val), progress=self.progress)
     say(f"evaluating {cell.cell_id} on {len(split.test)} test patient(s)")
     if self._volumes is None:
       from autosam_jax.data.volumes import load_volumes
@@ -592,8 +627,16 @@ def _row_key(record: dict[str, Any]) -> tuple[str, str]:
   return record["method"], record["encoder"]
 
 
-def _row_label(method: str, encoder: str) -> str:
-  return LABELS.get(method, method) + ("" if encoder == "-" else f" ({encoder})")
+def _row_label(method: str, encoder: str, head: str | None = None) -> str:
+  """A table row's or plot line's name; a semi row names its head ("Semi-supervised linear head (vit_b)")."""
+  label = LABELS.get(method, method)
+  if method in SEMI_METHODS and head:
+    label = f"Semi-supervised {'AutoSAM' if head == 'autosam' else LABELS[head][0].lower() + LABELS[head][1:]}"
+  return label + ("" if encoder == "-" else f" ({encoder})")
+
+
+def _heads(records: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
+  return {_row_key(r): r["head"] for r in records if r.get("head")}
 
 
 def aggregate_cells(records: list[dict[str, Any]], tr_sizes, convention: str = "official",
@@ -646,7 +689,7 @@ def results_table(records: list[dict[str, Any]], tr_sizes, class_names: Sequence
           cells.append(f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}")
         else:
           cells.append("–")
-      label = _row_label(*key) + (" †" if key[0] in ZERO_SHOT_METHODS else "")
+      label = _row_label(*key, _heads(records).get(key)) + (" †" if key[0] in ZERO_SHOT_METHODS else "")
       lines.append(f"| {label} | " + " | ".join(cells) + " |")
     sections.append("\n".join(lines))
   folds = sorted({r["fold"] for r in records})
@@ -686,10 +729,11 @@ def plot_dice_vs_labels(records: list[dict[str, Any]], tr_sizes, png: Path, clas
     means = [rows[key][s][0] for s in sizes]
     stds = [rows[key][s][1] for s in sizes]
     style = {"linestyle": "--"} if key[0] in ZERO_SHOT_METHODS else {"marker": "o"}
+    label = _row_label(*key, _heads(records).get(key))
     if all(rows[key][s][2] == 1 for s in sizes):  # one fold: no spread to draw, and no error bar in the legend
-      ax.plot(sizes, means, label=_row_label(*key), **style)
+      ax.plot(sizes, means, label=label, **style)
     else:
-      ax.errorbar(sizes, means, yerr=stds, capsize=3, label=_row_label(*key), **style)
+      ax.errorbar(sizes, means, yerr=stds, capsize=3, label=label, **style)
   if len(tr_sizes) > 1 and max(tr_sizes) / min(tr_sizes) >= 8:
     ax.set_xscale("log")
   ax.set_xticks(list(tr_sizes))

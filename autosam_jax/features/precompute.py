@@ -1,7 +1,8 @@
 """The frozen SAM encoder run once over a dataset, its embeddings stored in a feature cache (`features/cache.py`).
 
 Every slice gets its clean embedding (view 0); the training patients' slices also get K augmented views, seeded per
-item. With store "inputs" the cache holds the encoder's inputs instead (an input cache, for LoRA runs). The encoder
+item, and S strong views (photometric only, views -1..-S: what semi-supervised training's student sees of a slice
+whose clean features give the teacher's pseudo-labels). With store "inputs" the cache holds the encoder's inputs instead (an input cache, for LoRA runs). The encoder
 is jitted with the batch sharded over the "data" mesh; host preprocessing of the next batch overlaps the device's
 work, and each batch is read back once the next one is dispatched. Resumable shard by shard; under jax.distributed
 each process takes every P-th shard.
@@ -28,6 +29,7 @@ from autosam_jax.outputs import check_folder, check_output_path
 class PrecomputeOptions:
   mode: str = "faithful"
   views: int = 0
+  strong_views: int = 0  # photometric views per training slice, for semi-supervised training (train/semi.py)
   dtype: str = "bfloat16"  # encoder matmuls and cache storage
   batch_size: int = 8
   seed: int = 0
@@ -38,12 +40,26 @@ class PrecomputeOptions:
 
 
 # What the options are called where the user gave them: on precompute's command line, or in a sweep config.
-OPTION_NAMES = {"batch_size": "--batch-size", "shard_size": "--shard-size", "views": "--views", "out": "--out",
+OPTION_NAMES = {"batch_size": "--batch-size", "shard_size": "--shard-size", "views": "--views",
+                "strong_views": "--strong-views", "out": "--out",
                 "tfds_dir": "--tfds-dir"}
 
 
 def _count_items(volumes, view_patients: set[str], views: int) -> int:
   return sum(v.image.shape[2] * (1 + (views if v.patient_id in view_patients else 0)) for v in volumes.values())
+
+
+def strong_views_text(config, options: PrecomputeOptions, num_slices: int) -> str:
+  """What the strong views add to the cache, e.g. "strong views (semi-supervised): 4 of each of 120 training slices
+  = 480 slices: 2.0 GiB"."""
+  from autosam_jax.memory import size_text
+
+  shapes = [(config.image_size, config.image_size, 3)] if options.store == "inputs" else \
+      [s for maps in config.feature_shapes().values() for s in maps]
+  per_item = sum(h * w * c for h, w, c in shapes) * (2 if options.dtype == "bfloat16" else 4)
+  count = options.strong_views * num_slices
+  return (f"strong views (semi-supervised): {options.strong_views} of each of {num_slices} training slices = {count} "
+          f"slices: {size_text(per_item * count)}")
 
 
 # Bytes of one work item in memory and in the manifest (its dict, its JSON text, the JSON of the whole manifest).
@@ -95,9 +111,12 @@ class _Preparer:
   """Host side: preprocesses volumes (once each), draws augmented views, builds encoder inputs per batch."""
 
   def __init__(self, volumes, preprocess_config, augment_config, seed: int):
+    from autosam_jax.data.augment import AugmentConfig
+
     self.volumes = volumes
     self.preprocess_config = preprocess_config
     self.augment_config = augment_config
+    self.strong_config = AugmentConfig.photometric()
     self.seed = seed
     self._cache: dict[str, Any] = {}
 
@@ -121,6 +140,12 @@ class _Preparer:
     z = item["slice_index"]
     if item["view"] == 0:
       return pre.images[z], pre.targets[z]
+    if item["view"] < 0:  # a strong view: intensity only, so the clean slice's target (and pseudo-labels) fit it
+      key = jax.random.fold_in(jax.random.key(self.seed),
+                               zlib.crc32(f"{item['case_id']}/{z}/strong{-item['view']}".encode()))
+      image, _ = augment_batch(key, pre.images[z][None] / 255.0, np.zeros((1, *pre.images[z].shape[:2]), np.int32),
+                               self.strong_config)
+      return np.asarray(image[0]) * 255.0, pre.targets[z]
     key = jax.random.fold_in(jax.random.key(self.seed),
                              zlib.crc32(f"{item['case_id']}/{z}/{item['view']}".encode()))
     if self.preprocess_config.mode == "faithful":
@@ -201,8 +226,9 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
   if splits_file is not None:
     from autosam_jax.data.splits import load_splits
     view_patients = {p for split in load_splits(splits_file) for p in split.train}
-  elif options.views and view_patients is None:
-    raise DataError("--views needs --splits: only training patients get augmented views")
+  elif (options.views or options.strong_views) and view_patients is None:
+    option = names["views"] if options.views else names["strong_views"]
+    raise DataError(f"{option} needs --splits: only training patients get augmented views")
   config = read_config(weights_dir)
   preprocess_config = PreprocessConfig.for_encoder(options.mode, config)
   augment_config = AugmentConfig.for_mode(options.mode)
@@ -212,7 +238,7 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
   volumes, fingerprint, labels, references = load_volumes(source_dir, Path(tfds_dir), names["tfds_dir"])
   if process == 0:
     barrier("autosam_jax.precompute.dataset_built")
-  view_patients = set(view_patients or ()) if options.views else set()
+  view_patients = set(view_patients or ()) if options.views or options.strong_views else set()
   unknown = sorted(view_patients - {v.patient_id for v in volumes.values()})
   if unknown:
     raise DataError(f"{source_dir}: patients {unknown[:5]} of the split file are not in the dataset")
@@ -223,11 +249,12 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
                       f"{source_dir}: an empty set of patients to encode")
     volumes = {key: volume for key, volume in volumes.items() if volume.patient_id in patients}
     view_patients &= set(patients)
-  if options.views:
+  if options.views or options.strong_views:
     from autosam_jax.memory import require_memory
-    require_memory(_count_items(volumes, view_patients, options.views) * ITEM_BYTES,
-                   f"{names['views']} {options.views}", f"choose fewer {names['views']}")
-  items = work_items(volumes, view_patients, options.views)
+    option = names["views"] if options.views else names["strong_views"]
+    require_memory(_count_items(volumes, view_patients, options.views + options.strong_views) * ITEM_BYTES,
+                   f"{option} {options.views or options.strong_views}", f"choose fewer {option}")
+  items = work_items(volumes, view_patients, options.views, options.strong_views)
   inputs_only = options.store == "inputs"
   depends_on = {**({"kind": "sam_inputs"} if inputs_only else {}), "weights_sha256": weights_digest(weights_dir),
                 "sam_config": json.loads(config.to_json()),
@@ -235,6 +262,8 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
                 "views": options.views, "view_patients": sorted(view_patients), "seed": options.seed,
                 "augment": augment_config.to_dict() if options.views else None, "dtype": options.dtype,
                 "labels": labels.to_dict(), "orientation_references": references,
+                **({"strong_views": options.strong_views,
+                    "strong_augment": AugmentConfig.photometric().to_dict()} if options.strong_views else {}),
                 **({"patients": sorted(patients)} if patients is not None else {})}
   # The weights are loaded before the cache directory is created: unusable weights leave nothing behind.
   mesh = local_data_mesh()
@@ -294,6 +323,9 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
   if progress and total and process == 0:  # every input checked and the cache opened: what it will hold
     import sys
     print(f"caching {cached_maps_text(config, options, len(items))}", file=sys.stderr, flush=True)
+    if options.strong_views:
+      strong = sum(1 for it in items if it["view"] < 0) // options.strong_views
+      print(f"  of which {strong_views_text(config, options, strong)}", file=sys.stderr, flush=True)
   if progress and total:
     from tqdm import tqdm
     bar = tqdm(total=total, unit="slice", desc=f"encoding ({len(todo)} shards to write)", dynamic_ncols=True)
@@ -341,7 +373,7 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
 
 def check_options(options: PrecomputeOptions, names: dict[str, str] = OPTION_NAMES) -> None:
   """Refuses a count or size out of range (or not an integer), naming the option as the user gave it."""
-  for field, least in (("batch_size", 1), ("shard_size", 1), ("views", 0), ("seed", 0)):
+  for field, least in (("batch_size", 1), ("shard_size", 1), ("views", 0), ("strong_views", 0), ("seed", 0)):
     value = getattr(options, field)
     name = names.get(field, f"--{field.replace('_', '-')}")
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:

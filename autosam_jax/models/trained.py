@@ -84,10 +84,33 @@ class TrainConfig(TypedConfig):
   # relative-position bias, which cuDNN gives only for an attention batch of 1 (a windowed block's is images x
   # windows); the frozen encoder's forward takes it by itself (precompute, zero-shot, predict).
   attention: str = option("auto", choices=ATTENTIONS)
+  # Semi-supervised training (semi: true; `train/semi.py`): a head on cached features learns from the labeled slices
+  # and, in the same steps, from the fold's other training patients without their labels: an EMA teacher's
+  # confident predictions on each unlabeled slice's clean features are the pseudo-labels the student learns to give
+  # on the slice's strong views (photometric views cached by precompute --strong-views, mixed by CutMix) and on its
+  # clean features with channel dropout. The SEMI_FIELDS below are its options (refused without semi).
+  semi: bool = False
+  semi_ratio: int = option(2, at_least=1)  # unlabeled slices per labeled slice in a step
+  semi_threshold: float = option(0.95, at_least=0, below=1)  # the teacher's confidence a pseudo-labeled pixel needs
+  semi_weight: float = option(1.0, at_least=0, finite=True)  # the unlabeled loss's weight once ramped in
+  # epochs over which the unlabeled loss's weight rises (as exp(-5 (1 - t)^2), t the fraction done); 0: at once
+  semi_ramp_epochs: int = option(5, at_least=0)
+  # the teacher's EMA decay; at step t it is min(semi_ema, (t + 1) / (t + 10)), so a short run's teacher follows
+  semi_ema: float = option(0.99, at_least=0, below=1)
+  semi_feature_dropout: float = option(0.5, at_least=0, below=1)  # channel dropout on the clean features' stream
+  semi_cutmix: float = option(0.5, at_least=0, at_most=1)  # the probability a strong view gets a box of another
 
   @property
   def lora(self) -> bool:
     return self.lora_rank > 0
+
+  def to_dict(self) -> dict[str, Any]:
+    """The fields; a run without semi leaves semi and its options out (as configs and run records before them)."""
+    values = super().to_dict()
+    if not self.semi:
+      for name in ("semi", *SEMI_FIELDS):
+        values.pop(name)
+    return values
 
   def lora_config(self):
     """The LoraConfig of the lora_* fields (LoRA runs only)."""
@@ -97,6 +120,14 @@ class TrainConfig(TypedConfig):
                       targets=self.lora_targets)
 
   def check(self) -> None:
+    changed = [n for n in SEMI_FIELDS if getattr(self, n) != TrainConfig.__dataclass_fields__[n].default]
+    if changed and not self.semi:
+      raise self.refusal(f"{', '.join(changed)}: options of semi-supervised training; set semi=true or leave them "
+                         "out")
+    if self.semi and (self.head == "unet" or self.lora):
+      what = "the UNet" if self.head == "unet" else "LoRA (lora_rank)"
+      raise self.refusal(f"semi trains a head on cached SAM features (the encoder frozen), not {what}; set head to "
+                         "autosam, cnn or linear without lora_rank, or leave semi out")
     if self.lora and self.head == "unet":
       raise self.refusal("lora_rank adapts SAM's encoder, and the UNet has none; leave lora_rank out for head 'unet'")
     if not self.lora and (self.remat or self.encoder_dtype != "float32" or self.attention != "auto"):
@@ -114,6 +145,11 @@ class TrainConfig(TypedConfig):
     if self.num_classes == 1:
       raise self.refusal("num_classes counts the background too, so it is at least 2; leave it out to take the "
                          "dataset's")
+
+
+# The options of semi-supervised training, in configs only with semi.
+SEMI_FIELDS = ("semi_ratio", "semi_threshold", "semi_weight", "semi_ramp_epochs", "semi_ema", "semi_feature_dropout",
+               "semi_cutmix")
 
 
 # What a cache's items are (its manifest's depends_on "kind"; absent in a feature cache) and the model they feed.

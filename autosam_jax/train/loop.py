@@ -320,17 +320,20 @@ class HeadTraining(Method):
   meta_keys = ("best", "plateau")
 
   def __init__(self, config: TrainConfig, cache, views_of_slices: np.ndarray, val_indices: np.ndarray, head,
-               where, out_dir: Path, preprocess, record):
+               where, out_dir: Path, preprocess, record, *, batch_rows: int):
     from flax import nnx
 
     from autosam_jax.models.lora import TRAINABLE
     from autosam_jax.train.schedules import ReduceLROnPlateau
 
+    if config.semi and type(self) is HeadTraining:
+      raise ValueError("a semi-supervised config trains through train/semi.py (train_semi), with unlabeled patients")
     graphdef, self.params, self.frozen = nnx.split(head, TRAINABLE if config.lora else nnx.Param, ...)
     self.program = HeadProgram(graphdef, config.augment, config.seed, dropout=config.lora and config.lora_dropout > 0)
     self.eval_step = functools.partial(_compiled_eval_step(), graphdef=graphdef)
     self.train_config, self.config = config, config.to_dict()
     self.cache, self.views_of_slices, self.val_indices = cache, views_of_slices, val_indices
+    self.batch_rows = batch_rows  # the global batch's real rows (LoopOptions.batch_size)
     self.where, self.out_dir, self.preprocess, self.record = where, Path(out_dir), preprocess, record
     from autosam_jax.data.labels import LabelTable
 
@@ -405,7 +408,7 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
           out_dir: str | os.PathLike,
           labeled_patients: list[str], val_patients: list[str], *, progress: bool = True,
           stop_after_steps: int | None = None, inputs: dict[str, Any] | None = None,
-          sync_every_steps: int | None = None) -> dict[str, Any]:
+          sync_every_steps: int | None = None, method: Callable[..., HeadTraining] | None = None) -> dict[str, Any]:
   """Trains (or resumes) a head in OUT_DIR; returns the final metrics and where the model is.
 
   `head_factory(config)` builds the NNX head (initialised, e.g. from SAM) for the config with the dataset's
@@ -413,18 +416,20 @@ def train(config: TrainConfig, cache_dir: str | os.PathLike, head_factory: Calla
   the run records as its identity in OUT_DIR/run.json, with the config, the cache and the patients: a rerun with
   another identity is refused, naming the field. One process at a time trains in OUT_DIR (OUT_DIR/.lock).
   `stop_after_steps` ends the run early as if it had been killed after that many steps (for tests of resumption);
-  `sync_every_steps` is how often the host reads the losses back (core.SYNC_EVERY_STEPS by default).
+  `sync_every_steps` is how often the host reads the losses back (core.SYNC_EVERY_STEPS by default). `method`
+  makes the trainer's method (HeadTraining's arguments; `train/semi.py` passes its own), HeadTraining by default.
   """
   from autosam_jax.outputs import check_output_path
 
   check_output_path(out_dir)
   with contextlib.ExitStack() as stack:  # holds OUT_DIR's lock, once taken, to the end
     return _train(config, cache_dir, head_factory, out_dir, labeled_patients, val_patients, progress=progress,
-                  stop_after_steps=stop_after_steps, inputs=inputs, stack=stack, sync_every_steps=sync_every_steps)
+                  stop_after_steps=stop_after_steps, inputs=inputs, stack=stack, sync_every_steps=sync_every_steps,
+                  method=method or HeadTraining)
 
 
 def _train(config, cache_dir, head_factory, out_dir, labeled_patients, val_patients, *, progress, stop_after_steps,
-           inputs, stack, sync_every_steps) -> dict[str, Any]:
+           inputs, stack, sync_every_steps, method) -> dict[str, Any]:
   from autosam_jax.features.cache import FeatureCache, cache_label_table
   from autosam_jax.memory import require_memory
   from autosam_jax.outputs import take_output
@@ -472,7 +477,8 @@ def _train(config, cache_dir, head_factory, out_dir, labeled_patients, val_patie
   where = placement(rows)
   # Everything checked: from here on the run writes.
   take_output(stack, out_dir, "train", identity, main=where.main)
-  method = HeadTraining(config, cache, views_of_slices, val_indices, head, where, out_dir, preprocess, record)
+  method = method(config, cache, views_of_slices, val_indices, head, where, out_dir, preprocess, record,
+                  batch_rows=rows)
   options = LoopOptions(epochs=config.epochs, batch_size=rows,
                         checkpoint_every_steps=config.checkpoint_every_steps,
                         sync_every_steps=sync_every_steps or SYNC_EVERY_STEPS, progress=progress,

@@ -25,7 +25,8 @@ def run_inputs(config, splits_file: Path, split, tr_size: int, weights: Path | N
 def train_split(config, cache: Path, weights: Path | None, splits_file: Path, fold: str | None, tr_size: int,
                 out: Path, progress: bool = True, announce=None) -> dict:
   """Trains `config`'s model on the first `tr_size` training patients of the split `fold` of `splits_file` (validated
-  on its validation patients); returns `train`'s summary and the labeled patients. `announce(fold, labeled,
+  on its validation patients; a semi-supervised config also learns from the split's other training patients,
+  unlabeled); returns `train`'s summary and the labeled patients. `announce(fold, labeled,
   validation)`, if given, is called with the split's name and patients before the run starts (or resumes)."""
   from flax import nnx
 
@@ -51,5 +52,11 @@ def train_split(config, cache: Path, weights: Path | None, splits_file: Path, fo
   inputs = run_inputs(config, splits_file, split, tr_size, weights)
   if announce is not None:
     announce(split.name, list(labeled), list(split.val))
-  result = train(config, cache, head_factory, out, labeled, list(split.val), progress=progress, inputs=inputs)
+  if config.semi:  # the fold's other training patients, their labels never read
+    from autosam_jax.train.semi import train_semi
+    unlabeled = [p for p in split.train if p not in set(labeled)]
+    result = train_semi(config, cache, head_factory, out, labeled, list(split.val), unlabeled, progress=progress,
+                        inputs=inputs)
+  else:
+    result = train(config, cache, head_factory, out, labeled, list(split.val), progress=progress, inputs=inputs)
   return {**result, "labeled": labeled}
