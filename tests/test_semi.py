@@ -1,0 +1,212 @@
+"""Semi-supervised training (train/semi.py) on a dataset that is not ACDC (2 classes, blobs, permuted voxel order):
+strong views in the cache, pseudo-labels that never read an unlabeled patient's labels, exact resumption, the
+sweep's semi column, one-line refusals. 1 vs 4 devices: tests/test_distributed.py."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autosam_jax.train.loop import TrainConfig
+
+CASES = [f"case_{i:03d}" for i in range(5)]
+TRAIN, VAL, TEST = CASES[:3], CASES[3:4], CASES[4:]
+# threshold 0: every pixel of an unlabeled slice carries its pseudo-label, so the unlabeled stream moves the head
+SEMI = TrainConfig(head="linear", variant="improved", scheduler="plateau_val_dice", epochs=2, batch_size=2,
+                   learning_rate=5e-3, checkpoint_every_steps=2, semi=True, semi_threshold=0.0, semi_ramp_epochs=1)
+
+
+def _write_dataset(folder):
+  from autosam_jax.data.shapes import write_shapes_dataset
+
+  write_shapes_dataset(folder, num_cases=5, class_names=["cyst", "kidney"], seed=5, shape=(32, 40, 6),
+                       voxel_order=(2, 0, 1), spacing=(1.0, 1.0, 1.0))
+
+
+def _poison(source, target):
+  """A copy of the dataset with the labels of the unlabeled training patients (case_001, case_002) changed: the
+  classes swapped and the background's pixels given class 1."""
+  import nibabel as nib
+
+  shutil.copytree(source, target)
+  for case in TRAIN[1:]:
+    path = target / "labelsTr" / f"{case}.nii.gz"
+    image = nib.load(path)
+    label = np.asarray(image.dataobj)
+    poisoned = np.select([label == 1, label == 2], [2, 1], 1).astype(label.dtype)
+    assert (poisoned != label).mean() > 0.5
+    nib.save(nib.Nifti1Image(poisoned, image.affine, image.header), path)
+
+
+@pytest.fixture(scope="module")
+def world(tiny_weights, tmp_path_factory):
+  from autosam_jax.data.splits import Split
+  from autosam_jax.features.precompute import PrecomputeOptions, precompute
+
+  root = tmp_path_factory.mktemp("semi")
+  _write_dataset(root / "data")
+  _poison(root / "data", root / "poisoned")
+  Split(name="s", seed=0, train=tuple(TRAIN), val=tuple(VAL), test=tuple(TEST)).to_json(root / "split.json")
+  options = PrecomputeOptions(mode="improved", strong_views=2, dtype="float32", shard_size=32, batch_size=8)
+  for name in ("data", "poisoned"):
+    precompute(root / name, tiny_weights, root / f"cache-{name}", tfds_dir=root / f"tfds-{name}", options=options,
+               splits_file=root / "split.json", progress=False)
+  return root
+
+
+def _factory(weights):
+  def make(config):
+    from flax import nnx
+
+    from autosam_jax import load_sam
+    from autosam_jax.models.heads import build_head
+    return build_head(config.head, config.num_classes, variant=config.variant, sam=load_sam(weights),
+                      rngs=nnx.Rngs(config.seed))
+  return make
+
+
+def _semi(world, weights, out, cache="cache-data", config=SEMI, **kwargs):
+  from autosam_jax.train.semi import train_semi
+
+  return train_semi(config, world / cache, _factory(weights), out, TRAIN[:1], VAL, TRAIN[1:], progress=False,
+                    **kwargs)
+
+
+def _params(run_dir, model="final_model"):
+  import jax
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore((run_dir / model / "state").absolute())
+  return [np.asarray(x) for x in jax.tree.leaves(restored["params"])]
+
+
+def _losses(run_dir):
+  rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  return [r["loss"] for r in rows if r["kind"] == "step"]
+
+
+@pytest.fixture(scope="module")
+def reference(world, tiny_weights):
+  out = world / "runs" / "semi"
+  return out, _semi(world, tiny_weights, out)
+
+
+def test_strong_views_are_cached_for_training_patients_with_their_pixels_in_place(world):
+  from autosam_jax.features.cache import FeatureCache
+
+  cache = FeatureCache(world / "cache-data")
+  depends_on = cache.manifest["depends_on"]
+  assert depends_on["strong_views"] == 2 and depends_on["view_patients"] == TRAIN
+  views = {}
+  for i, item in enumerate(cache.items):
+    views.setdefault(item["patient_id"], set()).add(item["view"])
+  assert all(views[p] == {0, -1, -2} for p in TRAIN) and all(views[p] == {0} for p in VAL + TEST)
+  lookup = {(it["case_id"], it["slice_index"], it["view"]): i for i, it in enumerate(cache.items)}
+  changed = 0
+  for (case, z, view), i in lookup.items():
+    if view < 0:
+      clean, strong = cache[lookup[(case, z, 0)]], cache[i]
+      np.testing.assert_array_equal(strong["target"], clean["target"])  # photometric only: nothing moved
+      np.testing.assert_array_equal(strong["valid"], clean["valid"])
+      changed += not np.allclose(strong["embedding"], clean["embedding"], atol=1e-3)
+  assert changed >= 10  # the views differ from the clean features (some draws leave a slice almost as it was)
+
+
+def test_photometric_views_change_intensities_and_move_no_pixel():
+  import jax
+
+  from autosam_jax.data.augment import AugmentConfig, augment_batch
+
+  rng = np.random.default_rng(0)
+  images = np.repeat(rng.uniform(0, 1, (6, 24, 20, 1)), 3, axis=-1).astype(np.float32)
+  labels = rng.integers(0, 3, (6, 24, 20)).astype(np.int32)
+  out, out_labels = augment_batch(jax.random.key(1), images, labels, AugmentConfig.photometric())
+  np.testing.assert_array_equal(out_labels, labels)
+  out = np.asarray(out)
+  assert np.abs(out - images).max() > 0.05
+  np.testing.assert_array_equal(out[..., 0], out[..., 2])  # one value for all channels: the image stays grey
+  # each output pixel is a monotonic function of its own input pixel (plus noise): no pixel moved
+  for sample in range(6):
+    assert np.corrcoef(out[sample, ..., 0].ravel(), images[sample, ..., 0].ravel())[0, 1] > 0.5
+
+
+def test_cutmix_boxes_fall_on_the_embedding_grid_so_every_resolution_mixes_the_same_pixels():
+  import jax
+  import jax.numpy as jnp
+
+  from autosam_jax.train.semi import box_masks, cutmix_boxes
+
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(64))
+  boxes = cutmix_boxes(keys, 16, 0.5)
+  coarse, fine = np.asarray(box_masks(boxes, 16)), np.asarray(box_masks(boxes, 64))
+  np.testing.assert_array_equal(np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2), fine)
+  areas = coarse.mean(axis=(1, 2))
+  assert 15 <= (areas > 0).sum() <= 50 and areas.max() <= 0.6  # about half get a box, none the whole slice
+
+
+def test_semi_learns_from_the_unlabeled_patients_without_reading_their_labels(world, tiny_weights, reference):
+  out, result = reference
+  assert result["steps"] == 6 and (out / "final_model").is_dir()
+  record = json.loads((out / "run.json").read_text())["identity"]
+  assert record["unlabeled_patients"] == TRAIN[1:] and record["labeled_patients"] == TRAIN[:1]
+  assert record["config"]["semi"] is True and record["config"]["semi_threshold"] == 0.0
+  # The same run on the dataset whose unlabeled patients' labels are swapped and smeared: the same parameters.
+  poisoned = world / "runs" / "poisoned"
+  _semi(world, tiny_weights, poisoned, cache="cache-poisoned")
+  for a, b in zip(_params(out), _params(poisoned), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert _losses(out) == _losses(poisoned)
+  # ... and the unlabeled patients do move the head: without them (supervised, same options) it ends elsewhere.
+  from autosam_jax.models.trained import SEMI_FIELDS
+  from autosam_jax.train.loop import train
+
+  supervised = TrainConfig(**{k: v for k, v in SEMI.to_dict().items() if k not in ("semi", *SEMI_FIELDS)})
+  train(supervised, world / "cache-data", _factory(tiny_weights), world / "runs" / "supervised", TRAIN[:1], VAL,
+        progress=False)
+  losses = _losses(world / "runs" / "supervised")
+  assert len(losses) == len(_losses(out))
+  assert max(abs(a - b) for a, b in zip(losses, _losses(out))) > 1e-3
+  assert max(np.abs(a - b).max() for a, b in zip(_params(world / "runs" / "supervised"), _params(out))) > 1e-4
+
+
+def test_a_killed_semi_run_resumes_to_the_same_parameters(world, tiny_weights, reference, kill_at):
+  out = world / "runs" / "killed"
+  assert _semi(world, tiny_weights, out, stop_after_steps=4) == {"stopped_at_step": 4}  # 2nd epoch, checkpointed
+  kill_at("train.step:1", "INT")  # one step after the resumption, before the next checkpoint
+  with pytest.raises(KeyboardInterrupt):
+    _semi(world, tiny_weights, out)
+  kill_at("none")
+  _semi(world, tiny_weights, out)
+  for a, b in zip(_params(reference[0]), _params(out), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert _losses(out) == _losses(reference[0])
+
+
+def test_the_unlabeled_stream_is_refused_in_one_line(world, tiny_weights, tmp_path, capsys):
+  from autosam_jax.cli import main
+
+  base = ["train", "--config", str(Path(__file__).resolve().parents[1] / "experiments/configs/linear_improved.py"), "--weights",
+          str(tiny_weights), "--splits", str(world / "split.json"), "--set", "semi=True", "--set", "epochs=1"]
+  cases = [  # (arguments, what the message says)
+      (["--cache", str(world / "tiny-cache-without-views"), "--tr-size", "1"], "holds no strong views"),
+      (["--cache", str(world / "cache-data"), "--tr-size", "3"], "needs unlabeled patients"),
+      (["--cache", str(world / "cache-data"), "--tr-size", "1", "--set", "semi_ratio=0"], "semi_ratio"),
+  ]
+  from autosam_jax.features.precompute import PrecomputeOptions, precompute
+
+  precompute(world / "data", tiny_weights, world / "tiny-cache-without-views", tfds_dir=world / "tfds-data",
+             options=PrecomputeOptions(mode="improved", dtype="float32", shard_size=64), progress=False)
+  for number, (extra, said) in enumerate(cases):
+    out = tmp_path / f"run{number}"
+    assert main([*base, *extra, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and said in err[0], err
+    assert not out.exists()
+  assert main(["precompute", "--data", str(world / "data"), "--weights", str(tiny_weights), "--out",
+               str(tmp_path / "cache"), "--strong-views", "-1", "--splits", str(world / "split.json")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "--strong-views must be an integer, 0 or more" in err[0], err
+  assert not (tmp_path / "cache").exists()
