@@ -3,7 +3,8 @@ one process with 4 CPU devices, and as 2 processes x 2 devices under jax.distrib
 training stopped after a mid-epoch checkpoint and resumed by both processes. All three give the same feature cache (to
 round-off) and, trained on one of the caches, the same losses and parameters and the same evaluation. The batch of 3
 is padded with zero-weight rows to 4 on the devices. The 1-device and 4-device runs also train LoRA factors with the
-linear head on an input cache, with the same losses."""
+linear head on an input cache, and the linear head semi-supervised (a patient more in the training set, unlabeled),
+with the same losses."""
 
 import dataclasses
 import json
@@ -21,6 +22,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # 5 steps an epoch: a checkpoint at step 3 (fewer saves than every 2 steps), the 2-process run stopped after step 4
 EPOCHS, BATCH_SIZE, STOP_AT, CHECKPOINT_EVERY = 2, 3, 4, 3
 LORA_SETS = ["epochs=1", f"batch_size={BATCH_SIZE}", "learning_rate=0.005", "lora_rank=2", "plateau_start_epoch=1"]
+# every unlabeled pixel pseudo-labeled (threshold 0), so the unlabeled stream and its CutMix boxes count in the loss
+SEMI_SETS = ["epochs=1", f"batch_size={BATCH_SIZE}", "learning_rate=0.005", "semi=True", "semi_threshold=0.0",
+             "semi_ramp_epochs=0", "plateau_start_epoch=1"]
 TIMEOUT_S = 240
 
 
@@ -68,6 +72,15 @@ def pipeline(a: dict) -> None:
     assert main(["train", "--config", a["lora"], "--cache", inputs, "--weights", a["weights"], "--splits",
                  a["splits"], "--tr-size", "1", "--out", str(Path(a["run"]).with_name("lora")),
                  *[f"--set={s}" for s in LORA_SETS], *flags]) == 0
+  if a.get("semi"):  # a split with a second, unlabeled training patient; its cache has strong views
+    semi = a["semi"]
+    if semi["precompute"]:
+      assert main(["precompute", "--data", a["acdc"], "--tfds-dir", a["tfds"], "--weights", a["weights"], "--out",
+                   semi["cache"], "--dtype", "fp32", "--batch-size", "4", "--shard-size", "64", "--strong-views", "1",
+                   "--splits", semi["splits"], *flags]) == 0
+    assert main(["train", "--config", a["config"], "--cache", semi["cache"], "--weights", a["weights"], "--splits",
+                 semi["splits"], "--tr-size", "1", "--out", str(Path(a["run"]).with_name("semi")),
+                 *[f"--set={s}" for s in SEMI_SETS], *flags]) == 0
   print("driver done", jax.process_index())
 
 
@@ -147,6 +160,9 @@ def runs(tiny_weights, tmp_path_factory):
   write_synthetic_acdc(root / "acdc", 4, seed=11)
   Split(name="s", seed=0, train=("patient001",), val=("patient002",),
         test=("patient003", "patient004")).to_json(root / "split.json")
+  Split(name="s", seed=0, train=("patient001", "patient003"), val=("patient002",),
+        test=("patient004",)).to_json(root / "semi_split.json")
+  semi = {"splits": str(root / "semi_split.json"), "cache": str(root / "one" / "semi_cache")}
   common = {"acdc": str(root / "acdc"), "tfds": str(root / "tfds"), "weights": str(tiny_weights),
             "splits": str(root / "split.json"), "config": str(REPO_ROOT / "experiments/configs/linear_faithful.py"),
             "sets": [f"epochs={EPOCHS}", f"batch_size={BATCH_SIZE}", "learning_rate=0.005",
@@ -162,11 +178,12 @@ def runs(tiny_weights, tmp_path_factory):
   save_model(root / "eval_model", params, frozen, config,
              record=model_record(ACDC_TABLE, {"dtype": "float32"}))  # the phantoms' classes, fp32 cache
   one = {**common, "flags": [], "processes": 1, "devices": 4, "stop_at": 0,
-         "lora": str(REPO_ROOT / "experiments/configs/linear_faithful.py"),
+         "lora": str(REPO_ROOT / "experiments/configs/linear_faithful.py"), "semi": {**semi, "precompute": True},
          **{k: str(root / "one" / k) for k in ("cache", "run", "eval")}}
   single_output = _launch([one], 4, [{}], root / "jax_cache")
   # the same pipeline on this process's one device (its programs are those the other test files compile)
-  pipeline({**one, "devices": 1, **{k: str(root / "single" / k) for k in ("cache", "run", "eval")}})
+  pipeline({**one, "devices": 1, **{k: str(root / "single" / k) for k in ("cache", "run", "eval")},
+            "semi": {**semi, "precompute": False}})  # trains on the 4-device run's cache, as the others
   port = _free_port()
   two = []
   for i in range(2):
@@ -237,6 +254,20 @@ def test_a_lora_run_on_four_devices_trains_as_on_one(runs):
   factors = [[np.asarray(layer.b_q[...]) for layer in lora_layers(m.encoder)] for m in models]
   assert factors[0] and all(np.abs(b).max() > 0 for b in factors[0])
   for a, b in zip(*factors):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_a_semi_supervised_run_on_four_devices_trains_as_on_one(runs):
+  """Batches of 3 labeled slices and 6 unlabeled ones on 4 devices (zero-weight rows on one of them) against 1
+  device: the same losses, teacher's pseudo-labels and CutMix boxes included, and the same head."""
+  one, single = runs["one"] / "semi", runs["single"] / "semi"
+  steps_one, steps_single = _rows(one, "step"), _rows(single, "step")
+  assert len(steps_one) == len(steps_single) > 1
+  np.testing.assert_allclose([r["loss"] for r in steps_single], [r["loss"] for r in steps_one], rtol=1e-4, atol=1e-5)
+  record = json.loads((one / "run.json").read_text())["identity"]
+  assert record["unlabeled_patients"] == ["patient003"] and record["config"]["semi"] is True
+  for a, b in zip(_params(one / "final_model", runs["weights"]), _params(single / "final_model", runs["weights"]),
+                  strict=True):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
 
