@@ -210,3 +210,27 @@ def test_the_unlabeled_stream_is_refused_in_one_line(world, tiny_weights, tmp_pa
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "--strong-views must be an integer, 0 or more" in err[0], err
   assert not (tmp_path / "cache").exists()
+
+
+def test_the_sweep_runs_semi_beside_the_supervised_head_on_the_same_labeled_patients(world, tiny_weights, capsys):
+  from autosam_jax.cli import main
+
+  config = {"data": str(world / "data"), "encoders": {"tiny": str(tiny_weights)}, "methods": ["linear", "semi"],
+            "mode": "improved", "splits": str(world / "split.json"), "tr_sizes": [1], "strong_views": 1,
+            "dtype": "fp32", "train": {"epochs": 2, "learning_rate": 5e-3, "batch_size": 4},
+            "method_train": {"semi": {"head": "linear", "semi_threshold": 0.0, "semi_ramp_epochs": 0}}}
+  (world / "sweep.py").write_text(f"def get_config():\n  return {config!r}\n")
+  out = world / "sweep"
+  assert main(["sweep", "--config", str(world / "sweep.py"), "--out", str(out), "--no-progress"]) == 0
+  assert "training semi--tiny--tr1--s on 1 labeled and 2 unlabeled patient(s)" in capsys.readouterr().out
+  results = json.loads((out / "results.json").read_text())
+  cells = {cell["method"]: cell for cell in results["cells"]}
+  assert sorted(cells) == ["linear", "semi"] and cells["semi"]["head"] == "linear"
+  assert results["config"]["strong_views"] == 1
+  table = (out / "results.md").read_text()
+  assert "| Linear head (tiny) |" in table and "| Semi-supervised linear head (tiny) |" in table
+  runs = {m: json.loads((out / cells[m]["run_dir"] / "run.json").read_text())["identity"] for m in cells}
+  assert runs["semi"]["labeled_patients"] == runs["linear"]["labeled_patients"] == TRAIN[:1]
+  assert runs["semi"]["unlabeled_patients"] == TRAIN[1:] and "unlabeled_patients" not in runs["linear"]
+  assert runs["semi"]["cache"] == runs["linear"]["cache"]  # one cache: the supervised head ignores its strong views
+  assert cells["semi"]["official"]["dice"] != cells["linear"]["official"]["dice"]
