@@ -219,18 +219,60 @@ def test_the_sweep_runs_semi_beside_the_supervised_head_on_the_same_labeled_pati
             "mode": "improved", "splits": str(world / "split.json"), "tr_sizes": [1], "strong_views": 1,
             "dtype": "fp32", "train": {"epochs": 2, "learning_rate": 5e-3, "batch_size": 4},
             "method_train": {"semi": {"head": "linear", "semi_threshold": 0.0, "semi_ramp_epochs": 0}}}
+  config["methods"].append("semi_sam")
   (world / "sweep.py").write_text(f"def get_config():\n  return {config!r}\n")
   out = world / "sweep"
   assert main(["sweep", "--config", str(world / "sweep.py"), "--out", str(out), "--no-progress"]) == 0
   assert "training semi--tiny--tr1--s on 1 labeled and 2 unlabeled patient(s)" in capsys.readouterr().out
   results = json.loads((out / "results.json").read_text())
   cells = {cell["method"]: cell for cell in results["cells"]}
-  assert sorted(cells) == ["linear", "semi"] and cells["semi"]["head"] == "linear"
+  assert sorted(cells) == ["linear", "semi", "semi_sam"] and cells["semi"]["head"] == cells["semi_sam"]["head"] == "linear"
   assert results["config"]["strong_views"] == 1
   table = (out / "results.md").read_text()
   assert "| Linear head (tiny) |" in table and "| Semi-supervised linear head (tiny) |" in table
+  assert "| Semi-supervised linear head + SAM boxes (tiny) |" in table
   runs = {m: json.loads((out / cells[m]["run_dir"] / "run.json").read_text())["identity"] for m in cells}
   assert runs["semi"]["labeled_patients"] == runs["linear"]["labeled_patients"] == TRAIN[:1]
   assert runs["semi"]["unlabeled_patients"] == TRAIN[1:] and "unlabeled_patients" not in runs["linear"]
   assert runs["semi"]["cache"] == runs["linear"]["cache"]  # one cache: the supervised head ignores its strong views
   assert cells["semi"]["official"]["dice"] != cells["linear"]["official"]["dice"]
+  semi_sam = json.loads((out / cells["semi_sam"]["run_dir"] / "run.json").read_text())["identity"]["config"]
+  assert semi_sam["semi_sam_boxes"] is True and semi_sam["semi_threshold"] == 0.0  # semi's options, then its own
+  assert runs["semi"]["config"]["semi_sam_boxes"] is False
+
+
+def test_sam_box_labels_are_what_sam_decodes_for_each_class_box(world, tiny_weights):
+  """SemiSAM's check: per class, the box around the predicted pixels (in the encoder's frame), SAM's mask for it;
+  against `Sam.decode` (parity-tested with Meta's) called box by box."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from autosam_jax import load_sam
+  from autosam_jax.features.cache import FeatureCache
+  from autosam_jax.train.semi import SemiProgram, box_prompted
+
+  sam = load_sam(tiny_weights)
+  cache = FeatureCache(world / "cache-data")
+  items = [cache[i] for i, it in enumerate(cache.items) if it["view"] == 0][2:5]
+  embedding = jnp.asarray(np.stack([it["embedding"] for it in items]))
+  predicted = np.stack([it["target"] for it in items]).astype(np.int32)  # labels as a student's prediction
+  predicted[2] = np.where(predicted[2] == 2, 0, predicted[2])  # a slice without class 2: no box, no mask
+  size = predicted.shape[1]
+  scale = sam.config.image_size / size
+  graphdef, state = nnx.split(box_prompted(sam, 3))
+  program = SemiProgram(None, sam_graphdef=graphdef, input_scale=scale)
+  import jax
+  got = np.asarray(jax.jit(program.sam_labels)(state, {"embedding": embedding}, jnp.asarray(predicted)))
+  assert got.shape == predicted.shape
+  for n in range(len(items)):
+    logits = np.full((2, size, size), -np.inf, np.float32)
+    for k, value in enumerate((1, 2)):
+      rows, cols = np.nonzero(predicted[n] == value)
+      if len(rows):
+        box = jnp.asarray([[cols.min(), rows.min(), cols.max(), rows.max()]], jnp.float32) * scale
+        out = sam.predict(embedding[n:n + 1], (sam.config.image_size,) * 2, (size, size), boxes=box,
+                          multimask_output=False)
+        logits[k] = np.asarray(out["low_res_logits"])[0, ..., 0]
+    expected = np.where(logits.max(0) > 0, 1 + logits.argmax(0), 0)
+    np.testing.assert_array_equal(got[n], expected)
+  assert (got > 0).any() and not (got[2] == 2).any()

@@ -20,14 +20,16 @@ from autosam_jax.typed_config import TypedConfig, option
 
 HEAD_METHODS = ("autosam", "cnn", "linear")  # frozen encoder, heads on its cached embeddings
 # a head on the cached embeddings (method_train["semi"]["head"], default autosam) that also learns from the fold's
-# other training patients, unlabeled (train/semi.py): the same labeled patients as the heads' cells
-SEMI_METHODS = ("semi",)
+# other training patients, unlabeled (train/semi.py): the same labeled patients as the heads' cells; semi_sam: the
+# same with SemiSAM's check of the pseudo-labels (semi_sam_boxes), method_train["semi"]'s options and then its own
+SEMI_METHODS = ("semi", "semi_sam")
 LORA_METHODS = ("lora",)  # the encoder in the loop: LoRA factors and the AutoSAM head, on an input cache
 IMAGE_METHODS = ("unet", "simclr")
 ZERO_SHOT_METHODS = ("zero_shot_box", "zero_shot_point")
 FEATURE_METHODS = HEAD_METHODS + SEMI_METHODS
 METHODS = HEAD_METHODS + SEMI_METHODS + LORA_METHODS + IMAGE_METHODS + ZERO_SHOT_METHODS
 LABELS = {"autosam": "AutoSAM", "cnn": "CNN head", "linear": "Linear head", "semi": "Semi-supervised head",
+          "semi_sam": "Semi-supervised head + SAM boxes",
           "lora": "LoRA + AutoSAM head",
           "unet": "UNet (scratch)",
           "simclr": "UNet (SimCLR)", "zero_shot_box": "SAM zero-shot, GT boxes",
@@ -129,15 +131,16 @@ class SweepConfig(TypedConfig):
     bad = [m for m in self.method_train if m not in METHODS]
     if bad:
       raise self.refusal(f"method_train names unknown method(s) {bad}; choose from {list(METHODS)}")
-    head = self.method_train.get("semi", {}).get("head", "autosam")
-    if head not in HEAD_METHODS:
-      raise self.refusal(f"method_train['semi']['head'] must be one of {list(HEAD_METHODS)} (a head on the frozen "
-                         f"features), got {head!r}")
+    for method in SEMI_METHODS:
+      head = _semi_head(method, self)
+      if head not in HEAD_METHODS:
+        raise self.refusal(f"method_train[{method!r}]['head'] must be one of {list(HEAD_METHODS)} (a head on the "
+                           f"frozen features), got {head!r}")
 
   def to_dict(self) -> dict[str, Any]:
     """The options; a sweep without method semi leaves strong_views out (as sweeps recorded before it)."""
     values = super().to_dict()
-    if "semi" not in self.methods:
+    if not set(SEMI_METHODS) & set(self.methods):
       values.pop("strong_views")
     return values
 
@@ -166,6 +169,11 @@ def load_sweep_config(path: Path, overrides: list[str] = ()) -> SweepConfig:
   return SweepConfig.from_file(path, overrides)
 
 
+def _semi_head(method: str, config: SweepConfig) -> str:
+  """The head a semi method trains: its own method_train's, else method_train["semi"]'s, else autosam."""
+  return config.method_train.get(method, {}).get("head", config.method_train.get("semi", {}).get("head", "autosam"))
+
+
 def _train_config(method: str, config: SweepConfig):
   """The TrainConfig of a method: its recipe (`recipes.train_recipe`), then the sweep's overrides."""
   from autosam_jax.experiment.recipes import lora_recipe, train_recipe
@@ -173,12 +181,14 @@ def _train_config(method: str, config: SweepConfig):
 
   head = "unet" if method in IMAGE_METHODS else method
   if method in SEMI_METHODS:
-    head = config.method_train.get(method, {}).get("head", "autosam")
+    head = _semi_head(method, config)
   mode = "faithful" if head == "unet" else config.mode
   values = lora_recipe(mode) if method in LORA_METHODS else train_recipe(head, mode)
   if method in SEMI_METHODS:
-    values["semi"] = True
+    values.update(semi=True, semi_sam_boxes=method == "semi_sam")
   values.update(config.train)
+  if method == "semi_sam":
+    values.update(config.method_train.get("semi", {}))
   values.update(config.method_train.get(method, {}))
   return TrainConfig.from_dict(values, source=f"sweep config, method {method}")
 
@@ -381,9 +391,9 @@ class Sweep:
       if not isinstance(recorded, dict):
         raise DataError(f"{config_file}: unreadable record of this sweep's settings; the sweep folder is damaged, use "
                         "another --out")
-      previous = {**defaults, **recorded}
-      changed = sorted(k for k in set(previous) | set(self.config.to_dict())
-                       if _jsonable(previous.get(k)) != _jsonable(self.config.to_dict().get(k))
+      previous, current = {**defaults, **recorded}, {**defaults, **self.config.to_dict()}
+      changed = sorted(k for k in set(previous) | set(current)
+                       if _jsonable(previous.get(k)) != _jsonable(current.get(k))
                        and k not in ("methods", "tr_sizes", "folds", "encoders", "encode_batch_size"))
       if changed:
         raise DataError(f"{config_file}: this sweep was run with other settings ({', '.join(changed)}); finished "
@@ -422,14 +432,16 @@ class Sweep:
     # its largest labeled set); a cache of a subset is named by it, so other folds or sizes make another cache.
     patients = self._used_patients()
     subset = "" if patients is None else f"-{len(patients)}patients-{_digest(sorted(patients))[:8]}"
-    cache = self.out / "cache" / (f"{encoder}-{self.config.mode}{subset}" + ("-inputs" if inputs else ""))
+    strong = self.config.strong_views if set(SEMI_METHODS) & set(self.config.methods) and not inputs else 0
+    # with strong views (method semi) the cache is another one: a sweep that adds semi later encodes it anew
+    cache = self.out / "cache" / (f"{encoder}-{self.config.mode}{subset}" + ("-inputs" if inputs else "") +
+                                  (f"-strong{strong}" if strong else ""))
     if cache.name not in self._checked_caches:  # once per sweep: precompute checks the manifest, then finishes or skips
       self._checked_caches.add(cache.name)
       if not _cache_complete(cache):
         whose = "every slice" if patients is None else f"the slices of the {len(patients)} patients the folds use"
         say(f"{'preparing the encoder inputs of' if inputs else 'encoding'} {whose} for {encoder} into {cache}")
       dtype = "bfloat16" if self.config.dtype == "bf16" else "float32"
-      strong = self.config.strong_views if "semi" in self.config.methods and not inputs else 0
       options = PrecomputeOptions(mode=self.config.mode, views=self.config.views, strong_views=strong, dtype=dtype,
                                   batch_size=self.config.encode_batch_size, store=store)
       view_patients = {p for s in self.splits for p in s.train}
@@ -448,7 +460,7 @@ class Sweep:
     used = set()
     for split in self.splits:
       used |= set(split.test) | set(split.val) | set(split.labeled(min(max(self.config.tr_sizes), len(split.train))))
-      if "semi" in self.config.methods:
+      if set(SEMI_METHODS) & set(self.config.methods):
         used |= set(split.train)
     everyone = {p for split in self.splits for p in split.patients}
     return None if used >= everyone else used
@@ -526,8 +538,9 @@ class Sweep:
 
       unlabeled = [p for p in split.train if p not in set(labeled)]
       say(f"training {cell.cell_id} on {len(labeled)} labeled and {len(unlabeled)} unlabeled patient(s)")
+      sam = load_sam(weights) if train_config.semi_sam_boxes else None  # its decoder checks the pseudo-labels
       result = train_semi(train_config, cache, factory, run_dir, labeled, list(split.val), unlabeled,
-                          progress=self.progress)
+                          progress=self.progress, sam=sam)
     else:
       say(f"training {cell.cell_id} on {len(labeled)} labeled patient(s)")
       result = train(train_config, cache, factory, run_dir, labeled, list(split.val), progress=self.progress)
@@ -632,6 +645,7 @@ def _row_label(method: str, encoder: str, head: str | None = None) -> str:
   label = LABELS.get(method, method)
   if method in SEMI_METHODS and head:
     label = f"Semi-supervised {'AutoSAM' if head == 'autosam' else LABELS[head][0].lower() + LABELS[head][1:]}"
+    label += " + SAM boxes" if method == "semi_sam" else ""
   return label + ("" if encoder == "-" else f" ({encoder})")
 
 

@@ -99,6 +99,9 @@ class TrainConfig(TypedConfig):
   semi_ema: float = option(0.99, at_least=0, below=1)
   semi_feature_dropout: float = option(0.5, at_least=0, below=1)  # channel dropout on the clean features' stream
   semi_cutmix: float = option(0.5, at_least=0, at_most=1)  # the probability a strong view gets a box of another
+  # SemiSAM: keep a pseudo-label only where SAM's decoder, prompted with the box of the student's prediction of each
+  # class, agrees (improved variant)
+  semi_sam_boxes: bool = False
 
   @property
   def lora(self) -> bool:
@@ -124,6 +127,9 @@ class TrainConfig(TypedConfig):
     if changed and not self.semi:
       raise self.refusal(f"{', '.join(changed)}: options of semi-supervised training; set semi=true or leave them "
                          "out")
+    if self.semi_sam_boxes and self.variant != "improved":
+      raise self.refusal("semi_sam_boxes prompts SAM on the improved protocol's target grid; set variant=improved "
+                         "or leave semi_sam_boxes out")
     if self.semi and (self.head == "unet" or self.lora):
       what = "the UNet" if self.head == "unet" else "LoRA (lora_rank)"
       raise self.refusal(f"semi trains a head on cached SAM features (the encoder frozen), not {what}; set head to "
@@ -149,7 +155,7 @@ class TrainConfig(TypedConfig):
 
 # The options of semi-supervised training, in configs only with semi.
 SEMI_FIELDS = ("semi_ratio", "semi_threshold", "semi_weight", "semi_ramp_epochs", "semi_ema", "semi_feature_dropout",
-               "semi_cutmix")
+               "semi_cutmix", "semi_sam_boxes")
 
 
 # What a cache's items are (its manifest's depends_on "kind"; absent in a feature cache) and the model they feed.

@@ -55,8 +55,9 @@ def train_split(config, cache: Path, weights: Path | None, splits_file: Path, fo
   if config.semi:  # the fold's other training patients, their labels never read
     from autosam_jax.train.semi import train_semi
     unlabeled = [p for p in split.train if p not in set(labeled)]
+    sam = load_sam(weights) if config.semi_sam_boxes else None  # its decoder checks the pseudo-labels
     result = train_semi(config, cache, head_factory, out, labeled, list(split.val), unlabeled, progress=progress,
-                        inputs=inputs)
+                        inputs=inputs, sam=sam)
   else:
     result = train(config, cache, head_factory, out, labeled, list(split.val), progress=progress, inputs=inputs)
   return {**result, "labeled": labeled}

@@ -12,7 +12,10 @@ where the pseudo-labels are the arg max of an EMA teacher's softmax on the clean
 confidence reaches `semi_threshold` (FixMatch's weak-to-strong consistency; the teacher as in mean teacher), L_strong
 is the student's cross-entropy against them on a strong view mixed by CutMix with the strong view of the example's
 next unlabeled slice (the pseudo-labels and their confidence mixed by the same box), and L_fp the student's
-against them on the clean features with channel dropout (UniMatch's feature perturbation). w(t) rises as
+against them on the clean features with channel dropout (UniMatch's feature perturbation). With semi_sam_boxes
+(SemiSAM's idea, cheap here because the features are cached), the frozen SAM decoder is prompted, per unlabeled slice
+and class, with the box around the student's own prediction of the class, and a pseudo-label is kept only where
+SAM's masks agree with it (pixels no mask covers count as background). w(t) rises as
 `semi_weight * exp(-5 (1 - t)^2)` over `semi_ramp_epochs`. Both cross-entropies are means over every real pixel of the
 unlabeled slices (an unconfident pixel adds 0), so padding rows change nothing.
 
@@ -157,7 +160,8 @@ def masked_cross_entropy(logits, labels, keep, pixels):
 class SemiProgram(HeadProgram):
   """The semi-supervised step (see the module's docstring): the student's gradient of the supervised and the
   ramped unlabeled loss, Adam, then the teacher's EMA update. Hashable: runs with equal options share the compiled
-  step."""
+  step. The frozen part is {"head": the head's, "sam": SAM's prompt encoder and mask decoder (`BoxPrompted`; empty
+  without `sam_graphdef`)}; `input_scale` is the encoder's input pixels per target pixel (for the boxes)."""
   ratio: int = 2
   threshold: float = 0.95
   weight: float = 1.0
@@ -165,6 +169,37 @@ class SemiProgram(HeadProgram):
   ema: float = 0.99
   feature_dropout: float = 0.5
   cutmix: float = 0.5
+  sam_graphdef: Any = None
+  input_scale: float = 4.0
+
+  def sam_labels(self, sam_state, features: dict, predicted):
+    """(N, T, T) labels of SAM's masks prompted with each class's box around `predicted` (N, T, T): the class of the
+    highest positive mask logit, background where none is positive (or where no box could be drawn)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    sam = nnx.merge(self.sam_graphdef, sam_state)
+    count, size = predicted.shape[0], predicted.shape[1]
+    classes = jnp.arange(1, sam.num_classes)
+    masks = predicted[:, None] == classes[None, :, None, None]  # (N, K, T, T)
+    rows, cols = jnp.any(masks, axis=3), jnp.any(masks, axis=2)  # (N, K, T)
+    first = lambda a: jnp.argmax(a, axis=-1)
+    last = lambda a: size - 1 - jnp.argmax(a[..., ::-1], axis=-1)
+    boxes = jnp.stack([first(cols), first(rows), last(cols), last(rows)], axis=-1).astype(jnp.float32)
+    boxes = boxes * self.input_scale  # target pixels -> the encoder's input frame
+    present = jnp.any(rows, axis=-1)  # (N, K)
+    slots = sam.num_classes - 1
+    repeated = jax.tree.map(lambda a: jnp.repeat(a, slots, axis=0), features)
+    sparse, dense = sam.prompt_encoder(None, boxes.reshape(count * slots, 4), None)
+    low_res, _ = sam.mask_decoder(repeated["embedding"], sam.prompt_encoder.get_dense_pe(), sparse, dense, False,
+                                  high_res=repeated.get("high_res"))
+    logits = low_res[..., 0].reshape(count, slots, *low_res.shape[1:3])
+    if logits.shape[2] != size:
+      logits = jax.image.resize(logits, (count, slots, size, size), "bilinear", antialias=False)
+    logits = jnp.where(present[:, :, None, None], logits, -jnp.inf)
+    best = jnp.max(logits, axis=1)
+    return jnp.where(best > 0, 1 + jnp.argmax(logits, axis=1), 0)
 
   def __call__(self, state, frozen, batch):
     import jax
@@ -184,10 +219,16 @@ class SemiProgram(HeadProgram):
     count = pixel_weight.shape[0]
     high_res = lambda maps: [maps[k] for k in HIGH_RES_FIELDS] if HIGH_RES_FIELDS[0] in maps else None
 
-    teacher_logits = _logits(self.graphdef, state["teacher"], frozen, weak["embedding"], size,
+    head_frozen = frozen["head"]
+    teacher_logits = _logits(self.graphdef, state["teacher"], head_frozen, weak["embedding"], size,
                              high_res=high_res(weak))
     probs = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), axis=-1)
     pseudo, keep = jnp.argmax(probs, axis=-1), (jnp.max(probs, axis=-1) >= self.threshold) * pixel_weight
+    if self.sam_graphdef is not None:  # SemiSAM: keep the pseudo-labels SAM, prompted by the student's boxes, agrees with
+      student = _logits(self.graphdef, state["params"], head_frozen, weak["embedding"], size, high_res=high_res(weak))
+      predicted = jnp.where(pixel_weight > 0, jnp.argmax(jax.lax.stop_gradient(student), axis=-1), 0)
+      sam_features = {"embedding": weak["embedding"], **({"high_res": high_res(weak)} if high_res(weak) else {})}
+      keep = keep * (self.sam_labels(frozen["sam"], sam_features, predicted) == pseudo)
     pixels = jnp.maximum(jnp.sum(pixel_weight), 1.0)
 
     # one key per unlabeled row (its number in the global batch): the same draws however the batch is padded
@@ -207,10 +248,11 @@ class SemiProgram(HeadProgram):
     share = self.weight * ramp(step, self.ramp_steps)
 
     def loss(params):
-      logits = _logits(self.graphdef, params, frozen, batch["embedding"], size, high_res=_high_res(batch))
+      logits = _logits(self.graphdef, params, head_frozen, batch["embedding"], size, high_res=_high_res(batch))
       supervised, _ = segmentation_loss(logits, batch["target"], batch["weight"])
-      strong_logits = _logits(self.graphdef, params, frozen, mixed["embedding"], size, high_res=high_res(mixed))
-      fp_logits = _logits(self.graphdef, params, frozen, dropped, size, high_res=high_res(weak))
+      strong_logits = _logits(self.graphdef, params, head_frozen, mixed["embedding"], size,
+                              high_res=high_res(mixed))
+      fp_logits = _logits(self.graphdef, params, head_frozen, dropped, size, high_res=high_res(weak))
       unlabeled = 0.5 * (masked_cross_entropy(strong_logits, mixed_pseudo, mixed_keep, pixels)
                          + masked_cross_entropy(fp_logits, pseudo, keep, pixels))
       return supervised + share * unlabeled, (supervised, unlabeled)
@@ -225,22 +267,42 @@ class SemiProgram(HeadProgram):
     return new_state, {"loss": total, "finite": all_finite(total, grads)}
 
 
+def box_prompted(sam, num_classes: int):
+  """SAM's prompt encoder and mask decoder, frozen, as one module (SemiSAM's check of the pseudo-labels)."""
+  from flax import nnx
+
+  class BoxPrompted(nnx.Module):
+    def __init__(self):
+      self.prompt_encoder, self.mask_decoder, self.num_classes = sam.prompt_encoder, sam.mask_decoder, num_classes
+
+  return BoxPrompted()
+
+
 class SemiTraining(HeadTraining):
   """`HeadTraining` with an unlabeled stream: each example id of an epoch (epoch * L + position, L the labeled
   slices) names a labeled view, as supervised training draws it, and `semi_ratio` unlabeled slices, the next ones of
   a seeded permutation of all unlabeled slices that runs on across epochs, each with a strong view drawn from
-  (seed, epoch, position). The train state adds the teacher (a copy of the head's trainable parameters)."""
+  (seed, epoch, position). The train state adds the teacher (a copy of the head's trainable parameters); the
+  frozen part is {"head": the head's, "sam": SAM's prompt encoder and mask decoder with semi_sam_boxes, else {}}."""
 
   def __init__(self, config, cache, views_of_slices, val_indices, head, where, out_dir, preprocess, record, *,
-               batch_rows: int, unlabeled: np.ndarray):
+               batch_rows: int, unlabeled: np.ndarray, sam=None):
+    from flax import nnx
+
     super().__init__(config, cache, views_of_slices, val_indices, head, where, out_dir, preprocess, record,
                      batch_rows=batch_rows)
     self.unlabeled = unlabeled
     steps_per_epoch = -(-len(views_of_slices) // batch_rows)
+    sam_graphdef, sam_state, scale = None, {}, 4.0
+    if config.semi_sam_boxes:
+      sam_graphdef, sam_state = nnx.split(box_prompted(sam, config.num_classes))
+      scale = sam.config.image_size / np.shape(cache[int(unlabeled[0, 0])]["target"])[0]
+    self.frozen = {"head": self.frozen, "sam": sam_state}
     self.program = SemiProgram(self.program.graphdef, config.augment, config.seed, ratio=config.semi_ratio,
                                threshold=config.semi_threshold, weight=config.semi_weight,
                                ramp_steps=config.semi_ramp_epochs * steps_per_epoch, ema=config.semi_ema,
-                               feature_dropout=config.semi_feature_dropout, cutmix=config.semi_cutmix)
+                               feature_dropout=config.semi_feature_dropout, cutmix=config.semi_cutmix,
+                               sam_graphdef=sam_graphdef, input_scale=float(scale))
     self.maps = tuple(f for f in self.fields if f not in ("target", "valid"))
     first = cache[int(unlabeled[0, 0])]
     ratio = config.semi_ratio
@@ -255,6 +317,12 @@ class SemiTraining(HeadTraining):
 
     state = super().initial_state(tx)
     return {**state, "teacher": jax.tree.map(lambda x: np.array(x), self.params)}
+
+  def end_epoch(self, end):
+    return super().end_epoch(dataclasses.replace(end, frozen=end.frozen["head"]))
+
+  def finish(self, state, frozen, last):
+    return super().finish(state, frozen["head"], last)
 
   def _labeled_order(self, epoch: int) -> np.ndarray:
     if epoch not in self._labeled_orders:  # deterministic: loader threads computing it at once agree
@@ -300,9 +368,11 @@ class SemiTraining(HeadTraining):
 
 
 def train_semi(config, cache_dir, head_factory, out_dir, labeled_patients: list[str], val_patients: list[str],
-               unlabeled_patients: list[str], *, inputs: dict[str, Any] | None = None, **options) -> dict[str, Any]:
+               unlabeled_patients: list[str], *, inputs: dict[str, Any] | None = None, sam=None,
+               **options) -> dict[str, Any]:
   """`loop.train` of a semi-supervised config: the unlabeled patients checked against the cache (every refusal
-  before anything is written) and recorded in the run's identity; `options` as `loop.train` takes them."""
+  before anything is written) and recorded in the run's identity; `options` as `loop.train` takes them. `sam` (the
+  converted SAM the head starts from): its prompt encoder and mask decoder, for semi_sam_boxes."""
   from autosam_jax.features.cache import FeatureCache
   from autosam_jax.memory import require_memory
   from autosam_jax.outputs import check_output_path
@@ -319,6 +389,13 @@ def train_semi(config, cache_dir, head_factory, out_dir, labeled_patients: list[
                  f"batch size {config.batch_size} with semi_ratio {config.semi_ratio}",
                  "choose a smaller batch_size or semi_ratio")
   identity = {**(inputs or {}), "unlabeled_patients": sorted(unlabeled_patients)}
-  method = functools.partial(SemiTraining, unlabeled=table)
+  if config.semi_sam_boxes:
+    if sam is None:
+      raise ValueError("semi_sam_boxes prompts SAM's decoder: give train_semi the SAM (sam=load_sam(weights))")
+    if cache.manifest["depends_on"].get("preprocess", {}).get("mode") != "improved":
+      raise DataError(f"{cache_dir}: semi_sam_boxes prompts SAM on the improved protocol's grid (the faithful "
+                      "targets are a 224-pixel resize of another frame); precompute with --mode improved, or leave "
+                      "semi_sam_boxes out")
+  method = functools.partial(SemiTraining, unlabeled=table, sam=sam)
   return train(config, cache_dir, head_factory, out_dir, labeled_patients, val_patients, inputs=identity,
                method=method, **options)

@@ -18,7 +18,7 @@ def get_config() -> dict:
   return {
       "data": "mni",
       "encoders": {"litemedsam": "pretrained:litemedsam"},
-      "methods": ["linear", "semi"],
+      "methods": ["linear", "semi", "semi_sam"],
       "mode": "improved",
       "tr_sizes": [1, 2],
       "num_folds": 3,
