@@ -276,3 +276,54 @@ def test_sam_box_labels_are_what_sam_decodes_for_each_class_box(world, tiny_weig
     expected = np.where(logits.max(0) > 0, 1 + logits.argmax(0), 0)
     np.testing.assert_array_equal(got[n], expected)
   assert (got > 0).any() and not (got[2] == 2).any()
+
+
+def test_a_folder_of_scans_without_labels_joins_the_unlabeled_patients(world, tiny_weights, tmp_path, capsys):
+  """precompute --unlabeled: plain and nnU-Net-named scans in another voxel order, cut in the dataset's frame and
+  cached with their strong views; semi learns from them even with every training patient labeled. A scan with a
+  NaN, and --unlabeled without --strong-views, are refused in one line with nothing written."""
+  import nibabel as nib
+
+  from autosam_jax.cli import main
+  from autosam_jax.data.shapes import write_shapes_dataset
+  from autosam_jax.features.cache import FeatureCache
+
+  write_shapes_dataset(tmp_path / "other", num_cases=2, class_names=["cyst", "kidney"], seed=9, shape=(32, 40, 4),
+                       voxel_order=(1, 2, 0))
+  scans = tmp_path / "scans"
+  scans.mkdir()
+  shutil.copy(tmp_path / "other" / "imagesTr" / "case_000_0000.nii.gz", scans / "follow_up.nii.gz")
+  shutil.copy(tmp_path / "other" / "imagesTr" / "case_001_0000.nii.gz", scans / "pt7_0000.nii.gz")
+  cache = tmp_path / "cache"
+  common = ["precompute", "--data", str(world / "data"), "--tfds-dir", str(world / "tfds-data"), "--weights",
+            str(tiny_weights), "--mode", "improved", "--dtype", "fp32", "--splits", str(world / "split.json")]
+  assert main([*common, "--out", str(cache), "--strong-views", "1", "--unlabeled", str(scans)]) == 0
+  loaded = FeatureCache(cache)
+  views = {}
+  for item in loaded.items:
+    views.setdefault(item["patient_id"], set()).add(item["view"])
+  assert views["unlabeled:follow_up"] == views["unlabeled:pt7"] == {0, -1}
+  record = loaded.manifest["depends_on"]["unlabeled"]
+  assert record["patients"] == ["unlabeled:follow_up", "unlabeled:pt7"] and len(record["files"]) == 2
+  # cut like the dataset's cases: 4 slices along the through-plane axis, stored as the files' first axis
+  assert sum(1 for it in loaded.items if it["patient_id"] == "unlabeled:pt7" and it["view"] == 0) == 4
+
+  out = tmp_path / "run"
+  assert main(["train", "--config", str(Path(__file__).resolve().parents[1] / "experiments/configs/linear_improved.py"),
+               "--cache", str(cache), "--weights", str(tiny_weights), "--splits", str(world / "split.json"),
+               "--tr-size", "3", "--out", str(out), "--set", "semi=True", "--set", "epochs=1", "--no-progress"]) == 0
+  identity = json.loads((out / "run.json").read_text())["identity"]
+  assert identity["unlabeled_patients"] == ["unlabeled:follow_up", "unlabeled:pt7"]
+  assert identity["labeled_patients"] == TRAIN
+  capsys.readouterr()
+
+  image = nib.load(scans / "follow_up.nii.gz")
+  data = np.asarray(image.dataobj, np.float32)
+  data[1, 2, 0] = np.nan
+  nib.save(nib.Nifti1Image(data, image.affine), scans / "broken.nii.gz")
+  for extra, said in ((["--strong-views", "1", "--unlabeled", str(scans)], "broken.nii.gz"),
+                      (["--unlabeled", str(scans)], "give --strong-views")):
+    assert main([*common, "--out", str(tmp_path / "refused"), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and said in err[0], err
+    assert not (tmp_path / "refused").exists()

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--views", type=int, default=0, help="augmented views per labeled training slice (default 0)")
   parser.add_argument("--strong-views", type=int, default=0,
                       help="photometric views per training slice, for semi-supervised training (default 0; e.g. 4)")
+  parser.add_argument("--unlabeled", type=Path, metavar="DIR",
+                      help="a folder of scans without labels (imagesTs/, any .nii/.nii.gz) to cache with their "
+                           "strong views: semi-supervised training learns from them too (needs --strong-views)")
   parser.add_argument("--splits", type=Path, help="split file (make-splits); its training patients get the views")
   parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                       help="encoder matmul and storage dtype (default bf16: half the disk, twice the speed on AMX/GPU)")
@@ -55,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
                               dtype="bfloat16" if args.dtype == "bf16" else "float32", batch_size=args.batch_size,
                               seed=args.seed, shard_size=args.shard_size, store=args.store)
   summary = precompute(args.data, args.weights, args.out, tfds_dir=options.tfds_dir(args, args.data),
-                       options=choices, splits_file=args.splits)
+                       options=choices, splits_file=args.splits, unlabeled_dir=args.unlabeled)
   what = "encoder inputs" if args.store == "inputs" else "embeddings"
   print(f"cache {args.out}: {summary['items']} {what} in {summary['shards']} shards, "
         f"{summary['bytes'] / 2**20:.1f} MiB; computed {summary['computed']} now at "

@@ -6,11 +6,9 @@ command and its naming rules: `autosam_jax/commands/predict.py`."""
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,9 +17,7 @@ import numpy as np
 from autosam_jax.data.errors import DataError
 from autosam_jax.models.trained import read_train_config
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-CHANNEL_NAME = re.compile(r"(?P<case>.+)_(?P<channel>\d{4})")  # nnU-Net's CASE_0000
-MAX_CHANNELS = 3
+from autosam_jax.data.scans import input_cases, input_files  # the folders of scans predict takes
 
 
 def make_head_forward(head, target_size: int, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -240,73 +236,6 @@ def load_model(model_dir: Path, weights_dir: Path | None, encoder: bool):
   if not encoder:
     sam = None
   return sam, head, train_config
-
-
-def input_files(path: Path) -> list[Path]:
-  if path.is_dir():
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
-    if not files:
-      raise DataError(f"{path}: holds no .nii or .nii.gz files")
-    return files
-  if not path.exists():
-    raise DataError(f"{path}: file not found")
-  if not path.name.endswith(NIFTI_SUFFIXES):
-    raise DataError(f"{path}: not a NIfTI file (.nii or .nii.gz)")
-  return [path]
-
-
-@dataclasses.dataclass(frozen=True)
-class InputCase:
-  """One scan to segment: its image file (nnU-Net: channel _0000) and the name of the label map it gives."""
-  path: Path
-  output_name: str
-
-
-def _split_suffix(name: str) -> tuple[str, str]:
-  suffix = next(s for s in NIFTI_SUFFIXES if name.endswith(s))
-  return name[:-len(suffix)], suffix
-
-
-def input_cases(files: list[Path]) -> list[InputCase]:
-  """Groups nnU-Net channel files (CASE_0000, CASE_0001, ...) into cases and names every output; DataError for a
-  gap in a case's channels, a case with several channels, or two inputs that would write one output name. Files
-  named like a channel but without a _0000 beside them (subject_0012.nii.gz) are plain scans."""
-  plain: list[InputCase] = []
-  channels: dict[tuple[Path, str], dict[int, Path]] = {}
-  for path in files:
-    stem, suffix = _split_suffix(path.name)
-    match = CHANNEL_NAME.fullmatch(stem)
-    if match is None:
-      plain.append(InputCase(path, f"{stem}.nii.gz"))
-    else:
-      channels.setdefault((path.parent, match["case"]), {})[int(match["channel"])] = path
-  grouped = []
-  for (folder, case), found in channels.items():
-    if 0 not in found:  # e.g. subject_0012.nii.gz: a name that ends in four digits, not an nnU-Net channel file
-      plain += [InputCase(path, f"{_split_suffix(path.name)[0]}.nii.gz") for path in found.values()]
-      continue
-    suffix = _split_suffix(found[min(found)].name)[1]
-    present = ", ".join(f"_{c:04d}" for c in sorted(found))
-    missing = sorted(set(range(max(found) + 1)) - set(found))
-    if missing:
-      raise DataError(f"{folder / f'{case}_{missing[0]:04d}{suffix}'}: missing channel of case {case} (found "
-                      f"{present}); nnU-Net numbers a case's channels _0000, _0001, ... without gaps, add the file or "
-                      "remove the others")
-    if len(found) > MAX_CHANNELS:
-      raise DataError(f"{found[MAX_CHANNELS]}: case {case} has {len(found)} channels ({present}); at most "
-                      f"{MAX_CHANNELS} are supported and the model takes one gray image, give only the _0000 file")
-    if len(found) > 1:
-      raise DataError(f"{found[1]}: case {case} has {len(found)} channels ({present}) but the model was trained on one "
-                      "channel (_0000); give only the _0000 file (e.g. in a folder of its own)")
-    grouped.append(InputCase(found[0], f"{case}{suffix}"))
-  cases = sorted(plain + grouped, key=lambda c: c.path)
-  by_name: dict[str, InputCase] = {}
-  for case in cases:
-    other = by_name.setdefault(case.output_name, case)
-    if other is not case:
-      raise DataError(f"{case.path}: would write {case.output_name}, as {other.path} does; rename one of them or "
-                      "predict them into separate output folders")
-  return cases
 
 
 def predict_volume(image: np.ndarray, spacing, sam, forward, config, batch_size: int, name: str,

@@ -64,6 +64,9 @@ class SweepConfig(TypedConfig):
   views: int = option(0, at_least=0)  # augmented views per training slice in the feature cache
   # photometric views per training slice in the feature cache, for method semi (in the config only with it)
   strong_views: int = option(4, at_least=1)
+  # a folder of scans without labels (imagesTs/, any .nii/.nii.gz) the semi methods learn from too, beside the folds'
+  # unlabeled training patients (in the config only when given)
+  unlabeled: str = option("", kind=_PATH)
   dtype: str = option("bf16", choices=("bf16", "fp32"))  # encoder matmuls and cache storage
   encode_batch_size: int = option(8, at_least=1)
   # The UNet baselines' model images: image_size x image_size pixels of image_spacing mm (official: 224 at 1.25 mm)
@@ -83,7 +86,7 @@ class SweepConfig(TypedConfig):
     compares the recorded config)."""
     if isinstance(values, Mapping):
       values = dict(values)
-      for name in ("data", "splits", "tfds_dir"):
+      for name in ("data", "splits", "tfds_dir", "unlabeled"):
         if isinstance(values.get(name), os.PathLike):
           values[name] = os.fspath(values[name])
       if isinstance(values.get("encoders"), Mapping):
@@ -131,6 +134,9 @@ class SweepConfig(TypedConfig):
     bad = [m for m in self.method_train if m not in METHODS]
     if bad:
       raise self.refusal(f"method_train names unknown method(s) {bad}; choose from {list(METHODS)}")
+    if self.unlabeled and not set(SEMI_METHODS) & set(self.methods):
+      raise self.refusal(f"unlabeled scans ({self.unlabeled}) are for the semi-supervised methods; add 'semi' to "
+                         "methods or leave unlabeled out")
     for method in SEMI_METHODS:
       head = _semi_head(method, self)
       if head not in HEAD_METHODS:
@@ -142,6 +148,8 @@ class SweepConfig(TypedConfig):
     values = super().to_dict()
     if not set(SEMI_METHODS) & set(self.methods):
       values.pop("strong_views")
+    if not self.unlabeled:
+      values.pop("unlabeled")
     return values
 
 
@@ -204,7 +212,7 @@ def _simclr_config(config: SweepConfig):
 
 # How the sweep's options are called in the errors of precompute and image-cache (whose own are command-line flags).
 PRECOMPUTE_NAMES = {"batch_size": "encode_batch_size", "views": "views", "shard_size": "shard size",
-                    "tfds_dir": "tfds_dir"}
+                    "tfds_dir": "tfds_dir", "strong_views": "strong_views", "unlabeled_dir": "unlabeled"}
 IMAGE_CACHE_NAMES = {"slice_size": "image_size", "shard_size": "shard size", "tfds_dir": "tfds_dir"}
 
 
@@ -445,9 +453,10 @@ class Sweep:
       options = PrecomputeOptions(mode=self.config.mode, views=self.config.views, strong_views=strong, dtype=dtype,
                                   batch_size=self.config.encode_batch_size, store=store)
       view_patients = {p for s in self.splits for p in s.train}
+      unlabeled = Path(self.config.unlabeled).expanduser() if self.config.unlabeled and strong else None
       summary = precompute(self.data, self.weights[encoder], cache, tfds_dir=self.tfds_dir, options=options,
                            view_patients=view_patients, progress=self.progress, option_names=PRECOMPUTE_NAMES,
-                           patients=patients)
+                           patients=patients, unlabeled_dir=unlabeled)
       if summary["computed"]:
         say(f"{summary['items']} {'encoder inputs' if inputs else 'embeddings'}; {summary['computed']} computed at "
              f"{summary['images_per_second']:.2f} images/s")
@@ -537,7 +546,8 @@ class Sweep:
       from autosam_jax.train.semi import train_semi
 
       unlabeled = [p for p in split.train if p not in set(labeled)]
-      say(f"training {cell.cell_id} on {len(labeled)} labeled and {len(unlabeled)} unlabeled patient(s)")
+      scans = f" and the scans of {self.config.unlabeled}" if self.config.unlabeled else ""
+      say(f"training {cell.cell_id} on {len(labeled)} labeled and {len(unlabeled)} unlabeled patient(s){scans}")
       sam = load_sam(weights) if train_config.semi_sam_boxes else None  # its decoder checks the pseudo-labels
       result = train_semi(train_config, cache, factory, run_dir, labeled, list(split.val), unlabeled,
                           progress=self.progress, sam=sam)

@@ -139,14 +139,17 @@ def read_shard_record(path: Path, parts: tuple[str, ...] = _PARTS) -> tuple[dict
   return {part: record[part] for part in parts}, None
 
 
-def work_items(volumes, view_patients: set[str], views: int, strong_views: int = 0) -> list[dict[str, Any]]:
+def work_items(volumes, view_patients: set[str], views: int, strong_views: int = 0,
+               strong_patients: set[str] = frozenset()) -> list[dict[str, Any]]:
   """The items of a cache of `volumes` (case id -> Volume), in (case, view, slice) order: every slice's clean view 0,
   and `views` augmented views (1..views) and `strong_views` photometric views (-1..-strong_views, for
-  semi-supervised training) more of the slices of `view_patients`."""
+  semi-supervised training) more of the slices of `view_patients`; `strong_patients` (scans without labels) get the
+  strong views only."""
   items = []
   for case_id, volume in volumes.items():
     extra = volume.patient_id in view_patients
-    for view in [*range(1 + (views if extra else 0)), *(range(-1, -strong_views - 1, -1) if extra else ())]:
+    strong = extra or volume.patient_id in strong_patients
+    for view in [*range(1 + (views if extra else 0)), *(range(-1, -strong_views - 1, -1) if strong else ())]:
       for z in range(volume.image.shape[2]):
         items.append({"case_id": case_id, "patient_id": volume.patient_id, "frame": volume.frame, "slice_index": z,
                       "view": view})

@@ -184,8 +184,12 @@ class _Preparer:
 def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | Path, *, tfds_dir: str | Path,
                options: PrecomputeOptions = PrecomputeOptions(), view_patients: set[str] | None = None,
                progress: bool = True, option_names: dict[str, str] | None = None,
-               splits_file: str | Path | None = None, patients: set[str] | None = None) -> dict[str, Any]:
+               splits_file: str | Path | None = None, patients: set[str] | None = None,
+               unlabeled_dir: str | Path | None = None) -> dict[str, Any]:
   """Computes (or finishes) the cache; returns a summary (items, seconds, images/s, bytes).
+
+  `unlabeled_dir`: a folder of scans without labels (`data/scans.read_unlabeled`), cached with their strong views
+  for semi-supervised training (which then learns from them too); recorded in the manifest with its files' digests.
 
   `patients`: only their slices (the sweep's: the patients its folds and training-set sizes use), recorded in the
   manifest; None: every patient's.
@@ -200,11 +204,11 @@ def precompute(source_dir: str | Path, weights_dir: str | Path, out_dir: str | P
   with contextlib.ExitStack() as stack:  # holds OUT_DIR's lock, once taken, to the end
     return _precompute(source_dir, weights_dir, out_dir, tfds_dir=tfds_dir, options=options,
                        view_patients=view_patients, progress=progress, option_names=option_names, stack=stack,
-                       splits_file=splits_file, patients=patients)
+                       splits_file=splits_file, patients=patients, unlabeled_dir=unlabeled_dir)
 
 
 def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_patients, progress, option_names,
-                stack, splits_file, patients) -> dict[str, Any]:
+                stack, splits_file, patients, unlabeled_dir) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -249,12 +253,22 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
                       f"{source_dir}: an empty set of patients to encode")
     volumes = {key: volume for key, volume in volumes.items() if volume.patient_id in patients}
     view_patients &= set(patients)
+  extra: dict[str, Any] = {}
+  if unlabeled_dir is not None:
+    from autosam_jax.data.scans import read_unlabeled
+
+    option = names.get("unlabeled_dir", "--unlabeled")
+    if not options.strong_views:
+      raise DataError(f"{option} {unlabeled_dir}: unlabeled scans are cached for semi-supervised training, which "
+                      f"learns from their strong views; give {names['strong_views']} (e.g. 4) too")
+    extra = read_unlabeled(unlabeled_dir, references)
+    volumes = {**volumes, **extra}
   if options.views or options.strong_views:
     from autosam_jax.memory import require_memory
     option = names["views"] if options.views else names["strong_views"]
     require_memory(_count_items(volumes, view_patients, options.views + options.strong_views) * ITEM_BYTES,
                    f"{option} {options.views or options.strong_views}", f"choose fewer {option}")
-  items = work_items(volumes, view_patients, options.views, options.strong_views)
+  items = work_items(volumes, view_patients, options.views, options.strong_views, strong_patients=set(extra))
   inputs_only = options.store == "inputs"
   depends_on = {**({"kind": "sam_inputs"} if inputs_only else {}), "weights_sha256": weights_digest(weights_dir),
                 "sam_config": json.loads(config.to_json()),
@@ -264,6 +278,7 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
                 "labels": labels.to_dict(), "orientation_references": references,
                 **({"strong_views": options.strong_views,
                     "strong_augment": AugmentConfig.photometric().to_dict()} if options.strong_views else {}),
+                **({"unlabeled": _unlabeled_record(unlabeled_dir, extra)} if extra else {}),
                 **({"patients": sorted(patients)} if patients is not None else {})}
   # The weights are loaded before the cache directory is created: unusable weights leave nothing behind.
   mesh = local_data_mesh()
@@ -369,6 +384,16 @@ def _precompute(source_dir, weights_dir, out_dir, *, tfds_dir, options, view_pat
   return {"items": len(writer.items), "computed": total, "seconds": seconds,
           "images_per_second": total / seconds if seconds > 0 and total else 0.0, "bytes": size,
           "shards": writer.num_shards, "devices": len(devices), "processes": num_processes}
+
+
+def _unlabeled_record(folder, volumes) -> dict[str, Any]:
+  """What the cache's unlabeled scans were made from: the folder, and each patient's file digest."""
+  from autosam_jax.outputs import file_digest
+
+  folder = Path(folder)
+  files = {p.name: file_digest(p) for p in sorted(folder.iterdir()) if p.is_file()
+           and p.name.endswith((".nii", ".nii.gz"))}
+  return {"folder": str(folder.absolute()), "files": files, "patients": sorted(volumes)}
 
 
 def check_options(options: PrecomputeOptions, names: dict[str, str] = OPTION_NAMES) -> None:

@@ -56,7 +56,8 @@ def unlabeled_table(cache, cache_dir, patients: list[str], labeled: list[str], v
   hold, and a cache without strong views of them."""
   if not patients:
     raise DataError(f"{cache_dir}: semi-supervised training needs unlabeled patients, and every training patient of "
-                    "the fold is labeled; train with fewer labeled patients (--tr-size), or leave semi out")
+                    "the fold is labeled; train with fewer labeled patients (--tr-size), cache scans without labels "
+                    "too (precompute --unlabeled DIR), or leave semi out")
   for others, what in ((labeled, "labeled"), (val, "validation")):
     both = sorted(set(patients) & set(others))
     if both:
@@ -69,7 +70,8 @@ def unlabeled_table(cache, cache_dir, patients: list[str], labeled: list[str], v
   if missing:
     raise DataError(f"{cache_dir}: holds no slices of the unlabeled patients {missing[:5]}; precompute the cache "
                     "with them (a split file whose training patients include them)")
-  without = sorted(set(patients) - set(depends_on.get("view_patients", [])))
+  with_views = {it["patient_id"] for it in cache.items if it["view"] < 0}
+  without = sorted(set(patients) - with_views)
   if not strong or without:
     whose = f" of the unlabeled patients {without[:5]}" if strong else ""
     raise DataError(f"{cache_dir}: holds no strong views{whose}, which semi-supervised training learns from; "
@@ -383,7 +385,10 @@ def train_semi(config, cache_dir, head_factory, out_dir, labeled_patients: list[
     raise ValueError("train_semi trains semi-supervised configs (semi=true)")
   check_output_path(out_dir)
   cache = FeatureCache(cache_dir)
-  table = unlabeled_table(cache, Path(cache_dir), sorted(unlabeled_patients), labeled_patients, val_patients)
+  # the cache's scans without labels (precompute --unlabeled) are unlabeled patients of every run on it
+  scans = cache.manifest["depends_on"].get("unlabeled", {}).get("patients", [])
+  unlabeled_patients = sorted({*unlabeled_patients, *scans})
+  table = unlabeled_table(cache, Path(cache_dir), unlabeled_patients, labeled_patients, val_patients)
   rows = min(config.batch_size, len(table))  # an estimate: the loop sizes the batch by the labeled slices
   require_memory((PREFETCH_BATCHES + 2) * rows * (1 + 2 * config.semi_ratio) * example_bytes(cache, int(table[0, 0])),
                  f"batch size {config.batch_size} with semi_ratio {config.semi_ratio}",
