@@ -49,7 +49,7 @@ def world(tiny_weights, tmp_path_factory):
   _write_dataset(root / "data")
   _poison(root / "data", root / "poisoned")
   Split(name="s", seed=0, train=tuple(TRAIN), val=tuple(VAL), test=tuple(TEST)).to_json(root / "split.json")
-  options = PrecomputeOptions(mode="improved", strong_views=2, dtype="float32", shard_size=32, batch_size=8)
+  options = PrecomputeOptions(mode="improved", strong_views=1, dtype="float32", shard_size=32, batch_size=8)
   for name in ("data", "poisoned"):
     precompute(root / name, tiny_weights, root / f"cache-{name}", tfds_dir=root / f"tfds-{name}", options=options,
                splits_file=root / "split.json", progress=False)
@@ -99,11 +99,11 @@ def test_strong_views_are_cached_for_training_patients_with_their_pixels_in_plac
 
   cache = FeatureCache(world / "cache-data")
   depends_on = cache.manifest["depends_on"]
-  assert depends_on["strong_views"] == 2 and depends_on["view_patients"] == TRAIN
+  assert depends_on["strong_views"] == 1 and depends_on["view_patients"] == TRAIN
   views = {}
   for i, item in enumerate(cache.items):
     views.setdefault(item["patient_id"], set()).add(item["view"])
-  assert all(views[p] == {0, -1, -2} for p in TRAIN) and all(views[p] == {0} for p in VAL + TEST)
+  assert all(views[p] == {0, -1} for p in TRAIN) and all(views[p] == {0} for p in VAL + TEST)
   lookup = {(it["case_id"], it["slice_index"], it["view"]): i for i, it in enumerate(cache.items)}
   changed = 0
   for (case, z, view), i in lookup.items():
@@ -112,7 +112,7 @@ def test_strong_views_are_cached_for_training_patients_with_their_pixels_in_plac
       np.testing.assert_array_equal(strong["target"], clean["target"])  # photometric only: nothing moved
       np.testing.assert_array_equal(strong["valid"], clean["valid"])
       changed += not np.allclose(strong["embedding"], clean["embedding"], atol=1e-3)
-  assert changed >= 10  # the views differ from the clean features (some draws leave a slice almost as it was)
+  assert changed >= 6  # the views differ from the clean features (some draws leave a slice almost as it was)
 
 
 def test_photometric_views_change_intensities_and_move_no_pixel():
@@ -217,7 +217,7 @@ def test_the_sweep_runs_semi_beside_the_supervised_head_on_the_same_labeled_pati
 
   config = {"data": str(world / "data"), "encoders": {"tiny": str(tiny_weights)}, "methods": ["linear", "semi"],
             "mode": "improved", "splits": str(world / "split.json"), "tr_sizes": [1], "strong_views": 1,
-            "dtype": "fp32", "train": {"epochs": 2, "learning_rate": 5e-3, "batch_size": 4},
+            "dtype": "fp32", "train": {"epochs": 1, "learning_rate": 5e-3, "batch_size": 4},
             "method_train": {"semi": {"head": "linear", "semi_threshold": 0.0, "semi_ramp_epochs": 0}}}
   config["methods"].append("semi_sam")
   (world / "sweep.py").write_text(f"def get_config():\n  return {config!r}\n")
