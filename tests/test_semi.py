@@ -327,3 +327,32 @@ def test_a_folder_of_scans_without_labels_joins_the_unlabeled_patients(world, ti
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and said in err[0], err
     assert not (tmp_path / "refused").exists()
+
+
+def test_semi_with_lora_adapts_the_encoder_from_the_unlabeled_patients(world, tiny_weights):
+  """The encoder in the loop: an input cache with strong views (precompute --store inputs --strong-views), the
+  teacher's and student's features from the adapted encoder, the feature dropout on its embedding; other factors
+  than a supervised LoRA run's. (What an unlabeled example reads is the heads' code: the poisoned-labels test above.)"""
+  from flax import nnx
+
+  from autosam_jax import load_sam
+  from autosam_jax.features.precompute import PrecomputeOptions, precompute
+  from autosam_jax.models.trained import SEMI_FIELDS, build_model
+  from autosam_jax.train.loop import train
+  from autosam_jax.train.semi import train_semi
+
+  precompute(world / "data", tiny_weights, world / "inputs", tfds_dir=world / "tfds-data",
+             options=PrecomputeOptions(mode="improved", strong_views=1, dtype="float32", shard_size=64,
+                                       store="inputs"), splits_file=world / "split.json", progress=False)
+  config = TrainConfig(head="linear", variant="improved", scheduler="plateau_val_dice", epochs=1, batch_size=2,
+                       learning_rate=5e-3, lora_rank=2, semi=True, semi_threshold=0.0, semi_ramp_epochs=0)
+  factory = lambda config: build_model(config, load_sam(tiny_weights), rngs=nnx.Rngs(config.seed))
+  train_semi(config, world / "inputs", factory, world / "runs" / "lora-semi", TRAIN[:1], VAL, TRAIN[1:],
+             progress=False)
+  record = json.loads((world / "runs" / "lora-semi" / "run.json").read_text())["identity"]
+  assert record["config"]["lora_rank"] == 2 and record["unlabeled_patients"] == TRAIN[1:]
+  supervised = TrainConfig(**{k: v for k, v in config.to_dict().items() if k not in ("semi", *SEMI_FIELDS)})
+  train(supervised, world / "inputs", factory, world / "runs" / "lora-supervised", TRAIN[:1], VAL, progress=False)
+  semi, alone = _params(world / "runs" / "lora-semi"), _params(world / "runs" / "lora-supervised")
+  assert len(semi) == len(alone) > 2 and all(np.isfinite(a).all() for a in semi)  # the factors and the head
+  assert max(np.abs(a - b).max() for a, b in zip(semi, alone)) > 1e-5

@@ -440,8 +440,10 @@ class Sweep:
     # its largest labeled set); a cache of a subset is named by it, so other folds or sizes make another cache.
     patients = self._used_patients()
     subset = "" if patients is None else f"-{len(patients)}patients-{_digest(sorted(patients))[:8]}"
-    strong = self.config.strong_views if set(SEMI_METHODS) & set(self.config.methods) and not inputs else 0
-    # with strong views (method semi) the cache is another one: a sweep that adds semi later encodes it anew
+    # the semi methods' strong views: in the feature cache, and in the input cache where a semi method adapts the
+    # encoder (lora_rank); a cache with them is another one: a sweep that adds semi later encodes it anew
+    semi = bool(set(SEMI_METHODS) & set(self.config.methods))
+    strong = self.config.strong_views if semi and (not inputs or self._semi_lora()) else 0
     cache = self.out / "cache" / (f"{encoder}-{self.config.mode}{subset}" + ("-inputs" if inputs else "") +
                                   (f"-strong{strong}" if strong else ""))
     if cache.name not in self._checked_caches:  # once per sweep: precompute checks the manifest, then finishes or skips
@@ -461,6 +463,10 @@ class Sweep:
         say(f"{summary['items']} {'encoder inputs' if inputs else 'embeddings'}; {summary['computed']} computed at "
              f"{summary['images_per_second']:.2f} images/s")
     return cache
+
+  def _semi_lora(self) -> bool:
+    """Whether a semi method of the sweep adapts the encoder (lora_rank): its input cache holds strong views too."""
+    return any(_train_config(m, self.config).lora for m in SEMI_METHODS if m in self.config.methods)
 
   def _used_patients(self) -> set[str] | None:
     """The patients the sweep's cells read: every split's test and validation patients and its labeled ones at
@@ -534,7 +540,7 @@ class Sweep:
     if cell.method in IMAGE_METHODS:
       cache, weights = self.image_cache(), None
     else:
-      store = "inputs" if cell.method in LORA_METHODS else "embeddings"
+      store = "inputs" if train_config.lora else "embeddings"  # LoRA's methods, and semi with lora_rank
       cache, weights = self.feature_cache(cell.encoder, store), self.weights[cell.encoder]
 
     def factory(config):

@@ -194,11 +194,15 @@ class AdaptedSam(nnx.Module):
     self.encoder = encoder
     self.head = head
 
-  def __call__(self, images: Array) -> Array:
+  def __call__(self, images: Array, feature_scale: Array | None = None) -> Array:
+    """`feature_scale` (broadcast to the embedding, e.g. a (B, 1, 1, C) dropout mask) multiplies the embedding
+    before the head (semi-supervised training's feature perturbation)."""
     from autosam_jax.models.encoders import encoder_features
 
     features = encoder_features(self.encoder, images)
     embedding = features["embedding"].astype(jnp.float32)
+    if feature_scale is not None:
+      embedding = embedding * feature_scale
     if getattr(self.head, "uses_high_res", False):  # SAM 2's decoder as the head: its high-resolution skips
       return self.head(embedding, [m.astype(jnp.float32) for m in features["high_res"]])
     return self.head(embedding)

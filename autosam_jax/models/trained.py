@@ -84,7 +84,8 @@ class TrainConfig(TypedConfig):
   # relative-position bias, which cuDNN gives only for an attention batch of 1 (a windowed block's is images x
   # windows); the frozen encoder's forward takes it by itself (precompute, zero-shot, predict).
   attention: str = option("auto", choices=ATTENTIONS)
-  # Semi-supervised training (semi: true; `train/semi.py`): a head on cached features learns from the labeled slices
+  # Semi-supervised training (semi: true; `train/semi.py`): a head on cached features (or, with lora_rank, on its
+  # adapted encoder's, from an input cache) learns from the labeled slices
   # and, in the same steps, from the fold's other training patients without their labels: an EMA teacher's
   # confident predictions on each unlabeled slice's clean features are the pseudo-labels the student learns to give
   # on the slice's strong views (photometric views cached by precompute --strong-views, mixed by CutMix) and on its
@@ -130,10 +131,12 @@ class TrainConfig(TypedConfig):
     if self.semi_sam_boxes and self.variant != "improved":
       raise self.refusal("semi_sam_boxes prompts SAM on the improved protocol's target grid; set variant=improved "
                          "or leave semi_sam_boxes out")
-    if self.semi and (self.head == "unet" or self.lora):
-      what = "the UNet" if self.head == "unet" else "LoRA (lora_rank)"
-      raise self.refusal(f"semi trains a head on cached SAM features (the encoder frozen), not {what}; set head to "
-                         "autosam, cnn or linear without lora_rank, or leave semi out")
+    if self.semi and self.head == "unet":
+      raise self.refusal("semi trains a head on SAM's features (cached, or with lora_rank its adapted encoder's), "
+                         "not the UNet; set head to autosam, cnn or linear, or leave semi out")
+    if self.semi and self.lora and (self.lora_dropout > 0 or self.semi_sam_boxes):
+      raise self.refusal("semi with lora_rank takes neither lora_dropout nor semi_sam_boxes (the teacher and SAM's "
+                         "decoder would need the encoder's features of every view); leave them out")
     if self.lora and self.head == "unet":
       raise self.refusal("lora_rank adapts SAM's encoder, and the UNet has none; leave lora_rank out for head 'unet'")
     if not self.lora and (self.remat or self.encoder_dtype != "float32" or self.attention != "auto"):

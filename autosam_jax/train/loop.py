@@ -89,7 +89,10 @@ def to_batch(examples: dict[str, Any], batch_size: int) -> dict[str, np.ndarray]
   return {"embedding": embeddings, "target": targets, "weight": weights, **dict(zip(HIGH_RES_FIELDS, high_res))}
 
 
-def _logits(graphdef, params, frozen, embedding, target_size: int, dropout_key=None, high_res=None):
+def _logits(graphdef, params, frozen, embedding, target_size: int, dropout_key=None, high_res=None,
+            feature_scale=None):
+  """The model's logits on the target grid. `embedding`: the cached features (a LoRA model: the encoder inputs);
+  `feature_scale` multiplies the features before the head (a LoRA model: its encoder's embedding)."""
   import jax
   from flax import nnx
 
@@ -97,7 +100,11 @@ def _logits(graphdef, params, frozen, embedding, target_size: int, dropout_key=N
   if dropout_key is not None:
     from autosam_jax.models.lora import set_dropout_key
     set_dropout_key(model, dropout_key)
-  logits = model(embedding) if high_res is None else model(embedding, high_res)
+  if feature_scale is not None and hasattr(model, "encoder"):  # an AdaptedSam: the features come from its encoder
+    logits = model(embedding, feature_scale=feature_scale)
+  else:
+    embedding = embedding if feature_scale is None else embedding * feature_scale
+    logits = model(embedding) if high_res is None else model(embedding, high_res)
   if logits.shape[1] != target_size:  # faithful: 256 -> 224 bilinear, as AutoSamSeg's final interpolate
     logits = jax.image.resize(logits, (logits.shape[0], target_size, target_size, logits.shape[3]), "bilinear",
                               antialias=False)

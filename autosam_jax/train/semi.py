@@ -173,6 +173,7 @@ class SemiProgram(HeadProgram):
   cutmix: float = 0.5
   sam_graphdef: Any = None
   input_scale: float = 4.0
+  channels: int = 256  # the embedding's channels (a LoRA model's: its encoder's output), for the feature dropout
 
   def sam_labels(self, sam_state, features: dict, predicted):
     """(N, T, T) labels of SAM's masks prompted with each class's box around `predicted` (N, T, T): the class of the
@@ -237,16 +238,15 @@ class SemiProgram(HeadProgram):
     rows = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(count))
     pairs = jax.vmap(lambda k: jax.random.split(k, 2))(rows)
     box_keys, drop_keys = pairs[:, 0], pairs[:, 1]
-    grid = weak["embedding"].shape[1]
+    grid = min(weak["embedding"].shape[1], size)  # the coarser of the features' (or inputs') grid and the target's
     boxes = cutmix_boxes(box_keys, grid, self.cutmix if self.ratio > 1 else 0.0)
     mixed = {name: _mix(x, _next_in_example(x, self.ratio), box_masks(boxes, x.shape[1]))
              for name, x in strong.items()}
     in_box = box_masks(boxes, size)
     mixed_pseudo = _mix(pseudo, _next_in_example(pseudo, self.ratio), in_box)
     mixed_keep = _mix(keep, _next_in_example(keep, self.ratio), in_box)
-    channels = weak["embedding"].shape[-1]
-    kept = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - self.feature_dropout, (1, 1, channels)))(drop_keys)
-    dropped = weak["embedding"] * kept / (1.0 - self.feature_dropout)
+    kept = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - self.feature_dropout, (1, 1, self.channels)))(drop_keys)
+    scale = kept.astype(jnp.float32) / (1.0 - self.feature_dropout)
     share = self.weight * ramp(step, self.ramp_steps)
 
     def loss(params):
@@ -254,7 +254,8 @@ class SemiProgram(HeadProgram):
       supervised, _ = segmentation_loss(logits, batch["target"], batch["weight"])
       strong_logits = _logits(self.graphdef, params, head_frozen, mixed["embedding"], size,
                               high_res=high_res(mixed))
-      fp_logits = _logits(self.graphdef, params, head_frozen, dropped, size, high_res=high_res(weak))
+      fp_logits = _logits(self.graphdef, params, head_frozen, weak["embedding"], size, high_res=high_res(weak),
+                          feature_scale=scale)
       unlabeled = 0.5 * (masked_cross_entropy(strong_logits, mixed_pseudo, mixed_keep, pixels)
                          + masked_cross_entropy(fp_logits, pseudo, keep, pixels))
       return supervised + share * unlabeled, (supervised, unlabeled)
@@ -295,18 +296,25 @@ class SemiTraining(HeadTraining):
                      batch_rows=batch_rows)
     self.unlabeled = unlabeled
     steps_per_epoch = -(-len(views_of_slices) // batch_rows)
+    first = cache[int(unlabeled[0, 0])]
     sam_graphdef, sam_state, scale = None, {}, 4.0
     if config.semi_sam_boxes:
       sam_graphdef, sam_state = nnx.split(box_prompted(sam, config.num_classes))
-      scale = sam.config.image_size / np.shape(cache[int(unlabeled[0, 0])]["target"])[0]
+      scale = sam.config.image_size / np.shape(first["target"])[0]
     self.frozen = {"head": self.frozen, "sam": sam_state}
+    channels = np.shape(first["embedding"])[-1]
+    if config.lora:  # the cache holds encoder inputs: the channels of the adapted encoder's embedding
+      import jax
+      from autosam_jax.models.encoders import encoder_features
+
+      probe = jax.ShapeDtypeStruct((1, *np.shape(first["embedding"])), np.float32)
+      channels = jax.eval_shape(lambda x: encoder_features(head.encoder, x)["embedding"], probe).shape[-1]
     self.program = SemiProgram(self.program.graphdef, config.augment, config.seed, ratio=config.semi_ratio,
                                threshold=config.semi_threshold, weight=config.semi_weight,
                                ramp_steps=config.semi_ramp_epochs * steps_per_epoch, ema=config.semi_ema,
                                feature_dropout=config.semi_feature_dropout, cutmix=config.semi_cutmix,
-                               sam_graphdef=sam_graphdef, input_scale=float(scale))
+                               sam_graphdef=sam_graphdef, input_scale=float(scale), channels=int(channels))
     self.maps = tuple(f for f in self.fields if f not in ("target", "valid"))
-    first = cache[int(unlabeled[0, 0])]
     ratio = config.semi_ratio
     self.padding = {**self.padding,
                     **{f"{stream}{m}": np.zeros((ratio, *np.shape(first[m])), np.float32)
