@@ -173,7 +173,7 @@ def limited_file_size(limit: int) -> list[str]:
 # these first keeps every worker busy until the end; the other files follow in their usual order.
 LONGEST_FIRST = ("test_parity_sam2.py", "test_sam2_pipeline.py", "test_distributed.py", "test_cli_runs.py",
                  "test_own_dataset.py", "test_gpu_suite.py", "test_parity_meta.py", "test_sweep.py",
-                 "test_parity_vit_b.py", "test_lora_training.py", "test_encoders.py", "test_simclr.py",
+                 "test_parity_vit_b.py", "test_semi.py", "test_lora_training.py", "test_encoders.py", "test_simclr.py",
                  "test_parity_tiny_vit.py", "test_train.py", "test_lora.py", "test_unet_training.py", "test_faults.py",
                  "test_heads.py", "test_lora_inference.py", "test_features.py", "test_zero_shot.py",
                  "test_parity_huggingface.py", "test_bad_inputs.py", "test_augment.py", "test_bad_options.py",

@@ -17,7 +17,7 @@ def get_config() -> dict:
   return {
       "data": "phantoms",
       "encoders": {"litemedsam": "pretrained:litemedsam"},
-      "methods": ["linear", "semi", "semi_sam"],
+      "methods": ["linear", "semi"],
       "mode": "improved",
       "tr_sizes": [1, 2],
       "num_folds": 3,
