@@ -321,6 +321,7 @@ class SemiTraining(HeadTraining):
                        for stream in ("weak_", "strong_") for m in self.maps},
                     "unlabeled_weight": np.zeros((ratio, *np.shape(first["valid"])), np.float32)}
     self._labeled_orders: dict[int, np.ndarray] = {}
+    self._laps: dict[int, np.ndarray] = {}
 
   def initial_state(self, tx) -> dict[str, Any]:
     import jax
@@ -339,9 +340,15 @@ class SemiTraining(HeadTraining):
       self._labeled_orders[epoch] = super().epoch_order(epoch)
     return self._labeled_orders[epoch]
 
-  @functools.lru_cache(maxsize=4)
   def _permutation(self, lap: int) -> np.ndarray:
-    return np.random.default_rng([self.train_config.seed, lap, 13]).permutation(len(self.unlabeled))
+    """The order of the unlabeled slices in their `lap`-th pass (kept for the latest few passes)."""
+    order = self._laps.get(lap)
+    if order is None:  # deterministic: loader threads computing it at once agree
+      order = np.random.default_rng([self.train_config.seed, lap, 13]).permutation(len(self.unlabeled))
+      self._laps[lap] = order
+      for old in sorted(self._laps)[:-4]:
+        self._laps.pop(old, None)
+    return order
 
   def epoch_order(self, epoch: int) -> np.ndarray:
     length = len(self._labeled_order(epoch))
