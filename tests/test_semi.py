@@ -188,7 +188,8 @@ def test_a_killed_semi_run_resumes_to_the_same_parameters(world, tiny_weights, r
 def test_the_unlabeled_stream_is_refused_in_one_line(world, tiny_weights, tmp_path, capsys):
   from autosam_jax.cli import main
 
-  base = ["train", "--config", str(Path(__file__).resolve().parents[1] / "experiments/configs/linear_improved.py"), "--weights",
+  config = Path(__file__).resolve().parents[1] / "experiments/configs/linear_improved.py"
+  base = ["train", "--config", str(config), "--weights",
           str(tiny_weights), "--splits", str(world / "split.json"), "--set", "semi=True", "--set", "epochs=1"]
   cases = [  # (arguments, what the message says)
       (["--cache", str(world / "tiny-cache-without-views"), "--tr-size", "1"], "holds no strong views"),
@@ -226,7 +227,8 @@ def test_the_sweep_runs_semi_beside_the_supervised_head_on_the_same_labeled_pati
   assert "training semi--tiny--tr1--s on 1 labeled and 2 unlabeled patient(s)" in capsys.readouterr().out
   results = json.loads((out / "results.json").read_text())
   cells = {cell["method"]: cell for cell in results["cells"]}
-  assert sorted(cells) == ["linear", "semi", "semi_sam"] and cells["semi"]["head"] == cells["semi_sam"]["head"] == "linear"
+  assert sorted(cells) == ["linear", "semi", "semi_sam"]
+  assert cells["semi"]["head"] == cells["semi_sam"]["head"] == "linear"
   assert results["config"]["strong_views"] == 1
   table = (out / "results.md").read_text()
   assert "| Linear head (tiny) |" in table and "| Semi-supervised linear head (tiny) |" in table

@@ -69,10 +69,12 @@ def epoch_indices(slice_views: np.ndarray, seed: int, epoch: int) -> np.ndarray:
   return slice_views[np.arange(len(slice_views)), chosen]
 
 
-def view_table(cache, slices: list[tuple[str, int]], views: int) -> np.ndarray:
-  """(slices, views + 1) cache indices of each labeled slice's views (column 0: the clean slice)."""
+def view_table(cache, slices: list[tuple[str, int]], views) -> np.ndarray:
+  """(slices, views + 1) cache indices of each labeled slice's views (column 0: the clean slice); `views` may also
+  be the view numbers themselves, in column order (semi-supervised training: 0, -1, ..., -S)."""
+  numbers = range(views + 1) if isinstance(views, (int, np.integer)) else tuple(views)
   lookup = {(it["case_id"], it["slice_index"], it["view"]): i for i, it in enumerate(cache.items)}
-  return np.asarray([[lookup[(case, z, v)] for v in range(views + 1)] for case, z in slices], np.int64)
+  return np.asarray([[lookup[(case, z, v)] for v in numbers] for case, z in slices], np.int64)
 
 
 def to_batch(examples: dict[str, Any], batch_size: int) -> dict[str, np.ndarray]:

@@ -41,7 +41,8 @@ import numpy as np
 
 from autosam_jax.errors import DataError
 from autosam_jax.train.core import all_finite
-from autosam_jax.train.loop import HIGH_RES_FIELDS, HeadProgram, HeadTraining, _example, _high_res, _logits, to_batch
+from autosam_jax.train.loop import (HIGH_RES_FIELDS, HeadProgram, HeadTraining, _example, _high_res, _logits, to_batch,
+                                    view_table)
 
 # The CutMix box: its area a fraction of the slice drawn from this range, its aspect ratio log-uniform in
 # [1 / CUTMIX_ASPECT, CUTMIX_ASPECT] (UniMatch's ranges), its corners on the embedding's grid.
@@ -76,12 +77,10 @@ def unlabeled_table(cache, cache_dir, patients: list[str], labeled: list[str], v
     whose = f" of the unlabeled patients {without[:5]}" if strong else ""
     raise DataError(f"{cache_dir}: holds no strong views{whose}, which semi-supervised training learns from; "
                     "precompute it again with --strong-views 4 and --splits naming them as training patients")
-  lookup = {(it["case_id"], it["slice_index"], it["view"]): i for i, it in enumerate(cache.items)}
   wanted = set(patients)
   slices = sorted({(it["case_id"], it["slice_index"]) for it in cache.items
                    if it["patient_id"] in wanted and it["view"] == 0})
-  return np.asarray([[lookup[(case, z, v)] for v in (0, *range(-1, -strong - 1, -1))] for case, z in slices],
-                    np.int64)
+  return view_table(cache, slices, (0, *range(-1, -strong - 1, -1)))
 
 
 def ramp(step, ramp_steps: int):
@@ -227,7 +226,8 @@ class SemiProgram(HeadProgram):
                              high_res=high_res(weak))
     probs = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), axis=-1)
     pseudo, keep = jnp.argmax(probs, axis=-1), (jnp.max(probs, axis=-1) >= self.threshold) * pixel_weight
-    if self.sam_graphdef is not None:  # SemiSAM: keep the pseudo-labels SAM, prompted by the student's boxes, agrees with
+    if self.sam_graphdef is not None:  # SemiSAM: keep the pseudo-labels that SAM, prompted by the student's boxes,
+      # agrees with
       student = _logits(self.graphdef, state["params"], head_frozen, weak["embedding"], size, high_res=high_res(weak))
       predicted = jnp.where(pixel_weight > 0, jnp.argmax(jax.lax.stop_gradient(student), axis=-1), 0)
       sam_features = {"embedding": weak["embedding"], **({"high_res": high_res(weak)} if high_res(weak) else {})}
@@ -405,7 +405,8 @@ def train_semi(config, cache_dir, head_factory, out_dir, labeled_patients: list[
   unlabeled_patients = sorted({*unlabeled_patients, *scans})
   table = unlabeled_table(cache, Path(cache_dir), unlabeled_patients, labeled_patients, val_patients)
   rows = min(config.batch_size, len(table))  # an estimate: the loop sizes the batch by the labeled slices
-  require_memory((PREFETCH_BATCHES + 2) * rows * (1 + 2 * config.semi_ratio) * example_bytes(cache, int(table[0, 0])),
+  per_example = (1 + 2 * config.semi_ratio) * example_bytes(cache, int(table[0, 0]))  # a labeled + 2 x ratio maps
+  require_memory((PREFETCH_BATCHES + 2) * rows * per_example,
                  f"batch size {config.batch_size} with semi_ratio {config.semi_ratio}",
                  "choose a smaller batch_size or semi_ratio")
   identity = {**(inputs or {}), "unlabeled_patients": sorted(unlabeled_patients)}
